@@ -1,0 +1,216 @@
+"""Fingerprints, atomic writes and JSON manifests: the one home for all of it.
+
+Every artifact (model, groups, adapter, ONNX export, engine, image set) is written to a temporary name and renamed
+into place, so an interrupted run never leaves a truncated file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from .errors import InvdiffError
+
+_CHUNK = 1 << 20
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    """Hash of a JSON-serialisable object, independent of key order."""
+    return sha256_bytes(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode())
+
+
+def fingerprint_files(root: str | Path, files: Iterable[str | Path]) -> str:
+    """Hash of (relative path, content hash) pairs: changes when any file is renamed, added, removed or edited."""
+    root = Path(root)
+    h = hashlib.sha256()
+    for rel in sorted(str(Path(f).relative_to(root) if Path(f).is_absolute() else f) for f in files):
+        h.update(rel.encode())
+        h.update(sha256_file(root / rel).encode())
+    return h.hexdigest()
+
+
+def fingerprint_dir(root: str | Path, suffixes: tuple[str, ...] | None = None, exclude: tuple[str, ...] = ()) -> str:
+    """Fingerprint every file under `root` (optionally only those with the given suffixes)."""
+    root = Path(root)
+    files = [
+        p.relative_to(root)
+        for p in root.rglob("*")
+        if p.is_file()
+        and (suffixes is None or p.suffix in suffixes)
+        and p.name not in exclude
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    ]
+    return fingerprint_files(root, files)
+
+
+def _tmp_sibling(path: Path) -> Path:
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(name)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling path; on success it is fsynced and renamed onto `path`, on error removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_sibling(path)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def atomic_save_safetensors(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    return Path(path)
+
+
+def atomic_save_image(image, path: str | Path) -> Path:
+    """Save a PIL image (format from the suffix of `path`) atomically."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format=path.suffix.lstrip(".").upper().replace("JPG", "JPEG"))
+    return path
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Build a directory under a temporary name and rename it onto `path` when complete (replacing it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def append_jsonl(path: str | Path, record: dict) -> None:
+    """Append one complete line with a single write + fsync: a crash never leaves a partial line."""
+    line = (json.dumps(record, sort_keys=True, default=str) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Read complete JSON lines; a torn last line (no newline) from a killed writer is ignored."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    out = []
+    data = path.read_text()
+    lines = data.split("\n")
+    for i, line in enumerate(lines[:-1] if not data.endswith("\n") else lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise InvdiffError(f"{path}:{i}: not valid JSON ({e.msg}); delete the line or the file and rerun") from e
+    return out
+
+
+def read_json(path: str | Path, what: str = "file") -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise InvdiffError(f"{path}: {what} not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InvdiffError(f"{path}: {what} is not valid JSON (line {e.lineno}: {e.msg}); regenerate it") from e
+
+
+_VERSIONED = ("invdiff-rt", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu",
+              "polygraphy", "tensorrt", "numpy", "accelerate", "safetensors")
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {"platform": platform.platform(), "cpu": _cpu_model(), "cores": os.cpu_count()}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(0)
+            info["gpu"] = props.name
+            info["compute_capability"] = f"{props.major}.{props.minor}"
+            info["cuda"] = torch.version.cuda
+    except Exception:  # torch missing or broken CUDA: report CPU only
+        pass
+    info["versions"] = package_versions()
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
