@@ -1,0 +1,65 @@
+"""`invdiff eval`: bias, fidelity and quality of a (debiased) model on a dataset's training prompts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(eval_command)
+
+
+def eval_command(
+    model: str = typer.Option(..., "--model", help="Base model folder (or built-in model name)."),
+    data: Path = typer.Option(..., "--data", help="Dataset folder: prompts from train/, FID reference from test/."),
+    attribute: str = typer.Option(..., "--attribute", help="Attribute column whose balance is measured."),
+    json_out: Path = typer.Option(..., "--json", help="Report to write (JSON)."),
+    per_prompt: int = typer.Option(..., "--per-prompt", help="Images generated per prompt (N)."),
+    seed: int = typer.Option(..., "--seed", help="Sampling seed (image i of a prompt depends only on it)."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="Debiasing adapter folder."),
+    adapter_weight: float = typer.Option(1.0, "--adapter-weight", help="Weight of the adapter's guidance."),
+    classifier: Optional[Path] = typer.Option(None, "--classifier",
+                                              help="Classifier folder (default: shipped one for built-in data)."),
+    steps: int = typer.Option(25, "--steps", help="Denoising steps."),
+    guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", help="CFG scale (default: sampler's)."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Images per denoising batch (does not change images)."),
+    grid: Optional[Path] = typer.Option(None, "--grid", help="Sample grid PNG (default: next to --json)."),
+) -> None:
+    """Generate N images per training prompt, classify them, write the JSON report and a sample grid."""
+    from ..artifacts import atomic_write_json
+    from ..eval.evaluate import run_evaluation
+    from ..eval.plots import save_grid
+
+    if json_out.exists() and json_out.is_dir():
+        from ..errors import InvdiffError
+
+        raise InvdiffError(f"--json {json_out}: is a folder; pass a file path such as {json_out / 'eval.json'}")
+    run = run_evaluation(model, data, attribute, classifier, per_prompt, seed, steps=steps,
+                         guidance_scale=guidance_scale, batch_size=batch_size, adapter=adapter,
+                         adapter_weight=adapter_weight)
+    grid_path = grid or json_out.with_suffix(".png")
+    save_grid(grid_path, run.images, len(run.prompts))
+    atomic_write_json(json_out, {**run.report, "grid": str(grid_path)})
+    _print_summary(run.report, json_out, grid_path)
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _print_summary(report: dict, json_out: Path, grid: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"invdiff eval: N={report['n_per_prompt']} per prompt, "
+                        f"noise floor {report['noise_floor']:.3f}")
+    for col in ("bias (filtered)", "bias", "FD", "fidelity", "majority share", "FID", "precision", "recall"):
+        table.add_column(col, justify="right")
+    table.add_row(*(_fmt(report[k]) for k in ("bias_filtered", "bias", "fd", "fidelity", "majority_share", "fid",
+                                              "precision", "recall")))
+    console = Console()
+    console.print(table)
+    console.print(f"report: {json_out}\ngrid:   {grid}", highlight=False)

@@ -1,0 +1,74 @@
+"""`invdiff generate`: deterministic, resumable batch generation (sharded under torchrun / accelerate launch)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    app.command("generate")(generate)
+
+
+def generate(
+    out: Path = typer.Option(..., "--out", help="Output folder (PNGs, manifest.jsonl, grids, run.json)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Base model folder (or built-in model name)."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="Adapter folder (with --model)."),
+    export: Optional[Path] = typer.Option(None, "--export", help="Export folder (export/NAME) instead of --model."),
+    prompt: Optional[List[str]] = typer.Option(None, "--prompt", help="Prompt text (repeatable)."),
+    prompts_file: Optional[Path] = typer.Option(None, "--prompts", help="File: one prompt per line, # comments."),
+    num: int = typer.Option(4, "--num", help="Images per prompt."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Images per denoising batch (does not change images)."),
+    seed: int = typer.Option(0, "--seed", help="Seed: image (prompt, index) depends only on it."),
+    steps: int = typer.Option(25, "--steps", help="Denoising steps."),
+    guidance_scale: float = typer.Option(7.5, "--guidance-scale", help="Classifier-free guidance scale."),
+    adapter_weight: float = typer.Option(1.0, "--adapter-weight", help="Weight of the debiasing adapter."),
+    backend: str = typer.Option("auto", "--backend", help="auto, torch, onnxruntime or tensorrt."),
+    scheduler: str = typer.Option("ddim", "--scheduler", help="ddim, dpm or euler."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 or fp16 (engine backends)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for the backend."),
+    no_grid: bool = typer.Option(False, "--no-grid", help="Do not write a grid PNG per prompt."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Reuse --out even if its settings differ."),
+    merge: bool = typer.Option(False, "--merge", help="Only merge the rank manifests in --out (and grids)."),
+) -> None:
+    """Generate N images per prompt; rerun the same command to resume; runs one shard per rank under torchrun."""
+    from rich.console import Console
+
+    from ..runtime import generate as gen
+
+    if merge:
+        _merge(out, not no_grid)
+        return
+    prompts = _prompts(prompt, prompts_file)
+    result = gen.generate(prompts, out, model=model, adapter=adapter, export=export, backend=backend,
+                          precision=precision, threads=threads, num=num, seed=seed, steps=steps,
+                          guidance_scale=guidance_scale, adapter_weight=adapter_weight, scheduler=scheduler,
+                          batch_size=batch_size, overwrite=overwrite, grid=not no_grid)
+    Console().print(result.summary(), highlight=False)
+    if result.manifest is None:
+        Console().print(f"rank {result.rank}: other ranks still running; the last to finish writes "
+                        f"{out / gen.MANIFEST}", highlight=False)
+
+
+def _prompts(prompt: Optional[List[str]], prompts_file: Optional[Path]) -> list[str]:
+    from ..errors import InvdiffError
+    from ..runtime.generate import read_prompts
+
+    if bool(prompt) == (prompts_file is not None):
+        raise InvdiffError("--prompt/--prompts: pass one of them (--prompt TEXT, repeatable, or --prompts FILE)")
+    return list(prompt) if prompt else read_prompts(prompts_file)
+
+
+def _merge(out: Path, grid: bool) -> None:
+    from rich.console import Console
+
+    from ..runtime import generate as gen
+
+    settings = gen.read_settings(out)
+    records = gen.load_records(out, settings)
+    gen.remove_stale_tmp(out, [gen.MANIFEST, *(f"{gen.prompt_slug(p)}/{gen.GRID}" for p, _ in records)])
+    path = gen.merge_manifests(out, settings)
+    grids = gen.write_grids(out, records) if grid else []
+    Console().print(f"merged {len(records)} images into {path}; {len(grids)} grids", highlight=False)

@@ -1,0 +1,100 @@
+"""`invdiff groups` (label-free group inference) and `invdiff train` (guidance adapter, invariance objective)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+RECIPE_HELP = "invdiff-rt (default: robust split + JTT sampler) | paper (soft grouper, faithful) | erm (control)"
+
+
+def groups(
+    model: str = typer.Option(..., "--model", help="Base model: built-in name or diffusers directory."),
+    data: Path = typer.Option(..., "--data", help="Dataset folder (uses train/)."),
+    out: Path = typer.Option(..., "--out", help="Output prefix: writes PREFIX.safetensors and PREFIX.json."),
+    recipe: str = typer.Option("invdiff-rt", "--recipe", help="invdiff-rt | paper"),
+    n_groups: Optional[int] = typer.Option(None, "--groups", help="Number of groups (paper: default 4)."),
+    seed: int = typer.Option(0, "--seed"),
+    batch_size: int = typer.Option(256, "--batch-size", help="Base UNet batch for the loss profile."),
+    draws: int = typer.Option(8, "--draws", help="invdiff-rt: noise/t draws per sample inside the chosen band."),
+    grid_samples: int = typer.Option(1024, "--grid-samples", help="invdiff-rt: samples used to pick the t band."),
+    report_attribute: Optional[str] = typer.Option(
+        None, "--report-attribute", help="Hidden column for diagnostics only (AUROC, precision/recall, weight)."),
+    oracle_groups_from: Optional[str] = typer.Option(
+        None, "--oracle-groups-from", help="Build groups from this hidden column (comparison only)."),
+) -> None:
+    """Infer groups from the frozen base's per-sample denoising losses (no labels used)."""
+    from ..errors import InvdiffError
+    from ..method.grouper import infer_groups, save_groups
+    from ..method.losses import ProfileConfig
+    from ..models.loader import load_model
+
+    for flag, value in (("--batch-size", batch_size), ("--draws", draws), ("--grid-samples", grid_samples)):
+        if value <= 0:
+            raise InvdiffError(f"{flag} {value}: must be positive")
+    profile = ProfileConfig(draws=draws, grid_samples=grid_samples)
+    base = load_model(model)
+    result = infer_groups(base, data, recipe=recipe, seed=seed, groups=n_groups, batch_size=batch_size,
+                          profile_config=profile, oracle_column=oracle_groups_from,
+                          report_attribute=report_attribute)
+    weights_path, json_path = save_groups(result, out)
+    _print_groups(result.meta)
+    typer.echo(f"groups written to {weights_path} and {json_path}")
+
+
+def _print_groups(meta: dict) -> None:
+    from rich.console import Console
+
+    console = Console()
+    profile = meta.get("profile", {})
+    console.print(f"recipe {meta['recipe']} ({profile.get('source')}): {meta['groups']} groups, sizes "
+                  + ", ".join(f"{s:.1f}" for s in meta["group_sizes"]) + f"; inferred set {meta['inferred_size']}"
+                  + (f"; band t={profile['band'][0]}-{profile['band'][1]}" if "band" in profile else "")
+                  + f"; {meta['seconds']:.1f} s")
+    if "diagnostics" in meta:
+        d = meta["diagnostics"]
+        console.print(f"diagnostics vs hidden column '{d['attribute']}' (never an input): AUROC {d['auroc']:.3f}, "
+                      f"precision {d['precision']:.3f}, recall {d['recall']:.3f} "
+                      f"({d['inferred_size']} inferred / {d['minority_size']} true minority), "
+                      f"minority effective weight {d['minority_effective_weight']:.3f}")
+
+
+def train(
+    model: str = typer.Option(..., "--model", help="Base model: built-in name or diffusers directory."),
+    data: Path = typer.Option(..., "--data", help="Dataset folder (uses train/)."),
+    groups_prefix: Optional[Path] = typer.Option(None, "--groups", help="GROUPS prefix from `invdiff groups`."),
+    out: Path = typer.Option(..., "--out", help="Output ADAPTER_DIR (adapter.safetensors + adapter.json)."),
+    recipe: str = typer.Option("invdiff-rt", "--recipe", help=RECIPE_HELP),
+    lam: Optional[float] = typer.Option(None, "--lambda", help="Variance weight (default: recipe's; erm 0)."),
+    steps: int = typer.Option(2000, "--steps"),
+    lr: float = typer.Option(3e-3, "--lr"),
+    batch_size: int = typer.Option(64, "--batch-size", help="Per process."),
+    seed: int = typer.Option(0, "--seed"),
+    checkpoint_every: int = typer.Option(250, "--checkpoint-every"),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT_DIR.ckpt if present."),
+    oracle_groups_from: Optional[str] = typer.Option(
+        None, "--oracle-groups-from", help="Groups from this hidden column (comparison only)."),
+) -> None:
+    """Train the guidance adapter on the frozen base with the invariance objective (Accelerate-ready)."""
+    from ..errors import InvdiffError
+    from ..method.grouper import load_groups
+    from ..method.train import TrainConfig, check_train_config, train_adapter
+    from ..models.loader import load_model
+
+    if checkpoint_every <= 0:
+        raise InvdiffError(f"--checkpoint-every {checkpoint_every}: must be positive")
+    config = TrainConfig(recipe=recipe, lam=lam, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+                         checkpoint_every=checkpoint_every, resume=resume, oracle_column=oracle_groups_from)
+    check_train_config(config)
+    group_result = None
+    if groups_prefix is not None and recipe != "erm" and not oracle_groups_from:
+        group_result = load_groups(groups_prefix)
+    path = train_adapter(load_model(model), data, group_result, out, config)
+    typer.echo(f"adapter written to {path}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("groups")(groups)
+    app.command("train")(train)

@@ -1,0 +1,205 @@
+"""torch -> ONNX for one component: dynamo export (opset >= 18), Polygraphy constant folding that leaves the
+adapter's weights as named initializers (TensorRT refit targets them), and symbolic batch dims renamed to the spec's.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..errors import InvdiffError
+from .spec import PRECISIONS, ExportSpec
+
+EXPORT_BATCH = 2  # trace batch; must not be 1 (the exporter would specialise a size-1 dim)
+MIN_OPSET = 18  # the dynamo exporter's minimum; opset 17 down-conversion leaves invalid Split nodes
+EXTERNAL_DATA_BYTES = 2**31 - 2**26  # protobuf's 2 GB limit, with headroom for the graph itself
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# exportable modules: forward arguments named exactly like the spec's inputs
+
+
+class DenoiserModule(torch.nn.Module):
+    """FusedDenoiser with the spec's input names (guidance_scale and adapter_weight are runtime inputs).
+
+    `adapter_params` (export only) feeds the adapter's weights as graph inputs, so no exporter pass can fold
+    them; they become named initializers afterwards (`weights_to_initializers`).
+    """
+
+    def __init__(self, fused: torch.nn.Module):
+        super().__init__()
+        self.fused = fused
+
+    def forward(self, sample, timestep, text_embeddings, guidance_scale, adapter_weight, adapter_params=None):
+        return self._fused(adapter_params)(sample, timestep, text_embeddings, guidance_scale, adapter_weight)
+
+    def _fused(self, adapter_params):
+        if not adapter_params:
+            return self.fused
+        params = {f"adapter.{k}": v for k, v in adapter_params.items()}
+        return lambda *args: torch.func.functional_call(self.fused, params, args)
+
+
+class NoCfgDenoiserModule(DenoiserModule):
+    """The guidance_scale == 1 variant: no uncond half, no guidance_scale input."""
+
+    def forward(self, sample, timestep, text_embeddings, adapter_weight, adapter_params=None):
+        scale = torch.ones_like(adapter_weight)
+        return self._fused(adapter_params)(sample, timestep, text_embeddings, scale, adapter_weight)
+
+
+class TextEncoderModule(torch.nn.Module):
+    def __init__(self, text_encoder: torch.nn.Module):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids):
+        return self.text_encoder(input_ids)[0]
+
+
+class VaeDecoderModule(torch.nn.Module):
+    """Scaled latents -> images in [0, 1] (unscale, decode, map from [-1, 1]; the output is float32)."""
+
+    def __init__(self, vae: torch.nn.Module):
+        super().__init__()
+        self.vae = vae
+        self.scale = 1.0 / float(vae.config.scaling_factor)
+
+    def forward(self, latents):
+        x = self.vae.decode(latents * self.scale).sample
+        return (x.float() / 2 + 0.5).clamp(0, 1)
+
+
+def component_module(component: str, model, adapter=None, cfg: bool = True, precision: str = "fp32"):
+    """A frozen copy of one component in the export precision (the loaded model is left untouched)."""
+    dtype = getattr(torch, PRECISIONS[precision])
+    if component == "denoiser":
+        from ..runtime.fused import FusedDenoiser
+
+        unet = copy.deepcopy(model.unet).to(dtype)
+        adapter = copy.deepcopy(adapter).to(dtype) if adapter is not None else None
+        module = (DenoiserModule if cfg else NoCfgDenoiserModule)(FusedDenoiser(unet, adapter, cfg=cfg))
+    elif component == "text_encoder":
+        module = TextEncoderModule(copy.deepcopy(model.text_encoder).to(dtype))
+    elif component == "vae_decoder":
+        module = VaeDecoderModule(copy.deepcopy(model.vae).to(dtype))
+    else:
+        raise ValueError(f"unknown component {component!r}")
+    return module.eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# export + clean-up
+
+
+def torch_to_onnx(module: torch.nn.Module, spec: ExportSpec, opset: int = MIN_OPSET,
+                  weights: dict[str, torch.Tensor] | None = None):
+    """Dynamo export with every spec'd batch dim dynamic; `weights` (the adapter's) become extra graph inputs
+    named `adapter.<state_dict name>`. Returns the onnx.ModelProto (weights loaded in memory)."""
+    import onnx
+
+    if opset < MIN_OPSET:
+        raise InvdiffError(f"--opset {opset}: the exporter needs opset >= {MIN_OPSET}; pass --opset 18")
+    args = tuple(spec.sample_inputs(EXPORT_BATCH).values())
+    dynamic = spec.dynamic_shapes()
+    kwargs, names = {}, list(spec.input_names)
+    if weights:
+        kwargs = {"adapter_params": dict(weights)}
+        dynamic["adapter_params"] = {k: None for k in weights}
+        names += [weight_input_name(k) for k in weights]
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = Path(tmp) / f"{spec.component}.onnx"
+        torch.onnx.export(module, args, str(path), kwargs=kwargs, dynamo=True, opset_version=opset,
+                          input_names=names, output_names=spec.output_names, dynamic_shapes=dynamic,
+                          external_data=True, optimize=True, verbose=False)
+        return onnx.load(str(path))  # pulls any external data into memory
+
+
+def weight_input_name(state_name: str) -> str:
+    return f"adapter.{state_name}"
+
+
+def fold(model):
+    """Polygraphy constant folding (graph inputs, hence the adapter weights, are never folded)."""
+    from polygraphy.backend.onnx import fold_constants
+
+    return fold_constants(model, allow_onnxruntime_shape_inference=True, error_ok=False)
+
+
+def weights_to_initializers(model, weights: dict[str, torch.Tensor]):
+    """Turn the adapter-weight graph inputs into initializers of the same name (TensorRT refit targets)."""
+    from onnx import numpy_helper
+
+    names = {weight_input_name(k): v for k, v in weights.items()}
+    found = {vi.name for vi in model.graph.input} & set(names)
+    if found != set(names):
+        missing = sorted(set(names) - found)[0]
+        raise InvdiffError(f"denoiser.onnx: adapter weight {missing!r} is not a graph input after export; "
+                           "report this with your torch version")
+    for vi in [vi for vi in model.graph.input if vi.name in names]:
+        model.graph.input.remove(vi)
+    model.graph.initializer.extend(numpy_helper.from_array(names[n].detach().cpu().numpy(), n) for n in sorted(names))
+    return model
+
+
+def rename_dims(model, spec: ExportSpec):
+    """Give the exported symbolic dims the spec's names ("B", "2B"); refuse a dim the exporter made static."""
+    ios = {vi.name: vi for vi in list(model.graph.input) + list(model.graph.output)}
+    mapping: dict[str, str] = {}
+    for t in spec.inputs + spec.outputs:
+        dims = ios[t.name].type.tensor_type.shape.dim
+        for axis, symbol in t.dynamic_axes.items():
+            if not dims[axis].dim_param:
+                raise InvdiffError(f"{spec.component}.onnx: the exporter made {t.name} dim {axis} static "
+                                   f"({dims[axis].dim_value}); report this with your torch version")
+            mapping[dims[axis].dim_param] = symbol
+    values = list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info)
+    for vi in values:
+        for dim in vi.type.tensor_type.shape.dim:
+            if dim.dim_param in mapping:
+                dim.dim_param = mapping[dim.dim_param]
+    return model
+
+
+def save_onnx(model, path: str | Path) -> list[Path]:
+    """Write `path` (+ `path.data` when the weights pass protobuf's 2 GB limit); returns the files written."""
+    import onnx
+
+    path = Path(path)
+    size = sum(len(init.raw_data) for init in model.graph.initializer)
+    if size <= EXTERNAL_DATA_BYTES:
+        onnx.save_model(model, str(path))
+        return [path]
+    data = path.with_name(path.name + ".data")
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=1024)
+    return [path, data]
+
+
+def export_onnx(module: torch.nn.Module, spec: ExportSpec, path: str | Path, opset: int = MIN_OPSET,
+                weights: dict[str, torch.Tensor] | None = None) -> list[Path]:
+    """Export, fold, re-attach `weights` as named initializers, name the dims, check; returns the files written."""
+    import onnx
+
+    model = fold(torch_to_onnx(module, spec, opset, weights))
+    if weights:
+        model = weights_to_initializers(model, weights)
+    files = save_onnx(rename_dims(model, spec), path)
+    onnx.checker.check_model(str(files[0]))
+    return files
+
+
+def adapter_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The exported copy's adapter state (in the export precision); empty when there is no adapter."""
+    adapter = getattr(getattr(module, "fused", None), "adapter", None)
+    return dict(adapter.state_dict()) if adapter is not None else {}
+
+
+def refit_map(weights: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Adapter state_dict name -> ONNX initializer name (what TensorRT refit sets)."""
+    return {k: weight_input_name(k) for k in weights}

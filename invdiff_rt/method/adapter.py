@@ -1,0 +1,157 @@
+"""The guidance adapter G_psi: a small FiLM-conditioned conv net whose output is added to the frozen base's noise
+prediction, eps = eps_base + w * G_psi(x_t, t, text, eps_base). Zero at init, so w has no effect before training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.embeddings import Timesteps
+from torch import nn
+
+from .. import artifacts
+from ..errors import InvdiffError
+
+WEIGHTS_NAME = "adapter.safetensors"
+MANIFEST_NAME = "adapter.json"
+FORMAT = "invdiff-rt/adapter"
+FORMAT_VERSION = 1
+BUDGET_FRACTION = 0.05  # adapter parameters <= 5 % of the base UNet's
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    in_channels: int = 4
+    cross_attention_dim: int = 768
+    width: int = 48
+    depth: int = 3
+    time_dim: int = 64
+    use_eps_base: bool = True
+
+    @property
+    def norm_groups(self) -> int:
+        return next(g for g in (8, 4, 2, 1) if self.width % g == 0)
+
+
+class _FiLMBlock(nn.Module):
+    """Residual block: GroupNorm -> FiLM(scale, shift from the condition) -> SiLU -> 3x3 conv."""
+
+    def __init__(self, width: int, cond_dim: int, groups: int):
+        super().__init__()
+        self.width = width
+        self.norm = nn.GroupNorm(groups, width)
+        self.film = nn.Linear(cond_dim, 2 * width)
+        self.conv = nn.Conv2d(width, width, 3, padding=1)
+
+    def forward(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        film = self.film(cond)[:, :, None, None]
+        scale, shift = film[:, : self.width], film[:, self.width :]  # channel slices: no batch-dim guards
+        return h + self.conv(F.silu(self.norm(h) * (1 + scale) + shift))
+
+
+class GuidanceAdapter(nn.Module):
+    """delta = G_psi(sample, t, pooled text, eps_base); the last conv is zero-initialised (delta == 0 at init)."""
+
+    def __init__(self, config: AdapterConfig):
+        super().__init__()
+        self.config = config
+        c, w, td = config.in_channels, config.width, config.time_dim
+        self.time_proj = Timesteps(td, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.text_proj = nn.Linear(config.cross_attention_dim, td)
+        self.cond_mlp = nn.Sequential(nn.Linear(2 * td, td), nn.SiLU(), nn.Linear(td, td), nn.SiLU())
+        self.conv_in = nn.Conv2d(c * (2 if config.use_eps_base else 1), w, 3, padding=1)
+        self.blocks = nn.ModuleList(_FiLMBlock(w, td, config.norm_groups) for _ in range(config.depth))
+        self.norm_out = nn.GroupNorm(config.norm_groups, w)
+        self.conv_out = nn.Conv2d(w, c, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                eps_base: torch.Tensor) -> torch.Tensor:
+        t_emb = self.time_proj(timestep.reshape(-1).to(sample.dtype)).to(sample.dtype)
+        text = self.text_proj(encoder_hidden_states.mean(dim=1))
+        cond = self.cond_mlp(torch.cat([t_emb, text], dim=1))
+        x = torch.cat([sample, eps_base], dim=1) if self.config.use_eps_base else sample
+        h = self.conv_in(x)
+        for block in self.blocks:
+            h = block(h, cond)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def parameter_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def adapter_param_budget(unet: nn.Module) -> int:
+    """Largest allowed adapter size: 5 % of the base UNet's parameters."""
+    return int(BUDGET_FRACTION * parameter_count(unet))
+
+
+def config_for_unet(unet: nn.Module, **overrides: Any) -> AdapterConfig:
+    """An AdapterConfig matching `unet` (channels, text width); width is halved until it fits the budget."""
+    cfg = unet.config
+    config = AdapterConfig(in_channels=cfg.in_channels, cross_attention_dim=cfg.cross_attention_dim, **overrides)
+    budget = adapter_param_budget(unet)
+    while parameter_count(GuidanceAdapter(config)) > budget and config.width > 8 and "width" not in overrides:
+        config = dataclasses.replace(config, width=config.width // 2)
+    return config
+
+
+def save_adapter(adapter: GuidanceAdapter, out_dir: str | Path, meta: dict) -> Path:
+    """Write adapter.safetensors + adapter.json into `out_dir` atomically (replacing an existing one)."""
+    if "base_fingerprint" not in meta:
+        raise ValueError("save_adapter: meta must contain base_fingerprint")
+    state = {k: v.detach().cpu() for k, v in adapter.state_dict().items()}
+    with artifacts.atomic_dir(out_dir) as tmp:
+        weights = artifacts.atomic_save_safetensors(state, tmp / WEIGHTS_NAME, metadata={"format": FORMAT})
+        manifest = {
+            **meta,
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "config": dataclasses.asdict(adapter.config),
+            "parameter_count": parameter_count(adapter),
+            "weights_sha256": artifacts.sha256_file(weights),
+            "versions": artifacts.package_versions(),
+        }
+        artifacts.atomic_write_json(tmp / MANIFEST_NAME, manifest)
+    return Path(out_dir)
+
+
+def read_adapter_manifest(adapter_dir: str | Path) -> dict:
+    adapter_dir = Path(adapter_dir)
+    manifest = artifacts.read_json(adapter_dir / MANIFEST_NAME, "adapter manifest")
+    if manifest.get("format") != FORMAT:
+        raise InvdiffError(f"{adapter_dir / MANIFEST_NAME}: not an invdiff-rt adapter manifest; "
+                           "point to a directory written by `invdiff train`")
+    return manifest
+
+
+def load_adapter(adapter_dir: str | Path, model) -> GuidanceAdapter:
+    """Load a trained adapter for `model` (eval mode, frozen); refuses an adapter trained for another base."""
+    adapter_dir = Path(adapter_dir)
+    manifest = read_adapter_manifest(adapter_dir)
+    trained, got = manifest.get("base_fingerprint", ""), model.fingerprint
+    if trained != got:
+        raise InvdiffError(f"{adapter_dir / MANIFEST_NAME}: trained for base {trained[:12]}, got {got[:12]}; "
+                           "retrain with --model pointing to this base")
+    weights = adapter_dir / WEIGHTS_NAME
+    if not weights.exists() or artifacts.sha256_file(weights) != manifest.get("weights_sha256"):
+        raise InvdiffError(f"{weights}: missing or does not match {MANIFEST_NAME}; retrain with `invdiff train`")
+    from safetensors.torch import load_file
+
+    adapter = GuidanceAdapter(AdapterConfig(**manifest["config"]))
+    adapter.load_state_dict(load_file(str(weights)))
+    adapter.eval().requires_grad_(False)
+    return adapter
+
+
+def adapter_fingerprint(adapter_dir: str | Path) -> str:
+    """Identity of a trained adapter: its weights and architecture (not its timing fields)."""
+    manifest = read_adapter_manifest(adapter_dir)
+    return artifacts.sha256_json({"weights": manifest["weights_sha256"], "config": manifest["config"],
+                                  "base": manifest.get("base_fingerprint")})

@@ -1,0 +1,93 @@
+"""Frozen-base inputs that never change for a (model, data) pair: the latent of every training image and the text
+embedding of every prompt (and of the empty prompt). Computed once, cached on disk keyed by both fingerprints.
+
+Cache folder: $INVDIFF_CACHE_DIR, else ~/.cache/invdiff-rt. A changed model or dataset gives a new key; a corrupt
+cache file is recomputed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import artifacts
+
+CACHE_VERSION = 1
+
+
+@dataclass
+class BaseInputs:
+    latents: torch.Tensor  # [N,C,h,w], scaled
+    prompt_ids: torch.Tensor  # [N] long, index into prompts
+    prompts: list[str]  # sorted unique captions
+    text_embeddings: torch.Tensor  # [P,L,D]
+    uncond_embedding: torch.Tensor  # [1,L,D], the empty prompt
+    data_fingerprint: str
+    base_fingerprint: str
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("INVDIFF_CACHE_DIR") or Path.home() / ".cache" / "invdiff-rt")
+
+
+def cache_path(base_fp: str, data_fp: str, split: str) -> Path:
+    key = artifacts.sha256_json({"base": base_fp, "data": data_fp, "split": split, "v": CACHE_VERSION})
+    return cache_dir() / "inputs" / f"{key[:32]}.safetensors"
+
+
+def _load(path: Path, base_fp: str, data_fp: str) -> BaseInputs | None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+            t = {k: f.get_tensor(k) for k in f.keys()}
+        return BaseInputs(t["latents"], t["prompt_ids"], json.loads(meta["prompts"]), t["text_embeddings"],
+                          t["uncond_embedding"], data_fp, base_fp)
+    except Exception:  # missing, truncated or from another version: recompute
+        return None
+
+
+@torch.no_grad()
+def _encode_latents(model, records, batch_size: int) -> torch.Tensor:
+    from ..data.folder import load_images
+
+    out = []
+    for start in range(0, len(records), batch_size):
+        images = load_images(records[start:start + batch_size], size=model.image_size)
+        out.append(model.encode_images(images).float().cpu())
+    return torch.cat(out)
+
+
+def _compute(model, records, batch_size: int, data_fp: str) -> BaseInputs:
+    from ..data.folder import prompts_of
+
+    prompts = prompts_of(records)
+    index = {p: i for i, p in enumerate(prompts)}
+    prompt_ids = torch.tensor([index[r.text] for r in records], dtype=torch.long)
+    text = model.encode_text(prompts).float().cpu()
+    uncond = model.encode_text([""]).float().cpu()
+    return BaseInputs(_encode_latents(model, records, batch_size), prompt_ids, prompts, text, uncond, data_fp,
+                      model.fingerprint)
+
+
+def base_inputs(model, data_dir: str | Path, split: str = "train", batch_size: int = 256) -> BaseInputs:
+    """Latents, prompt ids and text embeddings of a split, from the cache when the fingerprints match."""
+    from ..data.folder import data_fingerprint, read_split
+
+    records = read_split(data_dir, split)
+    data_fp = data_fingerprint(data_dir, split)
+    path = cache_path(model.fingerprint, data_fp, split)
+    cached = _load(path, model.fingerprint, data_fp) if path.exists() else None
+    if cached is not None and cached.latents.shape[0] == len(records):
+        return cached
+    inputs = _compute(model, records, batch_size, data_fp)
+    tensors = {"latents": inputs.latents, "prompt_ids": inputs.prompt_ids, "text_embeddings": inputs.text_embeddings,
+               "uncond_embedding": inputs.uncond_embedding}
+    artifacts.atomic_save_safetensors(tensors, path, metadata={"prompts": json.dumps(inputs.prompts),
+                                                                "base": model.fingerprint, "data": data_fp})
+    return inputs

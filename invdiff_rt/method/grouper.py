@@ -1,0 +1,325 @@
+"""Group inference from per-sample losses (label-free), plus the hidden-column diagnostics.
+
+* `paper`: the published EIIL-style soft grouper: W [N,G] ~ U(0,1), Adam lr 0.01, 500 full-batch steps maximising
+  the std of the soft group-mean losses, rows clipped at 0 and renormalised after every step.
+* `invdiff-rt`: a per-prompt robust outlier split (score = per-prompt robust z of the log loss; minority = z > 3,
+  i.e. above median + 3 MAD) with JTT-style sampling weights that give the inferred minority half of each prompt's
+  sampling mass; two one-hot groups (0 = majority, 1 = inferred minority).
+* `erm`: one group, uniform sampling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import artifacts
+from ..errors import InvdiffError
+
+MAD_TO_SD = 1.4826  # MAD of a normal distribution times this = its standard deviation
+
+
+def project_rows(weights: torch.Tensor) -> torch.Tensor:
+    """The paper's constraint: clip at 0, then divide each row by its sum (an all-zero row becomes uniform)."""
+    w = weights.clamp_min(0)
+    total = w.sum(dim=1, keepdim=True)
+    uniform = torch.full_like(w, 1.0 / w.shape[1])
+    return torch.where(total > 0, w / total.clamp_min(1e-12), uniform)
+
+
+def soft_group_means(losses: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return (weights * losses[:, None]).sum(dim=0) / weights.sum(dim=0).clamp_min(1e-12)
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Tiny tensor ops: thread hand-offs cost more than they save (8x slower on a busy 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def paper_soft_grouper(losses: torch.Tensor, groups: int = 4, seed: int = 0, iters: int = 500, lr: float = 0.01,
+                       min_weight_coef: float = 0.0) -> torch.Tensor:
+    """Fit W [N,G] maximising std_g of the soft group means (minus c * min_ig l_i W_ig, c=0 as released)."""
+    losses = losses.detach().float()
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.rand(losses.shape[0], groups, generator=gen).requires_grad_(True)
+    opt = torch.optim.Adam([w], lr=lr)
+    with _one_thread():
+        _fit(losses, w, opt, iters, min_weight_coef)
+    return w.detach()
+
+
+def _fit(losses: torch.Tensor, w: torch.Tensor, opt: torch.optim.Optimizer, iters: int, coef: float) -> None:
+    for _ in range(iters):
+        objective = -soft_group_means(losses, w).std(unbiased=True)
+        if coef:
+            objective = objective - coef * (losses[:, None] * w).min()
+        opt.zero_grad()
+        objective.backward()
+        opt.step()
+        with torch.no_grad():
+            w.copy_(project_rows(w))
+
+
+def robust_prompt_z(scores: torch.Tensor, prompt_ids: torch.Tensor) -> torch.Tensor:
+    """Per-prompt robust z-score of log(score): (x - median) / (1.4826 * MAD) within each prompt."""
+    x = scores.double().clamp_min(1e-12).log()
+    z = torch.zeros_like(x)
+    for p in prompt_ids.unique():
+        sel = prompt_ids == p
+        med = x[sel].median()
+        mad = (x[sel] - med).abs().median() * MAD_TO_SD
+        z[sel] = (x[sel] - med) / mad.clamp_min(1e-12)
+    return z.float()
+
+
+def outlier_split(z: torch.Tensor, k: float = 3.0) -> torch.Tensor:
+    """Inferred minority: robust z above k (median + k MAD-sd)."""
+    return z > k
+
+
+def jtt_sampling_weights(minority: torch.Tensor, prompt_ids: torch.Tensor, fraction: float = 0.5) -> torch.Tensor:
+    """Per-sample sampling weights giving the inferred minority `fraction` of each prompt's sampling mass.
+
+    The prompt's total mass is kept (= its sample count), so prompt frequencies are unchanged. Prompts with no
+    inferred minority (or only minority) keep uniform weights.
+    """
+    s = torch.ones(minority.shape[0], dtype=torch.float32)
+    for p in prompt_ids.unique():
+        sel = prompt_ids == p
+        n, m = int(sel.sum()), int((sel & minority).sum())
+        if 0 < m < n:
+            s[sel & minority] = fraction * n / m
+            s[sel & ~minority] = (1 - fraction) * n / (n - m)
+    return s
+
+
+def one_hot_groups(minority: torch.Tensor) -> torch.Tensor:
+    """[N,2]: column 0 = majority, column 1 = (inferred) minority."""
+    m = minority.float()
+    return torch.stack([1 - m, m], dim=1)
+
+
+def effective_weights(weights: torch.Tensor, sampling: torch.Tensor) -> torch.Tensor:
+    """Expected share of the objective carried by each sample under group-balanced means and the sampler.
+
+    eff_i = (1/G) sum_g s_i W_ig / sum_j s_j W_jg over groups with mass; sums to 1.
+    """
+    mass = (sampling[:, None] * weights).sum(dim=0)
+    present = mass > 0
+    share = sampling[:, None] * weights[:, present] / mass[present]
+    return share.sum(dim=1) / int(present.sum())
+
+
+def prompt_minority(values: list, prompt_ids: torch.Tensor) -> torch.Tensor:
+    """Per-prompt minority flag from a hidden column: value != the most common value among that prompt's samples."""
+    flags = torch.zeros(len(values), dtype=torch.bool)
+    for p in prompt_ids.unique().tolist():
+        idx = (prompt_ids == p).nonzero().flatten().tolist()
+        vals = [str(values[i]) for i in idx]
+        majority = max(sorted(set(vals)), key=vals.count)
+        for i, v in zip(idx, vals):
+            flags[i] = v != majority
+    return flags
+
+
+def inferred_minority(weights: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+    """The inferred set of a soft grouping: samples whose argmax group is the highest-mean-loss group."""
+    top = int(soft_group_means(losses, weights).argmax())
+    return weights.argmax(dim=1) == top
+
+
+def auroc(score: torch.Tensor, positive: torch.Tensor) -> float:
+    """Area under the ROC curve (Mann-Whitney U with tie-averaged ranks); nan when one class is empty."""
+    n_pos, n = int(positive.sum()), positive.numel()
+    if n_pos in (0, n):
+        return float("nan")
+    values, inverse, counts = score.double().unique(return_inverse=True, return_counts=True)
+    avg_rank = counts.cumsum(0).double() - (counts.double() - 1) / 2
+    rank_sum = avg_rank[inverse][positive].sum().item()
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * (n - n_pos))
+
+
+def group_diagnostics(score: torch.Tensor, inferred: torch.Tensor, weights: torch.Tensor, sampling: torch.Tensor,
+                      minority: torch.Tensor) -> dict:
+    """AUROC of `score` vs the true minority, precision/recall of the inferred set, minority effective weight."""
+    tp = int((inferred & minority).sum())
+    return {
+        "auroc": auroc(score, minority),
+        "precision": tp / max(int(inferred.sum()), 1),
+        "recall": tp / max(int(minority.sum()), 1),
+        "inferred_size": int(inferred.sum()),
+        "minority_size": int(minority.sum()),
+        "minority_effective_weight": float(effective_weights(weights, sampling)[minority].sum()),
+    }
+
+
+@dataclass
+class Grouping:
+    """What the grouper decided: W [N,G], score [N] (higher = more minority-like), sampling weights [N]."""
+
+    weights: torch.Tensor
+    score: torch.Tensor
+    sampling: torch.Tensor
+    inferred: torch.Tensor
+    info: dict = field(default_factory=dict)
+
+
+def group_paper(losses: torch.Tensor, groups: int, seed: int, iters: int = 500) -> Grouping:
+    w = paper_soft_grouper(losses, groups=groups, seed=seed, iters=iters)
+    means = soft_group_means(losses, w)
+    return Grouping(w, w @ means, torch.ones(losses.shape[0]), inferred_minority(w, losses),
+                    {"group_mean_losses": means.tolist()})
+
+
+def group_robust(scores: torch.Tensor, prompt_ids: torch.Tensor, k: float = 3.0, fraction: float = 0.5) -> Grouping:
+    z = robust_prompt_z(scores, prompt_ids)
+    minority = outlier_split(z, k)
+    w = one_hot_groups(minority)
+    return Grouping(w, z, jtt_sampling_weights(minority, prompt_ids, fraction), minority,
+                    {"group_mean_losses": soft_group_means(scores.float(), w).tolist(), "mad_k": k,
+                     "jtt_fraction": fraction})
+
+
+def group_from_flags(minority: torch.Tensor, prompt_ids: torch.Tensor, recipe: str) -> Grouping:
+    """Oracle groups from a hidden column (comparison only): one-hot, JTT sampling for invdiff-rt."""
+    w = one_hot_groups(minority)
+    sampling = jtt_sampling_weights(minority, prompt_ids) if recipe == "invdiff-rt" else torch.ones(len(minority))
+    return Grouping(w, minority.float(), sampling, minority.clone(), {})
+
+
+def group_erm(n: int) -> Grouping:
+    return Grouping(torch.ones(n, 1), torch.zeros(n), torch.ones(n), torch.zeros(n, dtype=torch.bool), {})
+
+
+# ---------------------------------------------------------------- the groups artifact and the `groups` stage
+
+RECIPES = ("invdiff-rt", "paper", "erm")
+GROUPS_FORMAT = "invdiff-rt/groups"
+
+
+def groups_paths(prefix: str | Path) -> tuple[Path, Path]:
+    """GROUPS prefix -> (PREFIX.safetensors, PREFIX.json); a given .safetensors/.json suffix is stripped."""
+    prefix = Path(prefix)
+    if prefix.suffix in (".safetensors", ".json"):
+        prefix = prefix.with_suffix("")
+    return prefix.with_name(prefix.name + ".safetensors"), prefix.with_name(prefix.name + ".json")
+
+
+@dataclass
+class GroupsResult:
+    grouping: Grouping
+    meta: dict
+
+    @property
+    def fingerprint(self) -> str:
+        return self.meta.get("fingerprint", "")
+
+
+def save_groups(result: GroupsResult, prefix: str | Path) -> tuple[Path, Path]:
+    """Write PREFIX.safetensors (weights, score, sampling, inferred) then PREFIX.json (which hashes the former)."""
+    weights_path, json_path = groups_paths(prefix)
+    g = result.grouping
+    tensors = {"weights": g.weights.float(), "score": g.score.float(), "sampling_weights": g.sampling.float(),
+               "inferred": g.inferred.to(torch.uint8)}
+    artifacts.atomic_save_safetensors(tensors, weights_path, metadata={"format": GROUPS_FORMAT})
+    sha = artifacts.sha256_file(weights_path)
+    meta = {**result.meta, "format": GROUPS_FORMAT, "tensors_sha256": sha, "versions": artifacts.package_versions()}
+    meta["fingerprint"] = artifacts.sha256_json({"tensors": sha, "recipe": meta.get("recipe"),
+                                                 "data": meta.get("data_fingerprint")})
+    artifacts.atomic_write_json(json_path, meta)
+    result.meta = meta
+    return weights_path, json_path
+
+
+def load_groups(prefix: str | Path) -> GroupsResult:
+    """Read a groups artifact; refuses a missing, foreign or mismatched (json vs tensors) pair."""
+    from safetensors.torch import load_file
+
+    weights_path, json_path = groups_paths(prefix)
+    meta = artifacts.read_json(json_path, "groups manifest")
+    if meta.get("format") != GROUPS_FORMAT:
+        raise InvdiffError(f"{json_path}: not an invdiff-rt groups file; make one with `invdiff groups`")
+    if not weights_path.exists() or artifacts.sha256_file(weights_path) != meta.get("tensors_sha256"):
+        raise InvdiffError(f"{weights_path}: missing or does not match {json_path.name}; rerun `invdiff groups`")
+    t = load_file(str(weights_path))
+    g = Grouping(t["weights"], t["score"], t["sampling_weights"], t["inferred"].bool(), meta.get("grouping", {}))
+    return GroupsResult(g, meta)
+
+
+def _check_recipe(recipe: str, groups: int | None) -> int:
+    if recipe == "erm":
+        raise InvdiffError("--recipe erm: needs no groups; run `invdiff train --recipe erm` directly")
+    if recipe not in ("invdiff-rt", "paper"):
+        raise InvdiffError(f"--recipe {recipe}: unknown; use invdiff-rt or paper")
+    if recipe == "invdiff-rt" and groups not in (None, 2):
+        raise InvdiffError(f"--groups {groups}: recipe invdiff-rt always uses 2 groups (majority, inferred "
+                           "minority); drop --groups or use --recipe paper")
+    if groups is not None and groups < 2:
+        raise InvdiffError(f"--groups {groups}: need at least 2 groups")
+    return groups or (4 if recipe == "paper" else 2)
+
+
+def hidden_minority(data_dir: str | Path, column: str, prompt_ids: torch.Tensor) -> torch.Tensor:
+    """Per-prompt minority flags from a hidden attribute column (diagnostics and oracle only)."""
+    from ..data.folder import attribute_of, read_split
+
+    return prompt_minority(attribute_of(read_split(data_dir, "train"), column), prompt_ids)
+
+
+def _profile_grouping(model, inputs, recipe: str, groups: int, seed: int, batch_size: int, profile_config,
+                      show_progress: bool) -> tuple[Grouping, dict]:
+    from . import losses
+
+    config = profile_config or losses.ProfileConfig()
+    scheduler = losses.make_noise_scheduler(model)
+    total = losses.forward_count(recipe, inputs.latents.shape[0], config)
+    with losses.progress_bar(total, f"loss profile ({recipe})", show_progress) as advance:
+        if recipe == "paper":
+            profile = losses.paper_profile(model.unet, scheduler, inputs, seed, batch_size, advance)
+        else:
+            profile = losses.band_profile(model.unet, scheduler, inputs, config, seed, batch_size, advance)
+    if recipe == "paper":
+        grouping = group_paper(profile.score, groups, seed)
+    else:
+        grouping = group_robust(profile.score, inputs.prompt_ids)
+    return grouping, {"band": list(profile.band), **profile.info}
+
+
+def infer_groups(model, data_dir: str | Path, recipe: str = "invdiff-rt", seed: int = 0, groups: int | None = None,
+                 batch_size: int = 256, profile_config=None, oracle_column: str | None = None,
+                 report_attribute: str | None = None, show_progress: bool = True) -> GroupsResult:
+    """The `groups` stage: frozen-base loss profile -> label-free groups (or oracle groups from a hidden column)."""
+    import time
+
+    from .cache import base_inputs
+
+    n_groups = _check_recipe(recipe, groups if oracle_column is None else None)
+    start = time.perf_counter()
+    inputs = base_inputs(model, data_dir, batch_size=batch_size)
+    if oracle_column:
+        grouping = group_from_flags(hidden_minority(data_dir, oracle_column, inputs.prompt_ids), inputs.prompt_ids,
+                                    recipe)
+        profile_info, n_groups = {"source": f"oracle:{oracle_column}"}, 2
+    else:
+        grouping, profile_info = _profile_grouping(model, inputs, recipe, n_groups, seed, batch_size,
+                                                   profile_config, show_progress)
+        profile_info["source"] = "inferred"
+    meta = {"recipe": recipe, "groups": n_groups, "seed": seed, "n": int(inputs.latents.shape[0]),
+            "data_fingerprint": inputs.data_fingerprint, "base_fingerprint": inputs.base_fingerprint,
+            "prompts": inputs.prompts, "group_sizes": grouping.weights.sum(0).tolist(),
+            "inferred_size": int(grouping.inferred.sum()), "grouping": grouping.info, "profile": profile_info,
+            "seconds": round(time.perf_counter() - start, 2)}
+    if report_attribute:
+        minority = hidden_minority(data_dir, report_attribute, inputs.prompt_ids)
+        meta["diagnostics"] = {"attribute": report_attribute, **group_diagnostics(
+            grouping.score, grouping.inferred, grouping.weights, grouping.sampling, minority)}
+    return GroupsResult(grouping, meta)

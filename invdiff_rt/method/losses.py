@@ -1,0 +1,177 @@
+"""Per-sample denoising losses of the frozen base (epsilon target), as a timestep-resolved profile.
+
+`paper`: one uniform t and one noise draw per sample. `invdiff-rt`: a coarse t grid (one draw, on a fixed random
+subset) picks the informative band by the smoothed excess-kurtosis rule, then K draws with t ~ U[band] give the
+score, each loss divided by the base's mean loss at its t (interpolated from the grid): "normalised per t".
+All noise and timesteps come from seeded generators, so a profile does not depend on the batch size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from .objective import per_sample_loss
+
+Advance = Callable[[int], None]
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    grid: tuple[int, ...] = (100, 250, 400, 550, 700, 775, 850, 925)  # coarse levels for the band choice
+    grid_samples: int = 1024  # the kurtosis curve is computed on a fixed random subset of this size
+    band_halfwidth: int = 50
+    draws: int = 8
+    smooth: int = 3  # moving-average window over grid levels before the argmax
+
+
+@dataclass
+class Profile:
+    score: torch.Tensor  # [N], per-t-normalised mean loss (invdiff-rt) or the single-draw loss (paper)
+    band: tuple[int, int]
+    info: dict = field(default_factory=dict)
+
+
+def make_noise_scheduler(model):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(model.scheduler_config)
+
+
+@torch.inference_mode()
+def denoising_losses(unet, scheduler, latents: torch.Tensor, text_embeddings: torch.Tensor, prompt_ids: torch.Tensor,
+                     timesteps: torch.Tensor, noise: torch.Tensor, batch_size: int,
+                     advance: Advance | None = None) -> torch.Tensor:
+    """||eps_base(x_t, t, c) - eps||^2 per sample (mean over latent dims); x_t from the training noise schedule."""
+    device = next(unet.parameters()).device
+    out = []
+    for s in range(0, latents.shape[0], batch_size):
+        x0, eps, t = latents[s:s + batch_size], noise[s:s + batch_size], timesteps[s:s + batch_size]
+        x_t = scheduler.add_noise(x0, eps, t)
+        emb = text_embeddings[prompt_ids[s:s + batch_size]]
+        pred = unet(x_t.to(device), t.to(device), encoder_hidden_states=emb.to(device)).sample
+        out.append(per_sample_loss(pred.cpu(), eps))
+        if advance:
+            advance(x0.shape[0])
+    return torch.cat(out)
+
+
+def _gen(seed: int, *keys: int) -> torch.Generator:
+    value = seed
+    for k in keys:
+        value = (value * 1_000_003 + k) % (2**63 - 1)
+    return torch.Generator().manual_seed(value)
+
+
+def excess_kurtosis(x: torch.Tensor) -> float:
+    x = x.double()
+    d = x - x.mean()
+    return float((d.pow(4).mean() / d.pow(2).mean().pow(2)) - 3)
+
+
+def per_prompt_ratio(losses: torch.Tensor, prompt_ids: torch.Tensor) -> torch.Tensor:
+    """Loss divided by its prompt's median loss: a sample is unusual only relative to its own prompt."""
+    out = torch.empty_like(losses)
+    for p in prompt_ids.unique():
+        sel = prompt_ids == p
+        out[sel] = losses[sel] / losses[sel].median().clamp_min(1e-12)
+    return out
+
+
+def smoothed_argmax(values: list[float], window: int) -> int:
+    v = torch.tensor(values, dtype=torch.float64)
+    if window > 1:
+        pad = window // 2
+        padded = torch.cat([v[:1].repeat(pad), v, v[-1:].repeat(pad)])
+        v = padded.unfold(0, window, 1).mean(dim=1)
+    return int(v.argmax())
+
+
+def paper_profile(unet, scheduler, inputs, seed: int, batch_size: int, advance: Advance | None = None) -> Profile:
+    """The paper's loss collection: one t ~ U{0..999} and one noise draw per sample, epsilon target."""
+    n = inputs.latents.shape[0]
+    g = _gen(seed, 1)
+    t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (n,), generator=g)
+    noise = torch.randn(inputs.latents.shape, generator=g)
+    losses = denoising_losses(unet, scheduler, inputs.latents, inputs.text_embeddings, inputs.prompt_ids, t, noise,
+                              batch_size, advance)
+    return Profile(losses, (0, NUM_TRAIN_TIMESTEPS - 1), {"draws": 1})
+
+
+def grid_curve(unet, scheduler, inputs, config: ProfileConfig, seed: int, batch_size: int,
+               advance: Advance | None = None) -> tuple[list[float], list[float]]:
+    """Per grid level: excess kurtosis of the per-prompt loss ratio, and the mean loss (one draw, fixed subset)."""
+    n = inputs.latents.shape[0]
+    subset = torch.randperm(n, generator=_gen(seed, 2))[:config.grid_samples].sort().values
+    latents, pids = inputs.latents[subset], inputs.prompt_ids[subset]
+    kurt, means = [], []
+    for level, t in enumerate(config.grid):
+        noise = torch.randn(latents.shape, generator=_gen(seed, 3, level))
+        ts = torch.full((latents.shape[0],), t, dtype=torch.long)
+        losses = denoising_losses(unet, scheduler, latents, inputs.text_embeddings, pids, ts, noise, batch_size,
+                                  advance)
+        kurt.append(excess_kurtosis(per_prompt_ratio(losses, pids).log()))
+        means.append(float(losses.mean()))
+    return kurt, means
+
+
+def band_profile(unet, scheduler, inputs, config: ProfileConfig, seed: int, batch_size: int,
+                 advance: Advance | None = None) -> Profile:
+    """invdiff-rt: choose the band on the grid, then average K per-t-normalised draws inside it."""
+    kurt, means = grid_curve(unet, scheduler, inputs, config, seed, batch_size, advance)
+    t_star = config.grid[smoothed_argmax(kurt, config.smooth)]
+    lo = max(0, t_star - config.band_halfwidth)
+    hi = min(NUM_TRAIN_TIMESTEPS - 1, t_star + config.band_halfwidth)
+    grid_t = torch.tensor(config.grid, dtype=torch.float64)
+    grid_m = torch.tensor(means, dtype=torch.float64)
+    n = inputs.latents.shape[0]
+    total = torch.zeros(n, dtype=torch.float64)
+    for k in range(config.draws):
+        g = _gen(seed, 4, k)
+        t = torch.randint(lo, hi + 1, (n,), generator=g)
+        noise = torch.randn(inputs.latents.shape, generator=g)
+        losses = denoising_losses(unet, scheduler, inputs.latents, inputs.text_embeddings, inputs.prompt_ids, t,
+                                  noise, batch_size, advance)
+        total += losses.double() / _interp(t.double(), grid_t, grid_m)
+    info = {"grid": list(config.grid), "kurtosis": kurt, "grid_mean_loss": means, "t_star": t_star,
+            "draws": config.draws, "grid_samples": min(config.grid_samples, n)}
+    return Profile((total / config.draws).float(), (lo, hi), info)
+
+
+def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """Piecewise-linear interpolation (numpy.interp semantics: constant outside the grid)."""
+    import numpy as np
+
+    return torch.from_numpy(np.interp(x.numpy(), xp.numpy(), fp.numpy()))
+
+
+def forward_count(recipe: str, n: int, config: ProfileConfig) -> int:
+    """How many sample-forwards a profile takes (for the progress bar)."""
+    if recipe == "paper":
+        return n
+    return len(config.grid) * min(config.grid_samples, n) + config.draws * n
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, description: str, enabled: bool = True) -> Iterator[Callable[..., None]]:
+    """A Rich progress bar; yields `advance(n, **fields)` (fields are shown after the bar). No-op when disabled."""
+    if not enabled:
+        yield lambda n=1, **fields: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+    with Progress(*columns, transient=False) as progress:
+        task = progress.add_task(description, total=total, info="")
+
+        def advance(n: int = 1, **fields) -> None:
+            info = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
+            progress.update(task, advance=n, **({"info": info} if fields else {}))
+
+        yield advance

@@ -1,0 +1,273 @@
+"""Adapter training under Hugging Face Accelerate: frozen base + GuidanceAdapter, invariance objective.
+
+Each step every rank draws its own batch of (sample index, group-weight row) pairs from the groups' sampling
+weights with a generator seeded by (seed, rank, step): indices and group weights can never drift apart, ranks see
+different batches, and a resumed run replays exactly. `--batch-size` is per process (as in the paper's code).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import artifacts
+from ..errors import InvdiffError
+from .adapter import GuidanceAdapter, config_for_unet, parameter_count, save_adapter
+from .grouper import Grouping, GroupsResult, group_erm, group_from_flags, hidden_minority
+from .losses import _gen, make_noise_scheduler, progress_bar
+from .objective import invariance_objective, per_sample_loss
+
+# lambda, whether the variance is scale-aware, and the recommended adapter weight w per recipe (see README).
+RECIPE_DEFAULTS = {
+    "invdiff-rt": {"lam": 1.0, "scale_aware": True, "recommended_weight": 2.0},
+    "paper": {"lam": 1.0, "scale_aware": False, "recommended_weight": 1.6},
+    "erm": {"lam": 0.0, "scale_aware": True, "recommended_weight": 1.0},
+}
+CKPT_STATE, CKPT_META = "state.safetensors", "state.json"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    recipe: str = "invdiff-rt"
+    lam: float | None = None  # None: the recipe's default
+    steps: int = 2000
+    lr: float = 3e-3
+    batch_size: int = 64  # per process
+    seed: int = 0
+    warmup_steps: int = 50
+    weight_decay: float = 1e-2
+    grad_clip: float = 1.0
+    caption_dropout: float = 0.1
+    checkpoint_every: int = 250
+    resume: bool = False
+    oracle_column: str | None = None
+    show_progress: bool = True
+
+    @property
+    def lam_value(self) -> float:
+        return RECIPE_DEFAULTS[self.recipe]["lam"] if self.lam is None else float(self.lam)
+
+
+def check_train_config(config: TrainConfig) -> None:
+    if config.recipe not in RECIPE_DEFAULTS:
+        raise InvdiffError(f"--recipe {config.recipe}: unknown; use one of {', '.join(RECIPE_DEFAULTS)}")
+    for flag, value in (("--steps", config.steps), ("--batch-size", config.batch_size), ("--lr", config.lr)):
+        if value <= 0:
+            raise InvdiffError(f"{flag} {value}: must be positive")
+    if config.lam_value < 0:
+        raise InvdiffError(f"--lambda {config.lam_value}: must be >= 0")
+
+
+def _resolve_grouping(groups: GroupsResult | None, inputs, data_dir, config: TrainConfig) -> tuple[Grouping, dict]:
+    """The groups this run trains with (erm: none; oracle: from the hidden column) and how they were made."""
+    n = inputs.latents.shape[0]
+    if config.recipe == "erm":
+        return group_erm(n), {"groups_source": "none", "groups_fingerprint": None}
+    if config.oracle_column:
+        minority = hidden_minority(data_dir, config.oracle_column, inputs.prompt_ids)
+        return group_from_flags(minority, inputs.prompt_ids, config.recipe), {
+            "groups_source": f"oracle:{config.oracle_column}", "groups_fingerprint": None}
+    if groups is None:
+        raise InvdiffError(f"--groups: recipe {config.recipe} needs groups; run `invdiff groups` first "
+                           "(or use --recipe erm / --oracle-groups-from COLUMN)")
+    _check_groups_match(groups, inputs)
+    return groups.grouping, {"groups_source": groups.meta.get("profile", {}).get("source", "inferred"),
+                             "groups_fingerprint": groups.fingerprint, "groups_recipe": groups.meta.get("recipe")}
+
+
+def _check_groups_match(groups: GroupsResult, inputs) -> None:
+    for key, have in (("data_fingerprint", inputs.data_fingerprint), ("base_fingerprint", inputs.base_fingerprint)):
+        made = groups.meta.get(key, "")
+        if made != have:
+            what = "--data" if key.startswith("data") else "--model"
+            raise InvdiffError(f"--groups: made for {what} {made[:12]}, got {have[:12]}; rerun `invdiff groups` "
+                               f"with this {what}")
+    if groups.grouping.weights.shape[0] != inputs.latents.shape[0]:
+        raise InvdiffError("--groups: row count does not match the dataset; rerun `invdiff groups`")
+
+
+@dataclass
+class _Batch:
+    sample: torch.Tensor  # x_t
+    timestep: torch.Tensor
+    text: torch.Tensor
+    noise: torch.Tensor
+    group_weights: torch.Tensor
+
+
+def draw_batch(inputs, grouping: Grouping, scheduler, config: TrainConfig, rank: int, step: int) -> _Batch:
+    """One rank's batch: (index, group-weight row) pairs drawn together; t, noise and caption dropout seeded too."""
+    g = _gen(config.seed, 7, rank, step)
+    idx = torch.multinomial(grouping.sampling, config.batch_size, replacement=True, generator=g)
+    x0 = inputs.latents[idx]
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (config.batch_size,), generator=g)
+    drop = torch.rand(config.batch_size, generator=g) < config.caption_dropout
+    text = torch.where(drop[:, None, None], inputs.uncond_embedding, inputs.text_embeddings[inputs.prompt_ids[idx]])
+    return _Batch(scheduler.add_noise(x0, noise, t), t, text, noise, grouping.weights[idx])
+
+
+def assert_only_adapter_trains(unet: torch.nn.Module, adapter: torch.nn.Module) -> None:
+    """After a backward: no base parameter wants or has a gradient; every adapter parameter has one."""
+    bad = [n for n, p in unet.named_parameters() if p.requires_grad or p.grad is not None]
+    if bad:
+        raise RuntimeError(f"base parameters would train: {bad[:3]}")
+    if any(p.grad is None for p in adapter.parameters()):
+        raise RuntimeError("an adapter parameter received no gradient")
+
+
+def _step_loss(unet, adapter, batch: _Batch, lam: float, scale_aware: bool, device):
+    x_t, t, text = batch.sample.to(device), batch.timestep.to(device), batch.text.to(device)
+    with torch.no_grad():
+        eps_base = unet(x_t, t, encoder_hidden_states=text).sample
+    delta = adapter(x_t, t.float(), text, eps_base)
+    losses = per_sample_loss(eps_base + delta, batch.noise.to(device))
+    return invariance_objective(losses, batch.group_weights.to(device), lam, scale_aware)
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_dir(out_dir: Path) -> Path:
+    return out_dir.with_name(out_dir.name + ".ckpt")
+
+
+def _run_key(config: TrainConfig, meta: dict) -> str:
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("resume", "show_progress")}
+    return artifacts.sha256_json({"config": fields, **meta})
+
+
+def save_checkpoint(path: Path, step: int, key: str, adapter, optimizer, lr_scheduler) -> None:
+    tensors = {f"adapter.{k}": v for k, v in adapter.state_dict().items()}
+    opt = optimizer.state_dict()
+    for i, state in opt["state"].items():
+        tensors.update({f"opt.{i}.{k}": v if torch.is_tensor(v) else torch.tensor(v) for k, v in state.items()})
+    meta = {"step": step, "key": key, "param_groups": opt["param_groups"], "lr_scheduler": lr_scheduler.state_dict()}
+    with artifacts.atomic_dir(path) as tmp:
+        artifacts.atomic_save_safetensors(tensors, tmp / CKPT_STATE)
+        artifacts.atomic_write_json(tmp / CKPT_META, meta)
+
+
+def load_checkpoint(path: Path, key: str, adapter, optimizer, lr_scheduler) -> int:
+    """Restore adapter/optimizer/scheduler; returns the step to continue from (0 when there is nothing)."""
+    from safetensors.torch import load_file
+
+    if not (path / CKPT_META).exists():
+        return 0
+    meta = artifacts.read_json(path / CKPT_META, "training checkpoint")
+    if meta.get("key") != key:
+        raise InvdiffError(f"{path}: checkpoint was made with other settings/inputs; delete it or drop --resume")
+    tensors = load_file(str(path / CKPT_STATE))
+    adapter.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("adapter.")})
+    state: dict = {}
+    for name, v in tensors.items():
+        if name.startswith("opt."):
+            _, i, k = name.split(".", 2)
+            state.setdefault(int(i), {})[k] = v
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    lr_scheduler.load_state_dict(meta["lr_scheduler"])
+    return int(meta["step"])
+
+
+# ------------------------------------------------------------------------------------------- the loop
+
+
+def _make_optimizer(adapter, config: TrainConfig):
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+
+    optimizer = torch.optim.AdamW(adapter.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    warmup = min(config.warmup_steps, max(config.steps // 10, 1))
+    return optimizer, get_cosine_schedule_with_warmup(optimizer, warmup, config.steps)
+
+
+def _run_meta(model, inputs, group_meta: dict, config: TrainConfig) -> dict:
+    defaults = RECIPE_DEFAULTS[config.recipe]
+    return {"base_fingerprint": model.fingerprint, "data_fingerprint": inputs.data_fingerprint, **group_meta,
+            "recipe": config.recipe, "lambda": config.lam_value, "variance": "cv2" if defaults["scale_aware"]
+            else "raw", "steps": config.steps, "lr": config.lr, "batch_size_per_process": config.batch_size,
+            "seed": config.seed, "caption_dropout": config.caption_dropout}
+
+
+@dataclass
+class _Run:
+    unet: torch.nn.Module
+    adapter: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    noise_scheduler: object
+    inputs: object
+    grouping: Grouping
+    key: str
+    ckpt: Path
+
+
+def _train_step(accelerator, run: _Run, config: TrainConfig, step: int, first: bool) -> dict:
+    scale_aware = RECIPE_DEFAULTS[config.recipe]["scale_aware"]
+    batch = draw_batch(run.inputs, run.grouping, run.noise_scheduler, config, accelerator.process_index, step)
+    terms = _step_loss(run.unet, run.adapter, batch, config.lam_value, scale_aware, accelerator.device)
+    run.optimizer.zero_grad(set_to_none=True)
+    accelerator.backward(terms.loss)
+    if first:
+        assert_only_adapter_trains(run.unet, run.adapter)
+    accelerator.clip_grad_norm_(run.adapter.parameters(), config.grad_clip)
+    run.optimizer.step()
+    run.lr_scheduler.step()
+    logged = accelerator.gather(torch.stack([terms.loss, terms.mean, terms.penalty]).detach()[None])
+    loss, mean, penalty = logged.float().mean(0).tolist()
+    return {"loss": loss, "mean": mean, "penalty": penalty}
+
+
+def _loop(accelerator, run: _Run, config: TrainConfig, start_step: int) -> dict:
+    last: dict = {}
+    show = config.show_progress and accelerator.is_main_process
+    with progress_bar(config.steps, f"train adapter ({config.recipe})", show) as advance:
+        advance(start_step)
+        for step in range(start_step, config.steps):
+            last = _train_step(accelerator, run, config, step, first=step == start_step)
+            advance(1, loss=last["loss"], mean=last["mean"], var=last["penalty"],
+                    lr=run.lr_scheduler.get_last_lr()[0])
+            if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+                if accelerator.is_main_process:
+                    save_checkpoint(run.ckpt, step + 1, run.key, accelerator.unwrap_model(run.adapter),
+                                    run.optimizer, run.lr_scheduler)
+                accelerator.wait_for_everyone()
+    return last
+
+
+def train_adapter(model, data_dir: str | Path, groups: GroupsResult | None, out_dir: str | Path,
+                  config: TrainConfig = TrainConfig()) -> Path:
+    """The `train` stage: writes OUT_DIR/adapter.safetensors + adapter.json; returns OUT_DIR."""
+    from accelerate import Accelerator
+
+    from .cache import base_inputs
+
+    check_train_config(config)
+    out_dir = Path(out_dir)
+    start = time.perf_counter()
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    inputs = base_inputs(model, data_dir)
+    grouping, group_meta = _resolve_grouping(groups, inputs, data_dir, config)
+    meta = _run_meta(model, inputs, group_meta, config)
+    unet = model.unet.to(accelerator.device).eval().requires_grad_(False)
+    torch.manual_seed(config.seed)
+    adapter = GuidanceAdapter(config_for_unet(unet))
+    optimizer, lr_scheduler = _make_optimizer(adapter, config)
+    key, ckpt = _run_key(config, meta), checkpoint_dir(out_dir)
+    start_step = load_checkpoint(ckpt, key, adapter, optimizer, lr_scheduler) if config.resume else 0
+    adapter, optimizer = accelerator.prepare(adapter, optimizer)  # the LR schedule is stepped by hand, once a step
+    run = _Run(unet, adapter, optimizer, lr_scheduler, make_noise_scheduler(model), inputs, grouping, key, ckpt)
+    last = _loop(accelerator, run, config, start_step)
+    if accelerator.is_main_process:
+        meta.update(num_processes=accelerator.num_processes, resumed_from_step=start_step, final=last,
+                    base_parameter_count=parameter_count(unet),
+                    recommended_weight=RECIPE_DEFAULTS[config.recipe]["recommended_weight"],
+                    training_seconds=round(time.perf_counter() - start, 2))
+        save_adapter(accelerator.unwrap_model(adapter), out_dir, meta)
+        shutil.rmtree(ckpt, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return out_dir

@@ -1,0 +1,60 @@
+"""Resumable training checkpoints without pickle: module + optimizer tensors in safetensors, scalars in JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..artifacts import atomic_save_safetensors, atomic_write_json
+
+
+def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, state in sd["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{pid}.{key}"] = value
+            else:
+                scalars[f"{pid}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, pid, key = name.split(".", 2)
+            state.setdefault(int(pid), {})[key] = value
+    for name, value in meta["scalars"].items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
+                    step: int, extra: dict | None = None) -> None:
+    """Write `path.safetensors` and `path.json` (the JSON last: a checkpoint exists once its JSON exists)."""
+    tensors = {f"{name}.{k}": v for name, m in modules.items() for k, v in m.state_dict().items()}
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer)
+    atomic_save_safetensors({**tensors, **opt_tensors}, path.with_suffix(".safetensors"))
+    atomic_write_json(path.with_suffix(".json"), {"step": step, "optimizer": opt_meta, **(extra or {})})
+
+
+def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer) -> dict:
+    """Restore modules and optimizer in place; return the JSON metadata (with "step")."""
+    from safetensors.torch import load_file
+
+    meta = json.loads(path.with_suffix(".json").read_text())
+    tensors = load_file(str(path.with_suffix(".safetensors")))
+    for name, m in modules.items():
+        prefix = f"{name}."
+        m.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+    return meta
+
+
+def has_checkpoint(path: Path) -> bool:
+    return path.with_suffix(".json").exists() and path.with_suffix(".safetensors").exists()

@@ -1,0 +1,125 @@
+"""Load a latent diffusion model from a diffusers directory: the same code path for Stable Diffusion checkpoints
+and for the embedded mini-SD models that ship inside the package (addressable by name)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from ..artifacts import fingerprint_dir, read_json
+from ..errors import InvdiffError
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets" / "models"
+BUILTIN_MODELS = ("colored-digits", "shapes-habitats")
+_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def resolve_model(name_or_path: str | Path) -> Path:
+    """A built-in model name or a path to a diffusers directory -> the directory."""
+    if str(name_or_path) in BUILTIN_MODELS:
+        path = ASSETS / str(name_or_path)
+        if not (path / "model_index.json").exists():
+            raise InvdiffError(f"--model {name_or_path}: built-in model is not shipped in this install ({path})")
+        return path
+    path = Path(name_or_path)
+    if not (path / "model_index.json").exists():
+        raise InvdiffError(
+            f"--model {name_or_path}: not a diffusers model directory (no model_index.json); "
+            f"pass a directory or one of {', '.join(BUILTIN_MODELS)}"
+        )
+    missing = [c for c in _COMPONENTS if not (path / c).is_dir()]
+    if missing:
+        raise InvdiffError(f"--model {path}: missing component folder(s) {', '.join(missing)}")
+    return path
+
+
+def model_fingerprint(path: Path) -> str:
+    """Content hash of the weights and configs (not of training logs)."""
+    return fingerprint_dir(path, suffixes=(".safetensors", ".json", ".txt", ".bin"), exclude=("invdiff_model.json",))
+
+
+@dataclass
+class LatentDiffusionModel:
+    path: Path
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    scheduler_config: dict
+
+    @cached_property
+    def fingerprint(self) -> str:
+        return model_fingerprint(self.path)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        size = self.unet.config.sample_size
+        size = size if isinstance(size, int) else size[0]
+        return (self.unet.config.in_channels, size, size)
+
+    @property
+    def image_size(self) -> int:
+        return self.latent_shape[1] * 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        tok = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt")
+        return tok.input_ids
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        ids = self.tokenize(prompts).to(self.device)
+        return self.text_encoder(ids)[0]
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> scaled latents (posterior mean)."""
+        dist = self.vae.encode(images.to(self.device, self.vae.dtype)).latent_dist
+        return dist.mean * self.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images in [0, 1]."""
+        x = self.vae.decode(latents.to(self.vae.dtype) / self.scaling_factor).sample
+        return (x.float() / 2 + 0.5).clamp(0, 1)
+
+    def make_scheduler(self, name: str = "ddim"):
+        from ..runtime.sampling import make_scheduler
+
+        return make_scheduler(self.scheduler_config, name)
+
+    def freeze(self) -> "LatentDiffusionModel":
+        for m in (self.text_encoder, self.vae, self.unet):
+            m.eval().requires_grad_(False)
+        return self
+
+
+def load_model(name_or_path: str | Path, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32) -> LatentDiffusionModel:
+    """Load tokenizer, text encoder, VAE, UNet and scheduler config; everything frozen and in eval mode."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    path = resolve_model(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
+        text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype)
+        unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise InvdiffError(f"--model {path}: cannot load ({str(e).splitlines()[0]})") from e
+    scheduler_config = read_json(path / "scheduler" / "scheduler_config.json", "scheduler config")
+    model = LatentDiffusionModel(path, tokenizer, text_encoder.to(device), vae.to(device), unet.to(device),
+                                 scheduler_config)
+    return model.freeze()

@@ -1,0 +1,180 @@
+"""Train the embedded mini Stable-Diffusion model on a dataset's `train/` split.
+
+Stage 1 trains the VAE (MSE + L1 reconstruction, tiny KL). Stage 2 freezes it, encodes every image once, and trains
+the text encoder + UNet jointly with the epsilon-MSE loss of Stable Diffusion, caption dropout (empty prompt) so
+that classifier-free guidance works, and an EMA of both. Each stage checkpoints atomically and resumes.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..artifacts import package_versions
+from ..data.folder import data_fingerprint, load_images, read_split
+from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from .configs import SCHEDULER_CONFIG, MiniSDArch
+from .tiny import build_components, save_model_dir
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    vae_steps: int = 1000
+    vae_batch: int = 32
+    vae_lr: float = 2e-3
+    kl_weight: float = 1e-6
+    steps: int = 3500
+    batch: int = 128
+    lr: float = 1e-3
+    warmup: int = 100
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.999
+    seed: int = 0
+    checkpoint_every: int = 250
+    threads: int | None = None
+
+
+def _cosine(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for pe, pm in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(pm, 1 - decay)
+
+
+def _loop(name, total, start, step_fn, ckpt_fn, every, progress):
+    """Run `step_fn(step) -> loss` from `start` to `total`, checkpointing every `every` steps."""
+    task = progress.add_task(name, total=total, completed=start, loss=float("nan"))
+    t0 = time.time()
+    for step in range(start, total):
+        loss = step_fn(step)
+        progress.update(task, advance=1, loss=loss)
+        if not progress.console.is_terminal and (step + 1) % 50 == 0:
+            rate = (step + 1 - start) / (time.time() - t0)
+            progress.console.log(f"{name} step {step + 1}/{total} loss {loss:.4f} ({rate:.2f} steps/s)")
+        if (step + 1) % every == 0 or step + 1 == total:
+            ckpt_fn(step + 1)
+
+
+def train_vae(vae, images: torch.Tensor, cfg: PretrainConfig, ckpt: Path, progress) -> None:
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=1e-4)
+    start = load_checkpoint(ckpt, {"vae": vae}, opt)["step"] if has_checkpoint(ckpt) else 0
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + 1)
+    vae.train().requires_grad_(True)
+
+    def step_fn(step: int) -> float:
+        for g in opt.param_groups:
+            g["lr"] = cfg.vae_lr * _cosine(step, cfg.vae_steps, cfg.warmup)
+        g_step = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        x = images[torch.randint(0, len(images), (cfg.vae_batch,), generator=g_step)]
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample(generator=g_step)).sample
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + cfg.kl_weight * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        return loss.item()
+
+    del gen
+    _loop("vae", cfg.vae_steps, start, step_fn,
+          lambda s: save_checkpoint(ckpt, {"vae": vae}, opt, s), cfg.checkpoint_every, progress)
+    vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_dataset(vae, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    return torch.cat([vae.encode(images[i:i + batch]).latent_dist.mean for i in range(0, len(images), batch)])
+
+
+def train_unet(unet, text_encoder, tokenizer, latents, texts, cfg: PretrainConfig, ckpt: Path, progress):
+    """Joint text encoder + UNet training; returns the EMA copies."""
+    from diffusers import DDPMScheduler
+
+    noise_sched = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items() if k != "set_alpha_to_one"})
+    prompts = sorted(set(texts)) + [""]
+    ids_of = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                       return_tensors="pt").input_ids
+    text_index = torch.tensor([prompts.index(t) for t in texts])
+    empty = len(prompts) - 1
+    ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
+    modules = {"unet": unet, "text_encoder": text_encoder, "ema_unet": ema_unet, "ema_text": ema_text}
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
+    start = load_checkpoint(ckpt, modules, opt)["step"] if has_checkpoint(ckpt) else 0
+    unet.train().requires_grad_(True)
+    text_encoder.train().requires_grad_(True)
+
+    def step_fn(step: int) -> float:
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * _cosine(step, cfg.steps, cfg.warmup)
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7 + step)
+        idx = torch.randint(0, len(latents), (cfg.batch,), generator=gen)
+        x0 = latents[idx]
+        drop = torch.rand(cfg.batch, generator=gen) < cfg.caption_dropout
+        tid = torch.where(drop, torch.full_like(idx, empty), text_index[idx])
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.batch,), generator=gen)
+        xt = noise_sched.add_noise(x0, noise, t)
+        emb = text_encoder(ids_of[tid])[0]
+        loss = F.mse_loss(unet(xt, t, emb).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        _ema_update(ema_unet, unet, cfg.ema_decay if step > cfg.warmup else 0.0)
+        _ema_update(ema_text, text_encoder, cfg.ema_decay if step > cfg.warmup else 0.0)
+        return loss.item()
+
+    _loop("unet", cfg.steps, start, step_fn,
+          lambda s: save_checkpoint(ckpt, modules, opt, s), cfg.checkpoint_every, progress)
+    return ema_unet.eval(), ema_text.eval()
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn())
+
+
+def pretrain(data_dir: str | Path, out_dir: str | Path, cfg: PretrainConfig = PretrainConfig(),
+             arch: MiniSDArch = MiniSDArch(), checkpoint_dir: str | Path | None = None,
+             fp16_weights: bool = False) -> Path:
+    """Train VAE, then text encoder + UNet, on `data_dir/train`; write a diffusers directory to `out_dir`."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t0 = time.time()
+    records = read_split(data_dir, "train")
+    texts = [r.text for r in records]
+    images = load_images(records, size=arch.image_size)
+    ckdir = Path(checkpoint_dir or f"{out_dir}.ckpt")
+    ckdir.mkdir(parents=True, exist_ok=True)
+    tokenizer, text_encoder, vae, unet = build_components(arch, texts, cfg.seed)
+    with _progress() as progress:
+        train_vae(vae, images, cfg, ckdir / "vae", progress)
+        raw = encode_dataset(vae, images)
+        scaling = float(1.0 / raw.std())
+        vae.register_to_config(scaling_factor=scaling)
+        ema_unet, ema_text = train_unet(unet, text_encoder, tokenizer, raw * scaling, texts, cfg,
+                                        ckdir / "unet", progress)
+    info = {
+        "recipe": asdict(cfg), "arch": arch.to_json(), "data_dir": str(data_dir),
+        "data_fingerprint": data_fingerprint(data_dir, "train"), "seed": cfg.seed,
+        "parameters": {n: sum(p.numel() for p in m.parameters())
+                       for n, m in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder))},
+        "scaling_factor": scaling, "training_seconds": round(time.time() - t0, 1), "versions": package_versions(),
+        "weights_dtype": "float16" if fp16_weights else "float32",
+    }
+    dtype = torch.float16 if fp16_weights else torch.float32
+    return save_model_dir(out_dir, tokenizer, ema_text, vae, ema_unet, info=info, dtype=dtype)

@@ -1,0 +1,434 @@
+"""Batch generation: deterministic per (seed, prompt, index), resumable after a crash, sharded across launcher ranks.
+
+Layout of an output folder DIR:
+    DIR/run.json                         settings + fingerprints of the first run (a rerun must match them)
+    DIR/<prompt-slug>/<index:05d>.png    one image per job, written atomically
+    DIR/<prompt-slug>/grid.png           all finished images of that prompt
+    DIR/manifest.jsonl                   one line per image, sorted by (prompt, index)
+    DIR/manifest.rank<r>-of-<w>.jsonl    the per-rank part under `torchrun` / `accelerate launch`
+
+An image counts as finished when a manifest line with the current settings names it and the PNG's sha256 matches,
+so a killed run loses at most the batch in flight. Under several ranks, every rank appends to its own part and the
+rank that finds the job list complete (the last one to finish) writes the sorted union `manifest.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+from ..artifacts import (append_jsonl, atomic_save_image, atomic_write_json, atomic_write_text, package_versions,
+                         read_json, read_jsonl, sha256_bytes, sha256_file)
+from ..errors import InvdiffError
+
+MANIFEST = "manifest.jsonl"
+RUN_FILE = "run.json"
+GRID = "grid.png"
+_PART_RE = re.compile(r"^manifest\.rank(\d+)-of-(\d+)\.jsonl$")
+
+
+@dataclass(frozen=True, order=True)
+class Job:
+    """One image to generate: sorting jobs sorts by (prompt, index)."""
+
+    prompt: str
+    index: int
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.prompt, self.index)
+
+    @property
+    def file(self) -> str:
+        """Path relative to the output folder."""
+        return f"{prompt_slug(self.prompt)}/{self.index:05d}.png"
+
+
+@dataclass
+class GenerationResult:
+    out_dir: Path
+    written: int
+    skipped: int
+    seconds: float
+    backend: str
+    rank: int = 0
+    world_size: int = 1
+    manifest: Path | None = None  # the merged manifest, when this process wrote it
+    grids: list[Path] = field(default_factory=list)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.written / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        where = f" (rank {self.rank} of {self.world_size})" if self.world_size > 1 else ""
+        return (f"{self.written} images written, {self.skipped} skipped, {self.seconds:.1f} s, "
+                f"{self.images_per_s:.2f} images/s, backend {self.backend}{where} -> {self.out_dir}")
+
+
+# ---------------------------------------------------------------- planning
+
+def read_prompts(path: str | Path) -> list[str]:
+    """One prompt per line; blank lines and `#` comments are ignored."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvdiffError(f"--prompts {path}: file not found; pass a text file with one prompt per line")
+    prompts = [line.strip() for line in path.read_text().splitlines()]
+    prompts = [p for p in prompts if p and not p.startswith("#")]
+    if not prompts:
+        raise InvdiffError(f"--prompts {path}: no prompts (only blank or # lines); add one prompt per line")
+    return prompts
+
+
+def prompt_slug(prompt: str) -> str:
+    """A readable, collision-free folder name: up to 48 slug characters plus 8 hex digits of the prompt's hash."""
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:48].strip("-") or "prompt"
+    return f"{slug}-{sha256_bytes(prompt.encode())[:8]}"
+
+
+def plan_jobs(prompts: Iterable[str], num: int) -> list[Job]:
+    """All (prompt, index) pairs for `num` images per distinct prompt, sorted."""
+    prompts = sorted(set(prompts))
+    if num < 1:
+        raise InvdiffError(f"--num {num}: must be at least 1")
+    if not prompts:
+        raise InvdiffError("--prompt: no prompts given; pass --prompt TEXT or --prompts FILE")
+    return [Job(p, i) for p in prompts for i in range(num)]
+
+
+def shard(jobs: Sequence[Job], rank: int, world_size: int) -> list[Job]:
+    """Rank r's disjoint, deterministic share: round-robin over the sorted job list."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise InvdiffError(f"RANK={rank} WORLD_SIZE={world_size}: need 0 <= RANK < WORLD_SIZE")
+    return sorted(jobs)[rank::world_size]
+
+
+def dist_env(env: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """(rank, world_size) from `torchrun` / `accelerate launch` variables; (0, 1) for a plain process."""
+    env = os.environ if env is None else env
+    for rank_var, world_var in (("RANK", "WORLD_SIZE"), ("LOCAL_RANK", "LOCAL_WORLD_SIZE")):
+        if rank_var in env or world_var in env:
+            try:
+                rank, world = int(env.get(rank_var, "0")), int(env.get(world_var, "1"))
+            except ValueError:
+                raise InvdiffError(f"{rank_var}/{world_var}: not integers; unset them or launch with torchrun") from None
+            shard([], rank, world)  # validates
+            return rank, world
+    return 0, 1
+
+
+def part_name(rank: int, world_size: int) -> str:
+    """The manifest file this process appends to (`manifest.jsonl` for a single process)."""
+    return MANIFEST if world_size == 1 else f"manifest.rank{rank}-of-{world_size}.jsonl"
+
+
+# ---------------------------------------------------------------- settings (run.json)
+
+def make_settings(*, seed: int, steps: int, guidance_scale: float, adapter_weight: float, scheduler: str,
+                  backend: str, fingerprints: Mapping[str, str | None] | None = None, **extra) -> dict:
+    """Everything that changes an image's pixels, JSON-normalised (so it compares equal to what run.json holds)."""
+    settings = {"seed": int(seed), "steps": int(steps), "guidance_scale": float(guidance_scale),
+                "adapter_weight": float(adapter_weight), "scheduler": scheduler, "backend": backend,
+                **dict(fingerprints or {}), **extra}
+    return json.loads(json.dumps(settings, sort_keys=True, default=str))
+
+
+def check_run_file(out_dir: Path, settings: dict, overwrite: bool = False) -> bool:
+    """Write DIR/run.json on first use; refuse different settings unless `overwrite`. True if settings changed."""
+    path = out_dir / RUN_FILE
+    existed = path.exists()
+    if existed:
+        old = read_json(path, "run settings").get("settings", {})
+        if old == settings:
+            return False
+        if not overwrite:
+            raise InvdiffError(f"{path}: {out_dir} was generated with other settings ({_diff(old, settings)}); "
+                               f"use a new --out or pass --overwrite")
+    atomic_write_json(path, {"settings": settings, "versions": package_versions()})
+    return existed
+
+
+def _diff(old: dict, new: dict) -> str:
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return ", ".join(f"{k} {_short(old.get(k))} -> {_short(new.get(k))}" for k in keys)
+
+
+def _short(value) -> str:
+    text = str(value)
+    return text[:12] if isinstance(value, str) and len(text) == 64 else text
+
+
+def read_settings(out_dir: Path) -> dict:
+    return read_json(out_dir / RUN_FILE, "run settings (write it by running `invdiff generate` first)")["settings"]
+
+
+# ---------------------------------------------------------------- manifests
+
+def manifest_files(out_dir: Path) -> list[Path]:
+    """manifest.jsonl and every rank part in DIR."""
+    parts = sorted(p for p in out_dir.glob("manifest.rank*-of-*.jsonl") if _PART_RE.match(p.name))
+    return [out_dir / MANIFEST, *parts]
+
+
+def load_records(out_dir: Path, settings: dict) -> dict[tuple[str, int], dict]:
+    """Latest record per (prompt, index) over all manifest files, only those made with `settings`."""
+    records = {}
+    for path in manifest_files(out_dir):
+        for rec in read_jsonl(path):
+            if rec.get("settings") == settings:
+                records[(rec["prompt"], rec["index"])] = rec
+    return records
+
+
+def pending(jobs: Sequence[Job], out_dir: Path, settings: dict,
+            records: Mapping[tuple[str, int], dict] | None = None) -> list[Job]:
+    """Jobs without a finished image: no manifest line, or the PNG is missing or its sha256 differs."""
+    records = load_records(out_dir, settings) if records is None else records
+    return [job for job in jobs if not _finished(out_dir, records.get(job.key))]
+
+
+def _finished(out_dir: Path, rec: dict | None) -> bool:
+    if rec is None:
+        return False
+    path = out_dir / rec["file"]
+    return path.is_file() and sha256_file(path) == rec["sha256"]
+
+
+def merge_manifests(out_dir: Path, settings: dict | None = None) -> Path:
+    """Write the sorted union of all manifest files (current settings only) to DIR/manifest.jsonl."""
+    out_dir = Path(out_dir)
+    settings = read_settings(out_dir) if settings is None else settings
+    records = load_records(out_dir, settings)
+    lines = [json.dumps(records[k], sort_keys=True, default=str) + "\n" for k in sorted(records)]
+    return atomic_write_text(out_dir / MANIFEST, "".join(lines))
+
+
+def repair_torn_tail(path: Path) -> None:
+    """Cut a torn last line (left by a killed writer) so that new lines start on a fresh line."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+def remove_stale_tmp(out_dir: Path, files: Iterable[str]) -> int:
+    """Delete temporaries (`.<name>.*.tmp`) that a killed atomic write left next to the given files."""
+    removed = 0
+    for rel in files:
+        path = out_dir / rel
+        for tmp in path.parent.glob(f".{path.name}.*.tmp") if path.parent.is_dir() else ():
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+# ---------------------------------------------------------------- grids
+
+def write_grids(out_dir: Path, records: Mapping[tuple[str, int], dict]) -> list[Path]:
+    """One `<slug>/grid.png` per prompt from all its finished images (ceil(sqrt(n)) columns, black padding)."""
+    from PIL import Image
+
+    by_prompt: dict[str, list[dict]] = {}
+    for key in sorted(records):
+        by_prompt.setdefault(key[0], []).append(records[key])
+    grids = []
+    for prompt, recs in by_prompt.items():
+        images = [Image.open(out_dir / r["file"]).convert("RGB") for r in recs]
+        path = out_dir / prompt_slug(prompt) / GRID
+        grids.append(atomic_save_image(image_grid(images), path))
+    return grids
+
+
+def image_grid(images: list) -> "Image.Image":
+    """Tile equally sized PIL images row by row into ceil(sqrt(n)) columns."""
+    from diffusers.utils import make_image_grid
+    from PIL import Image
+
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    pad = [Image.new("RGB", images[0].size) for _ in range(rows * cols - len(images))]
+    return make_image_grid(list(images) + pad, rows=rows, cols=cols)
+
+
+# ---------------------------------------------------------------- the run
+
+def run_generation(runtime, prompts: Sequence[str], out_dir: str | Path, *, num: int, seed: int = 0,
+                   steps: int = 25, guidance_scale: float = 7.5, adapter_weight: float = 1.0,
+                   scheduler: str = "ddim", batch_size: int = 8, backend: str | None = None,
+                   fingerprints: Mapping[str, str | None] | None = None, overwrite: bool = False,
+                   grid: bool = True, rank: int | None = None, world_size: int | None = None,
+                   progress: bool = True) -> GenerationResult:
+    """Generate this rank's share of `num` images per prompt into `out_dir`, skipping finished ones.
+
+    `runtime`: anything `sampling.sample_images` accepts (a Runtime or a loaded model). `fingerprints`: hashes of
+    what the images come from (model, adapter, export), stored in run.json and every manifest line.
+    """
+    if batch_size < 1:
+        raise InvdiffError(f"--batch-size {batch_size}: must be at least 1")
+    out_dir = Path(out_dir)
+    env_rank, env_world = dist_env()
+    rank, world_size = env_rank if rank is None else rank, env_world if world_size is None else world_size
+    backend = backend or getattr(runtime, "name", None) or "torch"
+    settings = make_settings(seed=seed, steps=steps, guidance_scale=guidance_scale, adapter_weight=adapter_weight,
+                             scheduler=scheduler, backend=backend, fingerprints=fingerprints)
+    jobs = plan_jobs(prompts, num)
+    mine = shard(jobs, rank, world_size)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    changed = check_run_file(out_dir, settings, overwrite)
+    part = out_dir / part_name(rank, world_size)
+    _prepare_part(part, changed)
+    remove_stale_tmp(out_dir, _owned_files(jobs, mine, world_size))
+    todo = pending(mine, out_dir, settings)
+    start = time.perf_counter()
+    _generate(runtime, todo, out_dir, part, settings, batch_size, progress, f"rank {rank}/{world_size}")
+    seconds = time.perf_counter() - start
+    result = GenerationResult(out_dir, len(todo), len(mine) - len(todo), seconds, backend, rank, world_size)
+    _finish(result, jobs, settings, grid)
+    return result
+
+
+def _owned_files(jobs: Sequence[Job], mine: Sequence[Job], world_size: int) -> list[str]:
+    """Files only this process writes (so it may clear their stale temporaries): its PNGs; alone, also the rest."""
+    if world_size > 1:
+        return [job.file for job in mine]
+    grids = {f"{prompt_slug(job.prompt)}/{GRID}" for job in jobs}
+    return [job.file for job in jobs] + sorted(grids) + [MANIFEST, RUN_FILE]
+
+
+def _prepare_part(part: Path, settings_changed: bool) -> None:
+    """Start a fresh part after --overwrite changed the settings; otherwise cut a torn last line."""
+    if settings_changed and part.exists() and part.name != MANIFEST:
+        part.unlink()
+    repair_torn_tail(part)
+
+
+def _finish(result: GenerationResult, jobs: Sequence[Job], settings: dict, grid: bool) -> None:
+    """If every planned job is finished (over all ranks), write the merged manifest and the grids."""
+    records = load_records(result.out_dir, settings)
+    if any(job.key not in records for job in jobs):
+        return  # other ranks still running: the last one to finish merges
+    result.manifest = merge_manifests(result.out_dir, settings)
+    if grid:
+        prompts = {job.prompt for job in jobs}
+        result.grids = write_grids(result.out_dir, {k: r for k, r in records.items() if k[0] in prompts})
+
+
+def _generate(runtime, todo: list[Job], out_dir: Path, part: Path, settings: dict, batch_size: int,
+              progress: bool, label: str) -> None:
+    from .sampling import sample_images
+
+    with _progress_bar(progress) as bar:
+        task = bar.add_task(f"generate {label}", total=len(todo))
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start:start + batch_size]
+            images = sample_images(runtime, [j.prompt for j in batch], [j.index for j in batch],
+                                   seed=settings["seed"], steps=settings["steps"],
+                                   guidance_scale=settings["guidance_scale"],
+                                   adapter_weight=settings["adapter_weight"], scheduler=settings["scheduler"],
+                                   batch_size=len(batch))
+            for job, image in zip(batch, images):
+                _save(job, image, out_dir, part, settings)
+            bar.advance(task, len(batch))
+
+
+def _save(job: Job, image, out_dir: Path, part: Path, settings: dict) -> None:
+    """PNG first (atomic), then one complete manifest line: a kill in between only costs a regeneration."""
+    from PIL import Image
+
+    path = atomic_save_image(Image.fromarray(image), out_dir / job.file)
+    append_jsonl(part, {"prompt": job.prompt, "seed": settings["seed"], "index": job.index, "file": job.file,
+                        "sha256": sha256_file(path), "backend": settings["backend"], "settings": settings})
+
+
+def _progress_bar(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, \
+        TimeElapsedColumn
+    from rich.text import Text
+
+    class RateColumn(ProgressColumn):
+        def render(self, task) -> Text:
+            return Text(f"{task.speed or 0.0:.2f} images/s")
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
+                    TimeElapsedColumn(), disable=not enabled)
+
+
+# ---------------------------------------------------------------- from paths (CLI, demo)
+
+def generate(prompts: Sequence[str], out_dir: str | Path, *, model: str | Path | None = None,
+             adapter: str | Path | None = None, export: str | Path | None = None, backend: str = "auto",
+             precision: str = "fp32", threads: int | None = None, **kwargs) -> GenerationResult:
+    """Load the runtime for a model (+ adapter) or an export folder, then `run_generation` (same keyword args)."""
+    runtime, name, fingerprints = load_generation_runtime(model=model, adapter=adapter, export=export,
+                                                          backend=backend, precision=precision, threads=threads)
+    return run_generation(runtime, prompts, out_dir, backend=name, fingerprints=fingerprints, **kwargs)
+
+
+def load_generation_runtime(*, model=None, adapter=None, export=None, backend: str = "auto",
+                            precision: str = "fp32", threads: int | None = None):
+    """-> (runtime, backend name, fingerprints of the sources) on this rank's device."""
+    if (model is None) == (export is None):
+        raise InvdiffError("--model/--export: pass exactly one (a model folder, or an export folder)")
+    if adapter is not None and export is not None:
+        raise InvdiffError("--adapter: an export folder already contains its adapter; drop --adapter")
+    fingerprints = {"model": None, "adapter": None, "export": None, "precision": precision}
+    model_obj = adapter_obj = None
+    if model is not None:
+        from ..models.loader import load_model
+
+        model_obj = load_model(model, device=_rank_device())
+        fingerprints["model"] = model_obj.fingerprint
+        if adapter is not None:
+            from ..method.adapter import adapter_fingerprint, load_adapter
+
+            adapter_obj = load_adapter(adapter, model_obj).to(model_obj.device)
+            fingerprints["adapter"] = adapter_fingerprint(adapter)
+    else:
+        fingerprints["export"] = _dir_fingerprint(Path(export), "--export")
+    runtime = _load_runtime(backend, model_obj, adapter_obj, export, precision, threads)
+    return runtime, runtime.name, fingerprints
+
+
+def _load_runtime(backend: str, model, adapter, export, precision: str, threads: int | None):
+    try:
+        from .backends import load_runtime, resolve_backend
+    except ImportError:  # backend registry not available: plain torch only
+        if backend not in ("auto", "torch") or model is None:
+            raise InvdiffError(f"--backend {backend}: only the torch backend is available here; "
+                               "use --model with --backend torch") from None
+        import torch
+
+        from .backends.torch_backend import TorchRuntime
+
+        if threads:
+            torch.set_num_threads(threads)
+        return TorchRuntime(model, adapter)
+    return load_runtime(resolve_backend(backend), model=model, adapter=adapter, export_dir=export,
+                        precision=precision, threads=threads)
+
+
+def _dir_fingerprint(path: Path, flag: str) -> str:
+    from ..artifacts import fingerprint_dir
+
+    if not path.is_dir():
+        raise InvdiffError(f"{flag} {path}: folder not found")
+    return fingerprint_dir(path, suffixes=(".onnx", ".data", ".safetensors"))
+
+
+def _rank_device() -> str:
+    """cuda:LOCAL_RANK when CUDA is present (one GPU per rank), else cpu."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    local = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+    torch.cuda.set_device(local)
+    return f"cuda:{local}"

@@ -1,0 +1,218 @@
+"""`invdiff generate`: determinism across batch sizes, resume, kill -9 safety, rank sharding, settings guard, grids."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from invdiff_rt.artifacts import read_jsonl
+from invdiff_rt.errors import InvdiffError
+from invdiff_rt.runtime import generate as gen
+
+PROMPTS = ["a red digit", "a blue digit"]
+FAST = dict(seed=3, steps=2, guidance_scale=2.0, adapter_weight=0.0, scheduler="ddim", progress=False)
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The CI box is shared: one torch thread is faster than two oversubscribed ones."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    from invdiff_rt.models.tiny import save_random_model
+
+    return save_random_model(tmp_path_factory.mktemp("tiny") / "model", PROMPTS, seed=0)
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dir):
+    """(runtime, backend name, fingerprints) for the tiny model on the torch backend."""
+    return gen.load_generation_runtime(model=model_dir, backend="torch")
+
+
+def _run(loaded, out, **kw):
+    runtime, name, fingerprints = loaded
+    args = {**FAST, "num": 2, "batch_size": 2, **kw}
+    return gen.run_generation(runtime, PROMPTS, out, backend=name, fingerprints=fingerprints, **args)
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _cli(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "invdiff_rt.cli", "generate", *args], cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **kw)
+
+
+def _cli_args(model_dir, out, num, batch_size=2) -> list[str]:
+    return ["--model", str(model_dir), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--num", str(num),
+            "--batch-size", str(batch_size), "--seed", "3", "--steps", "2", "--guidance-scale", "2.0",
+            "--adapter-weight", "0.0", "--backend", "torch", "--out", str(out)]
+
+
+# ---------------------------------------------------------------- planning (no model)
+
+def test_read_prompts_skips_blank_and_comments(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text("# header\na cat\n\n  a dog  \n# a bird\n")
+    assert gen.read_prompts(path) == ["a cat", "a dog"]
+
+
+@pytest.mark.parametrize("content", [None, "", "# only a comment\n\n"])
+def test_read_prompts_missing_or_empty_names_file(tmp_path, content):
+    path = tmp_path / "p.txt"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(InvdiffError) as e:
+        gen.read_prompts(path)
+    assert str(path) in str(e.value) and "--prompts" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_plan_and_shard_are_disjoint_and_cover():
+    jobs = gen.plan_jobs(["b", "a", "b"], 3)
+    assert [j.key for j in jobs] == [("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 1), ("b", 2)]
+    shards = [gen.shard(jobs, r, 4) for r in range(4)]
+    assert [len(s) for s in shards] == [2, 2, 1, 1]
+    assert sorted(j for s in shards for j in s) == jobs
+    assert gen.shard(list(reversed(jobs)), 1, 4) == shards[1]
+
+
+def test_dist_env_and_slugs():
+    assert gen.dist_env({}) == (0, 1)
+    assert gen.dist_env({"RANK": "1", "WORLD_SIZE": "2"}) == (1, 2)
+    assert gen.dist_env({"LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "3"}) == (2, 3)
+    with pytest.raises(InvdiffError, match="RANK=2 WORLD_SIZE=2"):
+        gen.dist_env({"RANK": "2", "WORLD_SIZE": "2"})
+    assert gen.prompt_slug("A cat!").startswith("a-cat-") and gen.prompt_slug("a cat") != gen.prompt_slug("A cat!")
+    assert gen.Job("a cat", 7).file == f"{gen.prompt_slug('a cat')}/00007.png"
+
+
+# ---------------------------------------------------------------- tiny model
+
+def test_batch_size_does_not_change_images(loaded, tmp_path):
+    a, b = _run(loaded, tmp_path / "bs1", batch_size=1), _run(loaded, tmp_path / "bs3", batch_size=3)
+    assert (a.written, b.written) == (4, 4)
+    files_a, files_b = _files(tmp_path / "bs1"), _files(tmp_path / "bs3")
+    assert files_a == files_b
+    assert len([f for f in files_a if f.endswith(".png") and "grid" not in f]) == 4
+    manifest = read_jsonl(tmp_path / "bs1" / gen.MANIFEST)
+    assert [(r["prompt"], r["index"]) for r in manifest] == [(p, i) for p in sorted(PROMPTS) for i in range(2)]
+    assert {r["backend"] for r in manifest} == {"torch"} and {r["seed"] for r in manifest} == {3}
+    pixels = [Image.open(tmp_path / "bs1" / r["file"]) for r in manifest]
+    assert len({im.tobytes() for im in pixels}) == 4  # every (prompt, index) is a different image
+
+
+def test_resume_skips_finished_and_redoes_broken(loaded, tmp_path, monkeypatch):
+    from invdiff_rt.runtime import sampling
+
+    out = tmp_path / "out"
+    first = _run(loaded, out, num=2)
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("0000*.png")}
+    real, calls = sampling.sample_images, []
+    monkeypatch.setattr(sampling, "sample_images", lambda rt, p, i, **kw: calls.append(list(zip(p, i))) or
+                        real(rt, p, i, **kw))
+    again = _run(loaded, out, num=2)
+    assert (first.written, again.written, again.skipped, calls) == (4, 0, 4, [])
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("0000*.png")} == mtimes
+    broken, deleted = out / gen.Job(PROMPTS[0], 1).file, out / gen.Job(PROMPTS[1], 0).file
+    originals = {broken: broken.read_bytes(), deleted: deleted.read_bytes()}
+    broken.write_bytes(b"not a png")
+    deleted.unlink()
+    more = _run(loaded, out, num=3)  # grow to 3 per prompt: 2 new + 2 redone
+    assert (more.written, more.skipped) == (4, 2)
+    assert sorted(k for c in calls for k in c) == sorted([(PROMPTS[0], 1), (PROMPTS[1], 0),
+                                                          (PROMPTS[0], 2), (PROMPTS[1], 2)])
+    assert {p: p.read_bytes() for p in originals} == originals
+    assert len(read_jsonl(out / gen.MANIFEST)) == 6
+
+
+def test_changed_settings_refused_unless_overwrite(loaded, tmp_path):
+    out = tmp_path / "out"
+    _run(loaded, out, num=1)
+    with pytest.raises(InvdiffError) as e:
+        _run(loaded, out, num=1, steps=3)
+    msg = str(e.value)
+    assert "\n" not in msg and str(out / gen.RUN_FILE) in msg and "steps 2 -> 3" in msg and "--overwrite" in msg
+    with pytest.raises(InvdiffError, match="seed 3 -> 4"):
+        _run(loaded, out, num=1, seed=4)
+    redone = _run(loaded, out, num=1, steps=3, overwrite=True)
+    assert redone.written == 2
+    assert {r["settings"]["steps"] for r in read_jsonl(out / gen.MANIFEST)} == {3}
+
+
+def test_grid_per_prompt_has_expected_size(loaded, tmp_path):
+    result = _run(loaded, tmp_path / "out", num=3)
+    width, height = Image.open(tmp_path / "out" / gen.Job(PROMPTS[0], 0).file).size
+    assert sorted(result.grids) == sorted(tmp_path / "out" / gen.prompt_slug(p) / gen.GRID for p in PROMPTS)
+    for path in result.grids:
+        assert Image.open(path).size == (2 * width, 2 * height)  # 3 images -> 2x2 cells, one black
+    assert not _run(loaded, tmp_path / "nogrid", num=1, grid=False).grids
+    assert not list((tmp_path / "nogrid").rglob(gen.GRID))
+
+
+def test_cli_bad_prompts_file_is_one_line_error(tmp_path, monkeypatch, capsys):
+    from invdiff_rt import cli
+
+    missing = tmp_path / "missing.txt"
+    monkeypatch.setattr(sys, "argv", ["invdiff", "generate", "--model", "x", "--prompts", str(missing),
+                                      "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and str(missing) in err
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- processes
+
+@pytest.mark.slow
+def test_kill_9_then_rerun_equals_uninterrupted(model_dir, loaded, tmp_path):
+    out, num = tmp_path / "killed", 10
+    proc = _cli(*_cli_args(model_dir, out, num, batch_size=1))
+    manifest, deadline = out / gen.MANIFEST, time.time() + 120
+    while not (manifest.exists() and manifest.read_text().count("\n") >= 1) and time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    done = len(read_jsonl(manifest))
+    assert 1 <= done < 2 * num
+    rerun = _cli(*_cli_args(model_dir, out, num, batch_size=3))
+    stdout, stderr = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, stderr
+    assert f"{2 * num - done} images written, {done} skipped" in stdout
+    reference = _run(loaded, tmp_path / "reference", num=num, batch_size=8)
+    assert _files(out) == _files(reference.out_dir)
+
+
+@pytest.mark.slow
+def test_two_ranks_are_disjoint_and_union_equals_single_process(model_dir, loaded, tmp_path):
+    out, num = tmp_path / "ranks", 3
+    procs = [_cli(*_cli_args(model_dir, out, num), env={"RANK": str(r), "WORLD_SIZE": "2"}) for r in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    parts = [read_jsonl(out / f"manifest.rank{r}-of-2.jsonl") for r in range(2)]
+    keys = [{(rec["prompt"], rec["index"]) for rec in part} for part in parts]
+    assert len(keys[0]) == len(keys[1]) == 3 and not keys[0] & keys[1]
+    single = _run(loaded, tmp_path / "single", num=num)
+    assert (out / gen.MANIFEST).read_bytes() == (single.out_dir / gen.MANIFEST).read_bytes()
+    ranked = {k: v for k, v in _files(out).items() if not k.startswith("manifest.rank")}
+    assert ranked == _files(single.out_dir)

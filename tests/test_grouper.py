@@ -1,0 +1,83 @@
+import torch
+
+from invdiff_rt.method import grouper
+
+
+def _planted(n=2000, prompts=4, frac=0.05, seed=0):
+    """Log-normal losses, each prompt on its own scale; a 5 % minority per prompt has loss x e^1.5."""
+    g = torch.Generator().manual_seed(seed)
+    prompt_ids = torch.arange(n) % prompts
+    minority = torch.rand(n, generator=g) < frac
+    log_loss = 0.25 * torch.randn(n, generator=g) + prompt_ids.float() * 0.7 + 1.5 * minority.float()
+    return log_loss.exp(), prompt_ids, minority
+
+
+def test_project_rows_hand_values():
+    w = torch.tensor([[1.0, -1.0, 3.0], [0.0, 0.0, -2.0]])
+    out = grouper.project_rows(w)
+    assert torch.allclose(out, torch.tensor([[0.25, 0.0, 0.75], [1 / 3, 1 / 3, 1 / 3]]))
+
+
+def test_paper_grouper_simplex_and_deterministic():
+    losses, _, _ = _planted(n=300)
+    w1 = grouper.paper_soft_grouper(losses, groups=4, seed=3, iters=50)
+    w2 = grouper.paper_soft_grouper(losses, groups=4, seed=3, iters=50)
+    assert w1.shape == (300, 4)
+    assert (w1 >= 0).all() and torch.allclose(w1.sum(1), torch.ones(300), atol=1e-6)
+    assert torch.equal(w1, w2)
+    assert not torch.equal(w1, grouper.paper_soft_grouper(losses, groups=4, seed=4, iters=50))
+    # it increases the dispersion of group means over the random init
+    init = grouper.project_rows(torch.rand(300, 4, generator=torch.Generator().manual_seed(3)))
+    std = lambda w: grouper.soft_group_means(losses, w).std()  # noqa: E731
+    assert std(w1) > 2 * std(init)
+
+
+def test_robust_z_hand_values():
+    scores = torch.tensor([1.0, 2.0, 4.0, 8.0, 20.0]).exp()  # log = 1, 2, 4, 8, 20
+    z = grouper.robust_prompt_z(scores, torch.zeros(5, dtype=torch.long))
+    # median 4, |x-4| = 3,2,0,4,16 -> MAD 3
+    expected = (torch.tensor([1.0, 2, 4, 8, 20]) - 4) / (3 * grouper.MAD_TO_SD)
+    assert torch.allclose(z, expected)
+
+
+def test_jtt_weights_half_of_each_prompt():
+    prompt_ids = torch.tensor([0, 0, 0, 0, 1, 1, 1])
+    minority = torch.tensor([True, False, False, False, False, False, False])
+    s = grouper.jtt_sampling_weights(minority, prompt_ids)
+    assert torch.allclose(s, torch.tensor([2.0, 2 / 3, 2 / 3, 2 / 3, 1, 1, 1]))
+
+
+def test_effective_weights_hand_values():
+    w = torch.tensor([[1.0, 0], [1, 0], [1, 0], [0, 1]])
+    eff = grouper.effective_weights(w, torch.ones(4))
+    assert torch.allclose(eff, torch.tensor([1 / 6, 1 / 6, 1 / 6, 0.5]))
+    assert torch.allclose(grouper.effective_weights(torch.ones(4, 1), torch.tensor([1.0, 1, 1, 3])),
+                          torch.tensor([1 / 6, 1 / 6, 1 / 6, 0.5]))
+
+
+def test_default_recipe_isolates_planted_minority():
+    losses, prompt_ids, minority = _planted()
+    g = grouper.group_robust(losses, prompt_ids)
+    d = grouper.group_diagnostics(g.score, g.inferred, g.weights, g.sampling, minority)
+    assert d["auroc"] > 0.95
+    assert d["precision"] > 0.9 and d["recall"] > 0.5
+    assert d["minority_effective_weight"] >= 0.35
+    # the paper grouper runs on the same profile; it is only required to produce valid groups
+    p = grouper.group_paper(losses, groups=4, seed=0, iters=100)
+    dp = grouper.group_diagnostics(p.score, p.inferred, p.weights, p.sampling, minority)
+    assert 0 <= dp["minority_effective_weight"] <= 1
+    assert torch.allclose(p.weights.sum(1), torch.ones(len(losses)), atol=1e-5)
+
+
+def test_prompt_minority_from_column():
+    prompt_ids = torch.tensor([0, 0, 0, 1, 1, 1])
+    flags = grouper.prompt_minority(["red", "red", "green", "green", "green", "red"], prompt_ids)
+    assert flags.tolist() == [False, False, True, False, False, True]
+
+
+def test_auroc_hand_values_with_ties():
+    score = torch.tensor([0.1, 0.4, 0.4, 0.8])
+    pos = torch.tensor([False, True, False, True])
+    # pairs (pos, neg): (0.4,0.1)=1, (0.4,0.4)=0.5, (0.8,0.1)=1, (0.8,0.4)=1 -> 3.5 / 4
+    assert grouper.auroc(score, pos) == 0.875
+    assert grouper.auroc(score, torch.zeros(4, dtype=torch.bool)) != grouper.auroc(score, torch.zeros(4, dtype=torch.bool))
