@@ -340,7 +340,9 @@ def run(args) -> dict:
               "adapter_fraction": models["params"]["adapter"] / models["params"]["unet"],
               "config": {"tiny": args.tiny, "batches": args.batches, "warmup": args.warmup, "repeats": args.repeats,
                          "half_dtype": str(models["dtype16"]).replace("torch.", ""), "guidance_scale": GUIDANCE,
-                         "adapter_weight": ADAPTER_WEIGHT, "cfg": True},
+                         "adapter_weight": ADAPTER_WEIGHT, "cfg": True,
+                         "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32,
+                                  "cudnn": torch.backends.cudnn.allow_tf32}},
               "results": []}
     for batch in args.batches:  # results are saved after every batch: a run stopped by the time cap keeps them
         result["results"] += run_batch(models, batch, args)

@@ -85,3 +85,66 @@ def test_onnx_export_dynamic_batch(tmp_path):
     with torch.no_grad():
         want = adapter(x3, t3, ehs3, eps3).numpy()
     assert abs(got - want).max() < 1e-4
+
+
+def _tiny_inputs(n=12, seed=0):
+    from invdiff_rt.method.cache import BaseInputs
+
+    g = torch.Generator().manual_seed(seed)
+    return BaseInputs(torch.randn(n, 4, 8, 8, generator=g), torch.arange(n) % 2, ["a", "b"],
+                      torch.randn(2, 16, 16, generator=g), torch.zeros(1, 16, 16), "d" * 64, "b" * 64)
+
+
+def test_gradient_only_into_adapter(unet):
+    from diffusers import DDPMScheduler
+
+    from invdiff_rt.method.grouper import group_erm
+    from invdiff_rt.method.train import TrainConfig, _step_loss, assert_only_adapter_trains, draw_batch
+
+    unet.requires_grad_(False)
+    adapter = GuidanceAdapter(config_for_unet(unet))
+    batch = draw_batch(_tiny_inputs(), group_erm(12), DDPMScheduler(), TrainConfig(batch_size=4), rank=0, step=0)
+    terms = _step_loss(unet, adapter, batch, lam=1.0, scale_aware=True, device="cpu")
+    terms.loss.backward()
+    assert_only_adapter_trains(unet, adapter)
+    assert all(p.grad is None for p in unet.parameters())
+    unet.conv_out.weight.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="base parameters would train"):
+        assert_only_adapter_trains(unet, adapter)
+    unet.requires_grad_(False)
+
+
+def test_batches_keep_index_and_group_rows_together_per_rank():
+    from diffusers import DDPMScheduler
+
+    from invdiff_rt.method.grouper import Grouping
+    from invdiff_rt.method.train import TrainConfig, draw_batch
+
+    n = 12
+    rows = torch.stack([torch.arange(n).float(), -torch.arange(n).float()], dim=1)  # row i encodes i
+    grouping = Grouping(rows, torch.zeros(n), torch.linspace(1, 3, n), torch.zeros(n, dtype=torch.bool))
+    cfg, sched = TrainConfig(batch_size=16, seed=3), DDPMScheduler()
+    b0 = draw_batch(_tiny_inputs(), grouping, sched, cfg, rank=0, step=5)
+    b1 = draw_batch(_tiny_inputs(), grouping, sched, cfg, rank=1, step=5)
+    for b in (b0, b1):
+        assert torch.equal(b.group_weights[:, 0], b.index.float())
+    assert not torch.equal(b0.index, b1.index)
+    again = draw_batch(_tiny_inputs(), grouping, sched, cfg, rank=0, step=5)  # resumable: same (seed, rank, step)
+    assert torch.equal(again.index, b0.index) and torch.equal(again.sample, b0.sample)
+
+
+def test_weight_zero_reproduces_base_through_fused_denoiser(unet):
+    from invdiff_rt.runtime.fused import FusedDenoiser
+
+    torch.manual_seed(4)
+    adapter = GuidanceAdapter(config_for_unet(unet)).eval()
+    torch.nn.init.normal_(adapter.conv_out.weight)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([100.0, 700.0])
+    text = torch.randn(4, 16, 16)
+    s = torch.tensor(2.0)
+    with torch.no_grad():
+        base = FusedDenoiser(unet, None)(x, t, text, s, torch.tensor(0.0))
+        w0 = FusedDenoiser(unet, adapter)(x, t, text, s, torch.tensor(0.0))
+        w1 = FusedDenoiser(unet, adapter)(x, t, text, s, torch.tensor(1.0))
+    assert torch.equal(base, w0)
+    assert not torch.allclose(base, w1)

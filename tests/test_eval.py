@@ -41,7 +41,7 @@ def _write_split(root: Path, split: str, n: int, bias: float, rng: np.random.Gen
     (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
 
 
-def make_bars_dataset(root: Path, n_train: int = 240, n_test: int = 80, seed: int = 0) -> Path:
+def make_bars_dataset(root: Path, n_train: int = 160, n_test: int = 80, seed: int = 0) -> Path:
     """Horizontal/vertical bars, colour correlated 85 % with the prompt in train, balanced in test."""
     rng = np.random.default_rng(seed)
     _write_split(root, "train", n_train, 0.85, rng)
@@ -70,7 +70,7 @@ def trained(bars, tmp_path_factory) -> tuple[Path, dict]:
     """Trained through the CLI: `invdiff classifier train`."""
     out = tmp_path_factory.mktemp("cls") / "cls"
     result = CliRunner().invoke(app, ["classifier", "train", "--data", str(bars), "--attribute", "color",
-                                      "--out", str(out), "--epochs", "10", "--seed", "0"])
+                                      "--out", str(out), "--epochs", "6", "--seed", "0"])
     assert result.exit_code == 0, result.output
     assert "balanced accuracy" in result.output
     return out, {k: json.loads((out / k / "classifier.json").read_text()) for k in ("attribute", "class")}

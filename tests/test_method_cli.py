@@ -43,8 +43,15 @@ def setup(tmp_path_factory):
     from invdiff_rt.models.tiny import save_random_model
 
     tmp = tmp_path_factory.mktemp("method")
+    before_env, before_threads = os.environ.get("INVDIFF_CACHE_DIR"), torch.get_num_threads()
     os.environ["INVDIFF_CACHE_DIR"] = str(tmp / "cache")
-    return save_random_model(tmp / "model", PROMPTS, seed=0), _write_dataset(tmp / "data"), tmp
+    torch.set_num_threads(1)  # tiny tensors on a shared 2-core machine: 1 thread is ~20x faster than 2
+    yield save_random_model(tmp / "model", PROMPTS, seed=0), _write_dataset(tmp / "data"), tmp
+    torch.set_num_threads(before_threads)
+    if before_env is None:
+        os.environ.pop("INVDIFF_CACHE_DIR", None)
+    else:
+        os.environ["INVDIFF_CACHE_DIR"] = before_env
 
 
 def _invoke(*args: str):
@@ -89,3 +96,56 @@ def test_cli_errors_are_one_line(setup):
     r = _invoke("train", "--model", str(model), "--data", str(data), "--out", str(tmp / "x"), "--recipe", "nope")
     assert "--recipe nope: unknown" in str(r.exception)
     assert not (tmp / "x").exists()
+
+
+@pytest.mark.slow
+def test_crash_leaves_no_adapter_and_resume_is_exact(setup, monkeypatch):
+    from safetensors.torch import load_file
+
+    from invdiff_rt.method import train
+    from invdiff_rt.models.loader import load_model
+
+    model_dir, data, tmp = setup
+    model = load_model(model_dir)
+    cfg = train.TrainConfig(recipe="paper", oracle_column="color", steps=4, batch_size=4, checkpoint_every=2,
+                            show_progress=False)
+    straight = train.train_adapter(model, data, None, tmp / "straight", cfg)
+    manifest = json.loads((straight / "adapter.json").read_text())
+    assert manifest["groups_source"] == "oracle:color" and manifest["variance"] == "raw"
+
+    real_step = train._train_step
+
+    def crash_at_3(accelerator, run, config, step, first):
+        if step == 3:
+            raise KeyboardInterrupt
+        return real_step(accelerator, run, config, step, first)
+
+    monkeypatch.setattr(train, "_train_step", crash_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_adapter(model, data, None, tmp / "resumed", cfg)
+    assert not (tmp / "resumed").exists() and (tmp / "resumed.ckpt" / "state.json").exists()
+    monkeypatch.setattr(train, "_train_step", real_step)
+    resumed = train.train_adapter(model, data, None, tmp / "resumed", dataclasses_replace(cfg, resume=True))
+    assert json.loads((resumed / "adapter.json").read_text())["resumed_from_step"] == 2
+    a, b = load_file(str(straight / "adapter.safetensors")), load_file(str(resumed / "adapter.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def dataclasses_replace(obj, **changes):
+    import dataclasses
+
+    return dataclasses.replace(obj, **changes)
+
+
+@pytest.mark.slow
+def test_two_process_accelerate_cpu_run(setup):
+    model, data, tmp = setup
+    out = tmp / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "INVDIFF_CACHE_DIR": str(tmp / "cache")}
+    cmd = [str(BIN / "accelerate"), "launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "invdiff_rt.cli", "train", "--model",
+           str(model), "--data", str(data), "--out", str(out), "--recipe", "erm", "--steps", "3", "--batch-size", "4"]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((out / "adapter.json").read_text())
+    assert manifest["num_processes"] == 2 and manifest["recipe"] == "erm" and manifest["lambda"] == 0.0

@@ -65,6 +65,38 @@ def test_unknown_refit_mode_is_a_one_line_error():
         _ingredients(refit_mode="all")
 
 
+# --- profiles from the export spec -----------------------------------------------------------------------------------
+
+
+def _denoiser_spec():
+    from invdiff_rt.export.spec import ExportSpec, TensorSpec
+
+    inputs = (TensorSpec("sample", ("B", 4, 8, 8)), TensorSpec("timestep", ("B",), "float32"),
+              TensorSpec("text_embeddings", ("2B", 16, 32)), TensorSpec("guidance_scale", (), "float32"),
+              TensorSpec("adapter_weight", (), "float32"))
+    return ExportSpec("denoiser", inputs, (TensorSpec("noise_pred", ("B", 4, 8, 8)),), 1, 4, 32, "fp16")
+
+
+def test_profile_comes_from_the_manifest_spec():
+    entry = json.loads(json.dumps({"file": "denoiser.onnx", "spec": _denoiser_spec().to_json()}))
+    profile = te.component_profile(entry)
+    assert profile == {
+        "sample": ((1, 4, 8, 8), (4, 4, 8, 8), (32, 4, 8, 8)),
+        "timestep": ((1,), (4,), (32,)),
+        "text_embeddings": ((2, 16, 32), (8, 16, 32), (64, 16, 32)),
+        "guidance_scale": ((), (), ()),
+        "adapter_weight": ((), (), ()),
+    }
+    assert te.component_profile({"profile": {"x": [[1, 2], [2, 2], [4, 2]]}}) == {"x": ((1, 2), (2, 2), (4, 2))}
+
+
+def test_trt_runtime_reads_latent_shape_from_the_spec():
+    from invdiff_rt.runtime.backends.tensorrt_backend import _latent_shape
+
+    manifest = {"components": {"denoiser": {"spec": _denoiser_spec().to_json()}}}
+    assert _latent_shape(json.loads(json.dumps(manifest))) == (4, 8, 8)
+
+
 # --- sidecars and stale detection ----------------------------------------------------------------------------------
 
 

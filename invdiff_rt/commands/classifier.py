@@ -15,7 +15,7 @@ def train(
     data: Path = typer.Option(..., "--data", help="Dataset folder with train/ (labelled) and balanced test/."),
     attribute: str = typer.Option(..., "--attribute", help="Attribute column to classify (e.g. color, background)."),
     out: Path = typer.Option(..., "--out", help="Classifier folder to write: OUT/attribute and OUT/class."),
-    epochs: int = typer.Option(6, "--epochs", help="Training epochs for each classifier."),
+    epochs: int = typer.Option(8, "--epochs", help="Training epochs for each classifier."),
     seed: int = typer.Option(0, "--seed", help="Seed for initialisation, shuffling and augmentation."),
     strip: str = typer.Option("max-min", "--strip",
                               help="Colour stripping for the class classifier: max-min, max (grayscale) or none."),

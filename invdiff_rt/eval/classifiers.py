@@ -30,16 +30,20 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets" / "classifiers"
 MAX_SHIFT = 2
 
 
+def _conv_block(c_in: int, c_out: int) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+
 class SmallCNN(nn.Module):
-    """Three conv blocks -> 4x4 pool -> `feature_dim` penultimate features -> logits."""
+    """Three conv-BN-ReLU blocks -> 4x4 pool -> `feature_dim` penultimate features -> logits."""
 
     def __init__(self, in_channels: int, num_classes: int, width: int = 16, feature_dim: int = 128):
         super().__init__()
         w = width
         self.body = nn.Sequential(
-            nn.Conv2d(in_channels, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4),
+            *_conv_block(in_channels, w), nn.MaxPool2d(2),
+            *_conv_block(w, 2 * w), nn.MaxPool2d(2),
+            *_conv_block(2 * w, 2 * w), nn.AdaptiveAvgPool2d(4),
             nn.Flatten(), nn.Linear(2 * w * 16, feature_dim), nn.ReLU(),
         )
         self.head = nn.Linear(feature_dim, num_classes)
@@ -268,7 +272,7 @@ def _scores(clf: Classifier, x: torch.Tensor, target: np.ndarray, confound: np.n
             "worst_cell_accuracy": worst_cell_accuracy(pred, target, confound)}
 
 
-def train_classifier_pair(data_dir: str | Path, attribute: str, out_dir: str | Path, epochs: int = 6,
+def train_classifier_pair(data_dir: str | Path, attribute: str, out_dir: str | Path, epochs: int = 8,
                           seed: int = 0, strip: str = DEFAULT_STRIP) -> dict:
     """Train the attribute and class classifiers on `train/`, score them on `test/`, write `out_dir/{attribute,class}`.
 

@@ -2,7 +2,8 @@
 
 Report keys (see `metrics` for the formulas):
   bias, bias_std            pairwise bias of predicted attribute counts, mean / std over prompts
-  bias_filtered             the same over images the class classifier assigns to their prompt (primary number)
+  bias_filtered             the same over images the class classifier assigns to their prompt (primary number;
+                            prompts with no such image are skipped; n_filtered counts the images kept)
   fd                        fairness discrepancy: mean over prompts of ||p_attr - uniform||_2
   fidelity                  share of images the class classifier assigns to their prompt
   majority_share            share of images showing their prompt's majority attribute value in the TRAIN split
@@ -155,7 +156,8 @@ def score_predictions(prompts: Sequence[str], per_prompt: int, attr_labels: Sequ
     return {
         "bias": _rounded(bias), "bias_std": _rounded(bias_std),
         "bias_filtered": _rounded(metrics.bias(counts_ok)[0]), "fd": _rounded(metrics.fairness_discrepancy(counts)),
-        "fidelity": _rounded(class_ok.mean()), "majority_share": _rounded(hits.mean()),
+        "fidelity": _rounded(class_ok.mean()), "n_filtered": int(class_ok.sum()),
+        "majority_share": _rounded(hits.mean()),
         "per_prompt": {p: _per_prompt(p, labels, counts[i], counts_ok[i], per_prompt, majorities[p],
                                       int(hits[ids == i].sum())) for i, p in enumerate(prompts)},
     }

@@ -148,22 +148,22 @@ def weights_to_initializers(model, weights: dict[str, torch.Tensor]):
 
 
 def rename_dims(model, spec: ExportSpec):
-    """Give the exported symbolic dims the spec's names ("B", "2B"); refuse a dim the exporter made static."""
-    ios = {vi.name: vi for vi in list(model.graph.input) + list(model.graph.output)}
-    mapping: dict[str, str] = {}
-    for t in spec.inputs + spec.outputs:
-        dims = ios[t.name].type.tensor_type.shape.dim
+    """Name the I/O batch dims like the spec ("B", "2B") and drop inferred inner shapes (they used the exporter's
+    symbols); refuse a dim the exporter made static (it silently specialises on some shape guards)."""
+    for vi, t in _spec_values(model, spec):
+        dims = vi.type.tensor_type.shape.dim
         for axis, symbol in t.dynamic_axes.items():
-            if not dims[axis].dim_param:
+            if dims[axis].dim_value > 0:
                 raise InvdiffError(f"{spec.component}.onnx: the exporter made {t.name} dim {axis} static "
                                    f"({dims[axis].dim_value}); report this with your torch version")
-            mapping[dims[axis].dim_param] = symbol
-    values = list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info)
-    for vi in values:
-        for dim in vi.type.tensor_type.shape.dim:
-            if dim.dim_param in mapping:
-                dim.dim_param = mapping[dim.dim_param]
+            dims[axis].dim_param = symbol
+    del model.graph.value_info[:]
     return model
+
+
+def _spec_values(model, spec: ExportSpec):
+    values = {vi.name: vi for vi in list(model.graph.input) + list(model.graph.output)}
+    return [(values[t.name], t) for t in spec.inputs + spec.outputs]
 
 
 def save_onnx(model, path: str | Path) -> list[Path]:

@@ -13,6 +13,13 @@ so the frozen UNet keeps every fusion. We do not use `BuilderFlag.REFIT` (all we
 issue where kREFIT can drop a GEMM bias (wrong output even without a refit); NVIDIA's documented alternative,
 kREFIT_IDENTICAL, only allows refitting with the build-time weights (weight-stripped plans), not an adapter swap.
 A refit always sets EVERY adapter weight, never only the changed ones (NVIDIA/TensorRT#3628: A->B->A blends).
+
+Export folder contract (`export/NAME/manifest.json`, written by `invdiff export`), the keys read here:
+    components.<name>.file      "denoiser.onnx" | "text_encoder.onnx" | "vae_decoder.onnx"
+    components.<name>.sha256    sha256 of that file (or files.<file>: sha256)
+    components.<name>.spec      ExportSpec.to_json() (profile and shapes come only from the spec)
+    refit_map                   adapter state_dict name -> denoiser ONNX initializer name
+    adapter.config, adapter.base_fingerprint   the exported adapter (a refit must match both)
 """
 
 from __future__ import annotations
@@ -225,16 +232,21 @@ def build_engine(
     component: str = "",
 ) -> Path:
     """Return the cached plan for this ONNX + profile + GPU, building it (atomically) when missing or stale."""
+    return _build_or_reuse(Path(onnx_path), profile, Path(cache_dir), options, refit_weights, component)[0]
+
+
+def _build_or_reuse(onnx_path: Path, profile, cache_dir: Path, options: BuildOptions,
+                    refit_weights: tuple[str, ...], component: str) -> tuple[Path, bool]:
     trt = require_tensorrt("build")
     from polygraphy.backend.trt import engine_from_network, save_engine
 
-    onnx_path, cache_dir = Path(onnx_path), Path(cache_dir)
     gpu = gpu_identity()
-    refit_weights = refit_weights if options.refit_mode != "none" else ()
+    refit_weights = tuple(refit_weights) if options.refit_mode != "none" else ()
     ingredients = key_ingredients(onnx_sha256(onnx_path), profile, trt.__version__, gpu, options.refit_mode,
                                   refit_weights, options.builder_optimization_level)
+    plan = plan_path(cache_dir, cache_key(ingredients))
     if stale_reason(cache_dir, ingredients) is None:
-        return plan_path(cache_dir, cache_key(ingredients))
+        return plan, True
     timing_cache = Path(options.timing_cache or default_timing_cache(cache_dir, gpu, trt.__version__))
     timing_cache.parent.mkdir(parents=True, exist_ok=True)
     network = _network(onnx_path, refit_weights, trt)
@@ -242,13 +254,12 @@ def build_engine(
     start = time.perf_counter()
     engine = engine_from_network(network, config, save_timing_cache=str(timing_cache))
     seconds = time.perf_counter() - start
-    plan = plan_path(cache_dir, cache_key(ingredients))
     with artifacts.atomic_path(plan) as tmp:
         save_engine(engine, path=str(tmp))
     write_sidecar(cache_dir, ingredients, {"component": component, "onnx": str(onnx_path), "build_seconds": seconds,
                                            "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                            "timing_cache": str(timing_cache)})
-    return plan
+    return plan, False
 
 
 def load_engine(plan: str | Path):
@@ -413,23 +424,13 @@ def refit_map(manifest: Mapping[str, Any]) -> dict[str, str]:
 def build_export(export_dir: str | Path, out_dir: str | Path, options: BuildOptions,
                  components: list[str] | None = None):
     """Yield (component, plan path, reused) for every exported component; only the denoiser carries refit weights."""
-    manifest = read_export_manifest(export_dir)
-    adapter_weights = tuple(sorted(refit_map(manifest).values()))
+    adapter_weights = tuple(sorted(refit_map(read_export_manifest(export_dir)).values()))
     for component in export_components(export_dir, components):
         verify_onnx(component)
         weights = adapter_weights if component.name == "denoiser" else ()
-        before = _cached(component, out_dir, options, weights)
-        plan = build_engine(component.onnx, component.profile, out_dir, options, weights, component.name)
-        yield component.name, plan, before
-
-
-def _cached(component: ExportedComponent, out_dir, options: BuildOptions, weights: tuple[str, ...]) -> bool:
-    import tensorrt as trt
-
-    weights = weights if options.refit_mode != "none" else ()
-    ingredients = key_ingredients(onnx_sha256(component.onnx), component.profile, trt.__version__, gpu_identity(),
-                                  options.refit_mode, weights, options.builder_optimization_level)
-    return stale_reason(out_dir, ingredients) is None
+        plan, reused = _build_or_reuse(component.onnx, component.profile, Path(out_dir), options, weights,
+                                       component.name)
+        yield component.name, plan, reused
 
 
 def check_adapter_compatible(manifest: Mapping[str, Any], adapter_manifest: Mapping[str, Any], adapter_dir) -> None:

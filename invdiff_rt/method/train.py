@@ -92,7 +92,8 @@ def _check_groups_match(groups: GroupsResult, inputs) -> None:
 
 
 @dataclass
-class _Batch:
+class Batch:
+    index: torch.Tensor  # rows of the dataset (and of the group weights)
     sample: torch.Tensor  # x_t
     timestep: torch.Tensor
     text: torch.Tensor
@@ -100,7 +101,7 @@ class _Batch:
     group_weights: torch.Tensor
 
 
-def draw_batch(inputs, grouping: Grouping, scheduler, config: TrainConfig, rank: int, step: int) -> _Batch:
+def draw_batch(inputs, grouping: Grouping, scheduler, config: TrainConfig, rank: int, step: int) -> Batch:
     """One rank's batch: (index, group-weight row) pairs drawn together; t, noise and caption dropout seeded too."""
     g = _gen(config.seed, 7, rank, step)
     idx = torch.multinomial(grouping.sampling, config.batch_size, replacement=True, generator=g)
@@ -109,7 +110,7 @@ def draw_batch(inputs, grouping: Grouping, scheduler, config: TrainConfig, rank:
     t = torch.randint(0, scheduler.config.num_train_timesteps, (config.batch_size,), generator=g)
     drop = torch.rand(config.batch_size, generator=g) < config.caption_dropout
     text = torch.where(drop[:, None, None], inputs.uncond_embedding, inputs.text_embeddings[inputs.prompt_ids[idx]])
-    return _Batch(scheduler.add_noise(x0, noise, t), t, text, noise, grouping.weights[idx])
+    return Batch(idx, scheduler.add_noise(x0, noise, t), t, text, noise, grouping.weights[idx])
 
 
 def assert_only_adapter_trains(unet: torch.nn.Module, adapter: torch.nn.Module) -> None:
@@ -121,7 +122,7 @@ def assert_only_adapter_trains(unet: torch.nn.Module, adapter: torch.nn.Module) 
         raise RuntimeError("an adapter parameter received no gradient")
 
 
-def _step_loss(unet, adapter, batch: _Batch, lam: float, scale_aware: bool, device):
+def _step_loss(unet, adapter, batch: Batch, lam: float, scale_aware: bool, device):
     x_t, t, text = batch.sample.to(device), batch.timestep.to(device), batch.text.to(device)
     with torch.no_grad():
         eps_base = unet(x_t, t, encoder_hidden_states=text).sample

@@ -57,7 +57,8 @@ class EngineRunner:
             buffers[name] = torch.empty(shape, dtype=dtype, device="cuda")
         return buffers
 
-    def _activate(self, signature: tuple, shapes: Mapping[str, tuple]) -> dict[str, Any]:
+    def bind(self, signature: tuple, shapes: Mapping[str, tuple]) -> dict[str, Any]:
+        """Buffers for one input-shape signature (allocated once), bound to the context."""
         if signature not in self._bindings:
             self._bindings[signature] = self._allocate(shapes)
         buffers = self._bindings[signature]
@@ -85,7 +86,7 @@ class EngineRunner:
         args = [feeds[name] for name in self.inputs]
         shapes = {name: tuple(x.shape) for name, x in zip(self.inputs, args)}
         signature = tuple(shapes.values())
-        buffers = self._activate(signature, shapes)
+        buffers = self.bind(signature, shapes)
         for name, x in zip(self.inputs, args):
             buffers[name].copy_(x, non_blocking=True)
         if not self.use_cuda_graph:
@@ -137,6 +138,14 @@ class TrtRuntime:
                                    f"{export_dir} --out {engines_dir}`")
             plans[comp.name] = trt_export.plan_path(engines_dir, trt_export.cache_key(ingredients))
         return cls(plans, manifest, tokenizer=_tokenizer(export_dir), use_cuda_graph=use_cuda_graph)
+
+    def prepare(self, batch: int) -> None:
+        """Allocate the denoiser's buffers for `batch` up front, with the shapes declared in the export spec."""
+        from ...export.spec import ExportSpec
+
+        runner = self.runners["denoiser"]
+        shapes = ExportSpec.from_json(self.manifest["components"]["denoiser"]["spec"]).shapes(batch)
+        runner.bind(tuple(shapes[name] for name in runner.inputs), shapes)
 
     def denoise_step(self, sample, timestep, text_embeddings, guidance_scale, adapter_weight):
         """noise_pred[B] = fused engine(sample[B], timestep[B], text[2B] (cond, uncond), s[], w[]); no host sync."""

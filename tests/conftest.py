@@ -1,0 +1,23 @@
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+DIGIT_PROMPTS = [f"a photo of the digit {d}" for d in range(10)]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Stable-Diffusion-format model directory (saved once per session)."""
+    from invdiff_rt.models.tiny import save_random_model
+
+    return save_random_model(tmp_path_factory.mktemp("tiny") / "model", DIGIT_PROMPTS, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir):
+    from invdiff_rt.models.loader import load_model
+
+    return load_model(tiny_model_dir)

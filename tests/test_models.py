@@ -1,0 +1,111 @@
+import json
+
+import pytest
+import torch
+
+from invdiff_rt.errors import InvdiffError
+from invdiff_rt.models.checkpoint import load_checkpoint, save_checkpoint
+from invdiff_rt.models.loader import load_model, model_fingerprint, resolve_model
+from invdiff_rt.models.tokenizer import build_tokenizer
+
+
+def test_tokenizer_word_level_with_bos_eos_and_padding():
+    tok = build_tokenizer(["a photo of the digit 3", "a photo of the digit 7"], max_length=8)
+    ids = tok(["a photo of the digit 3", "", "an unseen word"], padding="max_length", max_length=8).input_ids
+    bos, eos, pad, unk = (tok.convert_tokens_to_ids(t) for t in (tok.bos_token, tok.eos_token, tok.pad_token,
+                                                                  tok.unk_token))
+    assert ids[0][0] == bos and ids[0][7] == eos and len(set(ids[0][1:7])) == 6 and unk not in ids[0]
+    assert ids[1][:3] == [bos, eos, pad]
+    assert ids[2][:5] == [bos, unk, unk, unk, eos]
+
+
+def test_random_model_round_trip_through_loader(tiny_model_dir, tiny_model):
+    m = tiny_model
+    assert m.latent_shape == (4, 8, 8) and m.image_size == 32
+    emb = m.encode_text(["a photo of the digit 3", ""])
+    assert emb.shape == (2, 16, m.text_encoder.config.hidden_size)
+    lat = m.encode_images(torch.zeros(2, 3, 32, 32))
+    assert lat.shape == (2, 4, 8, 8)
+    img = m.decode(lat)
+    assert img.shape == (2, 3, 32, 32) and 0 <= img.min() and img.max() <= 1
+    assert not any(p.requires_grad for p in m.unet.parameters())
+    assert m.fingerprint == model_fingerprint(tiny_model_dir) and len(m.fingerprint) == 64
+
+
+def test_stable_diffusion_pipeline_loads_the_same_directory(tiny_model_dir):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None,
+                                                   requires_safety_checker=False)
+    out = pipe("a photo of the digit 3", num_inference_steps=2, height=32, width=32, output_type="np",
+               generator=torch.Generator().manual_seed(0))
+    assert out.images.shape == (1, 32, 32, 3)
+
+
+def test_resolve_model_errors(tmp_path):
+    with pytest.raises(InvdiffError, match="no model_index.json"):
+        resolve_model(tmp_path)
+    (tmp_path / "model_index.json").write_text("{}")
+    with pytest.raises(InvdiffError, match="missing component"):
+        resolve_model(tmp_path)
+
+
+def test_fingerprint_changes_with_weights(tmp_path, tiny_model_dir):
+    import shutil
+
+    copy = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, copy)
+    before = model_fingerprint(copy)
+    cfg = copy / "unet" / "config.json"
+    data = json.loads(cfg.read_text())
+    data["_note"] = "edited"
+    cfg.write_text(json.dumps(data))
+    assert model_fingerprint(copy) != before
+    assert load_model(copy).fingerprint != before
+
+
+def test_checkpoint_round_trip_restores_module_and_optimizer(tmp_path):
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        net(torch.randn(4, 3)).sum().backward()
+        opt.step()
+    save_checkpoint(tmp_path / "ck", {"net": net}, opt, step=3, extra={"note": "x"})
+    net2 = torch.nn.Linear(3, 2)
+    opt2 = torch.optim.AdamW(net2.parameters(), lr=1e-2)
+    meta = load_checkpoint(tmp_path / "ck", {"net": net2}, opt2)
+    assert meta["step"] == 3 and meta["note"] == "x"
+    assert torch.equal(net.weight, net2.weight)
+    x = torch.randn(4, 3)
+    for o, n in ((opt, net), (opt2, net2)):
+        o.zero_grad()
+        n(x).sum().backward()
+        o.step()
+    assert torch.allclose(net.weight, net2.weight, atol=0, rtol=0)
+
+
+@pytest.mark.slow
+def test_pretrain_cli_few_steps_and_resume(tmp_path):
+    from typer.testing import CliRunner
+
+    from invdiff_rt.cli import app
+    from invdiff_rt.data.recipes import RECIPES
+
+    data = RECIPES["colored-digits"](tmp_path / "data", bias=0.95, seed=0, size=32)
+    out = tmp_path / "model"
+    args = ["pretrain", "--data", str(data), "--out", str(out), "--steps", "4", "--vae-steps", "2",
+            "--batch-size", "8", "--checkpoint-every", "2"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    info = json.loads((out / "invdiff_model.json").read_text())
+    assert info["data_fingerprint"] and info["parameters"]["unet"] > 0 and info["recipe"]["steps"] == 4
+    m = load_model(out)
+    assert m.scaling_factor != 0.18215
+    ck = json.loads((tmp_path / "model.ckpt" / "unet.json").read_text())
+    assert ck["step"] == 4
+    # resume: a larger --steps continues from the checkpoint (step 4) instead of restarting
+    res = CliRunner().invoke(app, args[:6] + ["6"] + args[7:])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "model.ckpt" / "unet.json").read_text())["step"] == 6
