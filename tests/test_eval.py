@@ -226,7 +226,12 @@ def test_eval_end_to_end(bars, trained, tiny_model, tmp_path):
     assert settings["guidance_scale"] == 2.0 and len(settings["model_fingerprint"]) == 64
     grid = Image.open(tmp_path / "eval.png")
     assert grid.size == (2 + 2 * (64 + 2), 2 + 2 * (64 + 2))  # 2 prompts x 2 samples, 32 px tiles upscaled x2
-    # same seed from Python -> the same numbers
-    again = evaluate.evaluate(tiny_model, bars, "color", cls_dir, per_prompt=2, seed=0, steps=2,
-                              guidance_scale=2.0)
+    # same seed from Python through an explicit backend runtime -> the same numbers
+    from invdiff_rt.models.loader import load_model
+    from invdiff_rt.runtime.backends.torch_backend import TorchRuntime
+
+    model = load_model(tiny_model)
+    again = evaluate.evaluate(model, bars, "color", cls_dir, per_prompt=2, seed=0, steps=2, guidance_scale=2.0,
+                              denoiser=TorchRuntime(model))
     assert again["per_prompt"] == report["per_prompt"] and again["fid"] == report["fid"]
+    assert again["settings"]["backend"] == "torch"

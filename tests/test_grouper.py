@@ -1,6 +1,16 @@
+import pytest
 import torch
 
 from invdiff_rt.method import grouper
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors on a shared 2-core machine: one torch thread is far faster than two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _planted(n=2000, prompts=4, frac=0.05, seed=0):

@@ -142,9 +142,11 @@ def test_two_process_accelerate_cpu_run(setup):
     model, data, tmp = setup
     out = tmp / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "INVDIFF_CACHE_DIR": str(tmp / "cache")}
-    cmd = [str(BIN / "accelerate"), "launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "invdiff_rt.cli", "train", "--model",
-           str(model), "--data", str(data), "--out", str(out), "--recipe", "erm", "--steps", "3", "--batch-size", "4"]
+    # `accelerate launch --cpu` starts one process without an MPI/oneCCL config; torchrun's env (gloo) is what
+    # Accelerate uses for multi-process CPU, and on GPUs `accelerate launch --multi_gpu` runs the same code.
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "invdiff_rt.cli", "train",
+           "--model", str(model), "--data", str(data), "--out", str(out), "--recipe", "erm", "--steps", "3",
+           "--batch-size", "4", "--threads", "1"]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((out / "adapter.json").read_text())

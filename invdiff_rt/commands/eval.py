@@ -50,16 +50,21 @@ def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+HEADLINE = (("bias_filtered", "bias, fidelity-filtered (primary)"), ("bias", "bias"), ("bias_std", "bias std"),
+            ("fd", "fairness discrepancy"), ("fidelity", "fidelity"), ("majority_share", "train-majority share"),
+            ("fid", "FID (classifier features)"), ("precision", "precision (k=3)"), ("recall", "recall (k=3)"))
+
+
 def _print_summary(report: dict, json_out: Path, grid: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"invdiff eval: N={report['n_per_prompt']} per prompt, "
+    table = Table(title=f"invdiff eval: {len(report['prompts'])} prompts x N={report['n_per_prompt']}, "
                         f"noise floor {report['noise_floor']:.3f}")
-    for col in ("bias (filtered)", "bias", "FD", "fidelity", "majority share", "FID", "precision", "recall"):
-        table.add_column(col, justify="right")
-    table.add_row(*(_fmt(report[k]) for k in ("bias_filtered", "bias", "fd", "fidelity", "majority_share", "fid",
-                                              "precision", "recall")))
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, label in HEADLINE:
+        table.add_row(label, _fmt(report[key]))
     console = Console()
     console.print(table)
     console.print(f"report: {json_out}\ngrid:   {grid}", highlight=False)

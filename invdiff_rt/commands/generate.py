@@ -23,9 +23,10 @@ def generate(
     batch_size: int = typer.Option(8, "--batch-size", help="Images per denoising batch (does not change images)."),
     seed: int = typer.Option(0, "--seed", help="Seed: image (prompt, index) depends only on it."),
     steps: int = typer.Option(25, "--steps", help="Denoising steps."),
-    guidance_scale: float = typer.Option(7.5, "--guidance-scale", help="Classifier-free guidance scale."),
+    guidance_scale: float = typer.Option(3.0, "--guidance-scale", help="Classifier-free guidance scale."),
     adapter_weight: float = typer.Option(1.0, "--adapter-weight", help="Weight of the debiasing adapter."),
-    backend: str = typer.Option("auto", "--backend", help="auto, torch, onnxruntime or tensorrt."),
+    backend: str = typer.Option("auto", "--backend",
+                                help="auto, torch, torch-cuda, onnxruntime, onnxruntime-cuda or tensorrt."),
     scheduler: str = typer.Option("ddim", "--scheduler", help="ddim, dpm or euler."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 or fp16 (engine backends)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for the backend."),
@@ -46,10 +47,11 @@ def generate(
                           precision=precision, threads=threads, num=num, seed=seed, steps=steps,
                           guidance_scale=guidance_scale, adapter_weight=adapter_weight, scheduler=scheduler,
                           batch_size=batch_size, overwrite=overwrite, grid=not no_grid)
-    Console().print(result.summary(), highlight=False)
+    console = Console()
+    console.print(result.summary(), highlight=False, soft_wrap=True)
     if result.manifest is None:
-        Console().print(f"rank {result.rank}: other ranks still running; the last to finish writes "
-                        f"{out / gen.MANIFEST}", highlight=False)
+        console.print(f"rank {result.rank}: other ranks still running; the last to finish writes "
+                      f"{out / gen.MANIFEST}", highlight=False, soft_wrap=True)
 
 
 def _prompts(prompt: Optional[List[str]], prompts_file: Optional[Path]) -> list[str]:
@@ -71,4 +73,5 @@ def _merge(out: Path, grid: bool) -> None:
     gen.remove_stale_tmp(out, [gen.MANIFEST, *(f"{gen.prompt_slug(p)}/{gen.GRID}" for p, _ in records)])
     path = gen.merge_manifests(out, settings)
     grids = gen.write_grids(out, records) if grid else []
-    Console().print(f"merged {len(records)} images into {path}; {len(grids)} grids", highlight=False)
+    Console().print(f"merged {len(records)} images into {path}; {len(grids)} grids", highlight=False,
+                    soft_wrap=True)

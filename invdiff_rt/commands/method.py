@@ -19,8 +19,8 @@ def groups(
     n_groups: Optional[int] = typer.Option(None, "--groups", help="Number of groups (paper: default 4)."),
     seed: int = typer.Option(0, "--seed"),
     batch_size: int = typer.Option(256, "--batch-size", help="Base UNet batch for the loss profile."),
-    draws: int = typer.Option(8, "--draws", help="invdiff-rt: noise/t draws per sample inside the chosen band."),
-    grid_samples: int = typer.Option(1024, "--grid-samples", help="invdiff-rt: samples used to pick the t band."),
+    draws: int = typer.Option(4, "--draws", help="invdiff-rt: noise/t draws per sample inside the chosen band."),
+    grid_samples: int = typer.Option(512, "--grid-samples", help="invdiff-rt: samples used to pick the t band."),
     report_attribute: Optional[str] = typer.Option(
         None, "--report-attribute", help="Hidden column for diagnostics only (AUROC, precision/recall, weight)."),
     oracle_groups_from: Optional[str] = typer.Option(
@@ -73,7 +73,7 @@ def train(
     lam: Optional[float] = typer.Option(None, "--lambda", help="Variance weight (default: recipe's; erm 0)."),
     steps: int = typer.Option(2000, "--steps"),
     lr: float = typer.Option(3e-3, "--lr"),
-    batch_size: int = typer.Option(64, "--batch-size", help="Per process."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Per process."),
     seed: int = typer.Option(0, "--seed"),
     checkpoint_every: int = typer.Option(250, "--checkpoint-every"),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT_DIR.ckpt if present."),

@@ -43,7 +43,7 @@ class EvalRun:
 
 # ---------------------------------------------------------------- inputs
 
-def resolve_classifier_dir(data_dir: Path, classifier_dir: str | Path | None) -> Path:
+def resolve_classifier_dir(data_dir: Path, classifier_dir: str | Path | None, attribute: str = "COLUMN") -> Path:
     """`--classifier` if given, else the shipped pair of the built-in recipe that made `data_dir`."""
     if classifier_dir is not None:
         return Path(classifier_dir)
@@ -51,7 +51,7 @@ def resolve_classifier_dir(data_dir: Path, classifier_dir: str | Path | None) ->
 
     manifest = data_dir / "dataset.json"
     recipe = read_json(manifest, "dataset manifest").get("recipe") if manifest.is_file() else None
-    train_cmd = f"invdiff classifier train --data {data_dir} --attribute COLUMN --out CLS_DIR"
+    train_cmd = f"invdiff classifier train --data {data_dir} --attribute {attribute} --out CLS_DIR"
     if recipe not in RECIPES:
         raise InvdiffError(f"--classifier: required because {data_dir} was not made by a built-in recipe; "
                            f"train one with `{train_cmd}`")
@@ -224,7 +224,7 @@ def run_evaluation(model, data_dir: str | Path, attribute: str, classifier_dir: 
     data_dir = Path(data_dir)
     train = read_split(data_dir, "train")
     prompts, values = prompts_of(train), attribute_values(train, attribute)
-    cls_dir = resolve_classifier_dir(data_dir, classifier_dir)
+    cls_dir = resolve_classifier_dir(data_dir, classifier_dir, attribute)
     attr_clf, class_clf = load_classifier_pair(cls_dir)
     check_classifiers(attr_clf, class_clf, attribute, prompts, values, cls_dir)
     real = reference_images(data_dir, prompts, per_prompt, seed)

@@ -77,16 +77,21 @@ class VaeDecoderModule(torch.nn.Module):
 def component_module(component: str, model, adapter=None, cfg: bool = True, precision: str = "fp32"):
     """A frozen copy of one component in the export precision (the loaded model is left untouched)."""
     dtype = getattr(torch, PRECISIONS[precision])
+
+    def copy_as(module):  # `.to(float32)` on a float32 diffusers model only logs a warning
+        module = copy.deepcopy(module)
+        return module if dtype == torch.float32 else module.to(dtype)
+
     if component == "denoiser":
         from ..runtime.fused import FusedDenoiser
 
-        unet = copy.deepcopy(model.unet).to(dtype)
-        adapter = copy.deepcopy(adapter).to(dtype) if adapter is not None else None
+        unet = copy_as(model.unet)
+        adapter = copy_as(adapter) if adapter is not None else None
         module = (DenoiserModule if cfg else NoCfgDenoiserModule)(FusedDenoiser(unet, adapter, cfg=cfg))
     elif component == "text_encoder":
-        module = TextEncoderModule(copy.deepcopy(model.text_encoder).to(dtype))
+        module = TextEncoderModule(copy_as(model.text_encoder))
     elif component == "vae_decoder":
-        module = VaeDecoderModule(copy.deepcopy(model.vae).to(dtype))
+        module = VaeDecoderModule(copy_as(model.vae))
     else:
         raise ValueError(f"unknown component {component!r}")
     return module.eval().requires_grad_(False)

@@ -23,9 +23,9 @@ NUM_TRAIN_TIMESTEPS = 1000
 @dataclass(frozen=True)
 class ProfileConfig:
     grid: tuple[int, ...] = (100, 250, 400, 550, 700, 775, 850, 925)  # coarse levels for the band choice
-    grid_samples: int = 1024  # the kurtosis curve is computed on a fixed random subset of this size
+    grid_samples: int = 512  # the kurtosis curve is computed on a fixed random subset of this size
     band_halfwidth: int = 50
-    draws: int = 8
+    draws: int = 4
     smooth: int = 3  # moving-average window over grid levels before the argmax
 
 

@@ -37,7 +37,7 @@ class TrainConfig:
     lam: float | None = None  # None: the recipe's default
     steps: int = 2000
     lr: float = 3e-3
-    batch_size: int = 64  # per process
+    batch_size: int = 32  # per process
     seed: int = 0
     warmup_steps: int = 50
     weight_decay: float = 1e-2

@@ -117,7 +117,7 @@ def dist_env(env: Mapping[str, str] | None = None) -> tuple[int, int]:
             try:
                 rank, world = int(env.get(rank_var, "0")), int(env.get(world_var, "1"))
             except ValueError:
-                raise InvdiffError(f"{rank_var}/{world_var}: not integers; unset them or launch with torchrun") from None
+                raise InvdiffError(f"{rank_var}/{world_var}: not integers; unset them or use torchrun") from None
             shard([], rank, world)  # validates
             return rank, world
     return 0, 1
@@ -261,7 +261,7 @@ def image_grid(images: list) -> "Image.Image":
 # ---------------------------------------------------------------- the run
 
 def run_generation(runtime, prompts: Sequence[str], out_dir: str | Path, *, num: int, seed: int = 0,
-                   steps: int = 25, guidance_scale: float = 7.5, adapter_weight: float = 1.0,
+                   steps: int = 25, guidance_scale: float = 3.0, adapter_weight: float = 1.0,
                    scheduler: str = "ddim", batch_size: int = 8, backend: str | None = None,
                    fingerprints: Mapping[str, str | None] | None = None, overwrite: bool = False,
                    grid: bool = True, rank: int | None = None, world_size: int | None = None,
@@ -374,17 +374,20 @@ def generate(prompts: Sequence[str], out_dir: str | Path, *, model: str | Path |
 
 def load_generation_runtime(*, model=None, adapter=None, export=None, backend: str = "auto",
                             precision: str = "fp32", threads: int | None = None):
-    """-> (runtime, backend name, fingerprints of the sources) on this rank's device."""
+    """-> (runtime, resolved backend name, fingerprints of the sources), on this rank's GPU when it uses one."""
     if (model is None) == (export is None):
         raise InvdiffError("--model/--export: pass exactly one (a model folder, or an export folder)")
     if adapter is not None and export is not None:
         raise InvdiffError("--adapter: an export folder already contains its adapter; drop --adapter")
+    from .backends import load_runtime, resolve_backend
+
+    name = resolve_backend(backend, export_dir=export, model=model)
     fingerprints = {"model": None, "adapter": None, "export": None, "precision": precision}
     model_obj = adapter_obj = None
     if model is not None:
         from ..models.loader import load_model
 
-        model_obj = load_model(model, device=_rank_device())
+        model_obj = load_model(model, device=_rank_device(name))
         fingerprints["model"] = model_obj.fingerprint
         if adapter is not None:
             from ..method.adapter import adapter_fingerprint, load_adapter
@@ -392,42 +395,26 @@ def load_generation_runtime(*, model=None, adapter=None, export=None, backend: s
             adapter_obj = load_adapter(adapter, model_obj).to(model_obj.device)
             fingerprints["adapter"] = adapter_fingerprint(adapter)
     else:
-        fingerprints["export"] = _dir_fingerprint(Path(export), "--export")
-    runtime = _load_runtime(backend, model_obj, adapter_obj, export, precision, threads)
-    return runtime, runtime.name, fingerprints
+        fingerprints["export"] = _export_fingerprint(Path(export))
+        _rank_device(name)
+    runtime = load_runtime(name, model=model_obj, adapter=adapter_obj, export_dir=export, precision=precision,
+                           threads=threads)
+    return runtime, name, fingerprints
 
 
-def _load_runtime(backend: str, model, adapter, export, precision: str, threads: int | None):
-    try:
-        from .backends import load_runtime, resolve_backend
-    except ImportError:  # backend registry not available: plain torch only
-        if backend not in ("auto", "torch") or model is None:
-            raise InvdiffError(f"--backend {backend}: only the torch backend is available here; "
-                               "use --model with --backend torch") from None
-        import torch
+def _export_fingerprint(export_dir: Path) -> str:
+    """Hash of the export's recorded file hashes (its ONNX graphs and weights), not of its timestamps."""
+    from ..artifacts import sha256_json
+    from ..export.manifest import read_manifest
 
-        from .backends.torch_backend import TorchRuntime
-
-        if threads:
-            torch.set_num_threads(threads)
-        return TorchRuntime(model, adapter)
-    return load_runtime(resolve_backend(backend), model=model, adapter=adapter, export_dir=export,
-                        precision=precision, threads=threads)
+    return sha256_json(read_manifest(export_dir, verify=False).get("files", {}))
 
 
-def _dir_fingerprint(path: Path, flag: str) -> str:
-    from ..artifacts import fingerprint_dir
-
-    if not path.is_dir():
-        raise InvdiffError(f"{flag} {path}: folder not found")
-    return fingerprint_dir(path, suffixes=(".onnx", ".data", ".safetensors"))
-
-
-def _rank_device() -> str:
-    """cuda:LOCAL_RANK when CUDA is present (one GPU per rank), else cpu."""
+def _rank_device(backend: str) -> str:
+    """cuda:LOCAL_RANK (one GPU per rank, made current) for GPU backends, else cpu."""
     import torch
 
-    if not torch.cuda.is_available():
+    if backend not in ("tensorrt", "onnxruntime-cuda", "torch-cuda") or not torch.cuda.is_available():
         return "cpu"
     local = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
     torch.cuda.set_device(local)

@@ -1,0 +1,100 @@
+"""Backend registry and `invdiff check`: torch vs ONNX Runtime parity on the shared sampling loop."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_export import exported_folder
+from typer.testing import CliRunner
+
+from invdiff_rt.errors import InvdiffError
+from invdiff_rt.runtime import backends
+from invdiff_rt.runtime.check import THRESHOLDS, metrics
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    return exported_folder(tmp_path_factory)
+
+
+def test_metrics_hand_computed():
+    max_abs, rel = metrics(torch.tensor([1.0, 2.0, 2.0]), torch.tensor([1.0, 2.0, 4.0]))
+    assert max_abs == 2.0 and rel == pytest.approx(2.0 / 21**0.5)
+    assert THRESHOLDS["fp32"]["noise_pred"] == 1e-4
+
+
+def test_resolve_backend_prefers_fastest_available():
+    expected = next(b for b in backends.BACKENDS if backends.is_available(b))
+    assert backends.resolve_backend("auto") == expected
+    assert backends.resolve_backend("auto", model=object()) in ("torch-cuda", "torch")
+    if not torch.cuda.is_available():
+        assert backends.resolve_backend("auto", export_dir="x") == "onnxruntime"
+        assert backends.resolve_backend("auto", model=object()) == "torch"
+    assert backends.resolve_backend("onnxruntime") == "onnxruntime"
+    with pytest.raises(InvdiffError, match="--backend tpu: unknown"):
+        backends.resolve_backend("tpu")
+    with pytest.raises(InvdiffError, match="--backend onnxruntime: needs an export folder"):
+        backends.load_runtime("onnxruntime", model=object())
+
+
+def test_ort_runtime_matches_torch_runtime(exported):
+    from invdiff_rt.runtime.backends.torch_backend import TorchRuntime
+    from invdiff_rt.runtime.check import run_parity
+
+    ort_rt = backends.load_runtime("onnxruntime", export_dir=exported["out"], threads=1, spinning=False)
+    assert ort_rt.latent_shape == (4, 8, 8) and ort_rt.cfg
+    reference = TorchRuntime(exported["model"], exported["adapter"], device="cpu")
+    rows = run_parity(reference, [ort_rt], batch_sizes=[1, 3], steps=2, seed=0)
+    quantities = {r.quantity for r in rows}
+    assert quantities == {"text_embeddings", "noise_pred[0]", "noise_pred[1]", "final latents", "images"}
+    assert all(r.passed for r in rows), [r for r in rows if not r.passed]
+    assert max(r.rel_l2 for r in rows if r.quantity.startswith("noise_pred")) <= 1e-4
+
+
+@pytest.mark.slow
+def test_check_cli_writes_json_and_passes(exported, tmp_path):
+    from invdiff_rt.cli import app
+
+    out = tmp_path / "check.json"
+    args = ["check", "--model", str(exported["model_dir"]), "--adapter", str(exported["adapter_dir"]),
+            "--export", str(exported["out"]), "--batch-sizes", "1,2", "--steps", "2", "--json", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["passed"] and {r["batch"] for r in report["rows"]} == {1, 2}
+    assert all(r["backend"] == "onnxruntime" for r in report["rows"])
+
+
+def test_check_cli_refuses_missing_adapter(exported):
+    from invdiff_rt.cli import app
+
+    args = ["check", "--model", str(exported["model_dir"]), "--export", str(exported["out"])]
+    result = CliRunner().invoke(app, args)
+    assert isinstance(result.exception, InvdiffError)
+    assert "--adapter: the export carries adapter" in str(result.exception)
+
+
+def test_cuda_binding_batch_comes_from_the_spec():
+    from test_export import _fake_model
+
+    from invdiff_rt.export.spec import denoiser_spec, text_encoder_spec
+    from invdiff_rt.runtime.backends.onnxruntime_backend import _batch_of
+
+    assert _batch_of(denoiser_spec(_fake_model()), {"sample": torch.zeros(3, 4, 8, 8)}) == 3
+    assert _batch_of(text_encoder_spec(_fake_model()), {"input_ids": torch.zeros(5, 16)}) == 5
+
+
+@pytest.mark.slow
+def test_check_cli_exits_1_on_a_failed_threshold(exported, tmp_path, monkeypatch):
+    from invdiff_rt.cli import app
+    from invdiff_rt.runtime import check
+
+    monkeypatch.setitem(check.THRESHOLDS, "fp32", dict.fromkeys(THRESHOLDS["fp32"], 0.0))
+    out = tmp_path / "check.json"
+    args = ["check", "--model", str(exported["model_dir"]), "--adapter", str(exported["adapter_dir"]),
+            "--export", str(exported["out"]), "--batch-sizes", "1", "--steps", "1", "--json", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1
+    assert json.loads(out.read_text())["passed"] is False
