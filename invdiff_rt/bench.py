@@ -151,6 +151,7 @@ class BenchConfig:
     guidance_scale: float = 7.5
     adapter_weight: float = 1.0
     seed: int = 0
+    engines: str = "engines"  # TensorRT engine cache (content-addressed: reused across runs)
 
     def check(self) -> "BenchConfig":
         """Refuse bad flags before anything runs (one-line errors)."""
@@ -165,6 +166,10 @@ class BenchConfig:
                 raise InvdiffError(f"{flag} {value}: must be at least {low}")
         if self.threads is not None and self.threads < 1:
             raise InvdiffError(f"--threads {self.threads}: must be at least 1 (or leave it out)")
+        from .runtime.sampling import SCHEDULERS
+
+        if self.scheduler not in SCHEDULERS:
+            raise InvdiffError(f"--scheduler {self.scheduler}: unknown; choose one of {', '.join(SCHEDULERS)}")
         if self.precision not in ("fp32", "fp16"):
             raise InvdiffError(f"--precision {self.precision}: choose fp32 or fp16")
         if self.model is None and self.export is None:
@@ -196,6 +201,7 @@ class Job:
     model: str | None = None
     adapter: str | None = None
     export: str | None = None
+    engines: str | None = None
     stages: list[str] = field(default_factory=lambda: list(STAGES))
 
     @classmethod
@@ -221,7 +227,8 @@ def load_job_runtime(job: Job):
     cfg = job.config
     if job.backend in ENGINE_BACKENDS:
         name = "onnxruntime-cuda" if job.backend == "onnxruntime" and is_available("onnxruntime-cuda") else job.backend
-        return load_runtime(name, export_dir=job.export, precision=cfg["precision"], threads=cfg["threads"])
+        return load_runtime(name, export_dir=job.export, precision=cfg["precision"], threads=cfg["threads"],
+                            engines_dir=job.engines)
     from .method.adapter import load_adapter
     from .models.loader import load_model
 
@@ -369,6 +376,16 @@ def resolve_sources(config: BenchConfig, tmp: Path) -> tuple[str, str]:
     return model, adapter
 
 
+def build_engines(export_dirs, engines_dir: str, log: Callable[[str], None]) -> None:
+    """Build (or reuse from the cache) the TensorRT engines of each export folder."""
+    from .export import tensorrt as trt_export
+
+    trt_export.require_tensorrt("bench --backends tensorrt")
+    for export_dir in export_dirs:
+        for name, plan, reused in trt_export.build_export(export_dir, engines_dir, trt_export.BuildOptions()):
+            log(f"tensorrt {name}: {'cached' if reused else 'built'} {plan}")
+
+
 def plan_jobs(config: BenchConfig, tmp: Path, log: Callable[[str], None]) -> list[Job]:
     """Jobs for every backend x {adapter, base}; exports what the engine backends need into `tmp`."""
     model, adapter = resolve_sources(config, tmp)
@@ -377,10 +394,12 @@ def plan_jobs(config: BenchConfig, tmp: Path, log: Callable[[str], None]) -> lis
         exports["adapter"] = config.export or str(export_variant(model, adapter, tmp / "export_adapter", config))
         exports["base"] = str(export_variant(model, None, tmp / "export_base", config))
         log("exported the ONNX variants (with and without adapter)")
+    if "tensorrt" in config.run_backends:
+        build_engines(exports.values(), config.engines, log)
     jobs = []
     for backend in config.run_backends:
         for variant in ("adapter", "base"):
-            source = ({"export": exports[variant]} if backend in ENGINE_BACKENDS
+            source = ({"export": exports[variant], "engines": config.engines} if backend in ENGINE_BACKENDS
                       else {"model": model, "adapter": adapter if variant == "adapter" else None})
             stages = list(STAGES) if variant == "adapter" else ["step"]
             jobs.append(Job(backend, variant, asdict(config), stages=stages, **source))
@@ -450,26 +469,24 @@ def write_json(result: dict, path: str | Path) -> Path:
     return artifacts.atomic_write_json(path, result)
 
 
-def _fmt(value, spec: str = ".2f", suffix: str = "") -> str:
+def _fmt(value, spec: str = ".4g", suffix: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
 def table(result: dict):
-    """A Rich table of the records (one row per backend and batch size)."""
+    """A Rich table of the records (one row per backend and batch size); times in ms (p50 unless p90)."""
     from rich.table import Table
 
-    machine = result["machine"]
-    title = f"invdiff bench: {machine.get('gpu') or machine['cpu']} ({machine['cores']} cores), " \
-            f"{result['config']['steps']} steps, {result['config']['precision']}"
-    t = Table(title=title)
-    for col in ("backend", "batch", "step p50 ms", "step p90 ms", "loop p50 ms", "e2e p50 ms", "images/s",
-                "peak MB", "vs eager", "adapter overhead"):
-        t.add_column(col, justify="left" if col == "backend" else "right")
+    machine, config = result["machine"], result["config"]
+    t = Table(title=f"invdiff bench: {machine.get('gpu') or machine['cpu']} ({machine['cores']} cores), "
+                    f"{config['steps']} steps, {config['precision']}, times in ms")
+    for col in ("backend", "batch", "step", "step p90", "loop", "e2e", "img/s", "peak MB", "vs eager", "adapter"):
+        t.add_column(col, justify="left" if col == "backend" else "right", no_wrap=True)
     for r in sorted(result["records"], key=lambda r: (r["batch_size"], BACKENDS.index(r["backend"]))):
         t.add_row(r["backend"], str(r["batch_size"]), _fmt(r["step_ms_p50"]), _fmt(r["step_ms_p90"]),
-                  _fmt(r.get("loop_ms_p50"), ".1f"), _fmt(r.get("e2e_ms_p50"), ".1f"), _fmt(r["images_per_s"], ".1f"),
+                  _fmt(r.get("loop_ms_p50")), _fmt(r.get("e2e_ms_p50")), _fmt(r["images_per_s"], ".3g"),
                   _fmt(r["peak_mem_mb"], ".0f"), _fmt(r["speedup_vs_eager"], ".2f", "x"),
-                  _fmt(r["adapter_overhead"], ".3f", "x"))
+                  _fmt(r["adapter_overhead"], ".2f", "x"))
     return t
 
 

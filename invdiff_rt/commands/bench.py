@@ -31,6 +31,7 @@ def bench(
     scheduler: str = typer.Option("ddim", "--scheduler", help="ddim, dpm or euler."),
     guidance_scale: float = typer.Option(7.5, "--guidance-scale", help="Classifier-free guidance scale."),
     adapter_weight: float = typer.Option(1.0, "--adapter-weight", help="Weight of the adapter."),
+    engines: Path = typer.Option(Path("engines"), "--engines", help="TensorRT engine cache (with tensorrt)."),
 ) -> None:
     """Per-stage latency (p50/p90), images/s, peak memory; ratios to `eager` and to the model without adapter."""
     from rich.console import Console
@@ -41,7 +42,7 @@ def bench(
         backends=b.parse_list(backends, "--backends"), batch_sizes=b.parse_list(batch_sizes, "--batch-sizes", int),
         model=model, adapter=str(adapter) if adapter else None, export=str(export) if export else None,
         steps=steps, warmup=warmup, repeats=repeats, threads=threads, precision=precision, scheduler=scheduler,
-        guidance_scale=guidance_scale, adapter_weight=adapter_weight,
+        guidance_scale=guidance_scale, adapter_weight=adapter_weight, engines=str(engines),
     ).check()
     console = Console()
     result = b.run_bench(config, log=lambda s: console.print(s, highlight=False, style="dim"))

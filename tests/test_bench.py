@@ -1,0 +1,119 @@
+"""`invdiff bench`: statistics helpers on hand values, record merging, flag errors, and a tiny smoke run (no speed
+is asserted anywhere)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from invdiff_rt import bench
+from invdiff_rt.errors import InvdiffError
+
+
+def test_percentile_on_hand_values():
+    assert bench.percentile([1, 2, 3, 4], 50) == pytest.approx(2.5)
+    assert bench.percentile([4, 1, 3, 2], 90) == pytest.approx(3.7)  # 1 + 0.9 * (4 - 1), linear interpolation
+    assert bench.percentile([7.0], 90) == 7.0
+    assert bench.percentile([10, 20, 30], 0) == 10 and bench.percentile([10, 20, 30], 100) == 30
+    with pytest.raises(ValueError):
+        bench.percentile([], 50)
+
+
+def test_summarize_on_hand_values():
+    s = bench.summarize([4.0, 1.0, 3.0, 2.0])
+    assert s == pytest.approx({"p50": 2.5, "p90": 3.7, "mean": 2.5, "min": 1.0, "max": 4.0, "n": 4})
+
+
+def test_ratio():
+    assert bench.ratio(30.0, 10.0) == 3.0
+    assert bench.ratio(None, 10.0) is None and bench.ratio(1.0, 0.0) is None
+
+
+def _part(backend, variant, batch, step, e2e=None, rss=100.0):
+    stages = {"step": {"p50": step, "p90": step * 1.5}}
+    if e2e is not None:
+        stages["e2e"] = {"p50": e2e, "p90": e2e}
+    return {"records": [{"backend": backend, "variant": variant, "batch_size": batch, "stages": stages}],
+            "peak_host_mb": rss, "peak_device_mb": None}
+
+
+def test_merge_records_computes_ratios_by_hand():
+    parts = [_part("eager", "adapter", 2, 30.0, e2e=1000.0), _part("eager", "base", 2, 24.0),
+             _part("torch", "adapter", 2, 10.0, e2e=500.0, rss=321.0), _part("torch", "base", 2, 8.0)]
+    records = {r["backend"]: r for r in bench.merge_records(parts)}
+    assert set(records) == {"eager", "torch"}
+    torch_rec = records["torch"]
+    assert torch_rec["speedup_vs_eager"] == pytest.approx(3.0)  # eager 30 ms / torch 10 ms
+    assert torch_rec["adapter_overhead"] == pytest.approx(1.25)  # 10 ms with adapter / 8 ms without
+    assert torch_rec["images_per_s"] == pytest.approx(4.0)  # 2 images in 500 ms
+    assert torch_rec["e2e_speedup_vs_eager"] == pytest.approx(2.0)
+    assert torch_rec["step_ms_p90"] == pytest.approx(15.0) and torch_rec["peak_mem_mb"] == 321.0
+    assert records["eager"]["speedup_vs_eager"] == 1.0 and records["eager"]["adapter_overhead"] == 1.25
+
+
+def test_parse_list_and_config_errors_are_one_line():
+    assert bench.parse_list("1, 8,32", "--batch-sizes", int) == [1, 8, 32]
+    with pytest.raises(InvdiffError, match="--batch-sizes"):
+        bench.parse_list("1,x", "--batch-sizes", int)
+    bad = [dict(backends=["tvm"]), dict(batch_sizes=[0]), dict(repeats=0), dict(model=None), dict(threads=0), dict(scheduler="pndm")]
+    for overrides in bad:
+        kwargs = {"backends": ["torch"], "batch_sizes": [1], "model": "m", **overrides}
+        with pytest.raises(InvdiffError) as info:
+            bench.BenchConfig(**kwargs).check()
+        assert "\n" not in str(info.value) and str(info.value).startswith("--")
+    assert bench.BenchConfig(["torch", "eager"], [1], model="m").run_backends == ["eager", "torch"]
+
+
+def _check_schema(result):
+    assert result["format"] == bench.FORMAT and result["machine"]["cores"] >= 1 and "versions" in result["machine"]
+    records = result["records"]
+    by = {(r["backend"], r["batch_size"]): r for r in records}
+    assert ("eager", 1) in by
+    for r in records:
+        missing = [k for k in bench.RECORD_KEYS if k not in r]
+        assert not missing, missing
+        for stage in bench.STAGES:
+            assert r[f"{stage}_ms_p50"] > 0 and r[f"{stage}_ms_p90"] >= r[f"{stage}_ms_p50"]
+            assert r["stages"][stage]["n"] == result["config"]["repeats"]
+        assert r["peak_mem_mb"] > 0 and r["images_per_s"] > 0 and r["adapter_overhead"] > 0
+        eager = by[("eager", r["batch_size"])]
+        assert r["speedup_vs_eager"] == pytest.approx(eager["step_ms_p50"] / r["step_ms_p50"])
+        assert r["adapter_overhead"] == pytest.approx(r["step_ms_p50"] / r["base_step_ms_p50"])
+        assert r["images_per_s"] == pytest.approx(r["batch_size"] / (r["e2e_ms_p50"] / 1e3))
+    return by
+
+
+def test_smoke_in_process_torch(tiny_model_dir, tmp_path):
+    config = bench.BenchConfig(["torch"], [1], model=str(tiny_model_dir), steps=2, warmup=0, repeats=1, threads=1)
+    result = bench.run_bench(config, isolate=False)
+    by = _check_schema(result)
+    assert set(by) == {("eager", 1), ("torch", 1)}
+    assert result["sources"]["adapter"] == "fresh" and len(result["sources"]["model"]) == 64
+    path = bench.write_json(result, tmp_path / "bench.json")
+    assert json.loads(path.read_text())["records"] == json.loads(json.dumps(result["records"]))
+    png = bench.plot(result, tmp_path / "bench.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
+
+
+def test_cli_bad_backend_is_one_line_error(tmp_path):
+    out = tmp_path / "b.json"
+    proc = subprocess.run([sys.executable, "-m", "invdiff_rt.cli", "bench", "--model", "m", "--backends", "tvm",
+                           "--json", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = [s for s in proc.stderr.splitlines() if s.strip()]
+    assert len(lines) == 1 and "--backends" in lines[0] and not out.exists()
+
+
+@pytest.mark.slow
+def test_cli_end_to_end_with_onnxruntime(tiny_model_dir, tmp_path):
+    """One process per backend, ONNX exports with and without adapter, JSON + plot."""
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    cmd = [sys.executable, "-m", "invdiff_rt.cli", "bench", "--model", str(tiny_model_dir), "--backends",
+           "torch,onnxruntime", "--batch-sizes", "1", "--steps", "2", "--warmup", "0", "--repeats", "1",
+           "--threads", "1", "--json", str(out), "--plot", str(png)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    by = _check_schema(json.loads(out.read_text()))
+    assert set(by) == {("eager", 1), ("torch", 1), ("onnxruntime", 1)}
+    assert png.stat().st_size > 1000
