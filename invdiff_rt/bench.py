@@ -339,12 +339,13 @@ def fresh_adapter(model_dir: str, out_dir: Path, seed: int) -> Path:
     return save_adapter(adapter, out_dir, {"base_fingerprint": model.fingerprint, "recipe": "fresh (bench)"})
 
 
-def export_variant(model_dir: str, adapter_dir: str | None, out_dir: Path, config: BenchConfig) -> Path:
+def export_variant(model_dir: str, adapter_dir: str | None, out_dir: Path, config: BenchConfig,
+                   components: tuple[str, ...] | None = None) -> Path:
     """An ONNX export folder of the model (with or without adapter) for the engine backends."""
     from .export.manifest import export_model
 
     return export_model(model_dir, out_dir, adapter_dir=adapter_dir, precision=config.precision,
-                        max_batch=max(config.batch_sizes))
+                        max_batch=max(config.batch_sizes), components=components)
 
 
 def resolve_sources(config: BenchConfig, tmp: Path) -> tuple[str, str]:
@@ -392,7 +393,8 @@ def plan_jobs(config: BenchConfig, tmp: Path, log: Callable[[str], None]) -> lis
     exports = {}
     if any(b in ENGINE_BACKENDS for b in config.run_backends):
         exports["adapter"] = config.export or str(export_variant(model, adapter, tmp / "export_adapter", config))
-        exports["base"] = str(export_variant(model, None, tmp / "export_base", config))
+        # the base variant times the denoising step only: export just the denoiser
+        exports["base"] = str(export_variant(model, None, tmp / "export_base", config, ("denoiser",)))
         log("exported the ONNX variants (with and without adapter)")
     if "tensorrt" in config.run_backends:
         build_engines(exports.values(), config.engines, log)

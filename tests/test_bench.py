@@ -106,6 +106,7 @@ def test_cli_bad_backend_is_one_line_error(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # two ONNX exports of the tiny model: minutes on a shared 2-core CPU
 def test_cli_end_to_end_with_onnxruntime(tiny_model_dir, tmp_path):
     """One process per backend, ONNX exports with and without adapter, JSON + plot."""
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"

@@ -20,7 +20,9 @@ def eval_command(
     per_prompt: int = typer.Option(..., "--per-prompt", help="Images generated per prompt (N)."),
     seed: int = typer.Option(..., "--seed", help="Sampling seed (image i of a prompt depends only on it)."),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="Debiasing adapter folder."),
-    adapter_weight: float = typer.Option(1.0, "--adapter-weight", help="Weight of the adapter's guidance."),
+    adapter_weight: Optional[float] = typer.Option(
+        None, "--adapter-weight", "--guidance-weight",
+        help="Weight W of the adapter's guidance (default: the adapter's recommended weight; 0 = the base)."),
     classifier: Optional[Path] = typer.Option(None, "--classifier",
                                               help="Classifier folder (default: shipped one for built-in data)."),
     steps: int = typer.Option(25, "--steps", help="Denoising steps."),
@@ -37,9 +39,13 @@ def eval_command(
         from ..errors import InvdiffError
 
         raise InvdiffError(f"--json {json_out}: is a folder; pass a file path such as {json_out / 'eval.json'}")
+    if adapter is not None and adapter_weight is None:
+        from ..method.adapter import read_adapter_manifest
+
+        adapter_weight = float(read_adapter_manifest(adapter).get("recommended_weight", 1.0))
     run = run_evaluation(model, data, attribute, classifier, per_prompt, seed, steps=steps,
                          guidance_scale=guidance_scale, batch_size=batch_size, adapter=adapter,
-                         adapter_weight=adapter_weight)
+                         adapter_weight=1.0 if adapter_weight is None else adapter_weight)
     grid_path = grid or json_out.with_suffix(".png")
     save_grid(grid_path, run.images, len(run.prompts))
     atomic_write_json(json_out, {**run.report, "grid": str(grid_path)})
