@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -42,6 +43,8 @@ def groups_step(a, name: str, extra: list[str]) -> Path:
 
 def train_step(a, name: str, extra: list[str]) -> Path:
     out = a.out / "adapters" / name
+    while Path(f"{out}.ckpt").exists() and time.time() - Path(f"{out}.ckpt").stat().st_mtime < 600:
+        time.sleep(10)  # another run of this script is training it
     if not (out / "adapter.json").exists():
         run(["train", "--model", a.model, "--data", str(a.data), "--out", str(out), "--threads", "1",
              "--steps", str(a.steps), *extra], a.out / "logs" / f"train-{name}.log")
@@ -62,12 +65,58 @@ def eval_step(a, name: str, adapter: Path | None, weight: float | None, n: int) 
 
 def adapter_runs(a) -> dict[str, list[str]]:
     rt, paper, oracle = (str(a.out / "groups" / n) for n in ("invdiff-rt", "paper", "oracle"))
-    runs = {"erm": ["--recipe", "erm"], "paper": ["--recipe", "paper", "--groups", paper],
+    runs = {"default-s0": ["--groups", rt, "--seed", "0"], "oracle-s0": ["--groups", oracle, "--seed", "0"],
+            "erm": ["--recipe", "erm"], "paper": ["--recipe", "paper", "--groups", paper],
             "default-lambda0": ["--groups", rt, "--lambda", "0"]}
-    for s in range(a.seeds):
+    for s in range(1, a.seeds):
         runs[f"default-s{s}"] = ["--groups", rt, "--seed", str(s)]
         runs[f"oracle-s{s}"] = ["--groups", oracle, "--seed", str(s)]
     return runs
+
+
+COLS = ("bias", "bias_filtered", "majority_share", "fidelity", "fid")
+
+
+def _stat(values: list[float]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.3f}"
+    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{mean:.3f} ± {sd:.3f}"
+
+
+def _group_cells(rows: list[dict], groups: dict, name: str) -> tuple[str, str, str, str]:
+    key = "oracle" if name.startswith("oracle") else "paper" if name == "paper" else \
+        None if name in ("base", "erm") else "invdiff-rt"
+    diag = groups.get(key, {}).get("diagnostics", {}) if key else {}
+    auroc, eff = diag.get("auroc"), diag.get("minority_effective_weight")
+    first = rows[0]
+    params = first.get("settings", {}).get("adapter_parameters") or "–"
+    return (f"{auroc:.3f}" if auroc is not None else "–", f"{eff:.3f}" if eff is not None else "–", str(params),
+            str(first.get("train_seconds", "–")))
+
+
+def render(out: Path) -> str:
+    """Markdown table: one line per (variant, weight), mean ± sd over adapter-training seeds."""
+    data = json.loads((out / "table.json").read_text())
+    rows, groups = data["rows"], data["groups"]
+    keyed: dict[tuple[str, float | None, int], list[dict]] = {}
+    for r in rows:
+        variant = r["name"].rsplit("-s", 1)[0] if r["name"].startswith(("default-s", "oracle-s")) else r["name"]
+        keyed.setdefault((variant, r["weight"], r["n_per_prompt"]), []).append(r)
+    head = ["variant", "w", "N", "seeds", *COLS, "group AUROC", "eff. minority weight", "adapter params",
+            "train s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (variant, weight, n), rs in keyed.items():
+        cells = [_stat([r.get(c) for r in rs]) for c in COLS]
+        lines.append("| " + " | ".join([variant, "–" if weight is None else f"{weight:g}", str(n), str(len(rs)),
+                                        *cells, *_group_cells(rs, groups, variant)]) + " |")
+    text = "\n".join(lines) + "\n"
+    (out / "table.md").write_text(text)
+    return text
 
 
 def main() -> None:
@@ -81,26 +130,31 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--render", action="store_true", help="Only render OUT/table.md from OUT/table.json.")
     a = p.parse_args()
+    if a.render:
+        print(render(a.out))
+        return
     (a.out / "logs").mkdir(parents=True, exist_ok=True)
-    with ThreadPoolExecutor(a.jobs) as pool:
+    # trainings share `--jobs` workers; evaluations run `--jobs` at a time beside them, as adapters finish
+    with ThreadPoolExecutor(a.jobs) as pool, ThreadPoolExecutor(a.jobs) as eval_pool:
         futures = [pool.submit(groups_step, a, "invdiff-rt", []), pool.submit(groups_step, a, "paper",
                                                                               ["--recipe", "paper"]),
                    pool.submit(groups_step, a, "oracle", ["--oracle-groups-from", a.attribute])]
-        futures.append(pool.submit(eval_step, a, "base", None, None, a.per_prompt))
-        [f.result() for f in futures[:3]]
+        evals = [eval_pool.submit(eval_step, a, "base", None, None, a.per_prompt)]
+        [f.result() for f in futures]
         adapters = {name: pool.submit(train_step, a, name, extra) for name, extra in adapter_runs(a).items()}
-        evals = [futures[3]]
         for name, fut in adapters.items():
             path = fut.result()
             weight = json.loads((path / "adapter.json").read_text()).get("recommended_weight", 1.0)
-            evals.append(pool.submit(eval_step, a, name, path, weight, a.per_prompt))
+            evals.append(eval_pool.submit(eval_step, a, name, path, weight, a.per_prompt))
             if name.startswith(("default-s", "oracle-s")):
-                evals += [pool.submit(eval_step, a, name, path, w, a.sweep_per_prompt) for w in SWEEP if w != weight]
+                evals += [eval_pool.submit(eval_step, a, name, path, w, a.sweep_per_prompt)
+                          for w in SWEEP if w != weight]
         rows = [f.result() for f in evals]
     groups = {n: json.loads((a.out / "groups" / f"{n}.json").read_text()) for n in ("invdiff-rt", "paper", "oracle")}
     (a.out / "table.json").write_text(json.dumps({"rows": rows, "groups": groups}, indent=2, default=str))
-    print(f"wrote {a.out / 'table.json'} ({len(rows)} evaluations)")
+    print(render(a.out))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import numpy as np
 
 from . import artifacts
 from .errors import InvdiffError
+from .runtime.defaults import DEFAULT_GUIDANCE
 
 FORMAT = "invdiff-rt/bench"
 FORMAT_VERSION = 1
@@ -148,7 +149,7 @@ class BenchConfig:
     threads: int | None = None
     precision: str = "fp32"
     scheduler: str = "ddim"
-    guidance_scale: float = 7.5
+    guidance_scale: float = DEFAULT_GUIDANCE
     adapter_weight: float = 1.0
     seed: int = 0
     engines: str = "engines"  # TensorRT engine cache (content-addressed: reused across runs)

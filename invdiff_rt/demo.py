@@ -115,12 +115,16 @@ def _evaluate(folder: Path, model, data: str, adapter_dir: str | None, weight: f
 
 
 def _bench(folder: Path, export_dir: str, model_dir: str, adapter_dir: str, cfg: DemoConfig) -> dict:
-    from .bench import BenchConfig, run_bench
+    from .bench import BenchConfig, plot, run_bench, write_json
+    from .runtime.sampling import DEFAULT_GUIDANCE
 
-    bc = BenchConfig(batch_sizes=cfg.bench_batch_sizes, steps=cfg.bench_steps, warmup=1, repeats=cfg.bench_repeats,
-                     threads=cfg.threads)
-    return run_bench(model=model_dir, adapter=adapter_dir, export=export_dir, backends=("torch", "onnxruntime"),
-                     config=bc, json_path=folder / "bench.json", plot_path=folder / "latency.png")
+    bc = BenchConfig(backends=["torch", "onnxruntime"], batch_sizes=list(cfg.bench_batch_sizes), model=model_dir,
+                     adapter=adapter_dir, export=export_dir, steps=cfg.bench_steps, warmup=1,
+                     repeats=cfg.bench_repeats, threads=cfg.threads, guidance_scale=DEFAULT_GUIDANCE)
+    result = run_bench(bc)
+    write_json(result, folder / "bench.json")
+    plot(result, folder / "latency.png")
+    return result
 
 
 def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), console: Console | None = None) -> Path:
@@ -170,7 +174,7 @@ def _fmt(x) -> str:
 
 
 def bench_rows(bench: dict) -> list[dict]:
-    return [r for r in bench.get("records", []) if r.get("adapter", True)]
+    return list(bench.get("records", []))
 
 
 def print_summary(console: Console, before: dict, after: dict, bench: dict, weight: float, timings: dict) -> None:

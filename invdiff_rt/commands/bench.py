@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from ..runtime.defaults import DEFAULT_GUIDANCE
+
 
 def register(app: typer.Typer) -> None:
     app.command("bench")(bench)
@@ -29,7 +31,7 @@ def bench(
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads per backend process."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 or fp16."),
     scheduler: str = typer.Option("ddim", "--scheduler", help="ddim, dpm or euler."),
-    guidance_scale: float = typer.Option(7.5, "--guidance-scale", help="Classifier-free guidance scale."),
+    guidance_scale: float = typer.Option(DEFAULT_GUIDANCE, "--guidance-scale", help="Classifier-free guidance scale."),
     adapter_weight: float = typer.Option(1.0, "--adapter-weight", help="Weight of the adapter."),
     engines: Path = typer.Option(Path("engines"), "--engines", help="TensorRT engine cache (with tensorrt)."),
 ) -> None:

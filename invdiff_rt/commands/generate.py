@@ -7,6 +7,8 @@ from typing import List, Optional
 
 import typer
 
+from ..runtime.defaults import DEFAULT_GUIDANCE
+
 
 def register(app: typer.Typer) -> None:
     app.command("generate")(generate)
@@ -23,7 +25,7 @@ def generate(
     batch_size: int = typer.Option(8, "--batch-size", help="Images per denoising batch (does not change images)."),
     seed: int = typer.Option(0, "--seed", help="Seed: image (prompt, index) depends only on it."),
     steps: int = typer.Option(25, "--steps", help="Denoising steps."),
-    guidance_scale: float = typer.Option(3.0, "--guidance-scale", help="Classifier-free guidance scale."),
+    guidance_scale: float = typer.Option(DEFAULT_GUIDANCE, "--guidance-scale", help="Classifier-free guidance scale."),
     adapter_weight: float = typer.Option(1.0, "--adapter-weight", help="Weight of the debiasing adapter."),
     backend: str = typer.Option("auto", "--backend",
                                 help="auto, torch, torch-cuda, onnxruntime, onnxruntime-cuda or tensorrt."),

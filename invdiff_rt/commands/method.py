@@ -25,6 +25,8 @@ def groups(
         None, "--report-attribute", help="Hidden column for diagnostics only (AUROC, precision/recall, weight)."),
     oracle_groups_from: Optional[str] = typer.Option(
         None, "--oracle-groups-from", help="Build groups from this hidden column (comparison only)."),
+    outlier_k: float = typer.Option(3.0, "--outlier-k",
+                                    help="invdiff-rt: inferred minority = per-prompt robust z above this (MADs)."),
     threads: int = typer.Option(0, "--threads", help=THREADS_HELP),
 ) -> None:
     """Infer groups from the frozen base's per-sample denoising losses (no labels used)."""
@@ -41,7 +43,7 @@ def groups(
     base = load_model(model)
     result = infer_groups(base, data, recipe=recipe, seed=seed, groups=n_groups, batch_size=batch_size,
                           profile_config=profile, oracle_column=oracle_groups_from,
-                          report_attribute=report_attribute)
+                          report_attribute=report_attribute, outlier_k=outlier_k)
     weights_path, json_path = save_groups(result, out)
     _print_groups(result.meta)
     typer.echo(f"groups written to {weights_path} and {json_path}")

@@ -48,7 +48,7 @@ def _one_thread():
 def paper_soft_grouper(losses: torch.Tensor, groups: int = 4, seed: int = 0, iters: int = 500, lr: float = 0.01,
                        min_weight_coef: float = 0.0) -> torch.Tensor:
     """Fit W [N,G] maximising std_g of the soft group means (minus c * min_ig l_i W_ig, c=0 as released)."""
-    losses = losses.detach().float()
+    losses = losses.detach().float().clone()  # a normal tensor even when computed under inference_mode
     gen = torch.Generator().manual_seed(seed)
     w = torch.rand(losses.shape[0], groups, generator=gen).requires_grad_(True)
     opt = torch.optim.Adam([w], lr=lr)
@@ -276,7 +276,7 @@ def hidden_minority(data_dir: str | Path, column: str, prompt_ids: torch.Tensor)
 
 
 def _profile_grouping(model, inputs, recipe: str, groups: int, seed: int, batch_size: int, profile_config,
-                      show_progress: bool) -> tuple[Grouping, dict]:
+                      show_progress: bool, outlier_k: float = 3.0) -> tuple[Grouping, dict]:
     from . import losses
 
     config = profile_config or losses.ProfileConfig()
@@ -290,13 +290,14 @@ def _profile_grouping(model, inputs, recipe: str, groups: int, seed: int, batch_
     if recipe == "paper":
         grouping = group_paper(profile.score, groups, seed)
     else:
-        grouping = group_robust(profile.score, inputs.prompt_ids)
-    return grouping, {"band": list(profile.band), **profile.info}
+        grouping = group_robust(profile.score, inputs.prompt_ids, k=outlier_k)
+    return grouping, {"band": list(profile.band), "outlier_k": outlier_k, **profile.info}
 
 
 def infer_groups(model, data_dir: str | Path, recipe: str = "invdiff-rt", seed: int = 0, groups: int | None = None,
                  batch_size: int = 256, profile_config=None, oracle_column: str | None = None,
-                 report_attribute: str | None = None, show_progress: bool = True) -> GroupsResult:
+                 report_attribute: str | None = None, show_progress: bool = True,
+                 outlier_k: float = 3.0) -> GroupsResult:
     """The `groups` stage: frozen-base loss profile -> label-free groups (or oracle groups from a hidden column)."""
     import time
 
@@ -311,7 +312,7 @@ def infer_groups(model, data_dir: str | Path, recipe: str = "invdiff-rt", seed: 
         profile_info, n_groups = {"source": f"oracle:{oracle_column}"}, 2
     else:
         grouping, profile_info = _profile_grouping(model, inputs, recipe, n_groups, seed, batch_size,
-                                                   profile_config, show_progress)
+                                                   profile_config, show_progress, outlier_k)
         profile_info["source"] = "inferred"
     meta = {"recipe": recipe, "groups": n_groups, "seed": seed, "n": int(inputs.latents.shape[0]),
             "data_fingerprint": inputs.data_fingerprint, "base_fingerprint": inputs.base_fingerprint,

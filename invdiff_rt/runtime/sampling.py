@@ -14,9 +14,7 @@ import torch
 
 from ..errors import InvdiffError
 
-SCHEDULERS = ("ddim", "dpm", "euler")
-DEFAULT_STEPS = 25
-DEFAULT_GUIDANCE = 3.0
+from .defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS, SCHEDULERS  # noqa: F401  (re-exported)
 
 
 class Runtime(Protocol):
