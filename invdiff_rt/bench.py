@@ -394,8 +394,9 @@ def plan_jobs(config: BenchConfig, tmp: Path, log: Callable[[str], None]) -> lis
     exports = {}
     if any(b in ENGINE_BACKENDS for b in config.run_backends):
         exports["adapter"] = config.export or str(export_variant(model, adapter, tmp / "export_adapter", config))
-        # the base variant times the denoising step only: export just the denoiser
-        exports["base"] = str(export_variant(model, None, tmp / "export_base", config, ("denoiser",)))
+        # the base variant times the denoising step only: its denoiser + the text encoder that makes its inputs
+        base_parts = ("denoiser", "text_encoder")
+        exports["base"] = str(export_variant(model, None, tmp / "export_base", config, base_parts))
         log("exported the ONNX variants (with and without adapter)")
     if "tensorrt" in config.run_backends:
         build_engines(exports.values(), config.engines, log)

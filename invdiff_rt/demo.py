@@ -24,6 +24,7 @@ ATTRIBUTE = "color"
 
 @dataclass(frozen=True)
 class DemoConfig:
+    model: str = BENCHMARK        # built-in name or a diffusers directory trained on the benchmark
     per_prompt: int = 32          # eval images per prompt (noise floor 0.8/sqrt(N))
     generate_per_prompt: int = 4  # images per prompt written by `generate`
     train_steps: int = 2000
@@ -132,7 +133,7 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), console: Console |
 
     out, console = Path(out), console or Console()
     stages = Stages(out, console)
-    model = load_model(BENCHMARK)
+    model = load_model(cfg.model)
     data = stages.run("data", {"recipe": BENCHMARK, "seed": cfg.seed}, lambda f: _data(f, cfg))
     base = {"model": model.fingerprint, "data": data["fingerprint"]}
     groups = stages.run("groups", {**base, "seed": cfg.seed}, lambda f: _groups(f, model, data["path"], cfg))
