@@ -11,14 +11,6 @@ from invdiff_rt.method.adapter import (AdapterConfig, GuidanceAdapter, adapter_f
 from invdiff_rt.models.configs import TinyArch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors on a shared 2-core machine: one torch thread is far faster than two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def unet():

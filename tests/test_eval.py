@@ -49,16 +49,6 @@ def make_bars_dataset(root: Path, n_train: int = 160, n_test: int = 80, seed: in
     return root
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Shared 2-core machine: one intra-op thread avoids OpenMP spin contention (10x faster here)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def bars(tmp_path_factory) -> Path:

@@ -21,16 +21,6 @@ FAST = dict(seed=3, steps=2, guidance_scale=2.0, adapter_weight=0.0, scheduler="
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The CI box is shared: one torch thread is faster than two oversubscribed ones."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:

@@ -4,14 +4,6 @@ import torch
 from invdiff_rt.method import grouper
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors on a shared 2-core machine: one torch thread is far faster than two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _planted(n=2000, prompts=4, frac=0.05, seed=0):
     """Log-normal losses, each prompt on its own scale; a 5 % minority per prompt has loss x e^1.5."""

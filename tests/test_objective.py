@@ -4,14 +4,6 @@ import torch
 from invdiff_rt.method.objective import invariance_objective, per_sample_loss
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors on a shared 2-core machine: one torch thread is far faster than two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def test_two_groups_hand_computed_raw_variance():
     losses = torch.tensor([1.0, 3.0, 10.0])
