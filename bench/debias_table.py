@@ -88,21 +88,26 @@ def _stat(values: list[float]) -> str:
     return f"{mean:.3f} ± {sd:.3f}"
 
 
-def _group_cells(rows: list[dict], groups: dict, name: str) -> tuple[str, str, str, str]:
+def _group_cells(rows: list[dict], groups: dict, name: str, out: Path) -> tuple[str, str, str, str]:
     key = "oracle" if name.startswith("oracle") else "paper" if name == "paper" else \
         None if name in ("base", "erm") else "invdiff-rt"
     diag = groups.get(key, {}).get("diagnostics", {}) if key else {}
     auroc, eff = diag.get("auroc"), diag.get("minority_effective_weight")
-    first = rows[0]
-    params = first.get("settings", {}).get("adapter_parameters") or "–"
-    return (f"{auroc:.3f}" if auroc is not None else "–", f"{eff:.3f}" if eff is not None else "–", str(params),
-            str(first.get("train_seconds", "–")))
+    manifest = out / "adapters" / rows[0]["name"] / "adapter.json"
+    meta = json.loads(manifest.read_text()) if manifest.exists() else {}
+    return (f"{auroc:.3f}" if auroc is not None else "–", f"{eff:.3f}" if eff is not None else "–",
+            str(meta.get("parameter_count", "–")), str(round(meta["training_seconds"])) if meta else "–")
 
 
 def render(out: Path) -> str:
     """Markdown table: one line per (variant, weight), mean ± sd over adapter-training seeds."""
-    data = json.loads((out / "table.json").read_text())
-    rows, groups = data["rows"], data["groups"]
+    if (out / "table.json").exists():
+        data = json.loads((out / "table.json").read_text())
+        rows, groups = data["rows"], data["groups"]
+    else:  # a partial run: whatever evaluations and groups exist so far
+        rows = [{"name": f.stem.split("@")[0], "weight": float(f.stem.split("@")[1]) if "@" in f.stem else None,
+                 **json.loads(f.read_text())} for f in sorted((out / "evals").glob("*.json"))]
+        groups = {f.stem: json.loads(f.read_text()) for f in (out / "groups").glob("*.json")}
     keyed: dict[tuple[str, float | None, int], list[dict]] = {}
     for r in rows:
         variant = r["name"].rsplit("-s", 1)[0] if r["name"].startswith(("default-s", "oracle-s")) else r["name"]
@@ -113,7 +118,7 @@ def render(out: Path) -> str:
     for (variant, weight, n), rs in keyed.items():
         cells = [_stat([r.get(c) for r in rs]) for c in COLS]
         lines.append("| " + " | ".join([variant, "–" if weight is None else f"{weight:g}", str(n), str(len(rs)),
-                                        *cells, *_group_cells(rs, groups, variant)]) + " |")
+                                        *cells, *_group_cells(rs, groups, variant, out)]) + " |")
     text = "\n".join(lines) + "\n"
     (out / "table.md").write_text(text)
     return text

@@ -132,33 +132,13 @@ def eager_step(unet, adapter):
     return step
 
 
+from invdiff_rt.runtime.cuda_graphs import graphed_step  # noqa: E402  (one home for the capture)
+
+
 def fused_module(unet, adapter):
     from invdiff_rt.runtime.fused import FusedDenoiser
 
     return FusedDenoiser(unet, adapter=adapter, cfg=True).eval()
-
-
-def graphed_step(module, inputs):
-    """Capture one CUDA graph of `module(*inputs)`; replay it after copying new inputs into the static buffers."""
-    static_in = [x.clone() for x in inputs]
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):  # warm up on a side stream before capture (cuBLAS/cuDNN workspaces)
-            module(*static_in)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = module(*static_in)
-
-    def step(*new_inputs):
-        for buf, x in zip(static_in, new_inputs):
-            if buf.data_ptr() != x.data_ptr():
-                buf.copy_(x, non_blocking=True)
-        graph.replay()
-        return static_out
-
-    return step
 
 
 @contextmanager
