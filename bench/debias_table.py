@@ -65,12 +65,14 @@ def eval_step(a, name: str, adapter: Path | None, weight: float | None, n: int) 
 
 def adapter_runs(a) -> dict[str, list[str]]:
     rt, paper, oracle = (str(a.out / "groups" / n) for n in ("invdiff-rt", "paper", "oracle"))
-    runs = {"default-s0": ["--groups", rt, "--seed", "0"], "oracle-s0": ["--groups", oracle, "--seed", "0"],
+    # the recorded rows: default and oracle adapters trained with lambda 1, the ablation with lambda 0
+    runs = {"default-s0": ["--groups", rt, "--seed", "0", "--lambda", "1"],
+            "oracle-s0": ["--groups", oracle, "--seed", "0", "--lambda", "1"],
             "erm": ["--recipe", "erm"], "paper": ["--recipe", "paper", "--groups", paper],
             "default-lambda0": ["--groups", rt, "--lambda", "0"]}
     for s in range(1, a.seeds):
-        runs[f"default-s{s}"] = ["--groups", rt, "--seed", str(s)]
-        runs[f"oracle-s{s}"] = ["--groups", oracle, "--seed", str(s)]
+        runs[f"default-s{s}"] = ["--groups", rt, "--seed", str(s), "--lambda", "1"]
+        runs[f"oracle-s{s}"] = ["--groups", oracle, "--seed", str(s), "--lambda", "1"]
     return runs
 
 
@@ -115,9 +117,12 @@ def render(out: Path) -> str:
     head = ["variant", "w", "N", "seeds", *COLS, "group AUROC", "eff. minority weight", "adapter params",
             "train s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for (variant, weight, n), rs in keyed.items():
+    order = ("base", "erm", "paper", "default", "default-lambda0", "oracle")
+    label = {"default": "invdiff-rt, λ=1", "default-lambda0": "invdiff-rt, λ=0 (default)", "oracle": "oracle groups"}
+    rank = {v: i for i, v in enumerate(order)}
+    for (variant, weight, n), rs in sorted(keyed.items(), key=lambda kv: (rank.get(kv[0][0], 99), kv[0][1] or 0)):
         cells = [_stat([r.get(c) for r in rs]) for c in COLS]
-        lines.append("| " + " | ".join([variant, "–" if weight is None else f"{weight:g}", str(n), str(len(rs)),
+        lines.append("| " + " | ".join([label.get(variant, variant), "–" if weight is None else f"{weight:g}", str(n), str(len(rs)),
                                         *cells, *_group_cells(rs, groups, variant, out)]) + " |")
     text = "\n".join(lines) + "\n"
     (out / "table.md").write_text(text)

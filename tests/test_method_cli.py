@@ -76,7 +76,7 @@ def test_groups_then_train_end_to_end(setup):
                 "--steps", "5", "--batch-size", "4", "--checkpoint-every", "2")
     assert r.exit_code == 0, r.output
     manifest = json.loads((out / "adapter.json").read_text())
-    assert manifest["steps"] == 5 and manifest["recipe"] == "invdiff-rt" and manifest["lambda"] == 1.0
+    assert manifest["steps"] == 5 and manifest["recipe"] == "invdiff-rt" and manifest["lambda"] == 0.0
     assert manifest["groups_fingerprint"] == meta["fingerprint"] and manifest["groups_source"] == "inferred"
     assert np.isfinite(manifest["final"]["loss"]) and not (tmp / "adapter.ckpt").exists()
     from invdiff_rt.method.adapter import load_adapter
