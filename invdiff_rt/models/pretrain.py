@@ -69,7 +69,6 @@ def _loop(name, total, start, step_fn, ckpt_fn, every, progress):
 def train_vae(vae, images: torch.Tensor, cfg: PretrainConfig, ckpt: Path, progress) -> None:
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=1e-4)
     start = load_checkpoint(ckpt, {"vae": vae}, opt)["step"] if has_checkpoint(ckpt) else 0
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + 1)
     vae.train().requires_grad_(True)
 
     def step_fn(step: int) -> float:
@@ -86,7 +85,6 @@ def train_vae(vae, images: torch.Tensor, cfg: PretrainConfig, ckpt: Path, progre
         opt.step()
         return loss.item()
 
-    del gen
     _loop("vae", cfg.vae_steps, start, step_fn,
           lambda s: save_checkpoint(ckpt, {"vae": vae}, opt, s), cfg.checkpoint_every, progress)
     vae.eval().requires_grad_(False)
