@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Every GPU check of the project in one call, for a short lease on a machine with torch + CUDA but no diffusers,
+# TensorRT, onnxruntime-gpu or network (e.g. the H100/H200 machines this project is sometimes lent):
+#   1. bench/gpu_check.sh: SD-1.5-architecture UNet + adapter, eager fp32/fp16 vs fused fp16 + CUDA graphs
+#   2. the GPU-marked tests (CUDA-graph step parity, TensorRT tests skip without TensorRT)
+#   3. `invdiff bench` on the shipped colored-digits mini model: eager vs the torch-cuda backend (fp16 + CUDA graphs),
+#      with and without the adapter
+# Each part has its own time cap, so one failure still leaves the others' results. Wheels: see bench/gpu_check.sh
+# (only diffusers and importlib_metadata are missing from such machines). Results and logs go to $OUT (or
+# bench/results/device/).
+#
+# Usage: bash bench/device_run.sh            (about 7 minutes on an H200)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+RESULTS="${OUT:-bench/results/device}"
+mkdir -p "$RESULTS"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 COLUMNS=160
+
+if ! python3 -c "import diffusers" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || { echo "error: could not install .whl/*.whl (see bench/gpu_check.sh for the list)" >&2; exit 2; }
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # the package itself, uninstalled
+
+echo "== 1/3 gpu_check (SD-1.5 UNet) =="
+GPU_CHECK_LIMIT_S="${GPU_CHECK_LIMIT_S:-300}" bash bench/gpu_check.sh --out "$RESULTS/gpu_check.json" \
+    --compile-cap-s "${COMPILE_CAP_S:-120}" 2>&1 | tee "$RESULTS/gpu_check.log"
+
+echo "== 2/3 GPU tests =="
+timeout 150 python3 -m pytest -q -p no:cacheprovider -m "gpu or trt" -o addopts="" tests/ 2>&1 \
+    | tee "$RESULTS/pytest_gpu.log" | tail -15
+
+echo "== 3/3 invdiff bench, colored-digits mini model, torch-cuda fp16 =="
+timeout 180 python3 -m invdiff_rt.cli bench --model colored-digits --backends torch --batch-sizes 1,8,32 \
+    --steps 20 --warmup 3 --repeats 10 --precision fp16 --json "$RESULTS/bench_gpu.json" 2>&1 \
+    | tee "$RESULTS/bench_gpu.log" | tail -30
+echo "done: results in $RESULTS"
