@@ -84,7 +84,18 @@ def time_calls(fn: Callable[[], Any], warmup: int, repeats: int, sync: Callable[
 
 
 def peak_host_mb() -> float:
-    """Peak resident set size of this process (Linux reports ru_maxrss in KiB)."""
+    """Peak resident set size of this process's own address space.
+
+    Linux: VmHWM from /proc/self/status. Not ru_maxrss: the kernel carries the parent's RSS at fork into a child's
+    ru_maxrss across exec, so every worker would report at least the (large) parent's peak.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kib / 1024 if sys.platform != "darwin" else kib / 2**20
 

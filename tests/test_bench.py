@@ -118,3 +118,21 @@ def test_cli_end_to_end_with_onnxruntime(tiny_model_dir, tmp_path):
     by = _check_schema(json.loads(out.read_text()))
     assert set(by) == {("eager", 1), ("torch", 1), ("onnxruntime", 1)}
     assert png.stat().st_size > 1000
+
+
+def test_peak_host_memory_is_the_workers_own_not_the_parents():
+    """ru_maxrss carries the parent's RSS into a forked+exec'd child; a worker must report its own peak."""
+    import subprocess
+    import sys
+
+    import torch  # noqa: F401  (makes this process's RSS large)
+
+    from invdiff_rt.bench import peak_host_mb
+
+    ballast = bytearray(200 * 2**20)  # touched: +200 MB resident in the parent
+    ballast[::4096] = b"x" * len(ballast[::4096])
+    parent = peak_host_mb()
+    out = subprocess.run([sys.executable, "-c", "from invdiff_rt.bench import peak_host_mb; print(peak_host_mb())"],
+                         capture_output=True, text=True, check=True)
+    child = float(out.stdout)
+    assert parent > 200 and 5 < child < parent / 2
