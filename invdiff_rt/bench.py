@@ -1,9 +1,11 @@
 """`invdiff bench`: per-stage latency, throughput and peak memory of each backend, side by side with the
 diffusers-style `eager` baseline and with the base model without adapter.
 
-Every (backend, variant) runs in its own process (`python -m invdiff_rt.bench --worker JOB --out PART`), so thread
-pools of different runtimes never fight and each peak-memory number belongs to one backend. Variants:
-`adapter` (all stages) and `base` (the same backend without the adapter: the denoising step only).
+Every backend runs in its own process (`python -m invdiff_rt.bench --worker JOB --out PART`), so thread pools of
+different runtimes never fight and each peak-memory number belongs to one backend. A worker times every stage with
+the adapter, records its peak memory, then loads the same backend without the adapter and times the two denoising
+steps interleaved call by call: the adapter overhead is the median of those paired ratios, so load from other
+processes on a shared machine hits both sides alike.
 """
 
 from __future__ import annotations
@@ -205,15 +207,16 @@ def parse_list(text: str, flag: str, cast: Callable[[str], Any] = str) -> list:
 
 @dataclass
 class Job:
-    """What one worker process times: one backend, one variant, from a model (+adapter) or an export folder."""
+    """What one worker process times: one backend from a model (+adapter) or an export folder, and the same backend
+    without the adapter (`base`: the fields to replace, e.g. {"adapter": None} or {"export": BASE_EXPORT})."""
 
     backend: str
-    variant: str  # "adapter" or "base"
     config: dict
     model: str | None = None
     adapter: str | None = None
     export: str | None = None
     engines: str | None = None
+    base: dict | None = None
     stages: list[str] = field(default_factory=lambda: list(STAGES))
 
     @classmethod
@@ -280,8 +283,27 @@ def stage_calls(runtime, batch: int, cfg: dict) -> dict[str, Callable[[], Any]]:
             "loop": loop, "decode": lambda: runtime.decode(latents), "e2e": e2e}
 
 
+def paired_steps(runtime, base, batch: int, cfg: dict, sync: Callable[[], None]) -> dict:
+    """The denoising step with and without the adapter, interleaved call by call (the order alternates), so that
+    any load on the machine hits both alike; `overhead` = median of the per-pair time ratios."""
+    with_adapter, without = stage_calls(runtime, batch, cfg)["step"], stage_calls(base, batch, cfg)["step"]
+    for _ in range(cfg["warmup"]):
+        with_adapter(), without()
+    times: dict[str, list[float]] = {"adapter": [], "base": []}
+    for i in range(cfg["repeats"]):
+        pair = (("adapter", with_adapter), ("base", without))
+        for name, fn in pair if i % 2 == 0 else pair[::-1]:
+            times[name] += time_calls(fn, 0, 1, sync)
+    ratios = np.asarray(times["adapter"]) / np.asarray(times["base"])
+    return {"adapter": summarize(times["adapter"]), "base": summarize(times["base"]),
+            "overhead": float(np.median(ratios))}
+
+
 def run_job(job: Job, log: Callable[[str], None] = lambda s: None) -> dict:
-    """Time every stage of `job` at every batch size; returns the worker's part (records + peak memory)."""
+    """Time every stage of `job` at every batch size, then the paired adapter/base step; returns the worker's part
+    (records + the peak memory of the adapter runtime alone)."""
+    import dataclasses
+
     import torch
 
     cfg = job.config
@@ -297,10 +319,15 @@ def run_job(job: Job, log: Callable[[str], None] = lambda s: None) -> dict:
             for stage in job.stages:
                 warmup = cfg["warmup"] if stage in ("text", "step", "decode") else min(cfg["warmup"], 1)
                 stages[stage] = summarize(time_calls(calls[stage], warmup, cfg["repeats"], sync))
-                log(f"{job.backend}/{job.variant} batch {batch} {stage}: p50 {stages[stage]['p50']:.2f} ms")
-            records.append({"backend": job.backend, "variant": job.variant, "batch_size": batch, "stages": stages})
-    return {"records": records, "peak_host_mb": peak_host_mb(), "peak_device_mb": peak_device_mb(),
-            "torch_threads": torch.get_num_threads()}
+                log(f"{job.backend} batch {batch} {stage}: p50 {stages[stage]['p50']:.2f} ms")
+            records.append({"backend": job.backend, "batch_size": batch, "stages": stages})
+        peak = {"peak_host_mb": peak_host_mb(), "peak_device_mb": peak_device_mb()}
+        if job.base is not None:
+            base = load_job_runtime(dataclasses.replace(job, base=None, **job.base))
+            for rec in records:
+                rec["paired"] = paired_steps(runtime, base, rec["batch_size"], cfg, sync)
+                log(f"{job.backend} batch {rec['batch_size']} adapter overhead {rec['paired']['overhead']:.3f}x")
+    return {"records": records, **peak, "torch_threads": torch.get_num_threads()}
 
 
 def worker_main(argv: list[str] | None = None) -> int:
@@ -324,7 +351,7 @@ def worker_main(argv: list[str] | None = None) -> int:
 
 def spawn_worker(job: Job, workdir: Path, log: Callable[[str], None]) -> dict:
     """Run one job in a fresh Python process; its one-line error becomes ours."""
-    name = f"{job.backend}-{job.variant}"
+    name = job.backend
     job_path, part_path = workdir / f"{name}.job.json", workdir / f"{name}.part.json"
     artifacts.atomic_write_json(job_path, asdict(job))
     cmd = [sys.executable, "-m", "invdiff_rt.bench", "--worker", str(job_path), "--out", str(part_path)]
@@ -333,7 +360,7 @@ def spawn_worker(job: Job, workdir: Path, log: Callable[[str], None]) -> dict:
     if proc.returncode != 0 or not part_path.exists():
         lines = [s for s in proc.stderr.splitlines() if s.strip()]
         last = lines[-1].removeprefix("error: ") if lines else f"exit code {proc.returncode}"
-        raise InvdiffError(f"--backends {job.backend}: the {job.variant} benchmark failed ({last})")
+        raise InvdiffError(f"--backends {job.backend}: its benchmark failed ({last})")
     log(f"{name}: {time.perf_counter() - start:.1f} s")
     return artifacts.read_json(part_path, "bench part")
 
@@ -400,7 +427,7 @@ def build_engines(export_dirs, engines_dir: str, log: Callable[[str], None]) -> 
 
 
 def plan_jobs(config: BenchConfig, tmp: Path, log: Callable[[str], None]) -> list[Job]:
-    """Jobs for every backend x {adapter, base}; exports what the engine backends need into `tmp`."""
+    """One job per backend (with its base variant); exports what the engine backends need into `tmp`."""
     model, adapter = resolve_sources(config, tmp)
     exports = {}
     if any(b in ENGINE_BACKENDS for b in config.run_backends):
@@ -413,26 +440,22 @@ def plan_jobs(config: BenchConfig, tmp: Path, log: Callable[[str], None]) -> lis
         build_engines(exports.values(), config.engines, log)
     jobs = []
     for backend in config.run_backends:
-        for variant in ("adapter", "base"):
-            source = ({"export": exports[variant], "engines": config.engines} if backend in ENGINE_BACKENDS
-                      else {"model": model, "adapter": adapter if variant == "adapter" else None})
-            stages = list(STAGES) if variant == "adapter" else ["step"]
-            jobs.append(Job(backend, variant, asdict(config), stages=stages, **source))
+        if backend in ENGINE_BACKENDS:
+            source, base = {"export": exports["adapter"], "engines": config.engines}, {"export": exports["base"]}
+        else:
+            source, base = {"model": model, "adapter": adapter}, {"adapter": None}
+        jobs.append(Job(backend, asdict(config), base=base, **source))
     return jobs
 
 
 def merge_records(parts: list[dict]) -> list[dict]:
     """One record per (backend, batch size) with ratios to `eager` and to the base model on the same backend."""
-    adapter = {(r["backend"], r["batch_size"]): (r, p) for p in parts for r in p["records"] if r["variant"] == "adapter"}
-    base = {(r["backend"], r["batch_size"]): r for p in parts for r in p["records"] if r["variant"] == "base"}
-    records = []
-    for (backend, batch), (rec, part) in adapter.items():
-        eager = adapter.get(("eager", batch), (None, None))[0]
-        records.append(make_record(rec, part, base.get((backend, batch)), eager))
-    return records
+    pairs = [(r, p) for p in parts for r in p["records"]]
+    eager = {r["batch_size"]: r for r, _ in pairs if r["backend"] == "eager"}
+    return [make_record(rec, part, eager.get(rec["batch_size"])) for rec, part in pairs]
 
 
-def make_record(rec: dict, part: dict, base: dict | None, eager: dict | None) -> dict:
+def make_record(rec: dict, part: dict, eager: dict | None) -> dict:
     stages, batch = rec["stages"], rec["batch_size"]
     out: dict[str, Any] = {"backend": rec["backend"], "batch_size": batch}
     for stage, s in stages.items():
@@ -444,9 +467,12 @@ def make_record(rec: dict, part: dict, base: dict | None, eager: dict | None) ->
     eager_stages = eager["stages"] if eager else {}
     out["speedup_vs_eager"] = ratio(eager_stages.get("step", {}).get("p50"), stages["step"]["p50"])
     out["e2e_speedup_vs_eager"] = ratio(eager_stages.get("e2e", {}).get("p50"), e2e)
-    out["base_step_ms_p50"] = base["stages"]["step"]["p50"] if base else None
-    out["adapter_overhead"] = ratio(stages["step"]["p50"], out["base_step_ms_p50"])
+    paired = rec.get("paired")
+    out["base_step_ms_p50"] = paired["base"]["p50"] if paired else None
+    out["adapter_overhead"] = paired["overhead"] if paired else None  # median of interleaved per-call ratios
     out["stages"] = stages
+    if paired:
+        out["paired"] = paired
     return out
 
 

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from invdiff_rt import bench
@@ -30,26 +31,43 @@ def test_ratio():
     assert bench.ratio(None, 10.0) is None and bench.ratio(1.0, 0.0) is None
 
 
-def _part(backend, variant, batch, step, e2e=None, rss=100.0):
+def _part(backend, batch, step, e2e=None, rss=100.0, paired=None):
     stages = {"step": {"p50": step, "p90": step * 1.5}}
     if e2e is not None:
         stages["e2e"] = {"p50": e2e, "p90": e2e}
-    return {"records": [{"backend": backend, "variant": variant, "batch_size": batch, "stages": stages}],
-            "peak_host_mb": rss, "peak_device_mb": None}
+    rec = {"backend": backend, "batch_size": batch, "stages": stages}
+    if paired:  # (adapter times, base times) of the interleaved calls
+        rec["paired"] = {"adapter": bench.summarize(paired[0]), "base": bench.summarize(paired[1]),
+                         "overhead": float(np.median(np.asarray(paired[0]) / np.asarray(paired[1])))}
+    return {"records": [rec], "peak_host_mb": rss, "peak_device_mb": None}
 
 
 def test_merge_records_computes_ratios_by_hand():
-    parts = [_part("eager", "adapter", 2, 30.0, e2e=1000.0), _part("eager", "base", 2, 24.0),
-             _part("torch", "adapter", 2, 10.0, e2e=500.0, rss=321.0), _part("torch", "base", 2, 8.0)]
+    parts = [_part("eager", 2, 30.0, e2e=1000.0, paired=([30.0, 36.0], [24.0, 24.0])),
+             _part("torch", 2, 10.0, e2e=500.0, rss=321.0, paired=([10.0, 11.0, 30.0], [8.0, 10.0, 20.0]))]
     records = {r["backend"]: r for r in bench.merge_records(parts)}
     assert set(records) == {"eager", "torch"}
     torch_rec = records["torch"]
     assert torch_rec["speedup_vs_eager"] == pytest.approx(3.0)  # eager 30 ms / torch 10 ms
-    assert torch_rec["adapter_overhead"] == pytest.approx(1.25)  # 10 ms with adapter / 8 ms without
+    assert torch_rec["adapter_overhead"] == pytest.approx(1.25)  # median of 10/8, 11/10, 30/20
+    assert torch_rec["base_step_ms_p50"] == pytest.approx(10.0)
     assert torch_rec["images_per_s"] == pytest.approx(4.0)  # 2 images in 500 ms
     assert torch_rec["e2e_speedup_vs_eager"] == pytest.approx(2.0)
     assert torch_rec["step_ms_p90"] == pytest.approx(15.0) and torch_rec["peak_mem_mb"] == 321.0
-    assert records["eager"]["speedup_vs_eager"] == 1.0 and records["eager"]["adapter_overhead"] == 1.25
+    assert records["eager"]["speedup_vs_eager"] == 1.0 and records["eager"]["adapter_overhead"] == 1.375
+
+
+def test_paired_steps_interleave_and_take_the_median_ratio(monkeypatch):
+    calls = []
+
+    class Recorder:  # a runtime whose step only records the call order
+        def __init__(self, name):
+            self.name = name
+
+    monkeypatch.setattr(bench, "stage_calls", lambda rt, batch, cfg: {"step": lambda: calls.append(rt.name)})
+    out = bench.paired_steps(Recorder("a"), Recorder("b"), 1, {"warmup": 1, "repeats": 4}, lambda: None)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]  # warm-up, then alternating order
+    assert out["adapter"]["n"] == out["base"]["n"] == 4 and out["overhead"] > 0
 
 
 def test_parse_list_and_config_errors_are_one_line():
@@ -79,7 +97,10 @@ def _check_schema(result):
         assert r["peak_mem_mb"] > 0 and r["images_per_s"] > 0 and r["adapter_overhead"] > 0
         eager = by[("eager", r["batch_size"])]
         assert r["speedup_vs_eager"] == pytest.approx(eager["step_ms_p50"] / r["step_ms_p50"])
-        assert r["adapter_overhead"] == pytest.approx(r["step_ms_p50"] / r["base_step_ms_p50"])
+        paired = r["paired"]  # one repeat: the median ratio is the ratio of the two calls
+        assert paired["adapter"]["n"] == paired["base"]["n"] == result["config"]["repeats"]
+        assert r["adapter_overhead"] == pytest.approx(paired["adapter"]["p50"] / paired["base"]["p50"])
+        assert r["base_step_ms_p50"] == paired["base"]["p50"]
         assert r["images_per_s"] == pytest.approx(r["batch_size"] / (r["e2e_ms_p50"] / 1e3))
     return by
 

@@ -19,8 +19,10 @@ def groups(
     n_groups: Optional[int] = typer.Option(None, "--groups", help="Number of groups (paper: default 4)."),
     seed: int = typer.Option(0, "--seed"),
     batch_size: int = typer.Option(256, "--batch-size", help="Base UNet batch for the loss profile."),
-    draws: int = typer.Option(4, "--draws", help="invdiff-rt: noise/t draws per sample inside the chosen band."),
-    grid_samples: int = typer.Option(512, "--grid-samples", help="invdiff-rt: samples used to pick the t band."),
+    draws: Optional[int] = typer.Option(
+        None, "--draws", help="invdiff-rt: noise/t draws per sample inside the chosen band (default 4)."),
+    grid_samples: Optional[int] = typer.Option(
+        None, "--grid-samples", help="invdiff-rt: samples used to pick the t band (default 1024)."),
     report_attribute: Optional[str] = typer.Option(
         None, "--report-attribute", help="Hidden column for diagnostics only (AUROC, precision/recall, weight)."),
     oracle_groups_from: Optional[str] = typer.Option(
@@ -36,9 +38,10 @@ def groups(
     from ..models.loader import load_model
 
     for flag, value in (("--batch-size", batch_size), ("--draws", draws), ("--grid-samples", grid_samples)):
-        if value <= 0:
+        if value is not None and value <= 0:
             raise InvdiffError(f"{flag} {value}: must be positive")
-    profile = ProfileConfig(draws=draws, grid_samples=grid_samples)
+    overrides = {"draws": draws, "grid_samples": grid_samples}
+    profile = ProfileConfig(**{k: v for k, v in overrides.items() if v is not None})
     _set_threads(threads)
     base = load_model(model)
     result = infer_groups(base, data, recipe=recipe, seed=seed, groups=n_groups, batch_size=batch_size,

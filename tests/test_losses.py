@@ -1,0 +1,72 @@
+"""The frozen base's loss profile: the contrast ratio on hand values, and the whole invdiff-rt profile on a model whose
+prompt prior is known exactly (so a planted minority must come out on top, without labels)."""
+
+from types import SimpleNamespace
+
+import torch
+from diffusers import DDPMScheduler
+
+from invdiff_rt.method import grouper, losses
+
+SCHEDULER = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+
+class PriorUNet(torch.nn.Module):
+    """The ideal noise predictor for a model that believes x0 == mu(c), with mu(c) = the mean of the embedding:
+    eps_hat = (x_t - sqrt(ab_t) mu) / sqrt(1 - ab_t)."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # losses read the device off the parameters
+
+    def forward(self, x_t, t, encoder_hidden_states):
+        ab = SCHEDULER.alphas_cumprod[t.long()].to(x_t.dtype)[:, None, None, None]
+        mu = encoder_hidden_states.mean(dim=(1, 2))[:, None, None, None]
+        return SimpleNamespace(sample=(x_t - ab.sqrt() * mu) / (1 - ab).sqrt())
+
+
+def test_contrast_ratio_hand_values():
+    unet = PriorUNet()
+    x0 = torch.tensor([-1.0, 1.0]).reshape(2, 1, 1, 1).expand(2, 4, 2, 2).contiguous()
+    noise = torch.randn(2, 4, 2, 2, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([900, 900])
+    cond = torch.full((1, 3, 5), -1.0)  # the prompt's prior: x0 = -1 (the majority)
+    uncond = torch.zeros(1, 3, 5)  # the empty prompt's prior: x0 = 0
+    ratio = losses.denoising_losses(unet, SCHEDULER, x0, cond, torch.tensor([0, 0]), t, noise, 8,
+                                    uncond_embedding=uncond)
+    # eps_hat - eps = sqrt(ab/(1-ab)) (x0 - mu): majority -> 0 / 1, minority -> 2^2 / 1^2
+    torch.testing.assert_close(ratio, torch.tensor([0.0, 4.0]), atol=1e-5, rtol=1e-5)
+    same = losses.denoising_losses(unet, SCHEDULER, x0, uncond, torch.tensor([0, 0]), t, noise, 1,
+                                   uncond_embedding=uncond)
+    torch.testing.assert_close(same, torch.ones(2))
+    plain = losses.denoising_losses(unet, SCHEDULER, x0, cond, torch.tensor([0, 0]), t, noise, 8)
+    ab = SCHEDULER.alphas_cumprod[900]
+    torch.testing.assert_close(plain, torch.tensor([0.0, float(4 * ab / (1 - ab))]), atol=1e-6, rtol=1e-5)
+
+
+def _planted_inputs(n=240, prompts=2, minority_per_prompt=12, seed=0):
+    """Prompt p believes x0 = (-1)^p; 12 samples per prompt are the opposite sign (the minority)."""
+    g = torch.Generator().manual_seed(seed)
+    prompt_ids = torch.arange(n) % prompts
+    sign = torch.where(prompt_ids == 0, -1.0, 1.0)  # the majority of each prompt matches its prior
+    minority = torch.zeros(n, dtype=torch.bool)
+    for p in range(prompts):
+        minority[(prompt_ids == p).nonzero().flatten()[:minority_per_prompt]] = True
+    x0 = torch.where(minority, -sign, sign)[:, None, None, None] + 0.3 * torch.randn(n, 4, 2, 2, generator=g)
+    text = torch.stack([torch.full((3, 5), -1.0), torch.full((3, 5), 1.0)])[:prompts]
+    inputs = SimpleNamespace(latents=x0, prompt_ids=prompt_ids, text_embeddings=text,
+                             uncond_embedding=torch.zeros(1, 3, 5))
+    return inputs, minority
+
+
+def test_profile_isolates_a_planted_minority_label_free_and_is_batch_independent():
+    inputs, minority = _planted_inputs()
+    config = losses.ProfileConfig(grid=(300, 700, 950), grid_samples=100, draws=2, smooth=1)
+    a = losses.band_profile(PriorUNet(), SCHEDULER, inputs, config, seed=0, batch_size=7)
+    b = losses.band_profile(PriorUNet(), SCHEDULER, inputs, config, seed=0, batch_size=64)
+    torch.testing.assert_close(a.score, b.score)
+    assert a.band == b.band and a.band[0] <= a.info["t_star"] <= a.band[1]
+    g = grouper.group_robust(a.score, inputs.prompt_ids)
+    d = grouper.group_diagnostics(g.score, g.inferred, g.weights, g.sampling, minority)
+    assert d["auroc"] > 0.99 and d["precision"] == 1.0 and d["recall"] > 0.9
+    assert d["minority_effective_weight"] >= 0.45
