@@ -86,6 +86,29 @@ def test_checkpoint_round_trip_restores_module_and_optimizer(tmp_path):
     assert torch.allclose(net.weight, net2.weight, atol=0, rtol=0)
 
 
+def test_interrupted_checkpoint_save_leaves_the_previous_one(tmp_path, monkeypatch):
+    from invdiff_rt.models import checkpoint
+
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    save_checkpoint(tmp_path / "ck", {"net": net}, opt, step=3)
+    saved = net.weight.detach().clone()
+    with torch.no_grad():
+        net.weight.add_(1.0)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "atomic_write_json", killed)  # dies after the tensors were written
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path / "ck", {"net": net}, opt, step=4)
+    monkeypatch.undo()
+    fresh = torch.nn.Linear(3, 2)
+    meta = load_checkpoint(tmp_path / "ck", {"net": fresh}, torch.optim.AdamW(fresh.parameters(), lr=1e-2))
+    assert meta["step"] == 3 and torch.equal(fresh.weight, saved)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no temporary folder left behind
+
+
 @pytest.mark.slow
 def test_pretrain_cli_few_steps_and_resume(tmp_path):
     from typer.testing import CliRunner
@@ -103,9 +126,9 @@ def test_pretrain_cli_few_steps_and_resume(tmp_path):
     assert info["data_fingerprint"] and info["parameters"]["unet"] > 0 and info["recipe"]["steps"] == 4
     m = load_model(out)
     assert m.scaling_factor != 0.18215
-    ck = json.loads((tmp_path / "model.ckpt" / "unet.json").read_text())
+    ck = json.loads((tmp_path / "model.ckpt" / "unet" / "state.json").read_text())
     assert ck["step"] == 4
     # resume: a larger --steps continues from the checkpoint (step 4) instead of restarting
     res = CliRunner().invoke(app, args[:6] + ["6"] + args[7:])
     assert res.exit_code == 0, res.output
-    assert json.loads((tmp_path / "model.ckpt" / "unet.json").read_text())["step"] == 6
+    assert json.loads((tmp_path / "model.ckpt" / "unet" / "state.json").read_text())["step"] == 6

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .. import artifacts
+from ..models import checkpoint
 from ..errors import InvdiffError
 from .adapter import GuidanceAdapter, config_for_unet, parameter_count, save_adapter
 from .grouper import Grouping, GroupsResult, group_erm, group_from_flags, hidden_minority
@@ -30,7 +31,6 @@ RECIPE_DEFAULTS = {
     "paper": {"lam": 1.0, "scale_aware": False, "recommended_weight": 1.6},
     "erm": {"lam": 0.0, "scale_aware": True, "recommended_weight": 1.0},
 }
-CKPT_STATE, CKPT_META = "state.safetensors", "state.json"
 
 
 @dataclass(frozen=True)
@@ -146,33 +146,17 @@ def _run_key(config: TrainConfig, meta: dict) -> str:
 
 
 def save_checkpoint(path: Path, step: int, key: str, adapter, optimizer, lr_scheduler) -> None:
-    tensors = {f"adapter.{k}": v for k, v in adapter.state_dict().items()}
-    opt = optimizer.state_dict()
-    for i, state in opt["state"].items():
-        tensors.update({f"opt.{i}.{k}": v if torch.is_tensor(v) else torch.tensor(v) for k, v in state.items()})
-    meta = {"step": step, "key": key, "param_groups": opt["param_groups"], "lr_scheduler": lr_scheduler.state_dict()}
-    with artifacts.atomic_dir(path) as tmp:
-        artifacts.atomic_save_safetensors(tensors, tmp / CKPT_STATE)
-        artifacts.atomic_write_json(tmp / CKPT_META, meta)
+    checkpoint.save_checkpoint(path, {"adapter": adapter}, optimizer, step,
+                               {"key": key, "lr_scheduler": lr_scheduler.state_dict()})
 
 
 def load_checkpoint(path: Path, key: str, adapter, optimizer, lr_scheduler) -> int:
     """Restore adapter/optimizer/scheduler; returns the step to continue from (0 when there is nothing)."""
-    from safetensors.torch import load_file
-
-    if not (path / CKPT_META).exists():
+    if not checkpoint.has_checkpoint(path):
         return 0
-    meta = artifacts.read_json(path / CKPT_META, "training checkpoint")
-    if meta.get("key") != key:
+    if checkpoint.read_checkpoint_meta(path).get("key") != key:
         raise InvdiffError(f"{path}: checkpoint was made with other settings/inputs; delete it or drop --resume")
-    tensors = load_file(str(path / CKPT_STATE))
-    adapter.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("adapter.")})
-    state: dict = {}
-    for name, v in tensors.items():
-        if name.startswith("opt."):
-            _, i, k = name.split(".", 2)
-            state.setdefault(int(i), {})[k] = v
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    meta = checkpoint.load_checkpoint(path, {"adapter": adapter}, optimizer)
     lr_scheduler.load_state_dict(meta["lr_scheduler"])
     return int(meta["step"])
 

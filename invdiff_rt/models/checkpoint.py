@@ -1,13 +1,13 @@
-"""Resumable training checkpoints without pickle: module + optimizer tensors in safetensors, scalars in JSON."""
+"""Resumable training checkpoints without pickle: module + optimizer tensors in safetensors, scalars in JSON, one
+folder per checkpoint, replaced atomically. Used by `invdiff pretrain` and `invdiff train`."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from ..artifacts import atomic_save_safetensors, atomic_write_json
+from ..artifacts import atomic_dir, atomic_save_safetensors, atomic_write_json, read_json
 
 
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -34,21 +34,31 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+STATE, META = "state.safetensors", "state.json"
+
+
 def save_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
                     step: int, extra: dict | None = None) -> None:
-    """Write `path.safetensors` and `path.json` (the JSON last: a checkpoint exists once its JSON exists)."""
+    """Write the folder `path` (state.safetensors + state.json) under a temporary name and rename it into place:
+    a save killed half-way leaves the previous checkpoint intact."""
     tensors = {f"{name}.{k}": v for name, m in modules.items() for k, v in m.state_dict().items()}
     opt_tensors, opt_meta = _flatten_optimizer(optimizer)
-    atomic_save_safetensors({**tensors, **opt_tensors}, path.with_suffix(".safetensors"))
-    atomic_write_json(path.with_suffix(".json"), {"step": step, "optimizer": opt_meta, **(extra or {})})
+    with atomic_dir(path) as tmp:
+        atomic_save_safetensors({**tensors, **opt_tensors}, tmp / STATE)
+        atomic_write_json(tmp / META, {"step": step, "optimizer": opt_meta, **(extra or {})})
+
+
+def read_checkpoint_meta(path: Path) -> dict:
+    """The JSON half of a checkpoint (step, optimizer scalars and whatever `extra` was saved)."""
+    return read_json(Path(path) / META, "training checkpoint")
 
 
 def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer) -> dict:
     """Restore modules and optimizer in place; return the JSON metadata (with "step")."""
     from safetensors.torch import load_file
 
-    meta = json.loads(path.with_suffix(".json").read_text())
-    tensors = load_file(str(path.with_suffix(".safetensors")))
+    meta = read_checkpoint_meta(path)
+    tensors = load_file(str(Path(path) / STATE))
     for name, m in modules.items():
         prefix = f"{name}."
         m.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
@@ -57,4 +67,4 @@ def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer: 
 
 
 def has_checkpoint(path: Path) -> bool:
-    return path.with_suffix(".json").exists() and path.with_suffix(".safetensors").exists()
+    return (Path(path) / META).exists() and (Path(path) / STATE).exists()
