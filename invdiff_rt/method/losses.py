@@ -8,9 +8,9 @@ the model has learned to draw green) is predicted worse with its prompt than wit
 fixed random subset) picks the informative band by the smoothed skewness rule: a minority that the prompt's prior
 gets wrong makes a right tail of the per-prompt log contrast, while an informative prompt that merely helps every sample
 gives a left tail (on colored-digits the skewness rises with t from -1.5 at t=300 to +0.6 at t=975, in step with the
-score's AUROC against the hidden colour: 0.26 -> 0.99). Then K draws with t ~ U[band] are averaged into the score. The ratio is already scale-free in t, so no
-per-t normalisation is needed. All noise and timesteps come from seeded generators, so a profile does not depend on
-the batch size.
+score's AUROC against the hidden colour: 0.26 -> 0.99). Then K draws with t ~ U[band] are averaged into the score.
+The ratio is already scale-free in t, so no per-t normalisation is needed. All noise and timesteps come from seeded
+generators, so a profile does not depend on the batch size.
 """
 
 from __future__ import annotations
