@@ -284,8 +284,10 @@ def stage_calls(runtime, batch: int, cfg: dict) -> dict[str, Callable[[], Any]]:
 
 
 def paired_steps(runtime, base, batch: int, cfg: dict, sync: Callable[[], None]) -> dict:
-    """The denoising step with and without the adapter, interleaved call by call (the order alternates), so that
-    any load on the machine hits both alike; `overhead` = median of the per-pair time ratios."""
+    """The denoising step with and without the adapter, interleaved pair by pair (the order alternates), so that
+    any load on the machine hits both alike; `overhead` = median of the per-pair time ratios. Each timed call follows
+    one untimed call of the same runtime: switching runtimes has its own cost (the other runtime's thread pool
+    still spinning, cold caches) that belongs to neither."""
     with_adapter, without = stage_calls(runtime, batch, cfg)["step"], stage_calls(base, batch, cfg)["step"]
     for _ in range(cfg["warmup"]):
         with_adapter(), without()
@@ -293,7 +295,7 @@ def paired_steps(runtime, base, batch: int, cfg: dict, sync: Callable[[], None])
     for i in range(cfg["repeats"]):
         pair = (("adapter", with_adapter), ("base", without))
         for name, fn in pair if i % 2 == 0 else pair[::-1]:
-            times[name] += time_calls(fn, 0, 1, sync)
+            times[name] += time_calls(fn, 1, 1, sync)
     ratios = np.asarray(times["adapter"]) / np.asarray(times["base"])
     return {"adapter": summarize(times["adapter"]), "base": summarize(times["base"]),
             "overhead": float(np.median(ratios))}

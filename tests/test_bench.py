@@ -66,7 +66,8 @@ def test_paired_steps_interleave_and_take_the_median_ratio(monkeypatch):
 
     monkeypatch.setattr(bench, "stage_calls", lambda rt, batch, cfg: {"step": lambda: calls.append(rt.name)})
     out = bench.paired_steps(Recorder("a"), Recorder("b"), 1, {"warmup": 1, "repeats": 4}, lambda: None)
-    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]  # warm-up, then alternating order
+    # warm-up pair, then per pair (order alternating) one untimed + one timed call of each side
+    assert calls == ["a", "b"] + ["a", "a", "b", "b", "b", "b", "a", "a"] * 2
     assert out["adapter"]["n"] == out["base"]["n"] == 4 and out["overhead"] > 0
 
 
