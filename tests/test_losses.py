@@ -70,3 +70,44 @@ def test_profile_isolates_a_planted_minority_label_free_and_is_batch_independent
     d = grouper.group_diagnostics(g.score, g.inferred, g.weights, g.sampling, minority)
     assert d["auroc"] > 0.99 and d["precision"] == 1.0 and d["recall"] > 0.9
     assert d["minority_effective_weight"] >= 0.45
+
+
+def test_antithetic_draws_pair_noise_and_share_timesteps():
+    inputs, _ = _planted_inputs(n=40)
+    shape = inputs.latents.shape
+    t0, e0 = losses._band_draw(3, 0, 925, 975, shape, antithetic=True)
+    t1, e1 = losses._band_draw(3, 1, 925, 975, shape, antithetic=True)
+    t2, e2 = losses._band_draw(3, 2, 925, 975, shape, antithetic=True)
+    assert torch.equal(t0, t1) and torch.equal(e1, -e0)
+    assert not torch.equal(t2, t0) and not torch.allclose(e2.abs(), e0.abs())
+    assert int(t0.min()) >= 925 and int(t0.max()) <= 975
+    # independent draws: draw 0 is the same as the antithetic draw 0, draw 1 is a fresh one
+    ti, ei = losses._band_draw(3, 1, 925, 975, shape, antithetic=False)
+    assert not torch.equal(ei, -e0)
+    # the profile is the mean over the pair: recompute it by hand from the two draws
+    config = losses.ProfileConfig(grid=(950,), grid_samples=40, draws=2, smooth=1)
+    profile = losses.band_profile(PriorUNet(), SCHEDULER, inputs, config, seed=3, batch_size=16)
+    lo, hi = profile.band
+    by_hand = sum(losses.denoising_losses(PriorUNet(), SCHEDULER, inputs.latents, inputs.text_embeddings,
+                                          inputs.prompt_ids, *losses._band_draw(3, k, lo, hi, shape, True), 16,
+                                          uncond_embedding=inputs.uncond_embedding) for k in range(2)) / 2
+    torch.testing.assert_close(profile.score, by_hand)
+    assert profile.info["antithetic"] is True
+
+
+def test_concurrent_batches_match_sequential_and_restore_threads():
+    inputs, _ = _planted_inputs(n=100)
+    t = torch.full((100,), 950)
+    noise = torch.randn(inputs.latents.shape, generator=torch.Generator().manual_seed(1))
+    args = (PriorUNet(), SCHEDULER, inputs.latents, inputs.text_embeddings, inputs.prompt_ids, t, noise, 9)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        sequential = losses.denoising_losses(*args, uncond_embedding=inputs.uncond_embedding)
+        torch.set_num_threads(3)
+        seen = []
+        concurrent = losses.denoising_losses(*args, advance=seen.append, uncond_embedding=inputs.uncond_embedding)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(sequential, concurrent) and sorted(seen) == [1] + [9] * 11

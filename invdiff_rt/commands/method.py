@@ -20,9 +20,12 @@ def groups(
     seed: int = typer.Option(0, "--seed"),
     batch_size: int = typer.Option(256, "--batch-size", help="Base UNet batch for the loss profile."),
     draws: Optional[int] = typer.Option(
-        None, "--draws", help="invdiff-rt: noise/t draws per sample inside the chosen band (default 4)."),
+        None, "--draws", help="invdiff-rt: noise/t draws per sample inside the chosen band (default 2)."),
     grid_samples: Optional[int] = typer.Option(
-        None, "--grid-samples", help="invdiff-rt: samples used to pick the t band (default 1024)."),
+        None, "--grid-samples", help="invdiff-rt: samples used to pick the t band (default 512)."),
+    antithetic: bool = typer.Option(
+        True, "--antithetic/--independent-draws",
+        help="invdiff-rt: draws in +eps/-eps pairs sharing t (default), or independent draws (ablation)."),
     report_attribute: Optional[str] = typer.Option(
         None, "--report-attribute", help="Hidden column for diagnostics only (AUROC, precision/recall, weight)."),
     oracle_groups_from: Optional[str] = typer.Option(
@@ -40,7 +43,7 @@ def groups(
     for flag, value in (("--batch-size", batch_size), ("--draws", draws), ("--grid-samples", grid_samples)):
         if value is not None and value <= 0:
             raise InvdiffError(f"{flag} {value}: must be positive")
-    overrides = {"draws": draws, "grid_samples": grid_samples}
+    overrides = {"draws": draws, "grid_samples": grid_samples, "antithetic": antithetic}
     profile = ProfileConfig(**{k: v for k, v in overrides.items() if v is not None})
     _set_threads(threads)
     base = load_model(model)

@@ -55,12 +55,13 @@ def _load(path: Path, base_fp: str, data_fp: str) -> BaseInputs | None:
 @torch.no_grad()
 def _encode_latents(model, records, batch_size: int) -> torch.Tensor:
     from ..data.folder import load_images
+    from ..parallel import map_batches
 
-    out = []
-    for start in range(0, len(records), batch_size):
+    def one_batch(start: int) -> torch.Tensor:
         images = load_images(records[start:start + batch_size], size=model.image_size)
-        out.append(model.encode_images(images).float().cpu())
-    return torch.cat(out)
+        return model.encode_images(images).float().cpu()
+
+    return torch.cat(map_batches(one_batch, range(0, len(records), batch_size), model.device))
 
 
 def _compute(model, records, batch_size: int, data_fp: str) -> BaseInputs:
