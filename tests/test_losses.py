@@ -82,7 +82,7 @@ def test_antithetic_draws_pair_noise_and_share_timesteps():
     assert not torch.equal(t2, t0) and not torch.allclose(e2.abs(), e0.abs())
     assert int(t0.min()) >= 925 and int(t0.max()) <= 975
     # independent draws: draw 0 is the same as the antithetic draw 0, draw 1 is a fresh one
-    ti, ei = losses._band_draw(3, 1, 925, 975, shape, antithetic=False)
+    _, ei = losses._band_draw(3, 1, 925, 975, shape, antithetic=False)
     assert not torch.equal(ei, -e0)
     # the profile is the mean over the pair: recompute it by hand from the two draws
     config = losses.ProfileConfig(grid=(950,), grid_samples=40, draws=2, smooth=1)
