@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
-from test_export import exported_folder
+from PIL import Image
+from test_export import PROMPTS, exported_folder
 from typer.testing import CliRunner
 
+from invdiff_rt.artifacts import read_jsonl
 from invdiff_rt.errors import InvdiffError
 from invdiff_rt.runtime import backends
+from invdiff_rt.runtime import generate as gen
 from invdiff_rt.runtime.check import THRESHOLDS, metrics
 
 
@@ -98,3 +102,25 @@ def test_check_cli_exits_1_on_a_failed_threshold(exported, tmp_path, monkeypatch
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 1
     assert json.loads(out.read_text())["passed"] is False
+
+
+def test_generate_onnxruntime_and_torch_images_within_one_level(exported, tmp_path):
+    """The acceptance bar of `invdiff generate`: same seed, --backend onnxruntime vs --backend torch, mean absolute
+    difference of the PNGs <= 1/255 (with the adapter on, CFG on)."""
+    settings = dict(num=2, seed=5, steps=3, guidance_scale=3.0, adapter_weight=1.0, scheduler="ddim", batch_size=2,
+                    progress=False)
+    images = {}
+    for backend, sources in (("torch", {"model": exported["model_dir"], "adapter": exported["adapter_dir"]}),
+                             ("onnxruntime", {"export": exported["out"]})):
+        runtime, name, fingerprints = gen.load_generation_runtime(backend=backend, threads=1, **sources)
+        assert name == backend
+        out = tmp_path / backend
+        gen.run_generation(runtime, PROMPTS, out, backend=name, fingerprints=fingerprints, **settings)
+        rows = read_jsonl(out / "manifest.jsonl")
+        images[backend] = {(r["prompt"], r["index"]): np.asarray(Image.open(out / r["file"]), dtype=np.float64)
+                           for r in rows}
+    assert images["torch"].keys() == images["onnxruntime"].keys() and len(images["torch"]) == 2 * len(PROMPTS)
+    for key, ref in images["torch"].items():
+        other = images["onnxruntime"][key]
+        assert ref.shape == other.shape and ref.std() > 1.0  # real images, not a constant
+        assert np.abs(ref - other).mean() <= 1.0, key  # 1/255 of the range, in uint8 levels
