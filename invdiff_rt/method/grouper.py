@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 
 from .. import artifacts
 from ..errors import InvdiffError
+from ..parallel import one_torch_thread
 
 MAD_TO_SD = 1.4826  # MAD of a normal distribution times this = its standard deviation
 
@@ -34,17 +34,6 @@ def soft_group_means(losses: torch.Tensor, weights: torch.Tensor) -> torch.Tenso
     return (weights * losses[:, None]).sum(dim=0) / weights.sum(dim=0).clamp_min(1e-12)
 
 
-@contextlib.contextmanager
-def _one_thread():
-    """Tiny tensor ops: thread hand-offs cost more than they save (8x slower on a busy 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def paper_soft_grouper(losses: torch.Tensor, groups: int = 4, seed: int = 0, iters: int = 500, lr: float = 0.01,
                        min_weight_coef: float = 0.0) -> torch.Tensor:
     """Fit W [N,G] maximising std_g of the soft group means (minus c * min_ig l_i W_ig, c=0 as released)."""
@@ -52,7 +41,7 @@ def paper_soft_grouper(losses: torch.Tensor, groups: int = 4, seed: int = 0, ite
     gen = torch.Generator().manual_seed(seed)
     w = torch.rand(losses.shape[0], groups, generator=gen).requires_grad_(True)
     opt = torch.optim.Adam([w], lr=lr)
-    with _one_thread():
+    with one_torch_thread():  # tiny tensor ops: thread hand-offs cost more than they save (8x on 2 cores)
         _fit(losses, w, opt, iters, min_weight_coef)
     return w.detach()
 
