@@ -156,6 +156,7 @@ class BenchConfig:
     model: str | None = None
     adapter: str | None = None
     export: str | None = None
+    base_export: str | None = None  # the same model exported without adapter (engine backends' overhead pair)
     steps: int = 20
     warmup: int = 3
     repeats: int = 10
@@ -389,6 +390,36 @@ def export_variant(model_dir: str, adapter_dir: str | None, out_dir: Path, confi
                         max_batch=max(config.batch_sizes), components=components)
 
 
+# the base variant times the denoising step only: its denoiser + the text encoder that makes its inputs
+BASE_PARTS = ("denoiser", "text_encoder")
+
+
+def check_base_export(base_export: str, adapter_export: str, config: BenchConfig) -> str:
+    """`--base-export`: an export of the same base model, without adapter, holding the parts the pair needs, at the
+    bench's precision and batch range; one-line errors otherwise."""
+    from .export.manifest import read_manifest
+
+    flag = f"--base-export {base_export}"
+    if not Path(base_export).is_dir():
+        raise InvdiffError(f"{flag}: not an export folder; run `invdiff export --model MODEL` without --adapter")
+    base, with_adapter = read_manifest(base_export), read_manifest(adapter_export, verify=False)
+    if base.get("adapter"):
+        raise InvdiffError(f"{flag}: exported with an adapter; export the base model without --adapter")
+    if base.get("base_fingerprint") != with_adapter.get("base_fingerprint"):
+        raise InvdiffError(f"{flag}: exported from another base model than the adapter export; re-export it "
+                           "from the same --model")
+    missing = [c for c in BASE_PARTS if c not in base.get("components", {})]
+    if missing:
+        raise InvdiffError(f"{flag}: has no {missing[0]}; export it with that component")
+    if base.get("cfg") != with_adapter.get("cfg"):
+        raise InvdiffError(f"{flag}: exported with cfg={base.get('cfg')}, the adapter export with "
+                           f"cfg={with_adapter.get('cfg')}; export both the same way")
+    if base.get("precision") != config.precision or base.get("max_batch", 0) < max(config.batch_sizes):
+        raise InvdiffError(f"{flag}: exported at {base.get('precision')} up to batch {base.get('max_batch')}; "
+                           f"re-export with --precision {config.precision} --max-batch {max(config.batch_sizes)}")
+    return str(base_export)
+
+
 def resolve_sources(config: BenchConfig, tmp: Path) -> tuple[str, str]:
     """(model folder, adapter folder) that the eager and torch backends time; a fresh adapter without --adapter."""
     from .method.adapter import read_adapter_manifest
@@ -434,10 +465,11 @@ def plan_jobs(config: BenchConfig, tmp: Path, log: Callable[[str], None]) -> lis
     exports = {}
     if any(b in ENGINE_BACKENDS for b in config.run_backends):
         exports["adapter"] = config.export or str(export_variant(model, adapter, tmp / "export_adapter", config))
-        # the base variant times the denoising step only: its denoiser + the text encoder that makes its inputs
-        base_parts = ("denoiser", "text_encoder")
-        exports["base"] = str(export_variant(model, None, tmp / "export_base", config, base_parts))
-        log("exported the ONNX variants (with and without adapter)")
+        if config.base_export:
+            exports["base"] = check_base_export(config.base_export, exports["adapter"], config)
+        else:
+            exports["base"] = str(export_variant(model, None, tmp / "export_base", config, BASE_PARTS))
+        log("ONNX variants with and without adapter: " + ", ".join(exports.values()))
     if "tensorrt" in config.run_backends:
         build_engines(exports.values(), config.engines, log)
     jobs = []

@@ -100,12 +100,15 @@ def test_gradient_only_into_adapter(unet):
     from diffusers import DDPMScheduler
 
     from invdiff_rt.method.grouper import group_erm
-    from invdiff_rt.method.train import TrainConfig, _step_loss, assert_only_adapter_trains, draw_batch
+    from invdiff_rt.method.train import (TrainConfig, _step_loss, assert_only_adapter_trains, base_prediction,
+                                        draw_batch)
 
     unet.requires_grad_(False)
     adapter = GuidanceAdapter(config_for_unet(unet))
     batch = draw_batch(_tiny_inputs(), group_erm(12), DDPMScheduler(), TrainConfig(batch_size=4), rank=0, step=0)
-    terms = _step_loss(unet, adapter, batch, lam=1.0, scale_aware=True, device="cpu")
+    eps_base = base_prediction(unet, batch, "cpu")
+    assert not eps_base.requires_grad
+    terms = _step_loss(adapter, batch, eps_base, lam=1.0, scale_aware=True, device="cpu")
     terms.loss.backward()
     assert_only_adapter_trains(unet, adapter)
     assert all(p.grad is None for p in unet.parameters())
@@ -132,6 +135,31 @@ def test_batches_keep_index_and_group_rows_together_per_rank():
     assert not torch.equal(b0.index, b1.index)
     again = draw_batch(_tiny_inputs(), grouping, sched, cfg, rank=0, step=5)  # resumable: same (seed, rank, step)
     assert torch.equal(again.index, b0.index) and torch.equal(again.sample, b0.sample)
+
+
+def test_base_predictions_chunked_equal_one_by_one_on_one_thread(unet):
+    """The frozen UNet's predictions for a chunk of steps (side by side in 1-thread workers) equal each step's
+    prediction alone on one thread, bit for bit, and torch's thread count is restored: chunking cannot change a
+    resumed run."""
+    from diffusers import DDPMScheduler
+
+    from invdiff_rt.method.grouper import group_erm
+    from invdiff_rt.method.train import TrainConfig, base_prediction, base_predictions, draw_batch
+
+    before = torch.get_num_threads()
+    batches = [draw_batch(_tiny_inputs(), group_erm(12), DDPMScheduler(), TrainConfig(batch_size=4), 0, s)
+               for s in range(3)]
+    try:
+        torch.set_num_threads(1)
+        alone = [base_prediction(unet, b, "cpu") for b in batches]
+        torch.set_num_threads(2)
+        chunked = base_predictions(unet, batches, "cpu")
+        single = base_predictions(unet, batches[2:], "cpu")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, c) for a, c in zip(alone, chunked)) and torch.equal(single[0], alone[2])
+    assert alone[0].shape == (4, 4, 8, 8) and not torch.equal(alone[0], alone[1])
 
 
 def test_weight_zero_reproduces_base_through_fused_denoiser(unet):

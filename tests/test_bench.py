@@ -84,6 +84,33 @@ def test_parse_list_and_config_errors_are_one_line():
     assert bench.BenchConfig(["torch", "eager"], [1], model="m").run_backends == ["eager", "torch"]
 
 
+def _fake_export(path, **fields):
+    """An export folder holding only a manifest (no files listed, so verification passes)."""
+    from invdiff_rt.export.manifest import FORMAT, MANIFEST_NAME
+
+    manifest = {"format": FORMAT, "files": {}, "adapter": None, "base_fingerprint": "b" * 64, "cfg": True,
+                "precision": "fp32", "max_batch": 32, "components": {"denoiser": {}, "text_encoder": {}}, **fields}
+    path.mkdir()
+    (path / MANIFEST_NAME).write_text(json.dumps(manifest))
+    return str(path)
+
+
+def test_base_export_must_be_the_same_base_without_adapter(tmp_path):
+    config = bench.BenchConfig(["onnxruntime"], [1, 8], model="m")
+    adapter_export = _fake_export(tmp_path / "with", adapter={"fingerprint": "a" * 64})
+    good = _fake_export(tmp_path / "good")
+    assert bench.check_base_export(good, adapter_export, config) == good
+    bad = {"adapter": dict(adapter={"fingerprint": "a" * 64}), "another base": dict(base_fingerprint="c" * 64),
+           "no text_encoder": dict(components={"denoiser": {}}), "cfg=False": dict(cfg=False),
+           "--precision fp32 --max-batch 8": dict(max_batch=4)}
+    for i, (expected, fields) in enumerate(bad.items()):
+        with pytest.raises(InvdiffError, match=expected) as info:
+            bench.check_base_export(_fake_export(tmp_path / f"bad{i}", **fields), adapter_export, config)
+        assert str(info.value).startswith(f"--base-export {tmp_path / f'bad{i}'}:") and "\n" not in str(info.value)
+    with pytest.raises(InvdiffError, match="^--base-export .*missing: not an export folder"):
+        bench.check_base_export(str(tmp_path / "missing"), adapter_export, config)
+
+
 def _check_schema(result):
     assert result["format"] == bench.FORMAT and result["machine"]["cores"] >= 1 and "versions" in result["machine"]
     records = result["records"]

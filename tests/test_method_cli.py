@@ -116,10 +116,10 @@ def test_crash_leaves_no_adapter_and_resume_is_exact(setup, monkeypatch):
 
     real_step = train._train_step
 
-    def crash_at_3(accelerator, run, config, step, first):
+    def crash_at_3(accelerator, run, config, step, first, prepared):
         if step == 3:
             raise KeyboardInterrupt
-        return real_step(accelerator, run, config, step, first)
+        return real_step(accelerator, run, config, step, first, prepared)
 
     monkeypatch.setattr(train, "_train_step", crash_at_3)
     with pytest.raises(KeyboardInterrupt):

@@ -124,6 +124,7 @@ def test_pretrain_cli_few_steps_and_resume(tmp_path):
     assert res.exit_code == 0, res.output
     info = json.loads((out / "invdiff_model.json").read_text())
     assert info["data_fingerprint"] and info["parameters"]["unet"] > 0 and info["recipe"]["steps"] == 4
+    assert info["resumed_from_step"] == {"vae": 0, "unet": 0}
     m = load_model(out)
     assert m.scaling_factor != 0.18215
     ck = json.loads((tmp_path / "model.ckpt" / "unet" / "state.json").read_text())
@@ -132,3 +133,5 @@ def test_pretrain_cli_few_steps_and_resume(tmp_path):
     res = CliRunner().invoke(app, args[:6] + ["6"] + args[7:])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "model.ckpt" / "unet" / "state.json").read_text())["step"] == 6
+    info = json.loads((out / "invdiff_model.json").read_text())
+    assert info["resumed_from_step"] == {"vae": 2, "unet": 4} and info["recipe"]["steps"] == 6

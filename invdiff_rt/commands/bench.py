@@ -21,6 +21,8 @@ def bench(
                                            "the default architecture, same cost as a trained one)."),
     export: Optional[Path] = typer.Option(None, "--export", help="Export folder (export/NAME) for the engine "
                                           "backends (with --model for the eager baseline if not recorded)."),
+    base_export: Optional[Path] = typer.Option(None, "--base-export", help="The same base model exported without "
+                                               "adapter (default: exported on the fly for the overhead pair)."),
     backends: str = typer.Option("torch,onnxruntime", "--backends", help="Comma-separated: torch, onnxruntime, "
                                  "tensorrt (the eager baseline always runs)."),
     batch_sizes: str = typer.Option("1,8,32", "--batch-sizes", help="Comma-separated batch sizes."),
@@ -43,6 +45,7 @@ def bench(
     config = b.BenchConfig(
         backends=b.parse_list(backends, "--backends"), batch_sizes=b.parse_list(batch_sizes, "--batch-sizes", int),
         model=model, adapter=str(adapter) if adapter else None, export=str(export) if export else None,
+        base_export=str(base_export) if base_export else None,
         steps=steps, warmup=warmup, repeats=repeats, threads=threads, precision=precision, scheduler=scheduler,
         guidance_scale=guidance_scale, adapter_weight=adapter_weight, engines=str(engines),
     ).check()

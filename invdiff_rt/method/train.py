@@ -18,6 +18,7 @@ import torch
 from .. import artifacts
 from ..models import checkpoint
 from ..errors import InvdiffError
+from ..parallel import map_batches, one_torch_thread
 from .adapter import GuidanceAdapter, config_for_unet, parameter_count, save_adapter
 from .grouper import Grouping, GroupsResult, group_erm, group_from_flags, hidden_minority
 from .losses import _gen, make_noise_scheduler, progress_bar
@@ -125,10 +126,25 @@ def assert_only_adapter_trains(unet: torch.nn.Module, adapter: torch.nn.Module) 
         raise RuntimeError("an adapter parameter received no gradient")
 
 
-def _step_loss(unet, adapter, batch: Batch, lam: float, scale_aware: bool, device):
-    x_t, t, text = batch.sample.to(device), batch.timestep.to(device), batch.text.to(device)
+def base_prediction(unet, batch: Batch, device) -> torch.Tensor:
+    """The frozen UNet's noise prediction on a batch (no graph: grad mode is per thread, so it is set here)."""
     with torch.no_grad():
-        eps_base = unet(x_t, t, encoder_hidden_states=text).sample
+        return unet(batch.sample.to(device), batch.timestep.to(device),
+                    encoder_hidden_states=batch.text.to(device)).sample
+
+
+def base_predictions(unet, batches: list[Batch], device) -> list[torch.Tensor]:
+    """`base_prediction` of each batch. They do not depend on the adapter, so on a multi-core CPU a chunk of steps
+    runs side by side in single-threaded workers (`map_batches`). On CPU each prediction is computed on one thread
+    however the steps are chunked, so a resumed run replays an uninterrupted one exactly."""
+    if torch.device(device).type == "cpu" and len(batches) == 1 and torch.get_num_threads() > 1:
+        with one_torch_thread():
+            return [base_prediction(unet, batches[0], device)]
+    return map_batches(lambda i: base_prediction(unet, batches[i], device), range(len(batches)), device)
+
+
+def _step_loss(adapter, batch: Batch, eps_base: torch.Tensor, lam: float, scale_aware: bool, device):
+    x_t, t, text = batch.sample.to(device), batch.timestep.to(device), batch.text.to(device)
     delta = adapter(x_t, t.float(), text, eps_base)
     losses = per_sample_loss(eps_base + delta, batch.noise.to(device))
     return invariance_objective(losses, batch.group_weights.to(device), lam, scale_aware)
@@ -194,10 +210,12 @@ class _Run:
     ckpt: Path
 
 
-def _train_step(accelerator, run: _Run, config: TrainConfig, step: int, first: bool) -> dict:
+def _train_step(accelerator, run: _Run, config: TrainConfig, step: int, first: bool,
+                prepared: tuple[Batch, torch.Tensor]) -> dict:
+    """One optimizer step on `prepared` = (this step's batch, the frozen UNet's prediction on it)."""
     scale_aware = RECIPE_DEFAULTS[config.recipe]["scale_aware"]
-    batch = draw_batch(run.inputs, run.grouping, run.noise_scheduler, config, accelerator.process_index, step)
-    terms = _step_loss(run.unet, run.adapter, batch, config.lam_value, scale_aware, accelerator.device)
+    batch, eps_base = prepared
+    terms = _step_loss(run.adapter, batch, eps_base, config.lam_value, scale_aware, accelerator.device)
     run.optimizer.zero_grad(set_to_none=True)
     accelerator.backward(terms.loss)
     if first:
@@ -210,13 +228,25 @@ def _train_step(accelerator, run: _Run, config: TrainConfig, step: int, first: b
     return {"loss": loss, "mean": mean, "penalty": penalty}
 
 
+def _prepared_steps(accelerator, run: _Run, config: TrainConfig, start_step: int):
+    """(step, (batch, frozen UNet prediction)) for every step from `start_step`, the predictions made a chunk of
+    steps at a time (as many steps as torch has CPU threads; one on a GPU)."""
+    device = accelerator.device
+    chunk = torch.get_num_threads() if torch.device(device).type == "cpu" else 1
+    for first in range(start_step, config.steps, chunk):
+        steps = range(first, min(first + chunk, config.steps))
+        batches = [draw_batch(run.inputs, run.grouping, run.noise_scheduler, config, accelerator.process_index, s)
+                   for s in steps]
+        yield from zip(steps, zip(batches, base_predictions(run.unet, batches, device)))
+
+
 def _loop(accelerator, run: _Run, config: TrainConfig, start_step: int) -> dict:
     last: dict = {}
     show = config.show_progress and accelerator.is_main_process
     with progress_bar(config.steps, f"train adapter ({config.recipe})", show) as advance:
         advance(start_step)
-        for step in range(start_step, config.steps):
-            last = _train_step(accelerator, run, config, step, first=step == start_step)
+        for step, prepared in _prepared_steps(accelerator, run, config, start_step):
+            last = _train_step(accelerator, run, config, step, step == start_step, prepared)
             advance(1, loss=last["loss"], mean=last["mean"], var=last["penalty"],
                     lr=run.lr_scheduler.get_last_lr()[0])
             if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:

@@ -66,7 +66,8 @@ def _loop(name, total, start, step_fn, ckpt_fn, every, progress):
             ckpt_fn(step + 1)
 
 
-def train_vae(vae, images: torch.Tensor, cfg: PretrainConfig, ckpt: Path, progress) -> None:
+def train_vae(vae, images: torch.Tensor, cfg: PretrainConfig, ckpt: Path, progress) -> int:
+    """Train the VAE in place; returns the step it resumed from (0 for a fresh run)."""
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=1e-4)
     start = load_checkpoint(ckpt, {"vae": vae}, opt)["step"] if has_checkpoint(ckpt) else 0
     vae.train().requires_grad_(True)
@@ -88,6 +89,7 @@ def train_vae(vae, images: torch.Tensor, cfg: PretrainConfig, ckpt: Path, progre
     _loop("vae", cfg.vae_steps, start, step_fn,
           lambda s: save_checkpoint(ckpt, {"vae": vae}, opt, s), cfg.checkpoint_every, progress)
     vae.eval().requires_grad_(False)
+    return start
 
 
 @torch.no_grad()
@@ -96,7 +98,8 @@ def encode_dataset(vae, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
 
 
 def train_unet(unet, text_encoder, tokenizer, latents, texts, cfg: PretrainConfig, ckpt: Path, progress):
-    """Joint text encoder + UNet training; returns the EMA copies."""
+    """Joint text encoder + UNet training; returns the EMA copies and the step it resumed from. A resumed run with
+    a larger `steps` continues on the longer cosine schedule (the learning rate jumps back up to its value there)."""
     from diffusers import DDPMScheduler
 
     noise_sched = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items() if k != "set_alpha_to_one"})
@@ -136,7 +139,7 @@ def train_unet(unet, text_encoder, tokenizer, latents, texts, cfg: PretrainConfi
 
     _loop("unet", cfg.steps, start, step_fn,
           lambda s: save_checkpoint(ckpt, modules, opt, s), cfg.checkpoint_every, progress)
-    return ema_unet.eval(), ema_text.eval()
+    return ema_unet.eval(), ema_text.eval(), start
 
 
 def _progress():
@@ -160,18 +163,19 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, cfg: PretrainConfig = Pr
     ckdir.mkdir(parents=True, exist_ok=True)
     tokenizer, text_encoder, vae, unet = build_components(arch, texts, cfg.seed)
     with _progress() as progress:
-        train_vae(vae, images, cfg, ckdir / "vae", progress)
+        vae_from = train_vae(vae, images, cfg, ckdir / "vae", progress)
         raw = encode_dataset(vae, images)
         scaling = float(1.0 / raw.std())
         vae.register_to_config(scaling_factor=scaling)
-        ema_unet, ema_text = train_unet(unet, text_encoder, tokenizer, raw * scaling, texts, cfg,
+        ema_unet, ema_text, unet_from = train_unet(unet, text_encoder, tokenizer, raw * scaling, texts, cfg,
                                         ckdir / "unet", progress)
     info = {
         "recipe": asdict(cfg), "arch": arch.to_json(), "data_dir": str(data_dir),
         "data_fingerprint": data_fingerprint(data_dir, "train"), "seed": cfg.seed,
         "parameters": {n: sum(p.numel() for p in m.parameters())
                        for n, m in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder))},
-        "scaling_factor": scaling, "training_seconds": round(time.time() - t0, 1), "versions": package_versions(),
+        "scaling_factor": scaling, "resumed_from_step": {"vae": vae_from, "unet": unet_from},
+        "training_seconds": round(time.time() - t0, 1), "versions": package_versions(),
         "weights_dtype": "float16" if fp16_weights else "float32",
     }
     dtype = torch.float16 if fp16_weights else torch.float32
