@@ -129,8 +129,9 @@ def _evaluate(folder: Path, model, data: str, export_dir: str, adapter_dir: str 
     from .eval.evaluate import run_evaluation
     from .eval.plots import save_grid
 
+    max_batch = read_json(Path(export_dir) / "manifest.json", "export manifest")["max_batch"]  # engine profiles
     run = run_evaluation(model, data, ATTRIBUTE, per_prompt=cfg.per_prompt, seed=cfg.seed, adapter=adapter_dir,
-                         adapter_weight=weight, denoiser=_runtime(export_dir, cfg))
+                         adapter_weight=weight, denoiser=_runtime(export_dir, cfg), batch_size=min(64, max_batch))
     save_grid(folder / "grid.png", run.images, n_rows=len(run.prompts))
     atomic_write_json(folder / "eval.json", run.report)
     return run.report

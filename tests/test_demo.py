@@ -27,7 +27,13 @@ def test_demo_end_to_end_smoke_and_stage_reuse(tmp_path, tiny_model_dir):
         assert record["key"] and "result" in record
     after = json.loads((out / "eval-debiased" / "eval.json").read_text())
     assert after["n_per_prompt"] == 2 and 0 <= after["bias"] <= 1
+    before = json.loads((out / "eval-base" / "eval.json").read_text())
+    assert before["settings"]["backend"] == after["settings"]["backend"] == "onnxruntime"
+    assert before["settings"]["adapter_fingerprint"] is None and after["settings"]["adapter_fingerprint"]
+    base_export = json.loads((out / "export" / "onnx-base" / "manifest.json").read_text())
+    assert base_export["adapter"] is None and set(base_export["components"]) >= {"denoiser", "vae_decoder"}
     bench = json.loads((out / "bench" / "bench.json").read_text())
+    assert bench["config"]["base_export"] == str(out / "export" / "onnx-base")
     assert {r["backend"] for r in bench["records"]} >= {"eager", "torch", "onnxruntime"}
     # second run: every stage is reused (recorded as 0 s)
     mtime = (out / "adapter" / "stage.json").stat().st_mtime
