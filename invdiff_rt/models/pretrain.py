@@ -168,7 +168,7 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, cfg: PretrainConfig = Pr
         scaling = float(1.0 / raw.std())
         vae.register_to_config(scaling_factor=scaling)
         ema_unet, ema_text, unet_from = train_unet(unet, text_encoder, tokenizer, raw * scaling, texts, cfg,
-                                        ckdir / "unet", progress)
+                                                   ckdir / "unet", progress)
     info = {
         "recipe": asdict(cfg), "arch": arch.to_json(), "data_dir": str(data_dir),
         "data_fingerprint": data_fingerprint(data_dir, "train"), "seed": cfg.seed,
