@@ -101,7 +101,7 @@ def _export(folder: Path, model, adapter_dir: str) -> dict:
         out = export_model(model.path, folder / "onnx", adapter_dir=adapter_dir, precision="fp32")
         base_out = Path(base.result())
     return {"path": str(out), "manifest": read_json(out / "manifest.json"), "base_path": str(base_out),
-            "base_files": read_json(base_out / "manifest.json")["files"]}
+            "base_manifest": read_json(base_out / "manifest.json")}
 
 
 def _runtime(export_dir: str, cfg: DemoConfig):
@@ -122,14 +122,13 @@ def _generate(folder: Path, export_dir: str, prompts: list[str], weight: float, 
             "images_per_s": result.images_per_s}
 
 
-def _evaluate(folder: Path, model, data: str, export_dir: str, adapter_dir: str | None, weight: float,
-              cfg: DemoConfig) -> dict:
-    """`invdiff eval` through the export's fastest backend (the adapter is baked into the export; `adapter_dir` is
-    only fingerprinted)."""
+def _evaluate(folder: Path, model, data: str, export_dir: str, max_batch: int, adapter_dir: str | None,
+              weight: float, cfg: DemoConfig) -> dict:
+    """`invdiff eval` through the export's fastest backend, in batches within its `max_batch` (engine profiles);
+    the adapter is baked into the export, `adapter_dir` is only fingerprinted."""
     from .eval.evaluate import run_evaluation
     from .eval.plots import save_grid
 
-    max_batch = read_json(Path(export_dir) / "manifest.json", "export manifest")["max_batch"]  # engine profiles
     run = run_evaluation(model, data, ATTRIBUTE, per_prompt=cfg.per_prompt, seed=cfg.seed, adapter=adapter_dir,
                          adapter_weight=weight, denoiser=_runtime(export_dir, cfg), batch_size=min(64, max_batch))
     save_grid(folder / "grid.png", run.images, n_rows=len(run.prompts))
@@ -164,19 +163,23 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), console: Console |
                                      "seed": cfg.seed},
                          lambda f: _adapter(f, model, data["path"], groups["prefix"], cfg))
     weight = float(adapter["manifest"].get("recommended_weight", 1.0))
-    export = stages.run("export", {**base, "adapter": adapter["fingerprint"]},
+    # "outputs" names the folders the stage writes: a record from before it also wrote onnx-base is not reused
+    export = stages.run("export", {**base, "adapter": adapter["fingerprint"], "outputs": ["onnx", "onnx-base"]},
                         lambda f: _export(f, model, adapter["path"]))
+    with_adapter, without = export["manifest"], export["base_manifest"]
     prompts = sorted(data_prompts(data["path"]))
-    generated = stages.run("generate", {"export": export["manifest"].get("files"), "weight": weight,
+    generated = stages.run("generate", {"export": with_adapter.get("files"), "weight": weight,
                                         "n": cfg.generate_per_prompt},
                            lambda f: _generate(f, export["path"], prompts, weight, cfg))
     ev = {"n": cfg.per_prompt, "seed": cfg.seed, **base}
-    before = stages.run("eval-base", {**ev, "export": export["base_files"]},
-                        lambda f: _evaluate(f, model, data["path"], export["base_path"], None, 0.0, cfg))
+    before = stages.run("eval-base", {**ev, "export": without["files"]},
+                        lambda f: _evaluate(f, model, data["path"], export["base_path"], without["max_batch"], None,
+                                            0.0, cfg))
     after = stages.run("eval-debiased", {**ev, "adapter": adapter["fingerprint"], "weight": weight,
-                                         "export": export["manifest"].get("files")},
-                       lambda f: _evaluate(f, model, data["path"], export["path"], adapter["path"], weight, cfg))
-    bench = stages.run("bench", {"export": export["manifest"].get("files"), "base": export["base_files"],
+                                         "export": with_adapter.get("files")},
+                       lambda f: _evaluate(f, model, data["path"], export["path"], with_adapter["max_batch"],
+                                           adapter["path"], weight, cfg))
+    bench = stages.run("bench", {"export": with_adapter.get("files"), "base": without["files"],
                                  "cfg": asdict(cfg)},
                        lambda f: _bench(f, export, str(model.path), adapter["path"], cfg))
     report = write_report(out, cfg, data, groups, adapter, generated, before, after, bench, stages.timings)
