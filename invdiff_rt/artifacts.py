@@ -214,3 +214,49 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+# ---------------------------------------------------------------- one writer per output
+
+def _lock_file(path: Path) -> Path:
+    """The lock of an output lives outside the working folder (nothing is created next to --out), one per rank so
+    that the ranks of one `torchrun` job can share an output folder."""
+    rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) if os.environ.get("WORLD_SIZE", "1") != "1" else ""
+    key = sha256_bytes(f"{Path(path).resolve()}|{rank}".encode())[:32]
+    folder = Path(tempfile.gettempdir()) / f"invdiff-locks-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    return folder / f"{key}.lock"
+
+
+@contextlib.contextmanager
+def output_lock(path: str | Path, flag: str = "--out") -> Iterator[None]:
+    """Advisory lock (flock) on an output path for the duration of a command: a second process refuses at once."""
+    import fcntl
+
+    lock = _lock_file(Path(path))
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise InvdiffError(f"{flag} {path}: another invdiff process (pid {holder}) is writing it; "
+                               "wait for it to finish or pass another path") from None
+        if _same_file(fd, lock):  # not unlinked by a releasing holder between our open and our flock
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False

@@ -11,6 +11,7 @@ import sys
 
 import typer
 
+from . import validate
 from .errors import InvdiffError
 
 # Pipeline order: data -> base model -> groups -> adapter -> export -> engines -> sampling -> eval/bench.
@@ -37,10 +38,12 @@ def _register_all() -> None:
 
 
 _register_all()
+validate.guard(app)  # every command: options checked, then its outputs locked, before it runs
 
 
 def main() -> None:
     try:
+        validate.check_argv(sys.argv[1:])
         code = app(standalone_mode=False)  # returns the code of a typer.Exit instead of exiting
     except InvdiffError as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
@@ -53,15 +56,20 @@ def main() -> None:
         sys.exit(130)
     except SystemExit:
         raise
-    except Exception as e:  # click usage errors etc.
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
+    except Exception as e:  # usage errors of click or of the click copy that Typer ships (typer._click)
+        if not _is_click_error(e):
+            raise
+        message = " ".join(line.strip() for line in e.format_message().splitlines() if line.strip())
+        if message:  # an empty one follows the help text (a group called without a command)
+            typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+        sys.exit(e.exit_code)
     if isinstance(code, int) and code:
         sys.exit(code)
+
+
+def _is_click_error(e: Exception) -> bool:
+    """A ClickException of any click copy: it formats its own message and carries an exit code."""
+    return any(cls.__name__ == "ClickException" for cls in type(e).__mro__) and hasattr(e, "format_message")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,397 @@
+"""The CLI boundary: every option of every command is checked before the command loads or writes anything.
+
+One table (`RULES`) holds the constraints of every flag: ranges, choices and what a path must be. The checks read it,
+and so does the test that walks the Typer app (`tests/test_cli_walk.py`), so the two cannot drift. A flag with no
+entry gets its type's default rule (an int is >= 0, a float finite, a string not blank, a path not below a regular
+file). `guard(app)` wraps every registered command: the checks run first, then the advisory lock on each output
+(`artifacts.output_lock`), then the command. A failure is an `InvdiffError`: one line, exit 2, nothing created.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import os
+import typing
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+from .errors import InvdiffError
+
+INPUT_KINDS = ("dir", "file", "prefix", "model")  # must exist
+OUTPUT_KINDS = ("out_dir", "out_file", "out_prefix")  # may exist; are locked while a command writes them
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Constraints of one flag. `above` is an exclusive lower bound; `choices` is called lazily (no heavy import
+    unless the flag is given); `path` is one of INPUT_KINDS or OUTPUT_KINDS; `comma`: a comma-separated list."""
+
+    min: float | None = None
+    max: float | None = None
+    above: float | None = None
+    choices: Callable[[], Sequence[str]] | None = None
+    path: str | None = None
+    comma: bool = False
+
+
+def _schedulers():
+    from .runtime.defaults import SCHEDULERS
+
+    return SCHEDULERS
+
+
+def _backends():
+    from .runtime.backends import BACKENDS
+
+    return BACKENDS
+
+
+def _backends_auto():
+    return ("auto", *_backends())
+
+
+def _recipes_data():
+    from .data.recipes import RECIPES
+
+    return sorted(RECIPES)
+
+
+def _strip_modes():
+    from .eval.classifiers import STRIP_MODES
+
+    return STRIP_MODES
+
+
+def _refit_modes():
+    return ("individual", "none")
+
+
+def _fixed(*values: str) -> Callable[[], Sequence[str]]:
+    return lambda: values
+
+
+# Keys: "--flag" for every command, or "command --flag" (command path joined by spaces) to override it.
+RULES: dict[str, Rule] = {
+    "--steps": Rule(min=1),
+    "--vae-steps": Rule(min=1),
+    "--seed": Rule(min=0),
+    "--num": Rule(min=1),
+    "--per-prompt": Rule(min=1),
+    "--batch-size": Rule(min=1),
+    "--threads": Rule(min=0),
+    "generate --threads": Rule(min=1),
+    "bench --threads": Rule(min=1),
+    "--epochs": Rule(min=1),
+    "--size": Rule(min=8, max=1024),
+    "--n-train": Rule(min=1),
+    "--n-test": Rule(min=1),
+    "--groups": Rule(min=2),
+    "--draws": Rule(min=1),
+    "--grid-samples": Rule(min=1),
+    "--checkpoint-every": Rule(min=1),
+    "--train-steps": Rule(min=1),
+    "--warmup": Rule(min=0),
+    "--repeats": Rule(min=1),
+    "--opset": Rule(min=18),
+    "--max-batch": Rule(min=1),
+    "--bias": Rule(min=0.0, max=1.0),
+    "--guidance-scale": Rule(min=0.0),
+    "--adapter-weight": Rule(min=0.0),
+    "--lr": Rule(above=0.0),
+    "--lambda": Rule(min=0.0),
+    "--outlier-k": Rule(above=0.0),
+    "--scheduler": Rule(choices=_schedulers),
+    "--precision": Rule(choices=_fixed("fp32", "fp16")),
+    "--backend": Rule(choices=_backends_auto),
+    "--backends": Rule(choices=_backends, comma=True),
+    "--batch-sizes": Rule(min=1, comma=True),
+    "groups --recipe": Rule(choices=_fixed("invdiff-rt", "paper")),
+    "train --recipe": Rule(choices=_fixed("invdiff-rt", "paper", "erm")),
+    "--strip": Rule(choices=_strip_modes),
+    "--refit": Rule(choices=_refit_modes),
+    "data make RECIPE": Rule(choices=_recipes_data),
+    "--model": Rule(path="model"),
+    "--data": Rule(path="dir"),
+    "--adapter": Rule(path="dir"),
+    "--export": Rule(path="dir"),
+    "--base-export": Rule(path="dir"),
+    "--onnx": Rule(path="dir"),
+    "--classifier": Rule(path="dir"),
+    "--prompts": Rule(path="file"),
+    "--engine": Rule(path="file"),
+    "train --groups": Rule(path="prefix"),
+    "data info ROOT": Rule(path="dir"),
+    "--out": Rule(path="out_dir"),
+    "groups --out": Rule(path="out_prefix"),
+    "--engines": Rule(path="out_dir"),
+    "--json": Rule(path="out_file"),
+    "--plot": Rule(path="out_file"),
+    "--grid": Rule(path="out_file"),
+    "--timing-cache": Rule(path="out_file"),
+}
+
+
+# ---------------------------------------------------------------- introspection (shared with the walking test)
+
+@dataclass(frozen=True)
+class Param:
+    """One option or argument of a command, from the command function's signature."""
+
+    name: str  # the Python parameter name
+    flag: str  # "--out", or the argument's metavar ("RECIPE")
+    type: type  # int, float, str, bool or Path (Optional[...] and List[...] unwrapped)
+    multiple: bool
+    required: bool
+    argument: bool
+    info: Any  # typer's OptionInfo / ArgumentInfo
+
+
+def commands(app) -> Iterator[tuple[str, Any]]:
+    """(command path such as "data make", CommandInfo) for every command of a Typer app, depth first."""
+    for info in app.registered_commands:
+        yield info.name or info.callback.__name__.replace("_", "-"), info
+    for group in app.registered_groups:
+        for path, info in commands(group.typer_instance):
+            yield f"{group.name} {path}", info
+
+
+def params(func) -> list[Param]:
+    hints = typing.get_type_hints(func)
+    return [_param(name, hints.get(name, str), p.default) for name, p in inspect.signature(func).parameters.items()]
+
+
+def _param(name: str, annotation, info) -> Param:
+    base, multiple = _unwrap(annotation)
+    decls = [d for d in (getattr(info, "param_decls", None) or ()) if d.startswith("--")]
+    argument = type(info).__name__ == "ArgumentInfo"
+    flag = name.upper() if argument else (decls[0].split("/")[0] if decls else "--" + name.replace("_", "-"))
+    required = getattr(info, "default", None) is ...
+    return Param(name, flag, base, multiple, required, argument, info)
+
+
+def _unwrap(annotation) -> tuple[type, bool]:
+    multiple = False
+    while typing.get_origin(annotation) is not None:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        multiple = multiple or typing.get_origin(annotation) in (list, typing.List)
+        annotation = args[0]
+    return annotation, multiple
+
+
+def rule_for(command: str, param: Param) -> Rule:
+    """The flag's rule: command-specific entry, else the flag's, else the type's default; typer's own min/max kept."""
+    rule = RULES.get(f"{command} {param.flag}") or RULES.get(param.flag) or _default_rule(param.type)
+    low, high = getattr(param.info, "min", None), getattr(param.info, "max", None)
+    if low is not None or high is not None:
+        rule = Rule(min=low if low is not None else rule.min, max=high if high is not None else rule.max,
+                    above=rule.above, choices=rule.choices, path=rule.path, comma=rule.comma)
+    return rule
+
+
+def _default_rule(kind: type) -> Rule:
+    return Rule(min=0) if kind is int else Rule()
+
+
+def output_params(command: str, func) -> list[Param]:
+    return [p for p in params(func) if p.type is Path and rule_for(command, p).path in OUTPUT_KINDS]
+
+
+# ---------------------------------------------------------------- the checks
+
+def check_argv(argv: Sequence[str]) -> None:
+    """Empty values ('--out ""', '--out=') are refused before Typer turns an empty path into the current folder."""
+    for i, arg in enumerate(argv):
+        flag, eq, value = arg.partition("=")
+        if arg.startswith("--") and eq and not value:
+            raise InvdiffError(f"{flag}: empty value; pass a value or leave the flag out")
+        if arg == "":
+            where = argv[i - 1] if i and argv[i - 1].startswith("-") else "an argument"
+            raise InvdiffError(f"{where}: empty value; pass a value or leave it out")
+
+
+def check_command(command: str, func, values: dict[str, Any]) -> None:
+    """Check every given value against its rule, then the command's combinations. Raises InvdiffError."""
+    for param in params(func):
+        value = values.get(param.name)
+        if value is None or param.type is bool:
+            continue
+        rule = rule_for(command, param)
+        for item in (value if param.multiple else [value]):
+            check_value(param, rule, item)
+    for combo in COMBOS.get(command, ()):
+        combo(values)
+
+
+def check_value(param: Param, rule: Rule, value: Any) -> None:
+    if param.type is Path:
+        return check_path(param.flag, rule.path, Path(value))
+    if param.type is str:
+        return _check_text(param.flag, rule, value)
+    _check_number(param.flag, rule, value)
+
+
+def _check_number(flag: str, rule: Rule, value) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvdiffError(f"{flag} {value}: not a finite number; pass a finite value")
+    if rule.min is not None and value < rule.min:
+        raise InvdiffError(f"{flag} {value}: must be at least {_num(rule.min)}")
+    if rule.above is not None and value <= rule.above:
+        raise InvdiffError(f"{flag} {value}: must be greater than {_num(rule.above)}")
+    if rule.max is not None and value > rule.max:
+        raise InvdiffError(f"{flag} {value}: must be at most {_num(rule.max)}")
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def _check_text(flag: str, rule: Rule, value: str) -> None:
+    if not value.strip():
+        raise InvdiffError(f"{flag} {value!r}: blank; pass a non-empty value")
+    if rule.path == "model":
+        return _check_model(flag, value)
+    items = [v.strip() for v in value.split(",")] if rule.comma else [value]
+    if rule.comma and not all(items):
+        raise InvdiffError(f"{flag} {value}: an empty item in the list; pass e.g. {flag} a,b")
+    for item in items:
+        _check_item(flag, rule, item, value)
+
+
+def _check_item(flag: str, rule: Rule, item: str, value: str) -> None:
+    if rule.choices is not None:
+        allowed = list(rule.choices())
+        if item not in allowed:
+            raise InvdiffError(f"{flag} {value}: unknown {item!r}; choose from {', '.join(allowed)}")
+    elif rule.comma:  # a list of numbers (e.g. --batch-sizes)
+        try:
+            number = int(item)
+        except ValueError:
+            raise InvdiffError(f"{flag} {value}: {item!r} is not an integer; pass e.g. {flag} 1,8") from None
+        _check_number(flag, rule, number)
+
+
+def _check_model(flag: str, value: str) -> None:
+    from .models.loader import BUILTIN_MODELS
+
+    if value in BUILTIN_MODELS:
+        return
+    check_path(flag, "dir", Path(value))
+    if not (Path(value) / "model_index.json").is_file():
+        raise InvdiffError(f"{flag} {value}: not a diffusers model folder (no model_index.json); "
+                           f"pass a model folder or one of {', '.join(BUILTIN_MODELS)}")
+
+
+def check_path(flag: str, kind: str | None, path: Path) -> None:
+    """Input kinds must exist as the right type; outputs must not be the wrong type; no path lies below a file."""
+    _check_ancestors(flag, path)
+    if kind in ("dir", "out_dir") and path.exists() and not path.is_dir():
+        raise InvdiffError(f"{flag} {path}: is a file, not a folder; pass a folder")
+    if kind in ("file", "out_file") and path.is_dir():
+        raise InvdiffError(f"{flag} {path}: is a folder, not a file; pass a file path")
+    if kind in ("dir", "file") and not path.exists():
+        raise InvdiffError(f"{flag} {path}: not found; pass an existing {'folder' if kind == 'dir' else 'file'}")
+    if kind == "prefix":
+        _check_prefix(flag, path)
+    if kind in OUTPUT_KINDS:
+        _check_writable(flag, path)
+
+
+def _check_ancestors(flag: str, path: Path) -> None:
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise InvdiffError(f"{flag} {path}: {parent} is a file, so nothing can be below it; pass another path")
+
+
+def _check_prefix(flag: str, path: Path) -> None:
+    stem = path.with_suffix("") if path.suffix in (".json", ".safetensors") else path
+    missing = [p for p in (Path(f"{stem}.json"), Path(f"{stem}.safetensors")) if not p.is_file()]
+    if missing:
+        raise InvdiffError(f"{flag} {path}: {missing[0]} not found; pass the prefix written by `invdiff groups`")
+
+
+def _check_writable(flag: str, path: Path) -> None:
+    target = next((p for p in [path, *path.parents] if p.is_dir()), Path("."))
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise InvdiffError(f"{flag} {path}: {target} is not writable; pass a path you can write to")
+
+
+# ---------------------------------------------------------------- combinations
+
+def _generate_combos(values: dict[str, Any]) -> None:
+    if bool(values.get("prompt")) == (values.get("prompts_file") is not None) and not values.get("merge"):
+        raise InvdiffError("--prompt/--prompts: pass one of them (--prompt TEXT, repeatable, or --prompts FILE)")
+    if values.get("merge"):
+        return
+    if (values.get("model") is None) == (values.get("export") is None):
+        raise InvdiffError("--model/--export: pass exactly one (a model folder, or an export folder)")
+    if values.get("adapter") is not None and values.get("export") is not None:
+        raise InvdiffError("--adapter: an export folder already contains its adapter; drop --adapter")
+    _check_precision(values.get("precision", "fp32"), values.get("backend", "auto"), values.get("export"))
+
+
+def _check_precision(precision: str, backend: str, export) -> None:
+    """fp16 is honoured by torch-cuda only (engine backends run the export's own precision): refuse it elsewhere."""
+    if precision == "fp32" or backend == "torch-cuda":
+        return
+    if export is not None:
+        raise InvdiffError(f"--precision {precision}: an export runs at the precision it was exported with; "
+                           "drop --precision (export with `invdiff export --precision fp16` instead)")
+    if backend == "auto":
+        from .runtime.backends import resolve_backend
+
+        backend = resolve_backend("auto", model="given")
+        if backend == "torch-cuda":
+            return
+    raise InvdiffError(f"--precision {precision}: the {backend} backend runs fp32 only; drop --precision "
+                       "(fp16 needs --backend torch-cuda or an fp16 export)")
+
+
+def _train_combos(values: dict[str, Any]) -> None:
+    if values.get("recipe") == "erm" and values.get("groups_prefix") is not None:
+        raise InvdiffError("--groups: the erm recipe uses no groups; drop --groups or pick another --recipe")
+
+
+def _data_make_combos(values: dict[str, Any]) -> None:
+    given = [f for f, k in (("--n-train", "n_train"), ("--n-test", "n_test")) if values.get(k) is not None]
+    if given and values.get("recipe") != "shapes-habitats":
+        raise InvdiffError(f"{', '.join(given)}: only for shapes-habitats; drop the flag for {values.get('recipe')}")
+
+
+COMBOS: dict[str, tuple[Callable[[dict], None], ...]] = {
+    "generate": (_generate_combos,),
+    "train": (_train_combos,),
+    "data make": (_data_make_combos,),
+}
+
+
+# ---------------------------------------------------------------- wiring
+
+def guard(app) -> None:
+    """Wrap every command of `app` (once): checks, then the output locks, then the command itself."""
+    for path, info in commands(app):
+        if not getattr(info.callback, "_invdiff_guarded", False):
+            info.callback = _guarded(path, info.callback)
+
+
+def _guarded(command: str, func):
+    @functools.wraps(func)
+    def run(**values):
+        check_command(command, func, values)
+        with ExitStack() as stack:
+            for param in output_params(command, func):
+                if values.get(param.name) is not None:
+                    stack.enter_context(_lock(param.flag, Path(values[param.name])))
+            return func(**values)
+
+    run._invdiff_guarded = True
+    return run
+
+
+def _lock(flag: str, path: Path):
+    from .artifacts import output_lock
+
+    return output_lock(path, flag)
