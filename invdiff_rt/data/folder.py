@@ -2,6 +2,13 @@
 
 Each metadata line holds `file_name`, `text` (the caption / prompt) and any extra attribute columns
 (e.g. `color`, `background`). Training reads images and `text`; evaluation reads one attribute column.
+
+What is accepted, and what is refused with one line naming the file (and the metadata line):
+- metadata.jsonl must be UTF-8; every `file_name` is listed once; every `text` is a non-blank caption.
+- Images of mode L, LA, P, RGBA, CMYK, I, I;16 (16-bit) or F are converted to 8-bit RGB: alpha is dropped, 16-bit
+  and 32-bit grey values are scaled to 0-255. Images of other sizes are resized bilinearly to the model's size
+  where a size is given (training, groups); otherwise all images of one split must share a size.
+- An image that declares more than MAX_PIXELS pixels (a decompression bomb) is refused before it is decoded.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from ..errors import InvdiffError
 
 METADATA = "metadata.jsonl"
 REQUIRED = ("file_name", "text")
+MAX_PIXELS = 4096 * 4096  # far above any image this project trains on; PIL's own limit is ~89 M pixels
 
 
 @dataclass(frozen=True)
@@ -46,7 +54,7 @@ def _parse_line(meta: Path, number: int, raw: str) -> dict[str, Any]:
     for key in REQUIRED:
         if key not in row:
             raise InvdiffError(f'{meta}:{number}: missing "{key}"; every line needs file_name and text')
-        if not isinstance(row[key], str) or (key == "file_name" and not row[key]):
+        if not isinstance(row[key], str) or not row[key].strip():
             raise InvdiffError(f'{meta}:{number}: "{key}" must be a non-empty string; fix the line')
     return row
 
@@ -67,14 +75,35 @@ def read_split(root: str | Path, split: str = "train") -> list[Record]:
     meta = folder / METADATA
     if not meta.is_file():
         raise InvdiffError(f"{meta}: not found; a dataset folder needs {split}/{METADATA} (make one: invdiff data make)")
-    try:
-        lines = meta.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise InvdiffError(f"{meta}: unreadable ({e}); regenerate the dataset") from e
+    lines = read_text_lines(meta)
     records = [_to_record(folder, meta, i, _parse_line(meta, i, raw)) for i, raw in enumerate(lines, 1) if raw.strip()]
     if not records:
         raise InvdiffError(f"{meta}: no records; add one JSON line per image")
+    _check_unique(meta, records)
     return records
+
+
+def read_text_lines(path: Path, flag: str = "") -> list[str]:
+    """The lines of a UTF-8 text file; a byte sequence that is not UTF-8 is an error naming its line."""
+    where = f"{flag} {path}" if flag else str(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise InvdiffError(f"{where}: unreadable ({e.strerror}); check the file") from e
+    try:
+        return data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise InvdiffError(f"{where}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save it as UTF-8") from None
+
+
+def _check_unique(meta: Path, records: list[Record]) -> None:
+    first: dict[Path, int] = {}
+    for r in records:
+        if r.file in first:
+            raise InvdiffError(f"{meta}:{r.line}: {r.file.name} is already listed on line {first[r.file]}; "
+                               "list each image once (delete one of the lines)")
+        first[r.file] = r.line
 
 
 def _open_rgb(record: Record, size: int | None):
@@ -82,13 +111,34 @@ def _open_rgb(record: Record, size: int | None):
 
     try:
         with Image.open(record.file) as im:
-            im = im.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError) as e:
+            _check_pixels(record, im.size)
+            im = to_rgb(im)
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
         raise InvdiffError(f"{record.file}: unreadable image ({type(e).__name__}); replace or delete it "
                            f"(metadata line {record.line})") from e
     if size is not None and im.size != (size, size):
         im = im.resize((size, size), Image.BILINEAR)
     return im
+
+
+def _check_pixels(record: Record, size: tuple[int, int]) -> None:
+    if size[0] * size[1] > MAX_PIXELS:
+        raise InvdiffError(f"{record.file}: declares {size[0]}x{size[1]} pixels, more than {MAX_PIXELS} "
+                           f"(a decompression bomb?); replace it or delete metadata line {record.line}")
+
+
+def to_rgb(im):
+    """8-bit RGB from any PIL mode: alpha dropped, 16/32-bit grey scaled to 0-255 (not clipped)."""
+    import numpy as np
+    from PIL import Image
+
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        array = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or array.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(np.round(array / top * 255.0), 0, 255).astype(np.uint8), "L")
+    if im.mode == "P":
+        im = im.convert("RGBA")
+    return im.convert("RGB")
 
 
 def load_images(records: Sequence[Record], size: int | None = None):
@@ -99,9 +149,11 @@ def load_images(records: Sequence[Record], size: int | None = None):
     if not records:
         raise InvdiffError("load_images: no records given; read a non-empty split first")
     arrays = [np.asarray(_open_rgb(r, size), dtype=np.uint8) for r in records]
-    shapes = {a.shape for a in arrays}
-    if len(shapes) > 1:
-        raise InvdiffError(f"{records[0].file.parent}: images have different sizes {sorted(shapes)}; pass size=")
+    for r, a in zip(records, arrays):
+        if a.shape != arrays[0].shape:
+            raise InvdiffError(f"{r.file}: {a.shape[1]}x{a.shape[0]} pixels, but {records[0].file.name} has "
+                               f"{arrays[0].shape[1]}x{arrays[0].shape[0]} (metadata line {r.line}); "
+                               "give every image of a split the same size")
     batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
     return (batch / 127.5 - 1.0).contiguous()
 

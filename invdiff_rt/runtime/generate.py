@@ -79,7 +79,9 @@ def read_prompts(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise InvdiffError(f"--prompts {path}: file not found; pass a text file with one prompt per line")
-    prompts = [line.strip() for line in path.read_text().splitlines()]
+    from ..data.folder import read_text_lines
+
+    prompts = [line.strip() for line in read_text_lines(path, "--prompts")]
     prompts = [p for p in prompts if p and not p.startswith("#")]
     if not prompts:
         raise InvdiffError(f"--prompts {path}: no prompts (only blank or # lines); add one prompt per line")

@@ -1,0 +1,190 @@
+"""Issue 12: one regression test per failure found by trying the CLI as a new user, plus data hygiene.
+
+Every bad input must end as one stderr line with exit code 2, before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from invdiff_rt import cli
+from invdiff_rt.artifacts import output_lock
+from invdiff_rt.data.folder import MAX_PIXELS, load_images, read_split
+from invdiff_rt.errors import InvdiffError
+
+PROMPT = "a photo of the digit 1"
+
+
+def _cli(monkeypatch, capsys, *argv) -> tuple[int, str]:
+    monkeypatch.setattr(sys, "argv", ["invdiff", *map(str, argv)])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return e.value.code, err
+
+
+def _generate(model, out, *extra):
+    return ["generate", "--model", model, "--prompt", PROMPT, "--num", "1", "--steps", "2", "--out", out, *extra]
+
+
+# ---------------------------------------------------------------- the "Why" list, one test each
+
+def test_typer_usage_errors_are_one_line(monkeypatch, capsys):
+    code, err = _cli(monkeypatch, capsys, "eval", "--model", "colored-digits")
+    assert code == 2 and "--data" in err
+    code, err = _cli(monkeypatch, capsys, "generate", "--out", "x", "--num", "abc")
+    assert code == 2 and "--num" in err
+
+
+@pytest.mark.parametrize("flag,value", [("--guidance-scale", "nan"), ("--guidance-scale", "inf"),
+                                        ("--adapter-weight", "nan"), ("--adapter-weight", "-inf")])
+def test_nonfinite_guidance_or_weight_writes_nothing(tiny_model_dir, tmp_path, monkeypatch, capsys, flag, value):
+    code, err = _cli(monkeypatch, capsys, *_generate(tiny_model_dir, tmp_path / "out", flag, value))
+    assert code == 2 and flag in err and "finite" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_steps_zero_is_refused_before_run_json(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    code, err = _cli(monkeypatch, capsys, *_generate(tiny_model_dir, tmp_path / "out", "--steps", "0"))
+    assert code == 2 and "--steps 0: must be at least 1" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_scheduler_leaves_no_run_json(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    code, err = _cli(monkeypatch, capsys, *_generate(tiny_model_dir, tmp_path / "out", "--scheduler", "bogus"))
+    assert code == 2 and "--scheduler bogus" in err and "ddim" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("precision", ["fp8", "fp16"])
+def test_precision_the_torch_backend_cannot_honour_is_refused(tiny_model_dir, tmp_path, monkeypatch, capsys,
+                                                              precision):
+    argv = _generate(tiny_model_dir, tmp_path / "out", "--backend", "torch", "--precision", precision)
+    code, err = _cli(monkeypatch, capsys, *argv)
+    assert code == 2 and f"--precision {precision}" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_prompts_file_not_utf8_names_file_and_line(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(b"a photo of the digit 1\n# comment\ncaf\xe9 latte\n")
+    argv = ["generate", "--model", tiny_model_dir, "--prompts", prompts, "--out", tmp_path / "out"]
+    code, err = _cli(monkeypatch, capsys, *argv)
+    assert code == 2 and f"{prompts}:3: not UTF-8" in err and "0xe9" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_below_a_regular_file(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    (tmp_path / "afile").write_text("x")
+    code, err = _cli(monkeypatch, capsys, *_generate(tiny_model_dir, tmp_path / "afile" / "out"))
+    assert code == 2 and "--out" in err and "is a file" in err
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_second_generate_on_the_same_out_refuses_while_the_first_runs(tiny_model_dir, tmp_path, monkeypatch,
+                                                                      capsys):
+    out = tmp_path / "out"
+    with output_lock(out):  # the first run holds the lock (a second open file description conflicts with it)
+        code, err = _cli(monkeypatch, capsys, *_generate(tiny_model_dir, out))
+    assert code == 2 and "another invdiff process" in err and "--out" in err
+    assert not out.exists()
+
+
+def test_lock_is_held_across_processes_and_released(tmp_path):
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom invdiff_rt.artifacts import output_lock\n"
+                               f"with output_lock({str(out)!r}):\n    print('held', flush=True)\n    time.sleep(30)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(InvdiffError, match=rf"pid {holder.pid}\)"):
+            with output_lock(out):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with output_lock(out):  # the kernel dropped the dead holder's lock
+        pass
+
+
+# ---------------------------------------------------------------- data hygiene
+
+def _dataset(root: Path, rows: list[dict], images: dict[str, Image.Image | bytes]) -> Path:
+    split = root / "train"
+    split.mkdir(parents=True)
+    for name, image in images.items():
+        if isinstance(image, bytes):
+            (split / name).write_bytes(image)
+        else:
+            image.save(split / name)
+    (split / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares width x height RGB pixels but holds (almost) no data: what a decompression bomb shows
+    before decoding."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + \
+        chunk(b"IEND", b"")
+
+
+def test_decompression_bomb_is_refused_naming_file_and_line(tmp_path):
+    ok = Image.new("RGB", (8, 8), (10, 20, 30))
+    root = _dataset(tmp_path / "d", [{"file_name": "a.png", "text": PROMPT}, {"file_name": "bomb.png", "text": PROMPT}],
+                    {"a.png": ok, "bomb.png": _png_header_only(60000, 60000)})
+    with pytest.raises(InvdiffError, match=r"bomb\.png.*metadata line 2"):
+        load_images(read_split(root))
+    big = 4097  # over MAX_PIXELS, under PIL's own limit: refused by our check before decoding
+    assert big * big > MAX_PIXELS
+    root2 = _dataset(tmp_path / "d2", [{"file_name": "big.png", "text": PROMPT}], {"big.png": _png_header_only(big, big)})
+    with pytest.raises(InvdiffError, match=r"big\.png: declares 4097x4097 pixels.*line 1"):
+        load_images(read_split(root2))
+
+
+def test_duplicate_file_name_is_refused(tmp_path):
+    rows = [{"file_name": "a.png", "text": PROMPT}, {"file_name": "b.png", "text": PROMPT},
+            {"file_name": "./a.png", "text": PROMPT}]
+    root = _dataset(tmp_path / "d", rows, {"a.png": Image.new("RGB", (8, 8)), "b.png": Image.new("RGB", (8, 8))})
+    with pytest.raises(InvdiffError, match=r"metadata\.jsonl:3: a\.png is already listed on line 1"):
+        read_split(root)
+
+
+def test_metadata_not_utf8_and_blank_text(tmp_path):
+    root = _dataset(tmp_path / "d", [{"file_name": "a.png", "text": PROMPT}], {"a.png": Image.new("RGB", (8, 8))})
+    meta = root / "train" / "metadata.jsonl"
+    meta.write_bytes(meta.read_bytes() + b'{"file_name": "a.png", "text": "caf\xe9"}\n')
+    with pytest.raises(InvdiffError, match=r"metadata\.jsonl:2: not UTF-8 text \(byte 0xe9\)"):
+        read_split(root)
+    meta.write_text(json.dumps({"file_name": "a.png", "text": "  "}) + "\n")
+    with pytest.raises(InvdiffError, match=r'metadata\.jsonl:1: "text" must be a non-empty string'):
+        read_split(root)
+
+
+def test_other_modes_convert_to_rgb_and_sizes_resize(tmp_path):
+    grey16 = Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16))
+    assert grey16.mode in ("I;16", "I")
+    images = {"l.png": Image.new("L", (8, 8), 128), "rgba.png": Image.new("RGBA", (8, 8), (255, 0, 0, 0)),
+              "p.png": Image.new("RGB", (8, 8), (0, 255, 0)).convert("P"), "g16.png": grey16,
+              "big.png": Image.new("RGB", (16, 16), (0, 0, 255))}
+    rows = [{"file_name": name, "text": PROMPT} for name in images]
+    root = _dataset(tmp_path / "d", rows, images)
+    x = load_images(read_split(root), size=8)
+    assert x.shape == (5, 3, 8, 8)
+    pixels = ((x[:, :, 0, 0] + 1) * 127.5).round().tolist()
+    assert pixels == [[128, 128, 128], [255, 0, 0], [0, 255, 0], [255, 255, 255], [0, 0, 255]]
+    with pytest.raises(InvdiffError, match=r"big\.png: 16x16 pixels, but l\.png has 8x8 \(metadata line 5\)"):
+        load_images(read_split(root))
