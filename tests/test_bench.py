@@ -147,7 +147,7 @@ def test_smoke_in_process_torch(tiny_model_dir, tmp_path):
 
 def test_cli_bad_backend_is_one_line_error(tmp_path):
     out = tmp_path / "b.json"
-    proc = subprocess.run([sys.executable, "-m", "invdiff_rt.cli", "bench", "--model", "m", "--backends", "tvm",
+    proc = subprocess.run([sys.executable, "-m", "invdiff_rt.cli", "bench", "--model", "colored-digits", "--backends", "tvm",
                            "--json", str(out)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     lines = [s for s in proc.stderr.splitlines() if s.strip()]
