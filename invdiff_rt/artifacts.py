@@ -7,6 +7,7 @@ into place, so an interrupted run never leaves a truncated file behind.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -120,6 +121,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Build a directory under a temporary name and rename it onto `path` when complete (replacing it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_dirs(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
@@ -137,13 +139,28 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp)
 
 
+def _remove_stale_dirs(path: Path) -> None:
+    """Temporaries of `path` left by a killed run (`.<name>.*.tmp`, `.<name>.old`). The caller is the only writer
+    of `path`: the CLI holds the output lock (`output_lock`) while a command runs."""
+    for stale in [*path.parent.glob(f".{path.name}.*.tmp"), path.with_name(f".{path.name}.old")]:
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 def append_jsonl(path: str | Path, record: dict) -> None:
-    """Append one complete line with a single write + fsync: a crash never leaves a partial line."""
+    """Append one complete line with a single write + fsync. A crash never leaves a partial line that a reader
+    trusts (a torn last line is ignored); a failed or short write (a full disk) is cut back off and raised."""
     line = (json.dumps(record, sort_keys=True, default=str) + "\n").encode()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    size = os.fstat(fd).st_size
     try:
-        os.write(fd, line)
+        written = os.write(fd, line)
+        if written != len(line):
+            raise OSError(errno.ENOSPC, f"short write ({written} of {len(line)} bytes)", str(path))
         os.fsync(fd)
+    except OSError:
+        os.ftruncate(fd, size)
+        raise
     finally:
         os.close(fd)
 

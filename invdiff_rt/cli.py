@@ -56,6 +56,12 @@ def main() -> None:
         sys.exit(130)
     except SystemExit:
         raise
+    except OSError as e:
+        if e.errno not in validate.DISK_ERRORS:
+            raise
+        typer.secho(f"error: {e.filename or 'output'}: {e.strerror}; free space (or fix permissions) and rerun the "
+                    "same command: finished artifacts are intact and reused", fg=typer.colors.RED, err=True)
+        sys.exit(1)
     except Exception as e:  # usage errors of click or of the click copy that Typer ships (typer._click)
         if not _is_click_error(e):
             raise

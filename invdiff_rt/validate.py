@@ -9,6 +9,7 @@ file). `guard(app)` wraps every registered command: the checks run first, then t
 
 from __future__ import annotations
 
+import errno
 import functools
 import inspect
 import math
@@ -23,6 +24,7 @@ from .errors import InvdiffError
 
 INPUT_KINDS = ("dir", "file", "prefix", "model")  # must exist
 OUTPUT_KINDS = ("out_dir", "out_file", "out_prefix")  # may exist; are locked while a command writes them
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)  # reported by the CLI as one line, exit 1
 
 
 @dataclass(frozen=True)
