@@ -188,3 +188,26 @@ def test_other_modes_convert_to_rgb_and_sizes_resize(tmp_path):
     assert pixels == [[128, 128, 128], [255, 0, 0], [0, 255, 0], [255, 255, 255], [0, 0, 255]]
     with pytest.raises(InvdiffError, match=r"big\.png: 16x16 pixels, but l\.png has 8x8 \(metadata line 5\)"):
         load_images(read_split(root))
+
+
+def _click_modules():
+    import click
+
+    modules = [click]
+    try:
+        from typer import _click  # typer >= 0.29 ships its own copy of click
+
+        modules.append(_click)
+    except ImportError:
+        pass
+    return modules
+
+
+@pytest.mark.parametrize("module", _click_modules(), ids=lambda m: m.__name__)
+def test_usage_errors_of_either_click_copy_are_one_line(module, monkeypatch, capsys):
+    def raise_usage_error(**kwargs):
+        raise module.exceptions.BadParameter("not a number\nsecond line", param_hint="'--num'")
+
+    monkeypatch.setattr(cli, "app", raise_usage_error)
+    code, err = _cli(monkeypatch, capsys, "generate")
+    assert code == 2 and err.startswith("error: Invalid value for '--num': not a number second line")
