@@ -267,7 +267,8 @@ def _check_item(flag: str, rule: Rule, item: str, value: str) -> None:
     if rule.choices is not None:
         allowed = list(rule.choices())
         if item not in allowed:
-            raise InvdiffError(f"{flag} {value}: unknown {item!r}; choose from {', '.join(allowed)}")
+            what = f"unknown {item!r}" if rule.comma else "unknown"
+            raise InvdiffError(f"{flag} {value}: {what}; choose one of {', '.join(allowed)}")
     elif rule.comma:  # a list of numbers (e.g. --batch-sizes)
         try:
             number = int(item)

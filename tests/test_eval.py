@@ -175,8 +175,8 @@ def test_classifier_must_match_attribute(trained):
         evaluate.check_classifiers(attr, cls, "color", ["a circle"], ["red"], out)
 
 
-def test_eval_cli_needs_classifier_for_custom_data(bars, tmp_path):
-    result = CliRunner().invoke(app, ["eval", "--model", str(tmp_path / "nomodel"), "--data", str(bars),
+def test_eval_cli_needs_classifier_for_custom_data(bars, tiny_model, tmp_path):
+    result = CliRunner().invoke(app, ["eval", "--model", str(tiny_model), "--data", str(bars),
                                       "--attribute", "color", "--per-prompt", "2", "--seed", "0",
                                       "--json", str(tmp_path / "r.json")])
     assert isinstance(result.exception, InvdiffError)

@@ -161,7 +161,7 @@ def test_cli_bad_prompts_file_is_one_line_error(tmp_path, monkeypatch, capsys):
     from invdiff_rt import cli
 
     missing = tmp_path / "missing.txt"
-    monkeypatch.setattr(sys, "argv", ["invdiff", "generate", "--model", "x", "--prompts", str(missing),
+    monkeypatch.setattr(sys, "argv", ["invdiff", "generate", "--model", "colored-digits", "--prompts", str(missing),
                                       "--out", str(tmp_path / "out")])
     with pytest.raises(SystemExit) as e:
         cli.main()

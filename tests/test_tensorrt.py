@@ -289,6 +289,10 @@ def _tensorrt_installed() -> bool:
 @pytest.mark.parametrize("argv", [["build", "--onnx", "export/none", "--out", "engines"],
                                   ["refit", "--engine", "engines/x.plan", "--adapter", "adapters/x"]])
 def test_cli_without_tensorrt_prints_one_line_and_exits_2(tmp_path, argv):
+    for folder in ("export/none", "adapters/x", "engines"):  # valid paths: the missing TensorRT is the error
+        (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "engines" / "x.plan").write_bytes(b"plan")
+    before = sorted(tmp_path.rglob("*"))
     proc = subprocess.run([sys.executable, "-m", "invdiff_rt.cli", *argv], cwd=tmp_path, capture_output=True,
                           text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 2
@@ -296,7 +300,7 @@ def test_cli_without_tensorrt_prints_one_line_and_exits_2(tmp_path, argv):
     assert len(lines) == 1
     assert f"invdiff {argv[0]}: TensorRT is not installed" in lines[0]
     assert "pip install 'invdiff-rt[trt]'" in lines[0]
-    assert not list(tmp_path.iterdir())  # nothing written
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written
 
 
 def test_require_tensorrt_message_names_the_command():
