@@ -176,9 +176,11 @@ def _run_to_end(args: list[str], root: Path) -> float:
     return time.perf_counter() - start
 
 
-def _kill_at(args: list[str], root: Path, seconds: float) -> float:
+def _kill_at(args: list[str], root: Path, seconds: float, out: Path) -> float:
     """Start the command and SIGKILL it after `seconds`; if it finished first (a shared machine's speed varies),
-    start over (its output is complete, so the same command only reuses it) with half the delay. -> the delay."""
+    delete what it wrote (`killed*` next to the output) and start over with half the delay. -> the delay."""
+    import shutil
+
     for _ in range(4):
         proc = subprocess.Popen(_cmd(args), env=_env(root), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
@@ -188,6 +190,8 @@ def _kill_at(args: list[str], root: Path, seconds: float) -> float:
             proc.wait()
             return seconds
         seconds /= 2
+        for path in out.parent.glob(f"{out.name}*"):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
     pytest.fail(f"{args[0]} always finished before the kill")
 
 
@@ -263,7 +267,7 @@ def test_kill_9_at_a_random_moment_then_rerun_equals_uninterrupted(stage_inputs,
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     seconds = _run_to_end(_stage_args(stage, inp, reference), root)
     moment = random.Random(os.environ.get("INVDIFF_KILL_SEED", stage)).uniform(0.45, 0.85) * seconds
-    moment = _kill_at(_stage_args(stage, inp, killed), root, moment)
+    moment = _kill_at(_stage_args(stage, inp, killed), root, moment, killed)
     if _present(stage, killed):  # whatever the kill left where a later stage looks must load
         _load(stage, killed, inp)
     _run_to_end(_stage_args(stage, inp, killed), root)
