@@ -111,7 +111,7 @@ RULES: dict[str, Rule] = {
     "--backend": Rule(choices=_backends_auto),
     "--backends": Rule(choices=_backends, comma=True),
     "--batch-sizes": Rule(min=1, comma=True),
-    "groups --recipe": Rule(choices=_fixed("invdiff-rt", "paper")),
+    "groups --recipe": Rule(choices=_fixed("invdiff-rt", "paper", "erm")),  # erm: refused with a hint below
     "train --recipe": Rule(choices=_fixed("invdiff-rt", "paper", "erm")),
     "--strip": Rule(choices=_strip_modes),
     "--refit": Rule(choices=_refit_modes),
@@ -356,6 +356,28 @@ def _check_precision(precision: str, backend: str, export) -> None:
 def _train_combos(values: dict[str, Any]) -> None:
     if values.get("recipe") == "erm" and values.get("groups_prefix") is not None:
         raise InvdiffError("--groups: the erm recipe uses no groups; drop --groups or pick another --recipe")
+    if values.get("oracle_groups_from") and values.get("groups_prefix") is not None:
+        raise InvdiffError("--groups: --oracle-groups-from builds the groups from the hidden column instead; "
+                           "drop one of the two")
+
+
+def _groups_combos(values: dict[str, Any]) -> None:
+    recipe, n_groups = values.get("recipe"), values.get("n_groups")
+    if recipe == "erm":
+        raise InvdiffError("--recipe erm: needs no groups; run `invdiff train --recipe erm` directly")
+    if recipe == "invdiff-rt" and n_groups not in (None, 2) and not values.get("oracle_groups_from"):
+        raise InvdiffError(f"--groups {n_groups}: recipe invdiff-rt always uses 2 groups (majority, inferred "
+                           "minority); drop --groups or use --recipe paper")
+    given = [f for f, k in (("--draws", "draws"), ("--grid-samples", "grid_samples")) if values.get(k) is not None]
+    if recipe == "paper" and given:
+        raise InvdiffError(f"{', '.join(given)}: only for --recipe invdiff-rt (paper draws one uniform t); "
+                           "drop the flag")
+
+
+def _eval_combos(values: dict[str, Any]) -> None:
+    if values.get("adapter_weight") is not None and values.get("adapter") is None:
+        raise InvdiffError("--adapter-weight: weighs an adapter, and no --adapter is given; pass --adapter or "
+                           "drop --adapter-weight")
 
 
 def _data_make_combos(values: dict[str, Any]) -> None:
@@ -367,6 +389,8 @@ def _data_make_combos(values: dict[str, Any]) -> None:
 COMBOS: dict[str, tuple[Callable[[dict], None], ...]] = {
     "generate": (_generate_combos,),
     "train": (_train_combos,),
+    "groups": (_groups_combos,),
+    "eval": (_eval_combos,),
     "data make": (_data_make_combos,),
 }
 

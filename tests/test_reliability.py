@@ -211,3 +211,25 @@ def test_usage_errors_of_either_click_copy_are_one_line(module, monkeypatch, cap
     monkeypatch.setattr(cli, "app", raise_usage_error)
     code, err = _cli(monkeypatch, capsys, "generate")
     assert code == 2 and err.startswith("error: Invalid value for '--num': not a number second line")
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["groups", "--model", "colored-digits", "--data", ".", "--out", "g", "--recipe", "erm"], "--recipe erm"),
+    (["groups", "--model", "colored-digits", "--data", ".", "--out", "g", "--recipe", "paper", "--draws", "2"],
+     "--draws"),
+    (["groups", "--model", "colored-digits", "--data", ".", "--out", "g", "--groups", "3"], "--groups 3"),
+    (["train", "--model", "colored-digits", "--data", ".", "--out", "a", "--recipe", "erm", "--groups", "p"],
+     "--groups"),
+    (["eval", "--model", "colored-digits", "--data", ".", "--attribute", "color", "--json", "r.json",
+      "--per-prompt", "2", "--seed", "0", "--adapter-weight", "2"], "--adapter-weight"),
+    (["data", "make", "colored-digits", "--out", "d", "--n-train", "10"], "--n-train"),
+    (["generate", "--model", "colored-digits", "--export", ".", "--prompt", "x", "--out", "o"], "--model/--export"),
+])
+def test_combinations_that_do_not_apply_are_refused(tmp_path, monkeypatch, capsys, argv, flag):
+    (tmp_path / "p.json").write_text("{}")
+    (tmp_path / "p.safetensors").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    code, err = _cli(monkeypatch, capsys, *argv)
+    assert code == 2 and f"error: {flag}" in err
+    assert sorted(tmp_path.rglob("*")) == before
