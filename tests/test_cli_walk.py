@@ -21,6 +21,7 @@ FLOAT_VALUES = ("abc", "nan", "inf", "-inf", "0", "-1")
 TEXT_VALUES = ("", "   ", "bogus")
 PATH_VALUES = ("", "missing/none", "afile.txt", "adir", "afile.txt/below")
 LIST_VALUES = ("", "   ", "bogus", "0", "1,,2", "1,-1")
+APP = cli.app  # the Typer app (the `stubbed` fixture swaps `cli.app` for a prebuilt click command)
 NOT_A_NUMBER = ("abc", "1.5", "nan", "inf", "-inf", "")
 
 
@@ -37,7 +38,7 @@ def _stub(func):
 
 
 def _all_params():
-    return [(path, info, p) for path, info in validate.commands(cli.app)
+    return [(path, info, p) for path, info in validate.commands(APP)
             for p in validate.params(info.callback.__wrapped__) if p.type is not bool]
 
 
@@ -134,10 +135,15 @@ def workspace(tmp_path_factory):
 
 @pytest.fixture
 def stubbed(monkeypatch):
-    """Command bodies replaced by stubs that fail the case; the real guard still checks the options."""
-    for command, info in validate.commands(cli.app):
+    """Command bodies replaced by stubs that fail the case; the real guard still checks the options. The click
+    command is built once (as `app()` does on every call) so that the hundreds of cases stay fast."""
+    import typer.main
+
+    for command, info in validate.commands(APP):
         original = info.callback.__wrapped__
         monkeypatch.setattr(info, "callback", validate._guarded(command, _stub(original)))
+    click_command = typer.main.get_command(APP)
+    monkeypatch.setattr(cli, "app", lambda **kwargs: click_command(**kwargs))
 
 
 def _run(argv, workspace, monkeypatch, capsys) -> tuple[int, str]:
@@ -152,9 +158,9 @@ CASES = _cases()
 
 
 def test_every_command_is_guarded_and_walked():
-    guarded = [path for path, info in validate.commands(cli.app) if getattr(info.callback, "_invdiff_guarded", 0)]
+    guarded = [path for path, info in validate.commands(APP) if getattr(info.callback, "_invdiff_guarded", 0)]
     walked = {c for c, _, _ in CASES}
-    assert guarded == [path for path, _ in validate.commands(cli.app)] and len(guarded) >= 14
+    assert guarded == [path for path, _ in validate.commands(APP)] and len(guarded) >= 14
     assert walked == set(guarded) and len(CASES) >= 300
 
 
