@@ -24,6 +24,7 @@ from .errors import InvdiffError
 
 INPUT_KINDS = ("dir", "file", "prefix", "model")  # must exist
 OUTPUT_KINDS = ("out_dir", "out_file", "out_prefix")  # may exist; are locked while a command writes them
+CACHE_KINDS = ("cache",)  # a shared, content-addressed folder (engine cache): checked like out_dir, never locked
 DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)  # reported by the CLI as one line, exit 1
 
 
@@ -129,7 +130,9 @@ RULES: dict[str, Rule] = {
     "data info ROOT": Rule(path="dir"),
     "--out": Rule(path="out_dir"),
     "groups --out": Rule(path="out_prefix"),
-    "--engines": Rule(path="out_dir"),
+    "--engines": Rule(path="cache"),
+    "build --out": Rule(path="cache"),
+    "refit --out": Rule(path="cache"),
     "--json": Rule(path="out_file"),
     "--plot": Rule(path="out_file"),
     "--grid": Rule(path="out_file"),
@@ -291,7 +294,7 @@ def _check_model(flag: str, value: str) -> None:
 def check_path(flag: str, kind: str | None, path: Path) -> None:
     """Input kinds must exist as the right type; outputs must not be the wrong type; no path lies below a file."""
     _check_ancestors(flag, path)
-    if kind in ("dir", "out_dir") and path.exists() and not path.is_dir():
+    if kind in ("dir", "out_dir", "cache") and path.exists() and not path.is_dir():
         raise InvdiffError(f"{flag} {path}: is a file, not a folder; pass a folder")
     if kind in ("file", "out_file") and path.is_dir():
         raise InvdiffError(f"{flag} {path}: is a folder, not a file; pass a file path")
@@ -299,7 +302,7 @@ def check_path(flag: str, kind: str | None, path: Path) -> None:
         raise InvdiffError(f"{flag} {path}: not found; pass an existing {'folder' if kind == 'dir' else 'file'}")
     if kind == "prefix":
         _check_prefix(flag, path)
-    if kind in OUTPUT_KINDS:
+    if kind in OUTPUT_KINDS + CACHE_KINDS:
         _check_writable(flag, path)
 
 

@@ -81,7 +81,7 @@ def is_bad(command: str, param: validate.Param, raw: str) -> bool:
     if raw == "missing/none" or raw == "bogus" and kind == "model":
         return kind in validate.INPUT_KINDS
     if raw == "afile.txt":
-        return kind in ("dir", "out_dir", "prefix", "model")
+        return kind in ("dir", "out_dir", "cache", "prefix", "model")
     if raw == "adir":
         return kind in ("file", "out_file", "prefix", "model")
     return rule.choices is not None
