@@ -165,16 +165,24 @@ def commands(app) -> Iterator[tuple[str, Any]]:
 
 
 def params(func) -> list[Param]:
-    hints = typing.get_type_hints(func)
+    """Both declaration styles: `x: int = typer.Option(...)` and `x: Annotated[int, typer.Option(...)] = 3`."""
+    hints = typing.get_type_hints(func, include_extras=True)
     return [_param(name, hints.get(name, str), p.default) for name, p in inspect.signature(func).parameters.items()]
 
 
-def _param(name: str, annotation, info) -> Param:
+def _param(name: str, annotation, default) -> Param:
+    info, required = default, getattr(default, "default", None) is ...
+    decls = list(getattr(info, "param_decls", None) or ())
+    if typing.get_origin(annotation) is typing.Annotated:
+        info = next((m for m in annotation.__metadata__ if hasattr(m, "param_decls")), None)
+        required = default is inspect.Parameter.empty or default is ...
+        first = getattr(info, "default", None)  # Annotated style: typer reads a leading "--flag" as a declaration
+        decls = ([first] if isinstance(first, str) and first.startswith("-") else []) + list(getattr(info, "param_decls", None) or ())
+        annotation = typing.get_args(annotation)[0]
     base, multiple = _unwrap(annotation)
-    decls = [d for d in (getattr(info, "param_decls", None) or ()) if d.startswith("--")]
+    decls = [d for d in decls if d.startswith("--")]
     argument = type(info).__name__ == "ArgumentInfo"
     flag = name.upper() if argument else (decls[0].split("/")[0] if decls else "--" + name.replace("_", "-"))
-    required = getattr(info, "default", None) is ...
     return Param(name, flag, base, multiple, required, argument, info)
 
 

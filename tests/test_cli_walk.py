@@ -187,3 +187,22 @@ def test_unknown_option_and_command_are_one_line(workspace, stubbed, monkeypatch
     for argv in (["generate", "--no-such-flag"], ["no-such-command"], ["data", "make", "--out"]):
         code, err = _run(argv, workspace, monkeypatch, capsys)
         assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (argv, err)
+
+
+def test_params_reads_both_typer_declaration_styles():
+    """Options declared with `Annotated[...]` (as other branches may add them) are walked under their real flag."""
+    from typing import Annotated, List, Optional
+
+    import typer
+
+    def command(size: Annotated[int, typer.Option("--height")] = 32,
+                peers: Annotated[Optional[Path], typer.Option()] = None,
+                name: Annotated[str, typer.Argument()] = ...,
+                tags: Optional[List[str]] = typer.Option(None, "--tag"),
+                out: Path = typer.Option(..., "--out")):
+        pass
+
+    got = [(p.name, p.flag, p.type, p.multiple, p.required, p.argument) for p in validate.params(command)]
+    assert got == [("size", "--height", int, False, False, False), ("peers", "--peers", Path, False, False, False),
+                   ("name", "NAME", str, False, True, True), ("tags", "--tag", str, True, False, False),
+                   ("out", "--out", Path, False, True, False)]
