@@ -11,8 +11,10 @@ from __future__ import annotations
 import functools
 import sys
 from pathlib import Path
+from typing import Annotated, List, Optional
 
 import pytest
+import typer
 
 from invdiff_rt import cli, validate
 
@@ -191,10 +193,6 @@ def test_unknown_option_and_command_are_one_line(workspace, stubbed, monkeypatch
 
 def test_params_reads_both_typer_declaration_styles():
     """Options declared with `Annotated[...]` (as other branches may add them) are walked under their real flag."""
-    from typing import Annotated, List, Optional
-
-    import typer
-
     def command(size: Annotated[int, typer.Option("--height")] = 32,
                 peers: Annotated[Optional[Path], typer.Option()] = None,
                 name: Annotated[str, typer.Argument()] = ...,
