@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -179,8 +180,6 @@ def _run_to_end(args: list[str], root: Path) -> float:
 def _kill_at(args: list[str], root: Path, seconds: float, out: Path) -> float:
     """Start the command and SIGKILL it after `seconds`; if it finished first (a shared machine's speed varies),
     delete what it wrote (`killed*` next to the output) and start over with half the delay. -> the delay."""
-    import shutil
-
     for _ in range(4):
         proc = subprocess.Popen(_cmd(args), env=_env(root), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
