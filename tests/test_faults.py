@@ -267,6 +267,7 @@ def test_kill_9_at_a_random_moment_then_rerun_equals_uninterrupted(stage_inputs,
     seconds = _run_to_end(_stage_args(stage, inp, reference), root)
     moment = random.Random(os.environ.get("INVDIFF_KILL_SEED", stage)).uniform(0.45, 0.85) * seconds
     moment = _kill_at(_stage_args(stage, inp, killed), root, moment, killed)
+    print(f"{stage}: uninterrupted {seconds:.1f} s, killed at {moment:.1f} s")  # shown with pytest -rP
     if _present(stage, killed):  # whatever the kill left where a later stage looks must load
         _load(stage, killed, inp)
     _run_to_end(_stage_args(stage, inp, killed), root)
