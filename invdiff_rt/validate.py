@@ -70,7 +70,9 @@ def _strip_modes():
 
 
 def _refit_modes():
-    return ("individual", "none")
+    from .export.tensorrt import REFIT_MODES
+
+    return REFIT_MODES
 
 
 def _fixed(*values: str) -> Callable[[], Sequence[str]]:
