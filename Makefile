@@ -45,6 +45,7 @@ lock:
 	rm -rf $(LOCK_VENV)
 
 # Not in CI: the newest release of every dependency (pyproject's upper bounds lifted) in a separate venv, fast tests.
+# torch is installed as TORCH_SPEC (pass TORCH_SPEC=torch for the newest; on Linux PyPI that is a CUDA build).
 upgrade-check:
 	rm -rf $(UPGRADE_VENV) && $(PYTHON) -m venv $(UPGRADE_VENV)
 	$(UPGRADE_VENV)/bin/python -m pip install -q --upgrade pip
