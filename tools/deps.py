@@ -1,7 +1,8 @@
 """The tested dependency set: `make lock` writes constraints.txt; `make upgrade-check` installs past its bounds.
 
     python tools/deps.py lock constraints.txt   # exact versions of this environment (pip freeze), torch included
-    python tools/deps.py unbounded              # pyproject's dependencies (+ data, dev extras) without upper bounds
+    python tools/deps.py unbounded              # pyproject's dependencies (+ data, dev extras) without upper bounds,
+                                                # torch left to the Makefile's TORCH_SPEC
 
 Local version labels (`2.13.0+cpu`) are dropped from the lock: `torch==2.13.0` matches the CPU build installed on a
 CPU machine and the CUDA build (`2.13.0+cu128`) a GPU user installs first.
@@ -28,11 +29,14 @@ def lock(out: Path) -> None:
     print(f"{out}: {len(pins)} pinned packages")
 
 
-def unbounded(extras: tuple[str, ...] = ("data", "dev")) -> list[str]:
+def unbounded(extras: tuple[str, ...] = ("data", "dev"), keep: tuple[str, ...] = ("torch",)) -> list[str]:
+    """pyproject's requirements without upper bounds; `keep` (torch: the Makefile's TORCH_SPEC, so that no CUDA build
+    is pulled by accident) are left out."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     specs = list(project["dependencies"])
     for extra in extras:
         specs += project["optional-dependencies"][extra]
+    specs = [s for s in specs if re.split(r"[<>=!~\[; ]", s, maxsplit=1)[0] not in keep]
     return [re.sub(r",?\s*<[^,;]*", "", spec) for spec in specs]
 
 
