@@ -174,7 +174,7 @@ def test_metadata_not_utf8_and_blank_text(tmp_path):
         read_split(root)
 
 
-def test_other_modes_convert_to_rgb_and_sizes_resize(tmp_path):
+def test_other_modes_convert_to_rgb_and_sizes_resize(tmp_path, caplog):
     grey16 = Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16))
     assert grey16.mode in ("I;16", "I")
     images = {"l.png": Image.new("L", (8, 8), 128), "rgba.png": Image.new("RGBA", (8, 8), (255, 0, 0, 0)),
@@ -182,7 +182,10 @@ def test_other_modes_convert_to_rgb_and_sizes_resize(tmp_path):
               "big.png": Image.new("RGB", (16, 16), (0, 0, 255))}
     rows = [{"file_name": name, "text": PROMPT} for name in images]
     root = _dataset(tmp_path / "d", rows, images)
-    x = load_images(read_split(root), size=8)
+    with caplog.at_level("WARNING"):
+        x = load_images(read_split(root), size=8)
+    assert caplog.messages == [f"note: {root / 'train'}: 4 images converted to 8-bit RGB (I;16, L, P, RGBA), "
+                               "1 resized to 8x8 (from 16x16)"]
     assert x.shape == (5, 3, 8, 8)
     pixels = ((x[:, :, 0, 0] + 1) * 127.5).round().tolist()
     assert pixels == [[128, 128, 128], [255, 0, 0], [0, 255, 0], [255, 255, 255], [0, 0, 255]]

@@ -7,13 +7,16 @@ What is accepted, and what is refused with one line naming the file (and the met
 - metadata.jsonl must be UTF-8; every `file_name` is listed once; every `text` is a non-blank caption.
 - Images of mode L, LA, P, RGBA, CMYK, I, I;16 (16-bit) or F are converted to 8-bit RGB: alpha is dropped, 16-bit
   and 32-bit grey values are scaled to 0-255. Images of other sizes are resized bilinearly to the model's size
-  where a size is given (training, groups); otherwise all images of one split must share a size.
+  where a size is given (training, groups); otherwise all images of one split must share a size. A one-line note
+  (logging, stderr) counts the converted and resized images.
 - An image that declares more than MAX_PIXELS pixels (a decompression bomb) is refused before it is decoded.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -106,12 +109,15 @@ def _check_unique(meta: Path, records: list[Record]) -> None:
         first[r.file] = r.line
 
 
-def _open_rgb(record: Record, size: int | None):
+def _open_rgb(record: Record, size: int | None, notes: Counter | None = None):
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(record.file) as im:
             _check_pixels(record, im.size)
+            if notes is not None:
+                notes[f"mode {im.mode}"] += im.mode != "RGB"
+                notes[f"{im.size[0]}x{im.size[1]}"] += size is not None and im.size != (size, size)
             im = to_rgb(im)
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
         raise InvdiffError(f"{record.file}: unreadable image ({type(e).__name__}); replace or delete it "
@@ -148,7 +154,9 @@ def load_images(records: Sequence[Record], size: int | None = None):
 
     if not records:
         raise InvdiffError("load_images: no records given; read a non-empty split first")
-    arrays = [np.asarray(_open_rgb(r, size), dtype=np.uint8) for r in records]
+    notes: Counter = Counter()
+    arrays = [np.asarray(_open_rgb(r, size, notes), dtype=np.uint8) for r in records]
+    _note_conversions(records[0].file.parent, notes, size)
     for r, a in zip(records, arrays):
         if a.shape != arrays[0].shape:
             raise InvdiffError(f"{r.file}: {a.shape[1]}x{a.shape[0]} pixels, but {records[0].file.name} has "
@@ -156,6 +164,18 @@ def load_images(records: Sequence[Record], size: int | None = None):
                                "give every image of a split the same size")
     batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
     return (batch / 127.5 - 1.0).contiguous()
+
+
+def _note_conversions(folder: Path, notes: Counter, size: int | None) -> None:
+    """One line on stderr when images were converted to RGB or resized (the data is used, not refused)."""
+    modes = sorted(k for k, n in notes.items() if n and k.startswith("mode "))
+    sizes = sorted(k for k, n in notes.items() if n and not k.startswith("mode "))
+    if modes or sizes:
+        converted = sum(notes[k] for k in modes)
+        resized = sum(notes[k] for k in sizes)
+        logging.getLogger(__name__).warning(
+            f"note: {folder}: {converted} images converted to 8-bit RGB ({', '.join(m[5:] for m in modes) or '-'}), "
+            f"{resized} resized to {size}x{size} (from {', '.join(sizes) or '-'})")
 
 
 def data_fingerprint(root: str | Path, split: str = "train") -> str:
