@@ -169,7 +169,8 @@ def commands(app) -> Iterator[tuple[str, Any]]:
 def params(func) -> list[Param]:
     """Both declaration styles: `x: int = typer.Option(...)` and `x: Annotated[int, typer.Option(...)] = 3`."""
     hints = typing.get_type_hints(func, include_extras=True)
-    return [_param(name, hints.get(name, str), p.default) for name, p in inspect.signature(func).parameters.items()]
+    found = [_param(name, hints.get(name, str), p.default) for name, p in inspect.signature(func).parameters.items()]
+    return [p for p in found if not p.type.__name__.endswith("Context")]  # typer.Context is no option
 
 
 def _param(name: str, annotation, default) -> Param:

@@ -197,7 +197,7 @@ def test_params_reads_both_typer_declaration_styles():
                 peers: Annotated[Optional[Path], typer.Option()] = None,
                 name: Annotated[str, typer.Argument()] = ...,
                 tags: Optional[List[str]] = typer.Option(None, "--tag"),
-                out: Path = typer.Option(..., "--out")):
+                out: Path = typer.Option(..., "--out"), ctx: typer.Context = None):
         pass
 
     got = [(p.name, p.flag, p.type, p.multiple, p.required, p.argument) for p in validate.params(command)]
