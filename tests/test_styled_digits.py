@@ -1,0 +1,108 @@
+"""styled-digits: two spurious attributes (colour, stroke), each at its own requested bias, independent given the
+digit; deterministic per seed; the CLI flag and the per-attribute classifier layout used by `invdiff eval`."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from invdiff_rt.artifacts import fingerprint_dir
+from invdiff_rt.data import colored_digits, styled_digits
+from invdiff_rt.data.folder import read_split
+from invdiff_rt.data.recipes import RECIPES
+from invdiff_rt.errors import InvdiffError
+
+N_TRAIN = 4000
+
+
+@pytest.fixture(scope="module")
+def styled(tmp_path_factory) -> Path:
+    return RECIPES["styled-digits"](tmp_path_factory.mktemp("s") / "sd", bias=0.7, stroke_bias=0.85, seed=3)
+
+
+def _tolerance(p: float, n: int) -> float:
+    """Five binomial standard deviations of a share p measured on n draws."""
+    return 5 * (p * (1 - p) / n) ** 0.5
+
+
+def test_same_seed_same_bytes_other_seed_differs(styled, tmp_path):
+    again = RECIPES["styled-digits"](tmp_path / "again", bias=0.7, stroke_bias=0.85, seed=3)
+    assert fingerprint_dir(again) == fingerprint_dir(styled)
+    manifest = json.loads((again / "dataset.json").read_text())
+    assert manifest["fingerprints"] == json.loads((styled / "dataset.json").read_text())["fingerprints"]
+    other = styled_digits.generate(color_bias=0.7, stroke_bias=0.85, seed=4, size=32)
+    rows = [{k: v for k, v in json.loads(line).items() if k != "file_name"}
+            for line in (styled / "train" / "metadata.jsonl").read_text().splitlines()]
+    assert [s.row for s in other["train"]] != rows
+
+
+@pytest.mark.parametrize("attribute,requested", [("color", 0.7), ("stroke", 0.85)])
+def test_realised_bias_per_attribute_is_as_requested(styled, attribute, requested):
+    train = read_split(styled, "train")
+    assert len(train) == N_TRAIN
+    major = styled_digits.majority_color if attribute == "color" else styled_digits.majority_stroke
+    majority = np.array([r.attrs[attribute] == major(r.attrs["digit"]) for r in train])
+    assert np.array_equal(~majority, np.array([r.attrs[f"minority_{attribute}"] for r in train]))
+    assert abs(majority.mean() - requested) <= _tolerance(requested, N_TRAIN)
+    for digit in range(10):  # per prompt too, on its 400 images
+        share = majority[[r.attrs["digit"] == digit for r in train]].mean()
+        assert abs(share - requested) <= _tolerance(requested, 400)
+    manifest = json.loads((styled / "dataset.json").read_text())
+    assert manifest["train_bias_per_attribute"][attribute] == pytest.approx(majority.mean())
+    assert manifest["attributes"] == ["color", "stroke"] and manifest["attribute"] == "color"
+    assert manifest["recipe"] == "styled-digits" and manifest["stroke_bias"] == 0.85
+
+
+def test_attributes_are_independent_given_the_digit(styled):
+    """Per digit, P(colour minority and stroke minority) = P(colour minority) P(stroke minority) within sampling
+    noise; pooled over digits (identical marginals) the same with a tighter tolerance."""
+    train = read_split(styled, "train")
+    c = np.array([r.attrs["minority_color"] for r in train])
+    s = np.array([r.attrs["minority_stroke"] for r in train])
+    digit = np.array([r.attrs["digit"] for r in train])
+    for d in range(10):
+        cd, sd = c[digit == d], s[digit == d]
+        expected = cd.mean() * sd.mean()
+        assert abs((cd & sd).mean() - expected) <= _tolerance(expected, len(cd))
+    expected = 0.3 * 0.15
+    assert abs((c & s).mean() - expected) <= _tolerance(expected, N_TRAIN)
+    assert np.array_equal(np.array([r.attrs["minority"] for r in train]), c | s)
+
+
+def test_test_split_has_exactly_25_per_cell(styled):
+    test = read_split(styled, "test")
+    table = Counter((r.attrs["digit"], r.attrs["color"], r.attrs["stroke"]) for r in test)
+    assert table == {(d, c, k): 25 for d in range(10) for c in ("red", "green") for k in ("thick", "thin")}
+
+
+def test_pixels_thin_is_colored_digits_thick_is_dilated(styled):
+    """A thin image is exactly the colored-digits pixel of its MNIST digit; a thick one is its 3x3 dilation."""
+    x, _ = colored_digits.load_mnist()
+    thin = {colored_digits.colorize(colored_digits.stroke_image(d, 32), "red").max(-1).tobytes() for d in x}
+    thick = {colored_digits.colorize(colored_digits.stroke_image(styled_digits.thicken(d), 32), "red")
+             .max(-1).tobytes() for d in x}
+    for r in read_split(styled, "test")[:200]:
+        stroke = np.asarray(Image.open(r.file)).max(-1).tobytes()
+        assert stroke in (thick if r.attrs["stroke"] == "thick" else thin)
+    digit = np.zeros((5, 5), np.uint8)
+    digit[2, 2] = 200
+    assert styled_digits.thicken(digit).tolist() == [[0] * 5] + [[0, 200, 200, 200, 0]] * 3 + [[0] * 5]
+
+
+def test_cli_stroke_bias_flag(tmp_path):
+    from invdiff_rt.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["data", "make", "styled-digits", "--out", str(tmp_path / "x"), "--stroke-bias", "1.5"])
+    assert isinstance(res.exception, InvdiffError) and "--stroke-bias 1.5" in str(res.exception)
+    res = runner.invoke(app, ["data", "make", "colored-digits", "--out", str(tmp_path / "y"), "--stroke-bias", "0.8"])
+    assert isinstance(res.exception, InvdiffError) and "only for styled-digits" in str(res.exception)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    with pytest.raises(InvdiffError, match="--stroke-bias"):
+        RECIPES["styled-digits"](tmp_path / "z", stroke_bias=-0.1)
