@@ -106,3 +106,33 @@ def test_cli_stroke_bias_flag(tmp_path):
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
     with pytest.raises(InvdiffError, match="--stroke-bias"):
         RECIPES["styled-digits"](tmp_path / "z", stroke_bias=-0.1)
+
+
+@pytest.mark.slow
+def test_pretrain_init_from_keeps_vae_and_finetunes_unet(tmp_path):
+    """`--init-from`: tokenizer/VAE/scaling kept byte-for-byte, UNet moves, the manifest names the start model;
+    a start model whose tokenizer lacks the prompts' words is refused."""
+    import torch
+
+    from invdiff_rt.models.loader import load_model
+    from invdiff_rt.models.pretrain import PretrainConfig, pretrain
+    from invdiff_rt.models.tiny import save_random_model
+
+    data = RECIPES["styled-digits"](tmp_path / "data", seed=1)
+    prompts = [f"a photo of the digit {d}" for d in range(10)]
+    start = load_model(save_random_model(tmp_path / "start", prompts, seed=0))
+    cfg = PretrainConfig(steps=2, batch=4, warmup=1, checkpoint_every=2, ema_decay=0.0)
+    out = pretrain(data, tmp_path / "tuned", cfg, init_from=tmp_path / "start")
+    tuned = load_model(out)
+    for a, b in zip(start.vae.state_dict().values(), tuned.vae.state_dict().values()):
+        assert torch.equal(a, b)
+    assert tuned.scaling_factor == start.scaling_factor
+    assert tuned.tokenize(prompts).tolist() == start.tokenize(prompts).tolist()
+    moved = [not torch.equal(a, b) for a, b in zip(start.unet.state_dict().values(), tuned.unet.state_dict().values())]
+    assert sum(moved) > len(moved) // 2
+    info = json.loads((out / "invdiff_model.json").read_text())
+    assert info["init_from"] == {"model": str(tmp_path / "start"), "fingerprint": start.fingerprint}
+    assert info["resumed_from_step"] == {"vae": None, "unet": 0} and info["arch"]["vae_channels"] == [8, 16, 16]
+    save_random_model(tmp_path / "other", ["a photo of a circle"], seed=0)
+    with pytest.raises(InvdiffError, match="--init-from .*does not know the words"):
+        pretrain(data, tmp_path / "x", cfg, init_from=tmp_path / "other")
