@@ -136,3 +136,26 @@ def test_pretrain_init_from_keeps_vae_and_finetunes_unet(tmp_path):
     save_random_model(tmp_path / "other", ["a photo of a circle"], seed=0)
     with pytest.raises(InvdiffError, match="--init-from .*does not know the words"):
         pretrain(data, tmp_path / "x", cfg, init_from=tmp_path / "other")
+
+
+def test_per_attribute_classifier_layout(tmp_path):
+    """A classifier folder with a shared `class/` and one folder per attribute column: eval loads `<column>/` for
+    --attribute <column>, and the shipped styled-digits folder resolves for both columns."""
+    from invdiff_rt.eval import classifiers, evaluate
+
+    for name, n_out, column in (("class", 10, "text"), ("color", 2, "color"), ("stroke", 2, "stroke")):
+        net = classifiers.SmallCNN(3, n_out, width=4, feature_dim=8)
+        classifiers.save_classifier(tmp_path / "cls" / name, net, {"kind": name, "attribute": column})
+    attr, cls = classifiers.load_classifier_pair(tmp_path / "cls", "stroke")
+    assert attr.meta["attribute"] == "stroke" and cls.meta["kind"] == "class"
+    assert classifiers.load_classifier_pair(tmp_path / "cls", "color")[0].meta["attribute"] == "color"
+    with pytest.raises(InvdiffError, match="no attribute/ classifier"):
+        classifiers.load_classifier_pair(tmp_path / "cls", "digit")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "dataset.json").write_text(json.dumps({"recipe": "styled-digits"}))
+    shipped = classifiers.default_classifier_dir("styled-digits")
+    for column in ("color", "stroke"):
+        assert evaluate.resolve_classifier_dir(tmp_path / "data", None, column) == shipped
+        attr, cls = classifiers.load_classifier_pair(shipped, column)
+        assert attr.meta["attribute"] == column and attr.meta["balanced_accuracy"] >= 0.95
+        assert cls.meta["strip_colour"] == "max-min"
