@@ -30,7 +30,11 @@ stage() {  # stage NAME OUTPUT COMMAND...: run COMMAND unless OUTPUT exists, log
     if [ -e "$output" ]; then echo "== $name: $output exists, skipped"; return; fi
     echo "== $name: $*"
     local t0=$SECONDS
-    "$@" > "$OUT/$name.log" 2>&1 || { echo "error: $name failed; see $OUT/$name.log" >&2; tail -5 "$OUT/$name.log" >&2; exit 1; }
+    if ! "$@" > "$OUT/$name.log" 2>&1; then
+        echo "error: $name failed; see $OUT/$name.log" >&2
+        tail -5 "$OUT/$name.log" >&2
+        exit 1
+    fi
     echo "   $name: $((SECONDS - t0)) s"
 }
 

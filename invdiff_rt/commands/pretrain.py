@@ -20,7 +20,8 @@ def pretrain(
     checkpoint_every: int = typer.Option(250, "--checkpoint-every"),
     threads: int = typer.Option(0, "--threads", help="torch CPU threads (0 = torch default)."),
     init_from: Optional[str] = typer.Option(
-        None, "--init-from", help="Start from this model (folder or built-in name): keep its VAE, fine-tune the rest."),
+        None, "--init-from",
+        help="Start from this model (folder or built-in name): keep its tokenizer and VAE, fine-tune the rest."),
     ema_decay: float = typer.Option(0.999, "--ema-decay", help="EMA decay of the saved weights (lower for short runs)."),
     warmup: int = typer.Option(100, "--warmup", help="Learning-rate warmup steps."),
 ) -> None:
