@@ -13,13 +13,15 @@ data_app = typer.Typer(help="Dataset folders: build the built-in biased benchmar
 
 @data_app.command("make")
 def make(
-    recipe: str = typer.Argument(..., help="Recipe: colored-digits or shapes-habitats."),
+    recipe: str = typer.Argument(..., help="Recipe: colored-digits, shapes-habitats or styled-digits."),
     out: Path = typer.Option(..., "--out", help="Dataset folder to write (replaced atomically)."),
     bias: float = typer.Option(0.95, "--bias", help="Share of training images with the majority attribute."),
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed -> byte-identical dataset)."),
     size: int = typer.Option(32, "--size", help="Image side in pixels."),
     n_train: Optional[int] = typer.Option(None, "--n-train", help="shapes-habitats only: training images (4000)."),
     n_test: Optional[int] = typer.Option(None, "--n-test", help="shapes-habitats only: test images (1000)."),
+    stroke_bias: Optional[float] = typer.Option(
+        None, "--stroke-bias", help="styled-digits only: share with the majority stroke (0.9); --bias is colour's."),
 ) -> None:
     """Build a built-in biased benchmark dataset folder."""
     from ..data.recipes import get_recipe
@@ -30,6 +32,10 @@ def make(
     if extra and recipe != "shapes-habitats":
         flags = ", ".join("--" + k.replace("_", "-") for k in extra)
         raise InvdiffError(f"{flags}: only for shapes-habitats; drop the flag for {recipe}")
+    if stroke_bias is not None:
+        if recipe != "styled-digits":
+            raise InvdiffError(f"--stroke-bias: only for styled-digits; drop the flag for {recipe}")
+        extra["stroke_bias"] = stroke_bias
     path = make_fn(out, bias=bias, seed=seed, size=size, **extra)
     _print_info(path, attribute=None)
 

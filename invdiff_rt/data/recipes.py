@@ -55,12 +55,12 @@ def write_split(folder: Path, samples: list[Sample]) -> None:
     atomic_write_text(folder / METADATA, "\n".join(lines) + "\n")
 
 
-def split_stats(samples: list[Sample], attribute: str) -> dict[str, Any]:
+def split_stats(samples: list[Sample], attribute: str, minority_column: str = "minority") -> dict[str, Any]:
     """Counts per prompt x attribute value and the measured majority share."""
     table: dict[str, Counter] = {}
     for s in samples:
         table.setdefault(s.row["text"], Counter())[str(s.row[attribute])] += 1
-    minority = sum(bool(s.row["minority"]) for s in samples)
+    minority = sum(bool(s.row[minority_column]) for s in samples)
     return {
         "count": len(samples),
         "counts": {p: dict(sorted(c.items())) for p, c in sorted(table.items())},
@@ -113,9 +113,30 @@ def make_shapes_habitats(out: str | Path, bias: float = 0.95, seed: int = 0, siz
     return write_dataset(out, "shapes-habitats", splits, "background", params)
 
 
+def make_styled_digits(out: str | Path, bias: float = 0.95, seed: int = 0, size: int = 32,
+                       stroke_bias: float = 0.9) -> Path:
+    """Coloured MNIST digits drawn thick or thin: two spurious attributes, `color` (at `bias`) and `stroke` (at
+    `stroke_bias`), drawn independently given the digit. `dataset.json` records both (`attributes`, per-attribute
+    `train_bias_per_attribute` and `stats`); its `attribute` is `color`, the default column."""
+    from . import styled_digits
+
+    check_params(bias, seed, size)
+    if not 0.0 <= stroke_bias <= 1.0:
+        raise InvdiffError(f"--stroke-bias {stroke_bias}: must be in [0, 1] (share of training images with the "
+                           "majority stroke)")
+    splits = styled_digits.generate(color_bias=bias, stroke_bias=stroke_bias, seed=seed, size=size)
+    stats = {a: {n: split_stats(s, a, f"minority_{a}") for n, s in splits.items()} for a in styled_digits.ATTRIBUTES}
+    params = {"bias": bias, "stroke_bias": stroke_bias, "seed": seed, "size": size,
+              "attributes": list(styled_digits.ATTRIBUTES),
+              "train_bias_per_attribute": {a: stats[a]["train"]["majority_share"] for a in stats},
+              "stats": stats}
+    return write_dataset(out, "styled-digits", splits, "color", params)
+
+
 RECIPES: dict[str, Callable[..., Path]] = {
     "colored-digits": make_colored_digits,
     "shapes-habitats": make_shapes_habitats,
+    "styled-digits": make_styled_digits,
 }
 
 

@@ -216,14 +216,23 @@ def load_classifier(directory: str | Path) -> Classifier:
     return Classifier(net.eval(), meta)
 
 
-def load_classifier_pair(cls_dir: str | Path) -> tuple[Classifier, Classifier]:
-    """Load `CLS_DIR/attribute` and `CLS_DIR/class`."""
+def attribute_dir(cls_dir: Path, attribute: str | None = None) -> Path:
+    """`CLS_DIR/attribute`, or `CLS_DIR/<attribute>` in a folder that holds one attribute classifier per column
+    beside a shared `class/` (the layout of datasets with several attributes, e.g. styled-digits)."""
+    if not (cls_dir / "attribute").is_dir() and attribute and (cls_dir / attribute / MANIFEST).is_file():
+        return cls_dir / attribute
+    return cls_dir / "attribute"
+
+
+def load_classifier_pair(cls_dir: str | Path, attribute: str | None = None) -> tuple[Classifier, Classifier]:
+    """Load `CLS_DIR/attribute` (or `CLS_DIR/<attribute>`, see `attribute_dir`) and `CLS_DIR/class`."""
     cls_dir = Path(cls_dir)
-    missing = [k for k in KINDS if not (cls_dir / k / MANIFEST).is_file()]
+    dirs = {"attribute": attribute_dir(cls_dir, attribute), "class": cls_dir / "class"}
+    missing = [k for k in KINDS if not (dirs[k] / MANIFEST).is_file()]
     if missing:
         raise InvdiffError(f"--classifier {cls_dir}: no {'/ and '.join(missing)}/ classifier inside; "
                            f"make one with `invdiff classifier train --data DIR --attribute COLUMN --out {cls_dir}`")
-    return load_classifier(cls_dir / "attribute"), load_classifier(cls_dir / "class")
+    return load_classifier(dirs["attribute"]), load_classifier(dirs["class"])
 
 
 def default_classifier_dir(benchmark_name: str) -> Path:

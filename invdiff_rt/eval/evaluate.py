@@ -27,7 +27,7 @@ import numpy as np
 from ..artifacts import package_versions, read_json
 from ..errors import InvdiffError
 from . import metrics
-from .classifiers import Classifier, default_classifier_dir, load_classifier_pair
+from .classifiers import Classifier, attribute_dir, default_classifier_dir, load_classifier_pair
 
 PR_K = 3
 
@@ -56,7 +56,7 @@ def resolve_classifier_dir(data_dir: Path, classifier_dir: str | Path | None, at
         raise InvdiffError(f"--classifier: required because {data_dir} was not made by a built-in recipe; "
                            f"train one with `{train_cmd}`")
     path = default_classifier_dir(recipe)
-    if not (path / "attribute").is_dir():
+    if not attribute_dir(path, attribute).is_dir():
         raise InvdiffError(f"--classifier: no shipped classifier for {recipe} in this install ({path}); "
                            f"train one with `{train_cmd}` and pass --classifier CLS_DIR")
     return path
@@ -225,7 +225,7 @@ def run_evaluation(model, data_dir: str | Path, attribute: str, classifier_dir: 
     train = read_split(data_dir, "train")
     prompts, values = prompts_of(train), attribute_values(train, attribute)
     cls_dir = resolve_classifier_dir(data_dir, classifier_dir, attribute)
-    attr_clf, class_clf = load_classifier_pair(cls_dir)
+    attr_clf, class_clf = load_classifier_pair(cls_dir, attribute)
     check_classifiers(attr_clf, class_clf, attribute, prompts, values, cls_dir)
     real = reference_images(data_dir, prompts, per_prompt, seed)
     model = _as_model(model)

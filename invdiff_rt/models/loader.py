@@ -13,7 +13,7 @@ from ..artifacts import fingerprint_dir, read_json
 from ..errors import InvdiffError
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "models"
-BUILTIN_MODELS = ("colored-digits", "shapes-habitats")
+BUILTIN_MODELS = ("colored-digits", "shapes-habitats", "styled-digits")
 _COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 

@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..artifacts import package_versions
+from ..artifacts import package_versions, read_json
 from ..data.folder import data_fingerprint, load_images, read_split
+from ..errors import InvdiffError
 from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from .configs import SCHEDULER_CONFIG, MiniSDArch
 from .tiny import build_components, save_model_dir
@@ -149,28 +150,54 @@ def _progress():
                     TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn())
 
 
+def init_components(init_from: str | Path, texts: list[str]):
+    """Tokenizer, text encoder, VAE and UNet (fp32) of an existing model, its arch and the model's fingerprint;
+    every prompt must tokenize without unknown words."""
+    from .loader import load_model
+
+    model = load_model(init_from)
+    unk = model.tokenizer.unk_token_id
+    unknown = sorted({t for t in set(texts) if unk is not None and unk in model.tokenizer(t).input_ids})
+    if unknown:
+        raise InvdiffError(f"--init-from {init_from}: its tokenizer does not know the words of {unknown[:3]}; "
+                           f"pretrain from scratch (drop --init-from) or pick a model trained on these prompts")
+    info = read_json(model.path / "invdiff_model.json", "model manifest")
+    arch = MiniSDArch(**{k: tuple(v) if isinstance(v, list) else v for k, v in info["arch"].items()})
+    return (model.tokenizer, model.text_encoder, model.vae, model.unet), arch, model.fingerprint
+
+
 def pretrain(data_dir: str | Path, out_dir: str | Path, cfg: PretrainConfig = PretrainConfig(),
              arch: MiniSDArch = MiniSDArch(), checkpoint_dir: str | Path | None = None,
-             fp16_weights: bool = False) -> Path:
-    """Train VAE, then text encoder + UNet, on `data_dir/train`; write a diffusers directory to `out_dir`."""
+             fp16_weights: bool = False, init_from: str | Path | None = None) -> Path:
+    """Train VAE, then text encoder + UNet, on `data_dir/train`; write a diffusers directory to `out_dir`.
+
+    With `init_from` (a model folder or built-in name) the tokenizer, text encoder, VAE and UNet start from that
+    model: the VAE and its latent scaling are kept as they are (no VAE stage) and text encoder + UNet are fine-tuned.
+    """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t0 = time.time()
     records = read_split(data_dir, "train")
     texts = [r.text for r in records]
+    init_fp = None
+    if init_from is not None:
+        (tokenizer, text_encoder, vae, unet), arch, init_fp = init_components(init_from, texts)
+    else:
+        tokenizer, text_encoder, vae, unet = build_components(arch, texts, cfg.seed)
     images = load_images(records, size=arch.image_size)
     ckdir = Path(checkpoint_dir or f"{out_dir}.ckpt")
     ckdir.mkdir(parents=True, exist_ok=True)
-    tokenizer, text_encoder, vae, unet = build_components(arch, texts, cfg.seed)
     with _progress() as progress:
-        vae_from = train_vae(vae, images, cfg, ckdir / "vae", progress)
+        vae_from = None if init_from is not None else train_vae(vae, images, cfg, ckdir / "vae", progress)
         raw = encode_dataset(vae, images)
-        scaling = float(1.0 / raw.std())
-        vae.register_to_config(scaling_factor=scaling)
+        if init_from is None:
+            vae.register_to_config(scaling_factor=float(1.0 / raw.std()))
+        scaling = float(vae.config.scaling_factor)
         ema_unet, ema_text, unet_from = train_unet(unet, text_encoder, tokenizer, raw * scaling, texts, cfg,
                                                    ckdir / "unet", progress)
     info = {
         "recipe": asdict(cfg), "arch": arch.to_json(), "data_dir": str(data_dir),
+        "init_from": None if init_from is None else {"model": str(init_from), "fingerprint": init_fp},
         "data_fingerprint": data_fingerprint(data_dir, "train"), "seed": cfg.seed,
         "parameters": {n: sum(p.numel() for p in m.parameters())
                        for n, m in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder))},

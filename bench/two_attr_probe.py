@@ -1,0 +1,81 @@
+"""Why does the label-free grouper find one attribute and not the other? Per noise level t, the contrast score that
+`invdiff groups` uses (loss(x_t | prompt) / loss(x_t | empty), one antithetic pair, same generators as the grouper)
+on a fixed subset of train images: its per-prompt skewness (what picks the grouper's band) and its AUROC against
+each hidden attribute's minority. Also scores one multi-band alternative (max over levels of the per-prompt robust
+z), to size what a grouper change could gain. Diagnostics only: the hidden columns are read for the AUROC.
+
+Usage: python bench/two_attr_probe.py --model MODEL --data DIR [--n 1000] [--levels 300,500,...] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from invdiff_rt.method import grouper, losses
+from invdiff_rt.method.cache import base_inputs
+from invdiff_rt.models.loader import load_model
+
+LEVELS = (100, 200, 300, 500, 700, 850, 925, 975)
+ATTRIBUTES = ("color", "stroke")
+
+
+def contrast_at(model, inputs, idx: torch.Tensor, t: int, seed: int, level: int) -> torch.Tensor:
+    """Mean contrast of one antithetic pair at fixed t on the subset `idx`."""
+    scheduler = losses.make_noise_scheduler(model)
+    x0, pids = inputs.latents[idx], inputs.prompt_ids[idx]
+    noise = torch.randn(x0.shape, generator=losses._gen(seed, 9, level))
+    ts = torch.full((x0.shape[0],), t, dtype=torch.long)
+    pair = [losses.denoising_losses(model.unet, scheduler, x0, inputs.text_embeddings, pids, ts, eps, 256,
+                                    uncond_embedding=inputs.uncond_embedding) for eps in (noise, -noise)]
+    return (pair[0] + pair[1]) / 2
+
+
+def split_scores(z: torch.Tensor, minority: dict[str, torch.Tensor], k: float = 3.0) -> dict:
+    inferred = z > k
+    out = {}
+    for a, m in minority.items():
+        tp = int((inferred & m).sum())
+        out[a] = {"auroc": round(grouper.auroc(z, m), 4), "precision": round(tp / max(int(inferred.sum()), 1), 4),
+                  "recall": round(tp / max(int(m.sum()), 1), 4)}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--levels", default=",".join(map(str, LEVELS)))
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    model = load_model(args.model)
+    inputs = base_inputs(model, args.data)
+    n = inputs.latents.shape[0]
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed))[:args.n].sort().values
+    pids = inputs.prompt_ids[idx]
+    minority = {a: grouper.hidden_minority(args.data, a, inputs.prompt_ids)[idx] for a in ATTRIBUTES}
+    rows, zs = [], []
+    for level, t in enumerate(int(x) for x in args.levels.split(",")):
+        c = contrast_at(model, inputs, idx, t, args.seed, level)
+        z = grouper.robust_prompt_z(c, pids)
+        zs.append(z)
+        row = {"t": t, "skewness": round(losses.skewness(losses.per_prompt_ratio(c, pids).log()), 4),
+               **{f"{a}_{k}": v for a, s in split_scores(z, minority).items() for k, v in s.items()}}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    zmax = torch.stack(zs).amax(0)
+    summary = {"levels": rows, "max_z_over_levels": split_scores(zmax, minority), "n": len(idx),
+               "minority_size": {a: int(m.sum()) for a, m in minority.items()},
+               "overlap": int((minority["color"] & minority["stroke"]).sum())}
+    print(json.dumps({k: v for k, v in summary.items() if k != "levels"}))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
