@@ -74,12 +74,15 @@ class VaeDecoderModule(torch.nn.Module):
         return (x.float() / 2 + 0.5).clamp(0, 1)
 
 
-def component_module(component: str, model, adapter=None, cfg: bool = True, precision: str = "fp32"):
-    """A frozen copy of one component in the export precision (the loaded model is left untouched)."""
+def component_module(component: str, model, adapter=None, cfg: bool = True, precision: str = "fp32",
+                     copy_weights: bool = True):
+    """A frozen copy of one component in the export precision (the loaded model is left untouched).
+    `copy_weights=False` (a caller that owns the model, e.g. an SD-scale export) converts in place instead of
+    holding a second copy of the weights."""
     dtype = getattr(torch, PRECISIONS[precision])
 
     def copy_as(module):  # `.to(float32)` on a float32 diffusers model only logs a warning
-        module = copy.deepcopy(module)
+        module = copy.deepcopy(module) if copy_weights else module
         return module if dtype == torch.float32 else module.to(dtype)
 
     if component == "denoiser":
@@ -109,7 +112,7 @@ def torch_to_onnx(module: torch.nn.Module, spec: ExportSpec, opset: int = MIN_OP
 
     if opset < MIN_OPSET:
         raise InvdiffError(f"--opset {opset}: the exporter needs opset >= {MIN_OPSET}; pass --opset 18")
-    args = tuple(spec.sample_inputs(EXPORT_BATCH).values())
+    args = tuple(spec.sample_inputs(EXPORT_BATCH, size=spec.trace_size()).values())
     dynamic = spec.dynamic_shapes()
     kwargs, names = {}, list(spec.input_names)
     if weights:

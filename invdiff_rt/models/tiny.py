@@ -41,7 +41,7 @@ def build_components(arch: MiniSDArch, prompts: list[str], seed: int = 0):
 
 
 def save_model_dir(out_dir: str | Path, tokenizer, text_encoder, vae, unet, info: dict | None = None,
-                   dtype: torch.dtype = torch.float32) -> Path:
+                   dtype: torch.dtype = torch.float32, scheduler: dict | None = None) -> Path:
     """Write a diffusers directory that `StableDiffusionPipeline.from_pretrained` and `load_model` both load."""
     from diffusers import DDIMScheduler
 
@@ -50,7 +50,7 @@ def save_model_dir(out_dir: str | Path, tokenizer, text_encoder, vae, unet, info
         for name, module in (("text_encoder", text_encoder), ("vae", vae), ("unet", unet)):
             module.to(dtype).save_pretrained(tmp / name, safe_serialization=True)
             module.to(torch.float32)
-        DDIMScheduler(**SCHEDULER_CONFIG).save_pretrained(tmp / "scheduler")
+        DDIMScheduler(**(scheduler or SCHEDULER_CONFIG)).save_pretrained(tmp / "scheduler")
         (tmp / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
         if info is not None:
             atomic_write_json(tmp / "invdiff_model.json", info)
