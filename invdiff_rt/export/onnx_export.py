@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InvdiffError
+from .fp16 import keep_fragile_ops_fp32
 from .spec import PRECISIONS, ExportSpec
 
 EXPORT_BATCH = 2  # trace batch; must not be 1 (the exporter would specialise a size-1 dim)
@@ -81,15 +82,18 @@ def component_module(component: str, model, adapter=None, cfg: bool = True, prec
     holding a second copy of the weights."""
     dtype = getattr(torch, PRECISIONS[precision])
 
-    def copy_as(module):  # `.to(float32)` on a float32 diffusers model only logs a warning
+    def copy_as(module, islands: bool = True):  # `.to(float32)` on a float32 diffusers model only logs a warning
         module = copy.deepcopy(module) if copy_weights else module
-        return module if dtype == torch.float32 else module.to(dtype)
+        if dtype == torch.float32:
+            return module
+        module = module.to(dtype)
+        return keep_fragile_ops_fp32(module, dtype) if islands else module
 
     if component == "denoiser":
         from ..runtime.fused import FusedDenoiser
 
         unet = copy_as(model.unet)
-        adapter = copy_as(adapter) if adapter is not None else None
+        adapter = copy_as(adapter, islands=False) if adapter is not None else None
         module = (DenoiserModule if cfg else NoCfgDenoiserModule)(FusedDenoiser(unet, adapter, cfg=cfg))
     elif component == "text_encoder":
         module = TextEncoderModule(copy_as(model.text_encoder))

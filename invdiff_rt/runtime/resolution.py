@@ -117,3 +117,20 @@ def export_sizes(limits: SizeLimits, min_size: str | None = None, max_size: str 
     if not _le(lo, hi):
         raise InvdiffError(f"--min-size {_fmt(lo)}: larger than --max-size {_fmt(hi)}; swap them")
     return (lo, opt, hi)
+
+
+def requested_latent_shape(*, model=None, export=None, height: int | None = None,
+                           width: int | None = None) -> tuple[int, int, int] | None:
+    """Latent shape for `--height/--width` against an export folder or a model (name or folder), checked before
+    anything is loaded; None when neither is given (the runtime's default size)."""
+    if height is None and width is None:
+        return None
+    if export is not None:
+        from ..export.manifest import read_manifest
+
+        limits = limits_of_manifest(read_manifest(export, verify=False), export)
+    else:
+        from ..models.loader import resolve_model
+
+        limits = limits_of_model_dir(resolve_model(model))
+    return limits.latent_shape(check_size(limits, height, width))

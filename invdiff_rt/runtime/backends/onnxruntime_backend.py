@@ -75,12 +75,20 @@ class OrtComponent:
             binding.bind_input(name, "cuda", 0, np.dtype(self.spec.dtype(name)).type, tuple(t.shape), t.data_ptr())
         batch = _batch_of(self.spec, feeds)
         out_name = self.spec.output_names[0]
-        out = torch.empty(self.spec.shapes(batch)[out_name], dtype=getattr(torch, self.spec.dtype(out_name)),
-                          device="cuda")
+        out = torch.empty(self.spec.shapes(batch, _size_of(self.spec, feeds))[out_name],
+                          dtype=getattr(torch, self.spec.dtype(out_name)), device="cuda")
         binding.bind_output(out_name, "cuda", 0, np.dtype(self.spec.dtype(out_name)).type, tuple(out.shape),
                             out.data_ptr())
         self.session.run_with_iobinding(binding)
         return out
+
+
+def _size_of(spec, feeds: dict) -> tuple[int, int] | None:
+    """Image size (H, W) of a dynamic-resolution component's feeds (its first input is the latents)."""
+    if spec.sizes is None:
+        return None
+    h, w = feeds[spec.inputs[0].name].shape[-2:]
+    return (int(h) * spec.downsample, int(w) * spec.downsample)
 
 
 def _batch_of(spec, feeds: dict) -> int:
