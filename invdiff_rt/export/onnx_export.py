@@ -114,6 +114,15 @@ def torch_to_onnx(module: torch.nn.Module, spec: ExportSpec, opset: int = MIN_OP
     named `adapter.<state_dict name>`. Returns the onnx.ModelProto (weights loaded in memory)."""
     import onnx
 
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{spec.component}.onnx"
+        write_torch_export(module, spec, path, opset, weights)
+        return onnx.load(str(path))  # pulls any external data into memory
+
+
+def write_torch_export(module: torch.nn.Module, spec: ExportSpec, path: Path, opset: int = MIN_OPSET,
+                       weights: dict[str, torch.Tensor] | None = None) -> None:
+    """The dynamo export itself, written to `path` (+ `path.data`, external data)."""
     if opset < MIN_OPSET:
         raise InvdiffError(f"--opset {opset}: the exporter needs opset >= {MIN_OPSET}; pass --opset 18")
     args = tuple(spec.sample_inputs(EXPORT_BATCH, size=spec.trace_size()).values())
@@ -123,13 +132,11 @@ def torch_to_onnx(module: torch.nn.Module, spec: ExportSpec, opset: int = MIN_OP
         kwargs = {"adapter_params": dict(weights)}
         dynamic["adapter_params"] = {k: None for k in weights}
         names += [weight_input_name(k) for k in weights]
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        path = Path(tmp) / f"{spec.component}.onnx"
         torch.onnx.export(module, args, str(path), kwargs=kwargs, dynamo=True, opset_version=opset,
                           input_names=names, output_names=spec.output_names, dynamic_shapes=dynamic,
                           external_data=True, optimize=True, verbose=False)
-        return onnx.load(str(path))  # pulls any external data into memory
 
 
 def weight_input_name(state_name: str) -> str:
@@ -195,15 +202,48 @@ def save_onnx(model, path: str | Path) -> list[Path]:
 
 def export_onnx(module: torch.nn.Module, spec: ExportSpec, path: str | Path, opset: int = MIN_OPSET,
                 weights: dict[str, torch.Tensor] | None = None) -> list[Path]:
-    """Export, fold, re-attach `weights` as named initializers, name the dims, check; returns the files written."""
+    """Export, fold, re-attach `weights` as named initializers, name the dims, check; returns the files written.
+    Above protobuf's 2 GB (SD-scale UNets) the weights never enter memory a second time: `export_large`."""
     import onnx
 
+    if weight_bytes(module) > EXTERNAL_DATA_BYTES:
+        return export_large(module, spec, Path(path), opset, weights)
     model = fold(torch_to_onnx(module, spec, opset, weights))
     if weights:
         model = weights_to_initializers(model, weights)
     files = save_onnx(rename_dims(model, spec), path)
     onnx.checker.check_model(str(files[0]))
     return files
+
+
+def weight_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+
+
+def export_large(module: torch.nn.Module, spec: ExportSpec, path: Path, opset: int = MIN_OPSET,
+                 weights: dict[str, torch.Tensor] | None = None) -> list[Path]:
+    """A > 2 GB component: the exporter's external-data file is moved into place as `path.data`; only the graph
+    is loaded and edited (adapter initializers, dim names). The exporter's own optimizer has folded constants;
+    Polygraphy's folding is skipped here (it holds several in-memory copies of the weights: > 3x their bytes)."""
+    import os
+
+    import onnx
+
+    data = path.with_name(path.name + ".data")
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        written = Path(tmp) / path.name
+        write_torch_export(module, spec, written, opset, weights)
+        model = onnx.load(str(written), load_external_data=False)
+        locations = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+        if locations != {data.name}:
+            raise InvdiffError(f"{path}: the exporter wrote external data {sorted(locations)}, expected {data.name}; "
+                               "report this with your torch version")
+        if weights:
+            model = weights_to_initializers(model, weights)
+        onnx.save_model(rename_dims(model, spec), str(path))
+        os.replace(Path(tmp) / data.name, data)
+    onnx.checker.check_model(str(path))
+    return [path, data]
 
 
 def adapter_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -177,6 +177,14 @@ def text_shape(model) -> tuple[int, int]:
     return int(model.tokenizer.model_max_length), int(model.text_encoder.config.hidden_size)
 
 
+def _size_fields(model, sizes) -> dict:
+    """The spec's resolution range and the model's downsampling (only for a dynamic-resolution export)."""
+    if not sizes:
+        return {}
+    return {"sizes": tuple(tuple(int(v) for v in s) for s in sizes), "downsample": model.vae_factor,
+            "multiple": model.size_multiple}
+
+
 def _latent_dims(model, sizes) -> tuple:
     """(C, h, w): static at the model's size, or symbolic for a resolution range."""
     c, h, w = model.latent_shape
@@ -197,8 +205,8 @@ def denoiser_spec(model, cfg: bool = True, max_batch: int = 32, precision: str =
         inputs.append(TensorSpec("guidance_scale", (), "float32", (1.0, 9.0)))
     inputs.append(TensorSpec("adapter_weight", (), "float32", (0.0, 1.0)))
     outputs = (TensorSpec("noise_pred", ("B", c, h, w)),)
-    return ExportSpec("denoiser", tuple(inputs), outputs, 1, _opt(max_batch), max_batch, precision, sizes,
-                      model.vae_factor, model.size_multiple)
+    return ExportSpec("denoiser", tuple(inputs), outputs, 1, _opt(max_batch), max_batch, precision,
+                      **_size_fields(model, sizes))
 
 
 def text_encoder_spec(model, max_batch: int = 64, precision: str = "fp32") -> ExportSpec:
@@ -217,7 +225,7 @@ def vae_decoder_spec(model, max_batch: int = 32, precision: str = "fp32", sizes=
     image = ("B", 3, "H", "W") if sizes else ("B", 3, size, size)
     return ExportSpec("vae_decoder", (TensorSpec("latents", ("B", c, h, w)),),
                       (TensorSpec("images", image, "float32"),), 1, _opt(max_batch), max_batch,
-                      precision, sizes, model.vae_factor, model.size_multiple)
+                      precision, **_size_fields(model, sizes))
 
 
 def component_specs(model, cfg: bool = True, max_batch: int = 32, precision: str = "fp32",

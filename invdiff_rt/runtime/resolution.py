@@ -61,16 +61,17 @@ def limits_of_manifest(manifest: dict, export_dir: str | Path = "") -> SizeLimit
     return SizeLimits(channels, spec.downsample, spec.multiple, default, lo, hi, f"--export {export_dir}")
 
 
-def check_size(limits: SizeLimits, height: int | None = None, width: int | None = None) -> Size:
+def check_size(limits: SizeLimits, height: int | None = None, width: int | None = None,
+               flag: str = "--height/--width") -> Size:
     """The requested (H, W) (a missing one is the default's), or a one-line error."""
     size = (int(height or limits.default[0]), int(width or limits.default[1]))
-    text = f"{size[0]}x{size[1]}"
+    text = f"{flag} {size[0]}x{size[1]}"
     if min(size) < 1 or size[0] % limits.multiple or size[1] % limits.multiple:
-        raise InvdiffError(f"--height/--width {text}: not a multiple of {limits.multiple} (VAE factor "
+        raise InvdiffError(f"{text}: not a multiple of {limits.multiple} (VAE factor "
                            f"{limits.downsample} x UNet {limits.multiple // limits.downsample}); pass multiples of "
                            f"{limits.multiple}, e.g. {limits.default[0]}x{limits.default[1]}")
     if limits.min is not None and not (_le(limits.min, size) and _le(size, limits.max)):
-        raise InvdiffError(f"--height/--width {text}: outside the range of {limits.source} "
+        raise InvdiffError(f"{text}: outside the range of {limits.source} "
                            f"({_fmt(limits.min)} to {_fmt(limits.max)}); pick a size in range or re-export with "
                            f"--min-size/--max-size covering it")
     return size
@@ -113,7 +114,7 @@ def export_sizes(limits: SizeLimits, min_size: str | None = None, max_size: str 
     else:
         return None
     for flag, size in (("--min-size", lo), ("--max-size", hi)):
-        check_size(SizeLimits(limits.channels, limits.downsample, limits.multiple, limits.default, source=flag), *size)
+        check_size(limits, *size, flag=flag)
     if not _le(lo, hi):
         raise InvdiffError(f"--min-size {_fmt(lo)}: larger than --max-size {_fmt(hi)}; swap them")
     return (lo, opt, hi)
