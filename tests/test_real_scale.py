@@ -234,3 +234,67 @@ def test_denoising_target_per_prediction_type():
     assert torch.allclose(denoising_target({**cfg, "prediction_type": "v_prediction"}, x0, eps, t), v, atol=1e-6)
     with pytest.raises(InvdiffError, match="prediction_type 'flow' is not supported"):
         denoising_target({**cfg, "prediction_type": "flow"}, x0, eps, t)
+
+
+def _v_scheduler():
+    from diffusers import DDPMScheduler
+
+    from invdiff_rt.models.configs import SCHEDULER_CONFIG
+
+    return DDPMScheduler.from_config({**SCHEDULER_CONFIG, "prediction_type": "v_prediction"})
+
+
+def test_v_prediction_group_losses_equal_hand_computed(tiny_model):
+    """groups' per-sample loss on a v-prediction model: ||unet(x_t) - v||^2 with v = sqrt(a) eps - sqrt(1-a) x0."""
+    from invdiff_rt.method.losses import denoising_losses
+
+    gen = torch.Generator().manual_seed(1)
+    x0, eps = torch.randn(3, 4, 8, 8, generator=gen), torch.randn(3, 4, 8, 8, generator=gen)
+    t, emb = torch.tensor([10, 400, 900]), torch.randn(2, 16, 16, generator=gen)
+    ids = torch.tensor([0, 1, 0])
+    losses = denoising_losses(tiny_model.unet, _v_scheduler(), x0, emb, ids, t, eps, batch_size=2)
+    a = _v_scheduler().alphas_cumprod[t].view(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    with torch.no_grad():
+        pred = tiny_model.unet(x_t, t, encoder_hidden_states=emb[ids]).sample
+    hand = (pred - (a.sqrt() * eps - (1 - a).sqrt() * x0)).pow(2).mean(dim=(1, 2, 3))
+    assert torch.allclose(losses.float(), hand, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(hand, (pred - eps).pow(2).mean(dim=(1, 2, 3)), rtol=1e-2)  # eps would differ
+
+
+def test_v_prediction_training_target_and_loss(tiny_model):
+    """train's batch target is v = (sqrt(a) x_t - x0) / sqrt(1-a), and a zero adapter's loss is ||eps_base - v||^2."""
+    from types import SimpleNamespace
+
+    from invdiff_rt.method.adapter import GuidanceAdapter, config_for_unet
+    from invdiff_rt.method.train import TrainConfig, _step_loss, draw_batch
+
+    gen = torch.Generator().manual_seed(2)
+    inputs = SimpleNamespace(latents=torch.randn(6, 4, 8, 8, generator=gen), prompt_ids=torch.tensor([0, 1] * 3),
+                             text_embeddings=torch.randn(2, 16, 16, generator=gen),
+                             uncond_embedding=torch.zeros(1, 16, 16))
+    grouping = SimpleNamespace(sampling=torch.full((6,), 1 / 6), weights=torch.ones(6, 1))
+    batch = draw_batch(inputs, grouping, _v_scheduler(), TrainConfig(batch_size=4, seed=0), 0, 0)
+    a = _v_scheduler().alphas_cumprod[batch.timestep].view(-1, 1, 1, 1)
+    v = (a.sqrt() * batch.sample - inputs.latents[batch.index]) / (1 - a).sqrt()
+    assert torch.allclose(batch.noise, v, atol=1e-4)
+    adapter = GuidanceAdapter(config_for_unet(tiny_model.unet, width=8, depth=1, time_dim=16))
+    eps_base = torch.randn(4, 4, 8, 8, generator=gen)
+    terms = _step_loss(adapter, batch, eps_base, 0.0, True, "cpu")  # one group, lambda 0: the mean loss
+    assert torch.allclose(terms.loss, (eps_base - v).pow(2).mean(), rtol=1e-4)
+
+
+@pytest.mark.parametrize("name,prompt", [("colored-digits", "a photo of the digit 3"), ("shapes-habitats", "a circle")])
+def test_stock_diffusers_loads_shipped_models_without_dtype(name, prompt):
+    """`StableDiffusionPipeline.from_pretrained(dir)` with no dtype: every component fp32, a real image out."""
+    from diffusers import StableDiffusionPipeline
+
+    from invdiff_rt.models.loader import resolve_model
+
+    pipe = StableDiffusionPipeline.from_pretrained(resolve_model(name))
+    assert {getattr(pipe, c).dtype for c in ("unet", "vae", "text_encoder")} == {torch.float32}
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe(prompt, num_inference_steps=4, guidance_scale=3.0, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.shape == (32, 32, 3) and np.isfinite(image).all()
+    assert float(image.std()) > 0.05 and 0.02 < float(image.mean()) < 0.98  # not black, white or flat
