@@ -147,8 +147,10 @@ def as_runtime(model_or_runtime, adapter=None) -> Runtime:
 
 
 def sample_batch(runtime: Runtime, prompts: list[str], indices: list[int], seed: int, steps: int,
-                 guidance_scale: float, adapter_weight: float, scheduler: str, embed_cache: dict) -> np.ndarray:
-    latents = torch.stack([initial_latents(seed, p, i, runtime.latent_shape) for p, i in zip(prompts, indices)])
+                 guidance_scale: float, adapter_weight: float, scheduler: str, embed_cache: dict,
+                 latent_shape: Sequence[int] | None = None) -> np.ndarray:
+    shape = latent_shape or runtime.latent_shape
+    latents = torch.stack([initial_latents(seed, p, i, shape) for p, i in zip(prompts, indices)])
     device = getattr(runtime, "device", torch.device("cpu"))
     emb = cfg_embeddings(runtime, prompts, guidance_scale, embed_cache)
     sched = make_scheduler(runtime.scheduler_config, scheduler)
@@ -160,8 +162,10 @@ def sample_batch(runtime: Runtime, prompts: list[str], indices: list[int], seed:
 def sample_images(model_or_runtime, prompts: Sequence[str], indices: Sequence[int], seed: int,
                   steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE, adapter=None,
                   adapter_weight: float = 1.0, scheduler: str = "ddim", batch_size: int = 64,
-                  progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """Images for (prompts[i], indices[i]) as uint8 [N,H,W,3]; item i does not depend on its batch mates."""
+                  progress: Callable[[int], None] | None = None,
+                  latent_shape: Sequence[int] | None = None) -> np.ndarray:
+    """Images for (prompts[i], indices[i]) as uint8 [N,H,W,3]; item i does not depend on its batch mates.
+    `latent_shape` (C, h, w): another size than the runtime's default (checked by `runtime.resolution`)."""
     if len(prompts) != len(indices):
         raise ValueError("prompts and indices must have the same length")
     runtime = as_runtime(model_or_runtime, adapter)
@@ -169,7 +173,8 @@ def sample_images(model_or_runtime, prompts: Sequence[str], indices: Sequence[in
     chunks = []
     for start in range(0, len(prompts), batch_size):
         p, i = list(prompts[start:start + batch_size]), list(indices[start:start + batch_size])
-        chunks.append(sample_batch(runtime, p, i, seed, steps, guidance_scale, adapter_weight, scheduler, cache))
+        chunks.append(sample_batch(runtime, p, i, seed, steps, guidance_scale, adapter_weight, scheduler, cache,
+                                   latent_shape))
         if progress is not None:
             progress(len(p))
     return np.concatenate(chunks) if chunks else np.zeros((0,), np.uint8)
