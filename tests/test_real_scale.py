@@ -298,3 +298,18 @@ def test_stock_diffusers_loads_shipped_models_without_dtype(name, prompt):
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.shape == (32, 32, 3) and np.isfinite(image).all()
     assert float(image.std()) > 0.05 and 0.02 < float(image.mean()) < 0.98  # not black, white or flat
+
+
+def test_static_export_accepts_only_its_size(tmp_path):
+    """An export without a range (older manifests too) runs at its model's size; another size is refused."""
+    from invdiff_rt.export.manifest import FORMAT
+    from invdiff_rt.export.spec import TensorSpec, ExportSpec
+
+    spec = ExportSpec("denoiser", (TensorSpec("sample", ("B", 4, 8, 8)),), (TensorSpec("noise_pred", ("B", 4, 8, 8)),))
+    root = tmp_path / "static"
+    root.mkdir()
+    (root / "manifest.json").write_text(json.dumps({"format": FORMAT, "latent_shape": [4, 8, 8], "image_size": 32,
+                                                    "components": {"denoiser": {"spec": spec.to_json()}}}))
+    assert resolution.requested_latent_shape(export=root, height=32, width=32) == (4, 8, 8)
+    with pytest.raises(InvdiffError, match=r"48x32: outside the range of --export .* \(32x32 to 32x32\)"):
+        resolution.requested_latent_shape(export=root, height=48)

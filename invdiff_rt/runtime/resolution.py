@@ -56,8 +56,12 @@ def limits_of_manifest(manifest: dict, export_dir: str | Path = "") -> SizeLimit
 
     spec = ExportSpec.from_json(manifest["components"]["denoiser"]["spec"])
     channels, h, w = manifest["latent_shape"]
+    if spec.sizes is None:  # a static export: only the model's own size
+        factor = int(manifest.get("image_size", 8 * h)) // h
+        default = (h * factor, w * factor)
+        return SizeLimits(channels, factor, factor, default, default, default, f"--export {export_dir}")
     default = (h * spec.downsample, w * spec.downsample)
-    lo, hi = spec.size_range or (default, default)
+    lo, hi = spec.size_range
     return SizeLimits(channels, spec.downsample, spec.multiple, default, lo, hi, f"--export {export_dir}")
 
 
