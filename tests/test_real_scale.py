@@ -6,7 +6,6 @@ modules, which hold no weights)."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import numpy as np
@@ -192,17 +191,19 @@ def test_size_errors_before_any_work(tmp_path, tiny_model_dir):
     assert isinstance(result.exception, InvdiffError) and "outside the range" in str(result.exception)
 
 
-def test_forced_nan_exit_2_one_line_no_png(tiny_model_dir, tmp_path):
+def test_forced_nan_exit_2_one_line_no_png(tiny_model_dir, tmp_path, monkeypatch, capsys):
     """The test hook makes step 2's noise prediction NaN: exit 2, one line naming component and step, no PNG."""
-    import os
+    from invdiff_rt import cli
 
     out = tmp_path / "images"
-    nan = subprocess.run([sys.executable, "-m", "invdiff_rt.cli", "generate", "--model", str(tiny_model_dir),
-                          "--prompt", "a red circle", "--num", "2", "--out", str(out), "--steps", "3",
-                          "--backend", "torch"], capture_output=True, text=True,
-                         env={**os.environ, "INVDIFF_FORCE_NAN_STEP": "2"})
-    assert nan.returncode == 2, nan.stderr
-    lines = [line for line in nan.stderr.strip().splitlines() if line.startswith("error:")]
+    monkeypatch.setenv("INVDIFF_FORCE_NAN_STEP", "2")
+    monkeypatch.setattr(sys, "argv", ["invdiff", "generate", "--model", str(tiny_model_dir), "--prompt",
+                                      "a red circle", "--num", "2", "--out", str(out), "--steps", "3",
+                                      "--backend", "torch"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "torch denoiser: non-finite values (NaN/inf) at step 2 of 3" in lines[0]
     assert "fp32" in lines[0] and not list(out.rglob("*.png"))
 
