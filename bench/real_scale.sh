@@ -59,7 +59,7 @@ for V in $VARIANTS; do
     E="$OUT/$V-export-fp32"
     stage "$V export fp32 + adapter" "$INVDIFF" export --model "$M" --adapter "$OUT/$V-adapter" --out "$E" \
         --min-size 256 --max-size 768 --max-batch 4
-    ls -l "$E" | awk 'NR > 1 {printf "    %s %d\n", $9, $5}'
+    ls -l "$E" | awk 'NR > 1 {print "    " $9, $5}'
     if [ "$V" = sd15 ]; then
         stage "$V export fp16 + adapter" "$INVDIFF" export --model "$M" --adapter "$OUT/$V-adapter" \
             --out "$OUT/$V-export-fp16" --precision fp16 --min-size 256 --max-size 768 --max-batch 4
