@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check of the project in one call, for a short lease on a machine with torch + CUDA but no diffusers,
 # TensorRT, onnxruntime-gpu or network (e.g. the H100/H200 machines this project is sometimes lent):
-#   1. bench/gpu_check.sh: SD-1.5-architecture UNet + adapter, eager fp32/fp16 vs fused fp16 + CUDA graphs
+#   1. bench/gpu_check.sh: SD-1.5-architecture UNet + adapter, eager fp32/fp16 vs fused fp16 + CUDA graphs,
+#      batch 1/4/8 at two resolutions (latents 64x64 = 512x512 px and 64x96 = 512x768 px; real scale, issue 13)
 #   2. the GPU-marked tests (CUDA-graph step parity, TensorRT tests skip without TensorRT)
 #   3. `invdiff bench` on the shipped colored-digits mini model: eager vs the torch-cuda backend (fp16 + CUDA graphs),
 #      with and without the adapter
@@ -9,7 +10,7 @@
 # (only diffusers and importlib_metadata are missing from such machines). Results and logs go to $OUT (or
 # bench/results/device/).
 #
-# Usage: bash bench/device_run.sh            (about 7 minutes on an H200)
+# Usage: bash bench/device_run.sh            (about 9 minutes on an H200; not run yet: no GPU was lent so far)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS="${OUT:-bench/results/device}"
@@ -23,8 +24,9 @@ if ! python3 -c "import diffusers" 2>/dev/null; then
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # the package itself, uninstalled
 
-echo "== 1/3 gpu_check (SD-1.5 UNet) =="
-GPU_CHECK_LIMIT_S="${GPU_CHECK_LIMIT_S:-300}" bash bench/gpu_check.sh --out "$RESULTS/gpu_check.json" \
+echo "== 1/3 gpu_check (SD-1.5 UNet, 512x512 and 512x768) =="
+GPU_CHECK_LIMIT_S="${GPU_CHECK_LIMIT_S:-420}" bash bench/gpu_check.sh --out "$RESULTS/gpu_check.json" \
+    --batches 1,4,8 --latent-sizes "${LATENT_SIZES:-64x64,64x96}" \
     --compile-cap-s "${COMPILE_CAP_S:-120}" 2>&1 | tee "$RESULTS/gpu_check.log"
 
 echo "== 2/3 GPU tests =="

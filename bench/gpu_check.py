@@ -52,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--tiny", action="store_true", help="tiny UNet (smoke test)")
     p.add_argument("--batches", default="1,4,8", help="comma-separated batch sizes (CFG doubles them)")
+    p.add_argument("--latent-sizes", default=None,
+                   help="comma-separated latent HxW, e.g. 64x64,64x96 (= 512x512 and 512x768 px; default: the UNet's)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 10 on GPU, 1 with --tiny)")
     p.add_argument("--repeats", type=int, default=None, help="timed steps (default 50 on GPU, 1 with --tiny)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile(mode='reduce-overhead')")
@@ -101,12 +103,21 @@ def _randomize(module: torch.nn.Module, seed: int) -> None:
             p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
 
 
-def step_inputs(batch: int, tiny: bool, device: str, dtype: torch.dtype, seed: int = 0):
+def latent_sizes(args) -> list[tuple[int, int]]:
+    if not args.latent_sizes:
+        size = TINY_UNET["sample_size"] if args.tiny else SD15_UNET["sample_size"]
+        return [(size, size)]
+    return [tuple(int(v) for v in s.lower().split("x")) for s in args.latent_sizes.split(",") if s.strip()]
+
+
+def step_inputs(batch: int, tiny: bool, device: str, dtype: torch.dtype, seed: int = 0,
+                hw: tuple[int, int] | None = None):
     """sample [B,4,h,w], timestep [B], text embeddings [2B,L,D] (cond then uncond), guidance [], adapter weight []."""
     size = TINY_UNET["sample_size"] if tiny else SD15_UNET["sample_size"]
+    height, width = hw or (size, size)
     length, dim = TINY_TEXT if tiny else SD15_TEXT
     gen = torch.Generator().manual_seed(seed)
-    sample = torch.randn(batch, 4, size, size, generator=gen)
+    sample = torch.randn(batch, 4, height, width, generator=gen)
     timestep = torch.full((batch,), 500.0)
     text = torch.randn(2 * batch, length, dim, generator=gen)
     to = dict(device=device)
@@ -201,11 +212,11 @@ def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
-def run_batch(models: dict, batch: int, args) -> list[dict]:
-    """Time every variant at one batch size; record fused-vs-eager fp16 agreement on the same inputs."""
+def run_batch(models: dict, batch: int, args, hw: tuple[int, int] | None = None) -> list[dict]:
+    """Time every variant at one batch size (and latent size); record fused-vs-eager fp16 agreement."""
     rows, dev = [], args.device
-    inputs32 = step_inputs(batch, args.tiny, dev, torch.float32)
-    inputs16 = step_inputs(batch, args.tiny, dev, models["dtype16"])
+    inputs32 = step_inputs(batch, args.tiny, dev, torch.float32, hw=hw)
+    inputs16 = step_inputs(batch, args.tiny, dev, models["dtype16"], hw=hw)
     rows.append(summarize("eager_fp32", batch, time_step(models["eager32"], inputs32, dev, args.warmup, args.repeats)))
     eager16 = models["eager16"]
     rows.append(summarize("eager_fp16", batch, time_step(eager16, inputs16, dev, args.warmup, args.repeats)))
@@ -216,7 +227,8 @@ def run_batch(models: dict, batch: int, args) -> list[dict]:
     name = "fused_fp16_graph" if dev == "cuda" else "fused_fp16"
     rows.append(summarize(name, batch, time_step(fused, inputs16, dev, args.warmup, args.repeats),
                           rel_diff_vs_eager_fp16=diff))
-    return rows
+    latent = "x".join(map(str, inputs16[0].shape[-2:]))
+    return [{**r, "latent": latent} for r in rows]
 
 
 def run_compiled(compiled, inputs, batch: int, args) -> dict:
@@ -279,7 +291,8 @@ def goals(rows: list[dict], device: str) -> dict:
     """Speed-up of the fused step over eager fp16 at the smallest batch, and its absolute latency."""
     fused_name = "fused_fp16_graph" if device == "cuda" else "fused_fp16"
     batch = min(r["batch"] for r in rows)
-    by = {r["variant"]: r for r in rows if r["batch"] == batch and "p50_ms" in r}
+    first = rows[0].get("latent")  # goals at the first latent size
+    by = {r["variant"]: r for r in rows if r["batch"] == batch and "p50_ms" in r and r.get("latent") == first}
     speedup = by["eager_fp16"]["p50_ms"] / by[fused_name]["p50_ms"]
     out = {"batch": batch, "speedup_vs_eager_fp16": speedup, "fused_p50_ms": by[fused_name]["p50_ms"]}
     if device == "cuda":
@@ -289,16 +302,16 @@ def goals(rows: list[dict], device: str) -> dict:
 
 
 def print_table(rows: list[dict]) -> None:
-    header = f"{'variant':<18}{'batch':>6}{'p50 ms':>10}{'p90 ms':>10}{'ms/sample':>11}  note"
+    header = f"{'variant latent':<24}{'batch':>6}{'p50 ms':>10}{'p90 ms':>10}{'ms/sample':>11}  note"
     print(header)
     print("-" * len(header))
     for r in rows:
         if "p50_ms" not in r:
-            print(f"{r['variant']:<18}{r['batch']:>6}{'-':>10}{'-':>10}{'-':>11}  {r.get('skipped', '')}")
+            print(f"{r['variant']:<24}{r['batch']:>6}{'-':>10}{'-':>10}{'-':>11}  {r.get('skipped', '')}")
             continue
         note = f"max|fused-eager16|/max|eager16|={r['rel_diff_vs_eager_fp16']:.1e}" if "rel_diff_vs_eager_fp16" in r else ""
         note = note or (f"compile {r['compile_s']:.0f} s" if "compile_s" in r else "")
-        print(f"{r['variant']:<18}{r['batch']:>6}{r['p50_ms']:>10.2f}{r['p90_ms']:>10.2f}"
+        print(f"{r['variant'] + ' ' + r.get('latent', ''):<24}{r['batch']:>6}{r['p50_ms']:>10.2f}{r['p90_ms']:>10.2f}"
               f"{r['p50_ms'] / r['batch']:>11.2f}  {note}")
 
 
@@ -324,9 +337,10 @@ def run(args) -> dict:
                          "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32,
                                   "cudnn": torch.backends.cudnn.allow_tf32}},
               "results": []}
-    for batch in args.batches:  # results are saved after every batch: a run stopped by the time cap keeps them
-        result["results"] += run_batch(models, batch, args)
-        save(result, args)
+    for hw in latent_sizes(args):
+        for batch in args.batches:  # results are saved after every batch: a run stopped by the time cap keeps them
+            result["results"] += run_batch(models, batch, args, hw)
+            save(result, args)
     if models["compiled"] is not None:
         inputs16 = step_inputs(args.batches[0], args.tiny, args.device, models["dtype16"])
         result["results"].append(run_compiled(models["compiled"], inputs16, args.batches[0], args))

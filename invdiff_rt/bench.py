@@ -167,6 +167,7 @@ class BenchConfig:
     adapter_weight: float = 1.0
     seed: int = 0
     engines: str = "engines"  # TensorRT engine cache (content-addressed: reused across runs)
+    latent_shape: list[int] | None = None  # from --height/--width (None: the model's size)
 
     def check(self) -> "BenchConfig":
         """Refuse bad flags before anything runs (one-line errors)."""
@@ -266,8 +267,8 @@ def stage_calls(runtime, batch: int, cfg: dict) -> dict[str, Callable[[], Any]]:
     device = getattr(runtime, "device", torch.device("cpu"))
     prompts = [PROMPT.format(i % 10) for i in range(batch)]
     gs, aw, steps = cfg["guidance_scale"], cfg["adapter_weight"], cfg["steps"]
-    latents = torch.stack([initial_latents(cfg["seed"], p, i, runtime.latent_shape)
-                           for i, p in enumerate(prompts)]).to(device)
+    shape = cfg.get("latent_shape") or runtime.latent_shape
+    latents = torch.stack([initial_latents(cfg["seed"], p, i, shape) for i, p in enumerate(prompts)]).to(device)
     emb = cfg_embeddings(runtime, prompts, gs)
     sched = make_scheduler(runtime.scheduler_config, cfg["scheduler"])
     timestep = torch.full((batch,), 500.0, device=device)

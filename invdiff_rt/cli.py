@@ -15,7 +15,7 @@ from . import validate
 from .errors import InvdiffError
 
 # Pipeline order: data -> base model -> groups -> adapter -> export -> engines -> sampling -> eval/bench.
-STAGES = ("data", "pretrain", "classifier", "method", "export", "engines", "generate", "eval", "bench", "demo")
+STAGES = ("data", "model", "pretrain", "classifier", "method", "export", "engines", "generate", "eval", "bench", "demo")
 
 app = typer.Typer(
     name="invdiff",

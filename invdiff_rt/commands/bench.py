@@ -36,18 +36,23 @@ def bench(
     guidance_scale: float = typer.Option(DEFAULT_GUIDANCE, "--guidance-scale", help="Classifier-free guidance scale."),
     adapter_weight: float = typer.Option(1.0, "--adapter-weight", help="Weight of the adapter."),
     engines: Path = typer.Option(Path("engines"), "--engines", help="TensorRT engine cache (with tensorrt)."),
+    height: Optional[int] = typer.Option(None, "--height", help="Image height (default: the model's)."),
+    width: Optional[int] = typer.Option(None, "--width", help="Image width (default: the model's)."),
 ) -> None:
     """Per-stage latency (p50/p90), images/s, peak memory; ratios to `eager` and to the model without adapter."""
     from rich.console import Console
 
     from .. import bench as b
+    from ..runtime.resolution import requested_latent_shape
 
+    shape = requested_latent_shape(model=model, export=export, height=height, width=width)
     config = b.BenchConfig(
         backends=b.parse_list(backends, "--backends"), batch_sizes=b.parse_list(batch_sizes, "--batch-sizes", int),
         model=model, adapter=str(adapter) if adapter else None, export=str(export) if export else None,
         base_export=str(base_export) if base_export else None,
         steps=steps, warmup=warmup, repeats=repeats, threads=threads, precision=precision, scheduler=scheduler,
         guidance_scale=guidance_scale, adapter_weight=adapter_weight, engines=str(engines),
+        latent_shape=list(shape) if shape else None,
     ).check()
     console = Console()
     result = b.run_bench(config, log=lambda s: console.print(s, highlight=False, style="dim"))

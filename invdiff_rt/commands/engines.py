@@ -23,18 +23,31 @@ def build(
     workspace_gb: Optional[float] = typer.Option(None, "--workspace-gb", min=0.1, help="Cap the build workspace."),
     refit_mode: str = typer.Option("individual", "--refit", help="individual: adapter weights refittable; none."),
     component: Optional[List[str]] = typer.Option(None, "--component", help="Only these components (repeatable)."),
+    plan: bool = typer.Option(False, "--plan", help="Print the profiles and engine cache keys; build nothing "
+                                                    "(needs no TensorRT or GPU)."),
 ) -> None:
     """Build (or reuse from the cache) one strongly typed TensorRT engine per exported component."""
     from rich.console import Console
 
     from ..export import tensorrt as trt_export
 
-    trt_export.require_tensorrt("build")
     options = trt_export.BuildOptions(timing_cache=timing_cache, builder_optimization_level=builder_optimization_level,
                                       workspace_gb=workspace_gb, refit_mode=refit_mode)
     console = Console()
+    if plan:
+        _print_plan(console, trt_export.build_plan(onnx, options, component))
+        return
+    trt_export.require_tensorrt("build")
     for name, plan, reused in trt_export.build_export(onnx, out, options, components=component):
         console.print(f"{name}: {'cached' if reused else 'built'} {plan}", highlight=False)
+
+
+def _print_plan(console, rows) -> None:
+    for row in rows:
+        console.print(f"{row['component']}: engine key {row['key']} (TensorRT {row['tensorrt']}, GPU "
+                      f"{row['gpu']['name']} {row['gpu']['compute_capability']})", highlight=False)
+        for name, (lo, opt, hi) in row["profile"].items():
+            console.print(f"  {name}: min {lo} opt {opt} max {hi}", highlight=False)
 
 
 def refit(

@@ -29,23 +29,27 @@ def eval_command(
     guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", help="CFG scale (default: sampler's)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per denoising batch (does not change images)."),
     grid: Optional[Path] = typer.Option(None, "--grid", help="Sample grid PNG (default: next to --json)."),
+    height: Optional[int] = typer.Option(None, "--height", help="Image height (default: the model's)."),
+    width: Optional[int] = typer.Option(None, "--width", help="Image width (default: the model's)."),
 ) -> None:
     """Generate N images per training prompt, classify them, write the JSON report and a sample grid."""
     from ..artifacts import atomic_write_json
     from ..eval.evaluate import run_evaluation
     from ..eval.plots import save_grid
+    from ..runtime.resolution import requested_latent_shape
 
     if json_out.exists() and json_out.is_dir():
         from ..errors import InvdiffError
 
         raise InvdiffError(f"--json {json_out}: is a folder; pass a file path such as {json_out / 'eval.json'}")
+    shape = requested_latent_shape(model=model, height=height, width=width)
     if adapter is not None and adapter_weight is None:
         from ..method.adapter import read_adapter_manifest
 
         adapter_weight = float(read_adapter_manifest(adapter).get("recommended_weight", 1.0))
     run = run_evaluation(model, data, attribute, classifier, per_prompt, seed, steps=steps,
                          guidance_scale=guidance_scale, batch_size=batch_size, adapter=adapter,
-                         adapter_weight=1.0 if adapter_weight is None else adapter_weight)
+                         adapter_weight=1.0 if adapter_weight is None else adapter_weight, latent_shape=shape)
     grid_path = grid or json_out.with_suffix(".png")
     save_grid(grid_path, run.images, len(run.prompts))
     atomic_write_json(json_out, {**run.report, "grid": str(grid_path)})

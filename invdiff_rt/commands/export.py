@@ -23,16 +23,24 @@ def export(
     opset: int = typer.Option(18, "--opset", help="ONNX opset (>= 18)."),
     max_batch: int = typer.Option(32, "--max-batch", help="Largest batch in the engine profiles."),
     no_cfg: bool = typer.Option(False, "--no-cfg", help="Export the guidance_scale == 1 denoiser (no uncond half)."),
+    min_size: Optional[str] = typer.Option(None, "--min-size", help="Smallest image size, N or HxW (dynamic H/W)."),
+    max_size: Optional[str] = typer.Option(None, "--max-size", help="Largest image size, N or HxW (dynamic H/W)."),
+    sizes: Optional[str] = typer.Option(None, "--sizes", help="Image sizes to cover, e.g. 512x512,512x768 "
+                                                              "(the first is the TensorRT opt shape)."),
 ) -> None:
     """Export the fused denoiser, text encoder and VAE decoder to ONNX with a manifest."""
     from rich.console import Console
 
     from ..export.manifest import export_model
+    from ..models.loader import resolve_model
+    from ..runtime.resolution import export_sizes, limits_of_model_dir
 
+    size_range = export_sizes(limits_of_model_dir(resolve_model(model)), min_size, max_size, sizes)
     console = Console(stderr=True)
     with console.status("exporting") as status:
         path = export_model(model, out, adapter, precision=precision, opset=opset, max_batch=max_batch,
-                            cfg=not no_cfg, progress=lambda name: status.update(f"exporting {name}"))
+                            cfg=not no_cfg, progress=lambda name: status.update(f"exporting {name}"),
+                            sizes=size_range)
     console.print(f"wrote {path} ({precision}, opset {opset}, cfg={'off' if no_cfg else 'on'})")
 
 
@@ -46,15 +54,23 @@ def check(
     backends: str = typer.Option("torch,onnxruntime", "--backends", help="torch first (reference), then others."),
     scheduler: str = typer.Option("ddim", "--scheduler", help="ddim, dpm or euler."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON here."),
+    height: Optional[int] = typer.Option(None, "--height", help="Image height (default: the model's)."),
+    width: Optional[int] = typer.Option(None, "--width", help="Image width (default: the model's)."),
 ) -> None:
     """Per-step noise prediction and final-image parity: torch vs ONNX Runtime (vs TensorRT). Exit 1 on fail."""
+    from ..export.manifest import read_manifest
     from ..runtime.check import run_parity, summary
+    from ..runtime.resolution import check_size, limits_of_manifest
 
     sizes = _batch_sizes(batch_sizes)
     names = [b.strip() for b in backends.split(",") if b.strip()]
     if not names or names[0] != "torch" or len(names) < 2:
         raise InvdiffError(f"--backends {backends}: start with torch (the reference) and name at least one other")
+    limits = limits_of_manifest(read_manifest(export_dir, verify=False), export_dir)
+    image_size = check_size(limits, height, width)
     reference, candidates, manifest = _runtimes(model, adapter, export_dir, names[1:])
+    for runtime in (reference, *candidates):
+        runtime.latent_shape = limits.latent_shape(image_size)
     rows = run_parity(reference, candidates, sizes, steps=steps, seed=seed, scheduler=scheduler,
                       precision=manifest.get("precision", "fp32"), cfg=bool(manifest.get("cfg", True)))
     report = summary(rows)
@@ -63,7 +79,7 @@ def check(
         from ..artifacts import atomic_write_json
 
         atomic_write_json(json_out, {**report, "export": str(export_dir), "batch_sizes": sizes, "steps": steps,
-                                     "seed": seed, "scheduler": scheduler})
+                                     "seed": seed, "scheduler": scheduler, "size": list(image_size)})
     if not report["passed"]:
         raise SystemExit(1)  # not typer.Exit: cli.main runs click with standalone_mode=False, which returns it
 

@@ -35,6 +35,8 @@ def generate(
     no_grid: bool = typer.Option(False, "--no-grid", help="Do not write a grid PNG per prompt."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Reuse --out even if its settings differ."),
     merge: bool = typer.Option(False, "--merge", help="Only merge the rank manifests in --out (and grids)."),
+    height: Optional[int] = typer.Option(None, "--height", help="Image height (default: the model's)."),
+    width: Optional[int] = typer.Option(None, "--width", help="Image width (default: the model's)."),
 ) -> None:
     """Generate N images per prompt; rerun the same command to resume; runs one shard per rank under torchrun."""
     from rich.console import Console
@@ -48,7 +50,7 @@ def generate(
     result = gen.generate(prompts, out, model=model, adapter=adapter, export=export, backend=backend,
                           precision=precision, threads=threads, num=num, seed=seed, steps=steps,
                           guidance_scale=guidance_scale, adapter_weight=adapter_weight, scheduler=scheduler,
-                          batch_size=batch_size, overwrite=overwrite, grid=not no_grid)
+                          batch_size=batch_size, overwrite=overwrite, grid=not no_grid, height=height, width=width)
     console = Console()
     console.print(result.summary(), highlight=False, soft_wrap=True)
     if result.manifest is None:

@@ -214,8 +214,9 @@ def _sampling_settings(model, adapter_fp: str | None, adapter_weight: float, see
 def run_evaluation(model, data_dir: str | Path, attribute: str, classifier_dir: str | Path | None = None,
                    per_prompt: int = 64, seed: int = 0, *, steps: int = 25, guidance_scale: float | None = None,
                    scheduler: str = "ddim", batch_size: int = 64, adapter: Any = None, adapter_weight: float = 1.0,
-                   denoiser: Any = None) -> EvalRun:
-    """Everything `evaluate` does, also returning the generated images (for grids)."""
+                   denoiser: Any = None, latent_shape: Any = None) -> EvalRun:
+    """Everything `evaluate` does, also returning the generated images (for grids). `latent_shape`: another
+    size than the model's (from `--height/--width`; the classifiers resize their input)."""
     from ..data.folder import attribute_values, data_fingerprint, prompts_of, read_split
     from ..runtime.sampling import DEFAULT_GUIDANCE
 
@@ -235,7 +236,7 @@ def run_evaluation(model, data_dir: str | Path, attribute: str, classifier_dir: 
     images = generate_images(model if denoiser is None else denoiser, prompts, per_prompt, seed, steps=steps,
                              guidance_scale=guidance, scheduler=scheduler,
                              adapter=adapter_module if denoiser is None else None,
-                             adapter_weight=adapter_weight, batch_size=batch_size)
+                             adapter_weight=adapter_weight, batch_size=batch_size, latent_shape=latent_shape)
     seconds = time.perf_counter() - start
     report = score_images(images, real, prompts, per_prompt, attr_clf, class_clf,
                           train_majorities(train, attribute, prompts))
@@ -244,6 +245,7 @@ def run_evaluation(model, data_dir: str | Path, attribute: str, classifier_dir: 
         "settings": {**_sampling_settings(model, adapter_fp, adapter_weight, seed, steps, guidance, scheduler,
                                           denoiser),
                      "data_fingerprint": data_fingerprint(data_dir, "train"), "classifier_dir": str(cls_dir),
+                     "latent_shape": list(latent_shape) if latent_shape else None,
                      "classifier_weights": {"attribute": attr_clf.meta["weights_sha256"],
                                             "class": class_clf.meta["weights_sha256"]},
                      "versions": package_versions()},

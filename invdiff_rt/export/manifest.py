@@ -24,14 +24,15 @@ COPIED_DIRS = ("tokenizer", "scheduler")
 def export_model(model_dir: str | Path, out: str | Path, adapter_dir: str | Path | None = None,
                  precision: str = "fp32", opset: int = onnx_export.MIN_OPSET, max_batch: int = 32,
                  cfg: bool = True, components: tuple[str, ...] | None = None,
-                 progress=None) -> Path:
-    """Export every component of a model (+ adapter) into the folder `out` and return it."""
+                 progress=None, sizes=None) -> Path:
+    """Export every component of a model (+ adapter) into the folder `out` and return it. `sizes`: (min, opt,
+    max) image sizes (H, W) for a dynamic-resolution export (`resolution.export_sizes`); None: the model's size."""
     from ..models.loader import load_model
 
     _check_options(precision, opset, max_batch)
     model = load_model(model_dir)
     adapter, adapter_info = _load_adapter(adapter_dir, model)
-    specs = component_specs(model, cfg, max_batch, precision)
+    specs = component_specs(model, cfg, max_batch, precision, sizes)
     names = components or tuple(specs)
     with artifacts.atomic_dir(out) as tmp:
         entries, refit = {}, {}
@@ -72,7 +73,7 @@ def _load_adapter(adapter_dir, model):
 
 def _export_component(name: str, model, adapter, spec: ExportSpec, out_dir: Path, opset: int, cfg: bool):
     module = onnx_export.component_module(name, model, adapter if name == "denoiser" else None, cfg,
-                                          spec.precision)
+                                          spec.precision, copy_weights=False)  # this export owns `model`
     weights = onnx_export.adapter_weights(module) if name == "denoiser" else {}
     start = time.perf_counter()
     files = onnx_export.export_onnx(module, spec, out_dir / f"{name}.onnx", opset, weights)

@@ -421,6 +421,24 @@ def refit_map(manifest: Mapping[str, Any]) -> dict[str, str]:
     return dict(manifest.get("refit_map") or {})
 
 
+def build_plan(export_dir: str | Path, options: BuildOptions, components: list[str] | None = None,
+               trt_version: str | None = None, gpu: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+    """What `build_export` would build, without TensorRT or a GPU: per component its optimisation profile (min /
+    opt / max shapes, batch and resolution) and engine cache key. Without TensorRT/GPU the key is computed for the
+    given (or placeholder) TensorRT version and GPU, which are part of the key."""
+    adapter_weights = tuple(sorted(refit_map(read_export_manifest(export_dir)).values()))
+    trt_version = trt_version or "<tensorrt version>"
+    gpu = gpu or {"name": "<gpu name>", "compute_capability": "<cc>"}
+    rows = []
+    for component in export_components(export_dir, components):
+        weights = adapter_weights if component.name == "denoiser" and options.refit_mode != "none" else ()
+        ingredients = key_ingredients(verify_onnx(component), component.profile, trt_version, gpu,
+                                      options.refit_mode, weights, options.builder_optimization_level)
+        rows.append({"component": component.name, "profile": ingredients["profile"],
+                     "key": cache_key(ingredients), "tensorrt": trt_version, "gpu": gpu})
+    return rows
+
+
 def build_export(export_dir: str | Path, out_dir: str | Path, options: BuildOptions,
                  components: list[str] | None = None):
     """Yield (component, plan path, reused) for every exported component; only the denoiser carries refit weights."""

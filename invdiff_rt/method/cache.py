@@ -57,11 +57,26 @@ def _encode_latents(model, records, batch_size: int) -> torch.Tensor:
     from ..data.folder import load_images
     from ..parallel import map_batches
 
+    size = _encode_size(model, records)
+
     def one_batch(start: int) -> torch.Tensor:
-        images = load_images(records[start:start + batch_size], size=model.image_size)
+        images = load_images(records[start:start + batch_size], size=size)
         return model.encode_images(images).float().cpu()
 
     return torch.cat(map_batches(one_batch, range(0, len(records), batch_size), model.device))
+
+
+def _encode_size(model, records) -> int:
+    """The dataset's own (square) image size when it is at most the model's and a multiple of its total
+    downsampling (e.g. 256 px data for SD at 512: shapes and targets as at full size, a quarter of the cost), else
+    the model's size (larger or odd-sized data is resized, as before)."""
+    from PIL import Image
+
+    with Image.open(records[0].file) as image:
+        width, height = image.size
+    multiple = getattr(model, "size_multiple", 0)
+    fits = width == height and width <= model.image_size and multiple and width % multiple == 0
+    return width if fits else model.image_size
 
 
 def _compute(model, records, batch_size: int, data_fp: str) -> BaseInputs:

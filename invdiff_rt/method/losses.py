@@ -24,6 +24,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from ..errors import InvdiffError
 from ..parallel import map_batches
 from .objective import per_sample_loss
 
@@ -51,13 +52,42 @@ class Profile:
 def make_noise_scheduler(model):
     from diffusers import DDPMScheduler
 
+    prediction_type(model.scheduler_config)  # refuse an unsupported target before any work
     return DDPMScheduler.from_config(model.scheduler_config)
+
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def denoising_target(scheduler_config, latents: torch.Tensor, noise: torch.Tensor,
+                     timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet predicts, per the scheduler config's `prediction_type`: the noise (epsilon), the velocity
+    sqrt(a_t) eps - sqrt(1 - a_t) x0 (v_prediction) or the clean latents (sample)."""
+    kind = prediction_type(scheduler_config)
+    if kind == "epsilon":
+        return noise
+    if kind == "sample":
+        return latents
+    if kind == "v_prediction":
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler.from_config(dict(scheduler_config)).get_velocity(latents, noise, timesteps)
+
+
+def prediction_type(scheduler_config) -> str:
+    """The config's prediction_type (epsilon when absent), or a one-line error for an unsupported one."""
+    kind = scheduler_config.get("prediction_type", "epsilon")
+    if kind not in PREDICTION_TYPES:
+        raise InvdiffError(f"scheduler/scheduler_config.json: prediction_type {kind!r} is not supported; "
+                           f"use a model with one of {', '.join(PREDICTION_TYPES)}")
+    return kind
 
 
 def denoising_losses(unet, scheduler, latents: torch.Tensor, text_embeddings: torch.Tensor, prompt_ids: torch.Tensor,
                      timesteps: torch.Tensor, noise: torch.Tensor, batch_size: int,
                      advance: Advance | None = None, uncond_embedding: torch.Tensor | None = None) -> torch.Tensor:
-    """||eps_base(x_t, t, c) - eps||^2 per sample (mean over latent dims); x_t from the training noise schedule.
+    """||pred(x_t, t, c) - target||^2 per sample (mean over latent dims; the target follows the scheduler's
+    prediction_type, eps for epsilon models); x_t from the training noise schedule.
 
     With `uncond_embedding` [1,L,D]: the contrast ratio loss(x_t | c) / loss(x_t | empty) instead, both predictions
     from one UNet call at 2B on the same x_t. Batches are independent, so on CPU they run concurrently
@@ -73,10 +103,10 @@ def denoising_losses(unet, scheduler, latents: torch.Tensor, text_embeddings: to
         if uncond_embedding is not None:
             x_t, t, emb = torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([emb, uncond_embedding.expand_as(emb)])
         pred = unet(x_t.to(device), t.to(device), encoder_hidden_states=emb.to(device)).sample.cpu()
-        n = x0.shape[0]
-        loss = per_sample_loss(pred[:n], eps)
+        n, target = x0.shape[0], denoising_target(scheduler.config, x0, eps, t)
+        loss = per_sample_loss(pred[:n], target)
         if uncond_embedding is not None:
-            loss = loss / per_sample_loss(pred[n:], eps).clamp_min(1e-12)
+            loss = loss / per_sample_loss(pred[n:], target).clamp_min(1e-12)
         if advance:
             advance(n)
         return loss

@@ -21,7 +21,7 @@ from ..errors import InvdiffError
 from ..parallel import map_batches, one_torch_thread
 from .adapter import GuidanceAdapter, config_for_unet, parameter_count, save_adapter
 from .grouper import Grouping, GroupsResult, group_erm, group_from_flags, hidden_minority
-from .losses import _gen, make_noise_scheduler, progress_bar
+from .losses import _gen, denoising_target, make_noise_scheduler, progress_bar
 from .objective import invariance_objective, per_sample_loss
 
 # lambda, whether the variance is scale-aware, and the recommended adapter weight w per recipe (see README).
@@ -101,7 +101,7 @@ class Batch:
     sample: torch.Tensor  # x_t
     timestep: torch.Tensor
     text: torch.Tensor
-    noise: torch.Tensor
+    noise: torch.Tensor  # the denoising target (`losses.denoising_target`: the noise for epsilon models)
     group_weights: torch.Tensor
 
 
@@ -114,7 +114,8 @@ def draw_batch(inputs, grouping: Grouping, scheduler, config: TrainConfig, rank:
     t = torch.randint(0, scheduler.config.num_train_timesteps, (config.batch_size,), generator=g)
     drop = torch.rand(config.batch_size, generator=g) < config.caption_dropout
     text = torch.where(drop[:, None, None], inputs.uncond_embedding, inputs.text_embeddings[inputs.prompt_ids[idx]])
-    return Batch(idx, scheduler.add_noise(x0, noise, t), t, text, noise, grouping.weights[idx])
+    target = denoising_target(scheduler.config, x0, noise, t)
+    return Batch(idx, scheduler.add_noise(x0, noise, t), t, text, target, grouping.weights[idx])
 
 
 def assert_only_adapter_trains(unet: torch.nn.Module, adapter: torch.nn.Module) -> None:

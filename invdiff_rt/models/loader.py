@@ -69,6 +69,15 @@ class LatentDiffusionModel:
         return self.latent_shape[1] * 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
+    def vae_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sizes must be multiples of this: the VAE factor x the UNet's 2^(blocks - 1)."""
+        return self.vae_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    @property
     def scaling_factor(self) -> float:
         return float(self.vae.config.scaling_factor)
 

@@ -41,7 +41,7 @@ def build_components(arch: MiniSDArch, prompts: list[str], seed: int = 0):
 
 
 def save_model_dir(out_dir: str | Path, tokenizer, text_encoder, vae, unet, info: dict | None = None,
-                   dtype: torch.dtype = torch.float32) -> Path:
+                   dtype: torch.dtype = torch.float32, scheduler: dict | None = None) -> Path:
     """Write a diffusers directory that `StableDiffusionPipeline.from_pretrained` and `load_model` both load."""
     from diffusers import DDIMScheduler
 
@@ -50,11 +50,22 @@ def save_model_dir(out_dir: str | Path, tokenizer, text_encoder, vae, unet, info
         for name, module in (("text_encoder", text_encoder), ("vae", vae), ("unet", unet)):
             module.to(dtype).save_pretrained(tmp / name, safe_serialization=True)
             module.to(torch.float32)
-        DDIMScheduler(**SCHEDULER_CONFIG).save_pretrained(tmp / "scheduler")
+        _load_as_float32(tmp / "text_encoder")
+        DDIMScheduler(**(scheduler or SCHEDULER_CONFIG)).save_pretrained(tmp / "scheduler")
         (tmp / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
         if info is not None:
             atomic_write_json(tmp / "invdiff_model.json", info)
     return Path(out_dir)
+
+
+def _load_as_float32(folder: Path) -> None:
+    """transformers 5 loads a model in its config's dtype: say float32, so that stock
+    `StableDiffusionPipeline.from_pretrained(dir)` (no dtype) gets an fp32 text encoder like its fp32 UNet, even
+    from fp16 weights (upcast on load, bit-identical to `load_model`)."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    if config.get("dtype", "float32") != "float32":
+        path.write_text(json.dumps({**config, "dtype": "float32"}, indent=2, sort_keys=True) + "\n")
 
 
 def save_random_model(out_dir: str | Path, prompts: list[str], seed: int = 0, arch: MiniSDArch | None = None) -> Path:

@@ -267,7 +267,7 @@ def run_generation(runtime, prompts: Sequence[str], out_dir: str | Path, *, num:
                    scheduler: str = "ddim", batch_size: int = 8, backend: str | None = None,
                    fingerprints: Mapping[str, str | None] | None = None, overwrite: bool = False,
                    grid: bool = True, rank: int | None = None, world_size: int | None = None,
-                   progress: bool = True) -> GenerationResult:
+                   progress: bool = True, latent_shape: Sequence[int] | None = None) -> GenerationResult:
     """Generate this rank's share of `num` images per prompt into `out_dir`, skipping finished ones.
 
     `runtime`: anything `sampling.sample_images` accepts (a Runtime or a loaded model). `fingerprints`: hashes of
@@ -280,7 +280,8 @@ def run_generation(runtime, prompts: Sequence[str], out_dir: str | Path, *, num:
     rank, world_size = env_rank if rank is None else rank, env_world if world_size is None else world_size
     backend = backend or getattr(runtime, "name", None) or "torch"
     settings = make_settings(seed=seed, steps=steps, guidance_scale=guidance_scale, adapter_weight=adapter_weight,
-                             scheduler=scheduler, backend=backend, fingerprints=fingerprints)
+                             scheduler=scheduler, backend=backend, fingerprints=fingerprints,
+                             **({"latent_shape": list(latent_shape)} if latent_shape else {}))
     jobs = plan_jobs(prompts, num)
     mine = shard(jobs, rank, world_size)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -367,10 +368,18 @@ def _progress_bar(enabled: bool):
 
 def generate(prompts: Sequence[str], out_dir: str | Path, *, model: str | Path | None = None,
              adapter: str | Path | None = None, export: str | Path | None = None, backend: str = "auto",
-             precision: str = "fp32", threads: int | None = None, **kwargs) -> GenerationResult:
-    """Load the runtime for a model (+ adapter) or an export folder, then `run_generation` (same keyword args)."""
+             precision: str = "fp32", threads: int | None = None, height: int | None = None,
+             width: int | None = None, **kwargs) -> GenerationResult:
+    """Load the runtime for a model (+ adapter) or an export folder, then `run_generation` (same keyword args).
+    `height/width` (pixels) are checked against the export's range before anything is loaded."""
+    from .resolution import requested_latent_shape
+
+    shape = requested_latent_shape(model=model, export=export, height=height, width=width)
     runtime, name, fingerprints = load_generation_runtime(model=model, adapter=adapter, export=export,
                                                           backend=backend, precision=precision, threads=threads)
+    if shape is not None:
+        runtime.latent_shape = shape
+        kwargs["latent_shape"] = list(shape)  # recorded in run.json: it changes the pixels
     return run_generation(runtime, prompts, out_dir, backend=name, fingerprints=fingerprints, **kwargs)
 
 

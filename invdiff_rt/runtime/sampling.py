@@ -7,6 +7,7 @@ latents. The loop below (diffusers schedulers) never asks which backend it drive
 from __future__ import annotations
 
 import hashlib
+import os
 from typing import Callable, Protocol, Sequence
 
 import numpy as np
@@ -55,21 +56,64 @@ def initial_latents(seed: int, prompt: str, index: int, shape: Sequence[int]) ->
     return torch.randn(tuple(shape), generator=gen)
 
 
+FINITE_CHECK_EVERY = 8  # steps between host reads of the on-device finiteness flags (one sync per 8 steps)
+FORCE_NAN_ENV = "INVDIFF_FORCE_NAN_STEP"  # test hook: the denoiser output of this step (1-based) becomes NaN
+
+
+class FiniteGuard:
+    """Collects one on-device `isfinite().all()` flag per step; `check()` reads them (one host sync) and raises a
+    one-line error naming the component, the first bad step and the fix."""
+
+    def __init__(self, runtime: Runtime, component: str = "denoiser"):
+        self.runtime, self.component, self.flags = runtime, component, []
+
+    def add(self, value: torch.Tensor) -> None:
+        self.flags.append(torch.isfinite(value).all())
+
+    def check(self, total: int | None = None) -> None:
+        if not self.flags or bool(torch.stack(self.flags).all()):
+            return
+        first = int((~torch.stack(self.flags)).nonzero()[0, 0]) + 1
+        where = f"at step {first} of {total}" if total else "in its output"
+        raise InvdiffError(f"{getattr(self.runtime, 'name', 'runtime')} {self.component}: non-finite values "
+                           f"(NaN/inf) {where}; no image was written for this batch; run this component in fp32 "
+                           f"(`invdiff export --precision fp32`, or --precision fp32)")
+
+
+def _forced_nan(step: int, value: torch.Tensor) -> torch.Tensor:
+    return value * float("nan") if os.environ.get(FORCE_NAN_ENV) == str(step) else value
+
+
+def check_finite(runtime: Runtime, component: str, value: torch.Tensor) -> torch.Tensor:
+    """Raise the one-line error when a component's output (text embeddings, images) is not finite."""
+    guard = FiniteGuard(runtime, component)
+    guard.add(value)
+    guard.check()
+    return value
+
+
 def denoise(runtime: Runtime, scheduler, latents: torch.Tensor, text_embeddings: torch.Tensor,
             guidance_scale: float, adapter_weight: float, steps: int,
             callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Run `steps` scheduler steps. `text_embeddings` is [2B,L,D] (cond then uncond), or [B,L,D] without CFG.
-    `callback(i, t, noise_pred)` sees every step's noise prediction (used by parity checks)."""
+    `callback(i, t, noise_pred)` sees every step's noise prediction (used by parity checks). A non-finite noise
+    prediction stops the loop with a one-line error (checked on the device, read every FINITE_CHECK_EVERY steps)."""
     scheduler.set_timesteps(steps)
     latents = latents * scheduler.init_noise_sigma
     batch = latents.shape[0]
+    guard = FiniteGuard(runtime)
     for i, t in enumerate(scheduler.timesteps):
         x_in = scheduler.scale_model_input(latents, t)
         t_batch = torch.full((batch,), float(t), dtype=torch.float32, device=latents.device)
-        noise_pred = runtime.denoise_step(x_in, t_batch, text_embeddings, guidance_scale, adapter_weight)
+        noise_pred = _forced_nan(i + 1, runtime.denoise_step(x_in, t_batch, text_embeddings, guidance_scale,
+                                                             adapter_weight))
+        guard.add(noise_pred)
+        if (i + 1) % FINITE_CHECK_EVERY == 0:
+            guard.check(len(scheduler.timesteps))
         if callback is not None:
             callback(i, t, noise_pred)
         latents = scheduler.step(noise_pred.to(latents.dtype), t, latents).prev_sample
+    guard.check(len(scheduler.timesteps))
     return latents
 
 
@@ -103,20 +147,25 @@ def as_runtime(model_or_runtime, adapter=None) -> Runtime:
 
 
 def sample_batch(runtime: Runtime, prompts: list[str], indices: list[int], seed: int, steps: int,
-                 guidance_scale: float, adapter_weight: float, scheduler: str, embed_cache: dict) -> np.ndarray:
-    latents = torch.stack([initial_latents(seed, p, i, runtime.latent_shape) for p, i in zip(prompts, indices)])
+                 guidance_scale: float, adapter_weight: float, scheduler: str, embed_cache: dict,
+                 latent_shape: Sequence[int] | None = None) -> np.ndarray:
+    shape = latent_shape or runtime.latent_shape
+    latents = torch.stack([initial_latents(seed, p, i, shape) for p, i in zip(prompts, indices)])
     device = getattr(runtime, "device", torch.device("cpu"))
     emb = cfg_embeddings(runtime, prompts, guidance_scale, embed_cache)
     sched = make_scheduler(runtime.scheduler_config, scheduler)
-    out = denoise(runtime, sched, latents.to(device), emb, guidance_scale, adapter_weight, steps)
-    return to_uint8(runtime.decode(out))
+    out = denoise(runtime, sched, latents.to(device), check_finite(runtime, "text_encoder", emb), guidance_scale,
+                  adapter_weight, steps)
+    return to_uint8(check_finite(runtime, "vae_decoder", runtime.decode(out)))
 
 
 def sample_images(model_or_runtime, prompts: Sequence[str], indices: Sequence[int], seed: int,
                   steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE, adapter=None,
                   adapter_weight: float = 1.0, scheduler: str = "ddim", batch_size: int = 64,
-                  progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """Images for (prompts[i], indices[i]) as uint8 [N,H,W,3]; item i does not depend on its batch mates."""
+                  progress: Callable[[int], None] | None = None,
+                  latent_shape: Sequence[int] | None = None) -> np.ndarray:
+    """Images for (prompts[i], indices[i]) as uint8 [N,H,W,3]; item i does not depend on its batch mates.
+    `latent_shape` (C, h, w): another size than the runtime's default (checked by `runtime.resolution`)."""
     if len(prompts) != len(indices):
         raise ValueError("prompts and indices must have the same length")
     runtime = as_runtime(model_or_runtime, adapter)
@@ -124,7 +173,8 @@ def sample_images(model_or_runtime, prompts: Sequence[str], indices: Sequence[in
     chunks = []
     for start in range(0, len(prompts), batch_size):
         p, i = list(prompts[start:start + batch_size]), list(indices[start:start + batch_size])
-        chunks.append(sample_batch(runtime, p, i, seed, steps, guidance_scale, adapter_weight, scheduler, cache))
+        chunks.append(sample_batch(runtime, p, i, seed, steps, guidance_scale, adapter_weight, scheduler, cache,
+                                   latent_shape))
         if progress is not None:
             progress(len(p))
     return np.concatenate(chunks) if chunks else np.zeros((0,), np.uint8)

@@ -20,11 +20,20 @@ CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 
 
-def session_options(threads: int | None = None, spinning: bool = True):
+LOW_MEMORY_BYTES = 2**30  # external data above 1 GiB (SD-scale UNets): `low_memory` session options
+
+
+def session_options(threads: int | None = None, spinning: bool = True, low_memory: bool = False):
+    """`low_memory` (SD-scale, measured on SD 1.5: a 3.4 GB UNet took 9 GiB in a default CPU session): no NCHWc
+    layout transform (it keeps reordered copies of the conv weights), no weight prepacking, no memory arena."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if low_memory:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        opts.add_session_config_entry("session.disable_prepacking", "1")
+        opts.enable_cpu_mem_arena = False
     opts.inter_op_num_threads = 1
     if threads:
         opts.intra_op_num_threads = int(threads)
@@ -40,7 +49,10 @@ def make_session(path: str | Path, cuda: bool = False, threads: int | None = Non
         raise InvdiffError("--backend onnxruntime-cuda: this onnxruntime has no CUDAExecutionProvider; "
                            "pip install 'invdiff-rt[gpu]' (onnxruntime-gpu) or use --backend onnxruntime")
     providers = [CUDA, CPU] if cuda else [CPU]
-    return ort.InferenceSession(str(path), sess_options=session_options(threads, spinning), providers=providers)
+    data = Path(str(path) + ".data")
+    low_memory = not cuda and data.is_file() and data.stat().st_size > LOW_MEMORY_BYTES
+    return ort.InferenceSession(str(path), sess_options=session_options(threads, spinning, low_memory),
+                                providers=providers)
 
 
 def _numpy(x, dtype: str) -> np.ndarray:
@@ -75,12 +87,20 @@ class OrtComponent:
             binding.bind_input(name, "cuda", 0, np.dtype(self.spec.dtype(name)).type, tuple(t.shape), t.data_ptr())
         batch = _batch_of(self.spec, feeds)
         out_name = self.spec.output_names[0]
-        out = torch.empty(self.spec.shapes(batch)[out_name], dtype=getattr(torch, self.spec.dtype(out_name)),
-                          device="cuda")
+        out = torch.empty(self.spec.shapes(batch, _size_of(self.spec, feeds))[out_name],
+                          dtype=getattr(torch, self.spec.dtype(out_name)), device="cuda")
         binding.bind_output(out_name, "cuda", 0, np.dtype(self.spec.dtype(out_name)).type, tuple(out.shape),
                             out.data_ptr())
         self.session.run_with_iobinding(binding)
         return out
+
+
+def _size_of(spec, feeds: dict) -> tuple[int, int] | None:
+    """Image size (H, W) of a dynamic-resolution component's feeds (its first input is the latents)."""
+    if spec.sizes is None:
+        return None
+    h, w = feeds[spec.inputs[0].name].shape[-2:]
+    return (int(h) * spec.downsample, int(w) * spec.downsample)
 
 
 def _batch_of(spec, feeds: dict) -> int:

@@ -144,7 +144,8 @@ class TrtRuntime:
         from ...export.spec import ExportSpec
 
         runner = self.runners["denoiser"]
-        shapes = ExportSpec.from_json(self.manifest["components"]["denoiser"]["spec"]).shapes(batch)
+        spec = ExportSpec.from_json(self.manifest["components"]["denoiser"]["spec"])
+        shapes = spec.shapes(batch, tuple(d * spec.downsample for d in self.latent_shape[1:]))
         runner.bind(tuple(shapes[name] for name in runner.inputs), shapes)
 
     def denoise_step(self, sample, timestep, text_embeddings, guidance_scale, adapter_weight):
@@ -178,7 +179,7 @@ def _latent_shape(manifest: Mapping[str, Any]) -> tuple[int, ...]:
     from ...export.spec import ExportSpec
 
     spec = ExportSpec.from_json(manifest["components"]["denoiser"]["spec"])
-    return tuple(int(d) for d in spec.tensor("sample").dims[1:])
+    return tuple(int(d) for d in spec.shapes(1)["sample"][1:])  # the opt size of a resolution range
 
 
 def _tokenizer(export_dir: Path):
