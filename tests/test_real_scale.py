@@ -285,7 +285,8 @@ def test_v_prediction_training_target_and_loss(tiny_model):
     assert torch.allclose(terms.loss, (eps_base - v).pow(2).mean(), rtol=1e-4)
 
 
-@pytest.mark.parametrize("name,prompt", [("colored-digits", "a photo of the digit 3"), ("shapes-habitats", "a circle")])
+@pytest.mark.parametrize("name,prompt", [("colored-digits", "a photo of the digit 3"), ("shapes-habitats", "a circle"),
+                                         ("styled-digits", "a photo of the digit 3")])
 def test_stock_diffusers_loads_shipped_models_without_dtype(name, prompt):
     """`StableDiffusionPipeline.from_pretrained(dir)` with no dtype: every component fp32, a real image out."""
     from diffusers import StableDiffusionPipeline
