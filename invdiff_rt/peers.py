@@ -79,9 +79,9 @@ class PeerRunner:
         peer = PEERS[name]
         self.name, self.cfg = name, cfg
         pipeline_cls = getattr(importlib.import_module(peer.module), peer.cls)
-        self.pipe = self._load(pipeline_cls, Path(model_dir), Path(work_dir) / f"peer-{name}")
-        self.pipe.scheduler = ddim_like_ours(self.pipe.scheduler.config)
-        self.static_batch: int | None = None
+        self.cache = Path(work_dir) / f"peer-{name}"
+        self.pipe = self._load(pipeline_cls, Path(model_dir), self.cache)
+        self.pipes = {None: self.pipe}  # openvino: one pipeline per static batch (a compiled one cannot reshape)
         unet = self.pipe.unet.config
         sample = unet["sample_size"] if isinstance(unet, dict) else unet.sample_size
         self.size = int(sample) * int(self.pipe.vae_scale_factor)
@@ -103,19 +103,25 @@ class PeerRunner:
         if not (cache / "model_index.json").exists():
             pipe = pipeline_cls.from_pretrained(str(model_dir), export=True, **kwargs)
             pipe.save_pretrained(str(cache))
-        return pipeline_cls.from_pretrained(str(cache), **kwargs)
+        pipe = pipeline_cls.from_pretrained(str(cache), **kwargs)
+        pipe.scheduler = ddim_like_ours(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
 
-    def prepare(self, batch: int, height: int, width: int) -> None:
-        """OpenVINO: reshape to the static batch/size and compile (optimum-intel's recommended CPU setup)."""
-        if self.name != "openvino" or self.static_batch == batch:
-            return
-        self.pipe.reshape(batch_size=batch, height=height, width=width, num_images_per_prompt=1)
-        self.pipe.compile()
-        self.static_batch = batch
+    def pipeline(self, batch: int):
+        """OpenVINO: a pipeline reshaped to the static batch and size, then compiled (optimum-intel's recommended
+        CPU setup); ONNX Runtime: the one dynamic pipeline."""
+        if self.name != "openvino":
+            return self.pipe
+        if batch not in self.pipes:
+            pipe = self.pipe if len(self.pipes) == 1 else self._load(type(self.pipe), self.cache, self.cache)
+            pipe.reshape(batch_size=batch, height=self.size, width=self.size, num_images_per_prompt=1)
+            pipe.compile()
+            self.pipes[batch] = pipe
+        return self.pipes[batch]
 
     def __call__(self, prompts: list[str]):
-        self.prepare(len(prompts), self.size, self.size)
-        out = self.pipe(prompt=prompts, num_inference_steps=self.cfg["steps"],
+        out = self.pipeline(len(prompts))(prompt=prompts, num_inference_steps=self.cfg["steps"],
                         guidance_scale=self.cfg["guidance_scale"], height=self.size, width=self.size,
                         output_type="np")
         return out.images

@@ -2,9 +2,13 @@
 
 OpenVINO reads our fused ONNX graphs directly. Each component is compiled once per input-shape set, reshaped to
 static shapes first (shape specialisation: the CPU plugin picks better kernels for static shapes than for dynamic
-ones), with the LATENCY hint, one stream and `threads` inference threads. Precision is pinned: `fp32` sets
-INFERENCE_PRECISION_HINT=f32, because on AMX/avx512_bf16 CPUs OpenVINO otherwise runs bf16 by default, which is lossy;
-`bf16` (opt-in) lets it use bf16 kernels.
+ones). A batch is split into one chunk per stream (`streams`, default: the CPU threads), and the chunks run
+concurrently, one single-threaded infer request each: the tiny kernels of a small latent UNet scale badly across
+threads inside one op (every op ends in a barrier, which a busy neighbour turns into waiting), but independent
+chunks do not wait for each other. A batch of one runs on one stream, one thread. Chunks follow the spec's batch
+symbols (`2B` inputs keep their cond and uncond rows together), so a chunk computes exactly the rows it would compute
+in the whole batch. Precision is pinned: `fp32` sets INFERENCE_PRECISION_HINT=f32, because on AMX/avx512_bf16 CPUs
+OpenVINO otherwise runs bf16 by default, which is lossy; `bf16` (opt-in) lets it use bf16 kernels.
 """
 
 from __future__ import annotations
@@ -21,15 +25,43 @@ from ...export.manifest import component_spec, read_manifest
 PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
 
 
-def compile_config(threads: int | None = None, precision: str = "fp32") -> dict[str, str]:
-    """CPU plugin properties: latency hint, one stream, pinned inference precision, optional thread count."""
+def compile_config(streams: int, precision: str = "fp32") -> dict[str, str]:
+    """CPU plugin properties: `streams` streams of one thread each, pinned inference precision, threads not
+    pinned to cores (on a shared machine a pinned thread waits for its busy core instead of moving)."""
     if precision not in PRECISION_HINTS:
         raise InvdiffError(f"--precision {precision}: the openvino backend runs fp32 or bf16")
-    config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1",
-              "INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision]}
-    if threads:
-        config["INFERENCE_NUM_THREADS"] = str(int(threads))
-    return config
+    return {"NUM_STREAMS": str(streams), "INFERENCE_NUM_THREADS": str(streams), "ENABLE_CPU_PINNING": "NO",
+            "INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision]}
+
+
+def default_streams(threads: int | None) -> int:
+    import os
+
+    return max(1, int(threads) if threads else len(os.sched_getaffinity(0)))
+
+
+def chunk_bounds(batch: int, chunks: int) -> list[tuple[int, int]]:
+    """[start, stop) of `chunks` near-equal, non-empty slices of range(batch) (fewer when batch < chunks)."""
+    chunks = max(1, min(chunks, batch))
+    edges = [round(i * batch / chunks) for i in range(chunks + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def take_rows(x: np.ndarray, dims: tuple, batch: int, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of every batch half: dim 0 `B` -> x[start:stop]; `2B` -> both halves' rows; static: x."""
+    if not dims or dims[0] not in ("B", "2B"):
+        return x
+    if dims[0] == "B":
+        return x[start:stop]
+    return np.concatenate([x[start:stop], x[batch + start:batch + stop]])
+
+
+def put_rows(parts: list[np.ndarray], dims: tuple) -> np.ndarray:
+    """Inverse of take_rows over all chunks, for an output."""
+    if dims[0] == "2B":
+        halves = [np.split(p, 2) for p in parts]
+        return np.concatenate([h[0] for h in halves] + [h[1] for h in halves])
+    return np.concatenate(parts)
 
 
 def _numpy(x, dtype: str) -> np.ndarray:
@@ -41,26 +73,42 @@ def _numpy(x, dtype: str) -> np.ndarray:
 class OvComponent:
     """One ONNX graph + its spec: `__call__(**inputs)` -> first output as a torch tensor (a copy)."""
 
-    def __init__(self, core, path: Path, spec, config: dict[str, str]):
-        self.core, self.spec, self.config = core, spec, config
+    def __init__(self, core, path: Path, spec, streams: int, precision: str):
+        self.core, self.spec, self.streams, self.precision = core, spec, streams, precision
         self.model = core.read_model(str(path))
         self.input_names = [p.get_any_name() for p in self.model.inputs]
-        self.requests: dict[tuple, object] = {}
+        self.compiled: dict[tuple, list] = {}
 
-    def request(self, arrays: dict[str, np.ndarray]):
-        """The infer request compiled for exactly these input shapes (compiled on first use)."""
-        key = tuple(arrays[name].shape for name in self.input_names)
-        if key not in self.requests:
+    def requests(self, chunks: list[dict[str, np.ndarray]]) -> list:
+        """One infer request per chunk, from a model compiled for exactly the chunks' shapes (on first use)."""
+        key = tuple(tuple(chunk[name].shape for name in self.input_names) for chunk in chunks)
+        if key not in self.compiled:
             model = self.model.clone()
-            model.reshape({name: list(arrays[name].shape) for name in self.input_names})
-            self.requests[key] = self.core.compile_model(model, "CPU", self.config).create_infer_request()
-        return self.requests[key]
+            model.reshape({name: list(chunks[0][name].shape) for name in self.input_names})
+            compiled = self.core.compile_model(model, "CPU", compile_config(len(chunks), self.precision))
+            self.compiled[key] = [compiled.create_infer_request() for _ in chunks]
+        return self.compiled[key]
 
     def __call__(self, **inputs) -> torch.Tensor:
         arrays = {name: _numpy(inputs[name], self.spec.dtype(name)) for name in self.input_names}
-        req = self.request(arrays)
-        req.infer(arrays)
-        return torch.from_numpy(req.get_output_tensor(0).data.copy())
+        batch = self.batch_of(arrays)
+        dims = {t.name: t.dims for t in self.spec.inputs}
+        bounds = chunk_bounds(batch, self.streams)
+        if len({stop - start for start, stop in bounds}) > 1:  # unequal chunks: one shape per compile, so run whole
+            bounds = [(0, batch)]
+        chunks = [{n: take_rows(a, dims[n], batch, *b) for n, a in arrays.items()} for b in bounds]
+        reqs = self.requests(chunks)
+        for req, chunk in zip(reqs, chunks):
+            req.start_async(chunk)
+        for req in reqs:
+            req.wait()
+        parts = [req.get_output_tensor(0).data.copy() for req in reqs]
+        return torch.from_numpy(put_rows(parts, self.spec.outputs[0].dims) if len(parts) > 1 else parts[0])
+
+    def batch_of(self, arrays: dict[str, np.ndarray]) -> int:
+        first = self.spec.inputs[0]
+        size = arrays[first.name].shape[0]
+        return size // 2 if first.dims[0] == "2B" else size
 
 
 class OvRuntime:
@@ -84,9 +132,10 @@ class OvRuntime:
         self.precision = precision
         self.latent_shape = tuple(self.manifest["latent_shape"])
         self.scheduler_config = self.manifest["scheduler_config"]
-        core, config = ov.Core(), compile_config(threads, precision)
+        core, streams = ov.Core(), default_streams(threads)
+        compile_config(streams, precision)  # refuses an unknown precision before anything compiles
         self.components = {name: OvComponent(core, export_dir / entry["file"], component_spec(self.manifest, name),
-                                             config)
+                                             streams, precision)
                            for name, entry in self.manifest["components"].items()}
         self.tokenizer = _tokenizer(export_dir)
 
