@@ -532,9 +532,13 @@ def plan_jobs(config: BenchConfig, tmp: Path, log: Callable[[str], None]) -> lis
     return jobs
 
 
-def peer_jobs(config: BenchConfig, model: str, tmp: Path) -> list[dict]:
-    """One job per requested peer: the same model folder, steps, CFG scale, scheduler and batch sizes."""
-    return [{"peer": name, "model": model, "work_dir": str(tmp), "config": asdict(config)} for name in config.peers]
+def peer_jobs(config: BenchConfig, model: str, tmp: Path) -> dict[str, dict]:
+    """{worker name `peer:NAME`: job}: the same model folder, steps, CFG scale, scheduler and batch sizes."""
+    from .models.loader import resolve_model
+
+    folder = str(Path(resolve_model(model)).resolve())
+    return {f"peer:{name}": {"peer": name, "model": folder, "work_dir": str(tmp), "config": asdict(config)}
+            for name in config.peers}
 
 
 def e2e_rounds(rounds: list[dict], key: str = "adapter") -> list[float]:
@@ -554,8 +558,9 @@ def merge_records(results: dict[str, dict[int, list[dict]]], kinds: dict[str, st
         if kinds[name] == "backend":
             for batch, rounds in by.items():
                 eager = results.get("eager", {}).get(batch)
-                records.append(make_record(name, batch, rounds, eager, [p for p in peers if p["batch_size"] == batch],
-                                           {p["peer"]: results[p["peer"]][batch] for p in peers}))
+                at_batch = [p for p in peers if p["batch_size"] == batch]
+                records.append(make_record(name, batch, rounds, eager, at_batch,
+                                           {p["peer"]: results[p["backend"]][batch] for p in at_batch}))
     return records, peers
 
 
@@ -563,7 +568,7 @@ def make_peer_record(name: str, batch: int, rounds: list[dict], hello_json: str)
     hello = json.loads(hello_json)
     per_round = e2e_rounds(rounds)
     e2e = spread(per_round)
-    return {"peer": name, "backend": f"peer:{name}", "batch_size": batch, "e2e_ms_p50": e2e["median"],
+    return {"peer": hello.get("peer", name.removeprefix("peer:")), "backend": name, "batch_size": batch, "e2e_ms_p50": e2e["median"],
             "e2e_ms_rounds": per_round, "e2e_spread": e2e, "per_image_ms_p50": e2e["median"] / batch,
             "images_per_s": batch / (e2e["median"] / 1e3), "peak_mem_mb": max(r["peak_host_mb"] for r in rounds),
             "versions": hello.get("versions", {}), "settings": hello.get("settings", {})}
@@ -629,7 +634,8 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = lambda s: None, 
     with tempfile.TemporaryDirectory(prefix="invdiff-bench-") as tmp:
         jobs = plan_jobs(config, Path(tmp), log)
         specs = {job.backend: (asdict(job), None) for job in jobs}
-        specs.update({j["peer"]: (j, config.peers_python) for j in peer_jobs(config, jobs[0].model, Path(tmp))})
+        model = next(j.model for j in jobs if j.model)
+        specs.update({n: (j, config.peers_python) for n, j in peer_jobs(config, model, Path(tmp)).items()})
         workers = {name: start_worker(name, data, Path(tmp), python, isolate) for name, (data, python) in specs.items()}
         try:
             kinds = start_all(workers, log)
@@ -685,21 +691,34 @@ def _fmt(value, spec: str = ".4g", suffix: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
+def _spread(s: dict | None) -> str:
+    return "-" if not s else f"{s['median']:.2f}x [{s['min']:.2f}-{s['max']:.2f}]"
+
+
 def table(result: dict):
-    """A Rich table of the records (one row per backend and batch size); times in ms (p50 unless p90)."""
+    """A Rich table: one row per backend/peer and batch size; per-image end-to-end ms (median over rounds), ratios
+    as median [min-max] over rounds."""
     from rich.table import Table
 
     machine, config = result["machine"], result["config"]
     t = Table(title=f"invdiff bench: {machine.get('gpu') or machine['cpu']} ({machine['cores']} cores), "
-                    f"{config['steps']} steps, {config['precision']}, times in ms")
-    for col in ("backend", "batch", "step", "step p90", "loop", "e2e", "img/s", "peak MB", "vs eager", "adapter"):
+                    f"{config['steps']} steps, {config['precision']}, {config['rounds']} interleaved rounds")
+    for col in ("backend", "batch", "step ms", "ms/image", "img/s", "peak MB", "vs eager", "vs best peer",
+                "base vs best peer", "adapter (step)", "adapter (e2e)"):
         t.add_column(col, justify="left" if col == "backend" else "right", no_wrap=True)
-    for r in sorted(result["records"], key=lambda r: (r["batch_size"], BACKENDS.index(r["backend"]))):
-        t.add_row(r["backend"], str(r["batch_size"]), _fmt(r["step_ms_p50"]), _fmt(r["step_ms_p90"]),
-                  _fmt(r.get("loop_ms_p50")), _fmt(r.get("e2e_ms_p50")), _fmt(r["images_per_s"], ".3g"),
-                  _fmt(r["peak_mem_mb"], ".0f"), _fmt(r["speedup_vs_eager"], ".2f", "x"),
-                  _fmt(r["adapter_overhead"], ".2f", "x"))
+    rows = sorted(result["records"] + result.get("peers", []), key=lambda r: (r["batch_size"], _order(r)))
+    for r in rows:
+        ours = "peer" not in r
+        t.add_row(r["backend"], str(r["batch_size"]), _fmt(r.get("step_ms_p50")),
+                  _fmt(r["e2e_ms_p50"] / r["batch_size"]), _fmt(r["images_per_s"], ".3g"),
+                  _fmt(r["peak_mem_mb"], ".0f"), _spread(r.get("e2e_speedup_vs_eager")) if ours else "-",
+                  _spread(r.get("vs_best_peer")), _spread(r.get("base_vs_best_peer")),
+                  _spread(r.get("adapter_overhead_spread")), _spread(r.get("e2e_adapter_overhead")))
     return t
+
+
+def _order(record: dict) -> int:
+    return BACKENDS.index(record["backend"]) if record["backend"] in BACKENDS else len(BACKENDS)
 
 
 def plot(result: dict, path: str | Path) -> Path:
@@ -710,15 +729,17 @@ def plot(result: dict, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, (ax_lat, ax_tp) = plt.subplots(1, 2, figsize=(10, 4))
-    for backend in BACKENDS:
-        rows = sorted((r for r in result["records"] if r["backend"] == backend), key=lambda r: r["batch_size"])
-        if rows:
-            x = [r["batch_size"] for r in rows]
+    records = result["records"] + result.get("peers", [])
+    for backend in dict.fromkeys(r["backend"] for r in records):
+        rows = sorted((r for r in records if r["backend"] == backend), key=lambda r: r["batch_size"])
+        x = [r["batch_size"] for r in rows]
+        if "step_ms_p50" in rows[0]:
             ax_lat.plot(x, [r["step_ms_p50"] for r in rows], marker="o", label=backend)
-            ax_tp.plot(x, [r["images_per_s"] or 0 for r in rows], marker="o", label=backend)
+        ax_tp.plot(x, [r["images_per_s"] or 0 for r in rows], marker="o", label=backend)
     ax_lat.set(xscale="log", yscale="log", xlabel="batch size", ylabel="denoising step p50 (ms)")
     ax_tp.set(xscale="log", xlabel="batch size", ylabel="images/s (end to end)")
     ax_lat.legend()
+    ax_tp.legend(fontsize=7)
     fig.suptitle(result["machine"].get("gpu") or result["machine"]["cpu"], fontsize=9)
     fig.tight_layout()
     with artifacts.atomic_path(path) as tmp:

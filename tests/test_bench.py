@@ -49,11 +49,11 @@ def test_merge_records_computes_ratios_by_hand():
                       _round(60.0, 2000.0, paired=([30.0], [20.0]), pair=1000.0)]},
         "torch": {2: [_round(10.0, 500.0, rss=321.0, paired=([10.0, 11.0, 30.0], [8.0, 10.0, 20.0]), pair=400.0),
                       _round(10.0, 250.0, rss=300.0, paired=([10.0], [10.0]), pair=250.0)]},
-        "openvino": {2: [{"e2e": [1000.0, 900.0, 1100.0], "peak_host_mb": 50.0},
+        "peer:openvino": {2: [{"e2e": [1000.0, 900.0, 1100.0], "peak_host_mb": 50.0},
                          {"e2e": [1000.0], "peak_host_mb": 60.0}]},
     }
     hello = json.dumps({"peer": "openvino", "versions": {"openvino": "1.0"}, "settings": {"steps": 2}})
-    records, peers = bench.merge_records(results, {"eager": "backend", "torch": "backend", "openvino": hello})
+    records, peers = bench.merge_records(results, {"eager": "backend", "torch": "backend", "peer:openvino": hello})
     records = {r["backend"]: r for r in records}
     assert set(records) == {"eager", "torch"}
     torch_rec = records["torch"]
@@ -167,6 +167,11 @@ def test_smoke_in_process_torch(tiny_model_dir, tmp_path):
     assert result["sources"]["adapter"] == "fresh" and len(result["sources"]["model"]) == 64
     path = bench.write_json(result, tmp_path / "bench.json")
     assert json.loads(path.read_text())["records"] == json.loads(json.dumps(result["records"]))
+    from rich.console import Console
+
+    console = Console(record=True, width=250)
+    console.print(bench.table(result))
+    assert "eager" in console.export_text() and "torch" in console.export_text()
     png = bench.plot(result, tmp_path / "bench.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
 
