@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 OUT ?= runs/demo
 
-.PHONY: demo test test-fast venv clean
+.PHONY: demo test test-fast venv peers-venv clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,18 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	touch $@
 
 venv: $(VENV)/.installed
+
+# The peers of `invdiff bench --peers` in their own venv (they pin older transformers / huggingface-hub):
+# `invdiff bench ... --peers optimum-ort,openvino --peers-python .venv-peers/bin/python`
+.venv-peers/.installed: pyproject.toml
+	$(PYTHON) -m venv .venv-peers
+	.venv-peers/bin/python -m pip install -q --upgrade pip
+	echo "$(TORCH_SPEC)" > .venv-peers/torch-constraint.txt
+	.venv-peers/bin/python -m pip install -q "$(TORCH_SPEC)"
+	.venv-peers/bin/python -m pip install -q -c .venv-peers/torch-constraint.txt -e ".[peers]"
+	touch $@
+
+peers-venv: .venv-peers/.installed
 
 demo: $(VENV)/.installed
 	$(BIN)/invdiff demo --out $(OUT)

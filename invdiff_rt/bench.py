@@ -489,6 +489,11 @@ def resolve_sources(config: BenchConfig, tmp: Path) -> tuple[str, str]:
         raise InvdiffError(f"--export {config.export}: exported without an adapter; export with --adapter, "
                            "or bench --model without --export")
     model = config.model or manifest.get("base_model")
+    if model and not (Path(model) / "model_index.json").exists():  # a built-in name
+        try:
+            model = str(resolve_model(model))
+        except InvdiffError:
+            pass
     if not (model and (Path(model) / "model_index.json").exists()):
         raise InvdiffError(f"--export {config.export}: its base model {model!r} is not on this machine; pass "
                            "--model MODEL_DIR (the eager baseline needs it)")
