@@ -342,20 +342,22 @@ class BackendServer:
         self.seen.add(batch)
         with torch.inference_mode():
             calls = stage_calls(self.runtime, batch, cfg)
-            stages = {}
-            for stage in self.job.stages:
-                warmup = cfg["warmup"] if stage in ("text", "step", "decode") else min(cfg["warmup"], 1)
-                stages[stage] = time_calls(calls[stage], warmup if first else 0, cfg["repeats"], self.sync)
-            out = {"stages": stages, "peak_host_mb": peak_host_mb(), "peak_device_mb": peak_device_mb()}
-            if self.base is not None:
+            stages, out = {}, {}
+            if self.base is not None:  # its adapter half is the e2e stage
                 out["e2e_pair"] = self.e2e_pair(calls["e2e"], stage_calls(self.base, batch, cfg)["e2e"], first)
                 out["paired"] = paired_steps(self.runtime, self.base, batch, cfg, self.sync)
+                stages["e2e"] = out["e2e_pair"]["adapter"]
+            for stage in (s for s in self.job.stages if s not in stages):
+                warmup = cfg["warmup"] if stage in ("text", "step", "decode") else min(cfg["warmup"], 1)
+                stages[stage] = time_calls(calls[stage], warmup if first else 0, cfg["repeats"], self.sync)
+            out.update(stages=stages, peak_host_mb=peak_host_mb(), peak_device_mb=peak_device_mb())
         return out
 
     def e2e_pair(self, with_adapter, without, first: bool) -> dict:
         """End-to-end images with and without the adapter, alternating call by call (order flips every pair)."""
         if first:
-            time_calls(without, min(self.cfg["warmup"], 1), 0, self.sync)
+            for fn in (with_adapter, without):
+                time_calls(fn, min(self.cfg["warmup"], 1), 0, self.sync)
         times: dict[str, list[float]] = {"adapter": [], "base": []}
         pair = (("adapter", with_adapter), ("base", without))
         for i in range(self.cfg["repeats"]):

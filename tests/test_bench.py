@@ -171,7 +171,8 @@ def test_smoke_in_process_torch(tiny_model_dir, tmp_path):
 
     console = Console(record=True, width=250)
     console.print(bench.table(result))
-    assert "eager" in console.export_text() and "torch" in console.export_text()
+    text = console.export_text()
+    assert "eager" in text and "torch" in text and "interleaved rounds" in text
     png = bench.plot(result, tmp_path / "bench.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
 
