@@ -173,6 +173,7 @@ class BenchConfig:
     rounds: int = 5  # interleaved rounds (every stage is timed `repeats` times per round)
     peers: list[str] = field(default_factory=list)  # invdiff_rt.peers.PEERS names
     peers_python: str | None = None  # interpreter for the peer workers (a venv with the [peers] extra)
+    eager: bool = True  # time the diffusers-style eager baseline too (--no-eager: peers-only comparisons)
 
     def check(self) -> "BenchConfig":
         """Refuse bad flags before anything runs (one-line errors)."""
@@ -204,8 +205,8 @@ class BenchConfig:
 
     @property
     def run_backends(self) -> list[str]:
-        """`eager` first (always), then the requested backends, each once."""
-        return list(dict.fromkeys(["eager", *self.backends]))
+        """`eager` first (unless --no-eager), then the requested backends, each once."""
+        return list(dict.fromkeys(["eager"] * self.eager + list(self.backends)))
 
 
 def parse_list(text: str, flag: str, cast: Callable[[str], Any] = str) -> list:

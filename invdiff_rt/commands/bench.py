@@ -30,6 +30,7 @@ def bench(
     peers_python: Optional[Path] = typer.Option(None, "--peers-python", help="Python of a venv with the [peers] "
                                                 "extra, for the peer workers (default: this one)."),
     rounds: int = typer.Option(5, "--rounds", help="Interleaved rounds; ratios are medians over rounds."),
+    eager: bool = typer.Option(True, "--eager/--no-eager", help="Time the diffusers-style eager baseline too."),
     batch_sizes: str = typer.Option("1,8,32", "--batch-sizes", help="Comma-separated batch sizes."),
     steps: int = typer.Option(20, "--steps", help="Denoising steps of the loop and end-to-end stages."),
     warmup: int = typer.Option(3, "--warmup", help="Untimed warm-up calls per stage."),
@@ -53,7 +54,7 @@ def bench(
         base_export=str(base_export) if base_export else None,
         steps=steps, warmup=warmup, repeats=repeats, threads=threads, precision=precision, scheduler=scheduler,
         guidance_scale=guidance_scale, adapter_weight=adapter_weight, engines=str(engines), rounds=rounds,
-        peers=b.parse_list(peers, "--peers"), peers_python=str(peers_python) if peers_python else None,
+        eager=eager, peers=b.parse_list(peers, "--peers"), peers_python=str(peers_python) if peers_python else None,
     ).check()
     console = Console()
     result = b.run_bench(config, log=lambda s: console.print(s, highlight=False, style="dim"))
