@@ -533,7 +533,8 @@ def plan_jobs(config: BenchConfig, tmp: Path, log: Callable[[str], None]) -> lis
     jobs = []
     for backend in config.run_backends:
         if backend in ENGINE_BACKENDS:
-            source, base = {"export": exports["adapter"], "engines": config.engines}, {"export": exports["base"]}
+            source = {"export": exports["adapter"], "engines": config.engines, "model": model}  # model: for peers
+            base = {"export": exports["base"]}
         else:
             source, base = {"model": model, "adapter": adapter}, {"adapter": None}
         jobs.append(Job(backend, asdict(config), base=base, **source))
