@@ -116,6 +116,10 @@ class PeerRunner:
         if batch not in self.pipes:
             pipe = self.pipe if len(self.pipes) == 1 else self._load(type(self.pipe), self.cache, self.cache)
             pipe.reshape(batch_size=batch, height=self.size, width=self.size, num_images_per_prompt=1)
+            # optimum-intel 1.27 reshapes the VAE decoder to `num_images_per_prompt` images, not batch x that, so
+            # a static batch > 1 fails at decode; give it the batch the pipeline decodes
+            pipe.vae_decoder.model = pipe._reshape_vae_decoder(pipe.vae_decoder.model, self.size, self.size, batch)
+            pipe.clear_requests()
             pipe.compile()
             self.pipes[batch] = pipe
         return self.pipes[batch]
