@@ -176,7 +176,7 @@ def read_json(path: str | Path, what: str = "file") -> dict:
         raise InvdiffError(f"{path}: {what} is not valid JSON (line {e.lineno}: {e.msg}); regenerate it") from e
 
 
-_VERSIONED = ("invdiff-rt", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu",
+_VERSIONED = ("invdiff-rt", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "openvino",
               "polygraphy", "tensorrt", "numpy", "accelerate", "safetensors")
 
 
