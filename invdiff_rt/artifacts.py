@@ -176,8 +176,8 @@ def read_json(path: str | Path, what: str = "file") -> dict:
         raise InvdiffError(f"{path}: {what} is not valid JSON (line {e.lineno}: {e.msg}); regenerate it") from e
 
 
-_VERSIONED = ("invdiff-rt", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "openvino",
-              "polygraphy", "tensorrt", "numpy", "accelerate", "safetensors")
+_VERSIONED = ("invdiff-rt", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu",
+              "openvino", "polygraphy", "tensorrt", "numpy", "accelerate", "safetensors")
 
 
 def package_versions() -> dict[str, str]:

@@ -577,7 +577,8 @@ def make_peer_record(name: str, batch: int, rounds: list[dict], hello_json: str)
     hello = json.loads(hello_json)
     per_round = e2e_rounds(rounds)
     e2e = spread(per_round)
-    return {"peer": hello.get("peer", name.removeprefix("peer:")), "backend": name, "batch_size": batch, "e2e_ms_p50": e2e["median"],
+    return {"peer": hello.get("peer", name.removeprefix("peer:")), "backend": name, "batch_size": batch,
+            "e2e_ms_p50": e2e["median"],
             "e2e_ms_rounds": per_round, "e2e_spread": e2e, "per_image_ms_p50": e2e["median"] / batch,
             "images_per_s": batch / (e2e["median"] / 1e3), "peak_mem_mb": max(r["peak_host_mb"] for r in rounds),
             "versions": hello.get("versions", {}), "settings": hello.get("settings", {})}

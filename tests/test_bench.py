@@ -75,7 +75,8 @@ def test_merge_records_computes_ratios_by_hand():
     (peer,) = peers
     assert [k for k in bench_peers.PEER_RECORD_KEYS if k not in peer] == []
     assert peer["e2e_ms_rounds"] == [1000.0, 1000.0] and peer["per_image_ms_p50"] == 500.0
-    assert peer["versions"] == {"openvino": "1.0"} and peer["peak_mem_mb"] == 60.0 and peer["backend"] == "peer:openvino"
+    assert peer["versions"] == {"openvino": "1.0"} and peer["peak_mem_mb"] == 60.0
+    assert peer["backend"] == "peer:openvino" and peer["peer"] == "openvino"
 
 
 def test_paired_steps_interleave_and_take_the_median_ratio(monkeypatch):
