@@ -111,7 +111,7 @@ def _fake_export(path, **fields):
     from invdiff_rt.export.manifest import FORMAT, MANIFEST_NAME
 
     manifest = {"format": FORMAT, "files": {}, "adapter": None, "base_fingerprint": "b" * 64, "cfg": True,
-                "precision": "fp32", "max_batch": 32, "components": {"denoiser": {}, "text_encoder": {}}, **fields}
+                "precision": "fp32", "max_batch": 32, "components": {"denoiser": {}, "text_encoder": {}, "vae_decoder": {}}, **fields}
     path.mkdir()
     (path / MANIFEST_NAME).write_text(json.dumps(manifest))
     return str(path)
