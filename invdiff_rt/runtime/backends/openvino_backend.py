@@ -129,7 +129,8 @@ class OvRuntime:
                                "compile option: --precision bf16); re-run `invdiff export --precision fp32`")
         self.device = torch.device("cpu")
         self.cfg = bool(self.manifest.get("cfg", True))
-        self.precision = precision
+        # fp32/fp16 name an export's precision (the export decides, as on onnxruntime); only bf16 changes kernels
+        self.precision = precision = "bf16" if precision == "bf16" else "fp32"
         self.latent_shape = tuple(self.manifest["latent_shape"])
         self.scheduler_config = self.manifest["scheduler_config"]
         core, streams = ov.Core(), default_streams(threads)
