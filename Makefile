@@ -12,7 +12,7 @@ PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 LOCK_VENV := /tmp/invdiff-lock-venv-$(shell id -u)
 UPGRADE_VENV := .venv-upgrade
 
-.PHONY: demo test test-fast venv clean lock upgrade-check
+.PHONY: demo test test-fast venv peers-venv clean lock upgrade-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,18 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml $(CONSTRAINTS)
 	touch $@
 
 venv: $(VENV)/.installed
+
+# The peers of `invdiff bench --peers` in their own venv (they pin older transformers / huggingface-hub):
+# `invdiff bench ... --peers optimum-ort,openvino --peers-python .venv-peers/bin/python`
+.venv-peers/.installed: pyproject.toml
+	$(PYTHON) -m venv .venv-peers
+	.venv-peers/bin/python -m pip install -q --upgrade pip
+	echo "$(TORCH_SPEC)" > .venv-peers/torch-constraint.txt
+	.venv-peers/bin/python -m pip install -q "$(TORCH_SPEC)"
+	.venv-peers/bin/python -m pip install -q -c .venv-peers/torch-constraint.txt -e ".[peers]"
+	touch $@
+
+peers-venv: .venv-peers/.installed
 
 demo: $(VENV)/.installed
 	$(BIN)/invdiff demo --out $(OUT)

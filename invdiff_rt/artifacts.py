@@ -194,7 +194,7 @@ def read_json(path: str | Path, what: str = "file") -> dict:
 
 
 _VERSIONED = ("invdiff-rt", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu",
-              "polygraphy", "tensorrt", "numpy", "accelerate", "safetensors")
+              "openvino", "polygraphy", "tensorrt", "numpy", "accelerate", "safetensors")
 
 
 def package_versions() -> dict[str, str]:

@@ -1,11 +1,13 @@
 """`invdiff bench`: per-stage latency, throughput and peak memory of each backend, side by side with the
-diffusers-style `eager` baseline and with the base model without adapter.
+diffusers-style `eager` baseline, with the base model without adapter, and with the peers a CPU user would pick
+instead (`--peers`, see `invdiff_rt.peers`).
 
-Every backend runs in its own process (`python -m invdiff_rt.bench --worker JOB --out PART`), so thread pools of
-different runtimes never fight and each peak-memory number belongs to one backend. A worker times every stage with
-the adapter, records its peak memory, then loads the same backend without the adapter and times the two denoising
-steps interleaved call by call: the adapter overhead is the median of those paired ratios, so load from other
-processes on a shared machine hits both sides alike.
+Every contender runs in its own persistent process (`python -m invdiff_rt.bench --serve JOB`), so thread pools of
+different runtimes never fight and each peak-memory number belongs to one backend. The contenders are timed in
+interleaved rounds (`invdiff_rt.interleave`): in every round each one times its stages and its end-to-end images, in
+turn; every ratio (to eager, to the best peer, adapter over base) is taken within a round and reported as the median
+over rounds with its min-max spread. Inside a worker the backend with and without the adapter are also timed call
+by call, interleaved (the adapter overhead), so load from other processes hits both sides alike.
 """
 
 from __future__ import annotations
@@ -25,12 +27,13 @@ import numpy as np
 
 from . import artifacts
 from .errors import InvdiffError
+from .interleave import round_ratios, spread
 from .runtime.defaults import DEFAULT_GUIDANCE
 
 FORMAT = "invdiff-rt/bench"
-FORMAT_VERSION = 1
-BACKENDS = ("eager", "torch", "onnxruntime", "tensorrt")
-ENGINE_BACKENDS = ("onnxruntime", "tensorrt")  # run from an ONNX export folder
+FORMAT_VERSION = 2  # 2: interleaved rounds, e2e spreads, peers
+BACKENDS = ("eager", "torch", "onnxruntime", "openvino", "tensorrt")
+ENGINE_BACKENDS = ("onnxruntime", "openvino", "tensorrt")  # run from an ONNX export folder
 STAGES = ("text", "step", "loop", "decode", "e2e")
 RECORD_KEYS = ("backend", "batch_size", "step_ms_p50", "step_ms_p90", "images_per_s", "peak_mem_mb",
                "speedup_vs_eager", "adapter_overhead")
@@ -168,6 +171,10 @@ class BenchConfig:
     seed: int = 0
     engines: str = "engines"  # TensorRT engine cache (content-addressed: reused across runs)
     latent_shape: list[int] | None = None  # from --height/--width (None: the model's size)
+    rounds: int = 5  # interleaved rounds (every stage is timed `repeats` times per round)
+    peers: list[str] = field(default_factory=list)  # invdiff_rt.peers.PEERS names
+    peers_python: str | None = None  # interpreter for the peer workers (a venv with the [peers] extra)
+    eager: bool = True  # time the diffusers-style eager baseline too (--no-eager: peers-only comparisons)
 
     def check(self) -> "BenchConfig":
         """Refuse bad flags before anything runs (one-line errors)."""
@@ -177,7 +184,7 @@ class BenchConfig:
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise InvdiffError("--batch-sizes: pass positive integers, e.g. --batch-sizes 1,8,32")
         for flag, value, low in (("--steps", self.steps, 1), ("--repeats", self.repeats, 1),
-                                 ("--warmup", self.warmup, 0)):
+                                 ("--warmup", self.warmup, 0), ("--rounds", self.rounds, 1)):
             if value < low:
                 raise InvdiffError(f"{flag} {value}: must be at least {low}")
         if self.threads is not None and self.threads < 1:
@@ -188,14 +195,19 @@ class BenchConfig:
             raise InvdiffError(f"--scheduler {self.scheduler}: unknown; choose one of {', '.join(SCHEDULERS)}")
         if self.precision not in ("fp32", "fp16"):
             raise InvdiffError(f"--precision {self.precision}: choose fp32 or fp16")
+        from .peers import PEERS
+
+        unknown = [p for p in self.peers if p not in PEERS]
+        if unknown:
+            raise InvdiffError(f"--peers: unknown peer {unknown[0]!r}; choose from {', '.join(PEERS)}")
         if self.model is None and self.export is None:
             raise InvdiffError("--model/--export: pass a model folder (with optional --adapter) or an export folder")
         return self
 
     @property
     def run_backends(self) -> list[str]:
-        """`eager` first (always), then the requested backends, each once."""
-        return list(dict.fromkeys(["eager", *self.backends]))
+        """`eager` first (unless --no-eager), then the requested backends, each once."""
+        return list(dict.fromkeys(["eager"] * self.eager + list(self.backends)))
 
 
 def parse_list(text: str, flag: str, cast: Callable[[str], Any] = str) -> list:
@@ -303,70 +315,111 @@ def paired_steps(runtime, base, batch: int, cfg: dict, sync: Callable[[], None])
             "overhead": float(np.median(ratios))}
 
 
-def run_job(job: Job, log: Callable[[str], None] = lambda s: None) -> dict:
-    """Time every stage of `job` at every batch size, then the paired adapter/base step; returns the worker's part
-    (records + the peak memory of the adapter runtime alone)."""
-    import dataclasses
+class BackendServer:
+    """A worker's state: one backend loaded with the adapter and without it (`job.base`), timed once per request.
 
+    Each `measure(batch)` is one round for that batch: every stage `repeats` times (`warmup` untimed calls the first
+    time a batch is seen), the end-to-end image with and without the adapter alternately, and the paired steps."""
+
+    def __init__(self, job: Job):
+        import dataclasses
+
+        import torch
+
+        self.job, self.cfg = job, job.config
+        if self.cfg["threads"]:
+            torch.set_num_threads(self.cfg["threads"])
+        self.runtime = load_job_runtime(job)
+        self.base = load_job_runtime(dataclasses.replace(job, base=None, **job.base)) if job.base else None
+        self.sync = synchronizer(getattr(self.runtime, "device", "cpu"))
+        self.seen: set[int] = set()
+
+    def hello(self) -> dict:
+        return {"backend": self.job.backend, "torch_threads": _torch_threads()}
+
+    def measure(self, batch: int) -> dict:
+        import torch
+
+        cfg, first = self.cfg, batch not in self.seen
+        self.seen.add(batch)
+        with torch.inference_mode():
+            calls = stage_calls(self.runtime, batch, cfg)
+            stages, out = {}, {}
+            if self.base is not None:  # its adapter half is the e2e stage
+                out["e2e_pair"] = self.e2e_pair(calls["e2e"], stage_calls(self.base, batch, cfg)["e2e"], first)
+                out["paired"] = paired_steps(self.runtime, self.base, batch, cfg, self.sync)
+                stages["e2e"] = out["e2e_pair"]["adapter"]
+            for stage in (s for s in self.job.stages if s not in stages):
+                warmup = cfg["warmup"] if stage in ("text", "step", "decode") else min(cfg["warmup"], 1)
+                stages[stage] = time_calls(calls[stage], warmup if first else 0, cfg["repeats"], self.sync)
+            out.update(stages=stages, peak_host_mb=peak_host_mb(), peak_device_mb=peak_device_mb())
+        return out
+
+    def e2e_pair(self, with_adapter, without, first: bool) -> dict:
+        """End-to-end images with and without the adapter, alternating call by call (order flips every pair)."""
+        if first:
+            for fn in (with_adapter, without):
+                time_calls(fn, min(self.cfg["warmup"], 1), 0, self.sync)
+        times: dict[str, list[float]] = {"adapter": [], "base": []}
+        pair = (("adapter", with_adapter), ("base", without))
+        for i in range(self.cfg["repeats"]):
+            for name, fn in pair if i % 2 else pair[::-1]:
+                times[name] += time_calls(fn, 0, 1, self.sync)
+        return times
+
+    def handle(self, request: dict) -> dict:
+        return self.measure(int(request["batch"]))
+
+
+def _torch_threads() -> int:
     import torch
 
-    cfg = job.config
-    if cfg["threads"]:
-        torch.set_num_threads(cfg["threads"])
-    runtime = load_job_runtime(job)
-    sync = synchronizer(getattr(runtime, "device", "cpu"))
-    records = []
-    with torch.inference_mode():
-        for batch in cfg["batch_sizes"]:
-            calls = stage_calls(runtime, batch, cfg)
-            stages = {}
-            for stage in job.stages:
-                warmup = cfg["warmup"] if stage in ("text", "step", "decode") else min(cfg["warmup"], 1)
-                stages[stage] = summarize(time_calls(calls[stage], warmup, cfg["repeats"], sync))
-                log(f"{job.backend} batch {batch} {stage}: p50 {stages[stage]['p50']:.2f} ms")
-            records.append({"backend": job.backend, "batch_size": batch, "stages": stages})
-        peak = {"peak_host_mb": peak_host_mb(), "peak_device_mb": peak_device_mb()}
-        if job.base is not None:
-            base = load_job_runtime(dataclasses.replace(job, base=None, **job.base))
-            for rec in records:
-                rec["paired"] = paired_steps(runtime, base, rec["batch_size"], cfg, sync)
-                log(f"{job.backend} batch {rec['batch_size']} adapter overhead {rec['paired']['overhead']:.3f}x")
-    return {"records": records, **peak, "torch_threads": torch.get_num_threads()}
+    return torch.get_num_threads()
+
+
+def job_server(job_data: dict):
+    """(hello, handle) of the worker for a job JSON: one of our backends, or a peer pipeline."""
+    if job_data.get("peer"):
+        from .peers import PeerServer
+
+        server = PeerServer(job_data)
+    else:
+        server = BackendServer(Job.from_json(job_data))
+    return server.hello, server.handle
 
 
 def worker_main(argv: list[str] | None = None) -> int:
-    """Entry point of a worker process: read the job JSON, time it, write the part JSON."""
+    """Entry point of a persistent worker process: load the job, then answer the driver's requests."""
+    from .interleave import serve
+
     parser = argparse.ArgumentParser(prog="python -m invdiff_rt.bench")
-    parser.add_argument("--worker", required=True, help="job JSON written by `invdiff bench`")
-    parser.add_argument("--out", required=True, help="part JSON to write")
+    parser.add_argument("--serve", required=True, help="job JSON written by `invdiff bench`")
     args = parser.parse_args(argv)
-    try:
-        job = Job.from_json(artifacts.read_json(args.worker, "bench job"))
-        part = run_job(job, log=lambda s: print(s, file=sys.stderr, flush=True))
-    except InvdiffError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    artifacts.atomic_write_json(args.out, {**part, "job": asdict(job)})
-    return 0
+    job_data = artifacts.read_json(args.serve, "bench job")
+    state: dict = {}
+
+    def hello() -> dict:
+        state["hello"], state["handle"] = job_server(job_data)
+        return state["hello"]()
+
+    return serve(hello, lambda request: state["handle"](request))
 
 
 # --- orchestration ---------------------------------------------------------------------------------------------------
 
 
-def spawn_worker(job: Job, workdir: Path, log: Callable[[str], None]) -> dict:
-    """Run one job in a fresh Python process; its one-line error becomes ours."""
-    name = job.backend
-    job_path, part_path = workdir / f"{name}.job.json", workdir / f"{name}.part.json"
-    artifacts.atomic_write_json(job_path, asdict(job))
-    cmd = [sys.executable, "-m", "invdiff_rt.bench", "--worker", str(job_path), "--out", str(part_path)]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0 or not part_path.exists():
-        lines = [s for s in proc.stderr.splitlines() if s.strip()]
-        last = lines[-1].removeprefix("error: ") if lines else f"exit code {proc.returncode}"
-        raise InvdiffError(f"--backends {job.backend}: its benchmark failed ({last})")
-    log(f"{name}: {time.perf_counter() - start:.1f} s")
-    return artifacts.read_json(part_path, "bench part")
+def start_worker(name: str, job_data: dict, workdir: Path, python: str | None, isolate: bool):
+    """A persistent contender: its own process (`python`, default this interpreter); our backends may run
+    in-process instead (`isolate=False`, tests). Peers always get their own process."""
+    from .interleave import LocalWorker, ProcessWorker
+
+    if not isolate and not job_data.get("peer"):
+        server = BackendServer(Job.from_json(job_data))
+        return LocalWorker(name, server.hello, server.handle)
+    job_path = workdir / f"{name}.job.json"
+    artifacts.atomic_write_json(job_path, job_data)
+    argv = [python or sys.executable, "-m", "invdiff_rt.bench", "--serve", str(job_path)]
+    return ProcessWorker(name, argv, workdir / f"{name}.log")
 
 
 def fresh_adapter(model_dir: str, out_dir: Path, seed: int) -> Path:
@@ -391,8 +444,8 @@ def export_variant(model_dir: str, adapter_dir: str | None, out_dir: Path, confi
                         max_batch=max(config.batch_sizes), components=components)
 
 
-# the base variant times the denoising step only: its denoiser + the text encoder that makes its inputs
-BASE_PARTS = ("denoiser", "text_encoder")
+# the base variant: every part (its step is paired with the adapter's, and so is its end-to-end image)
+BASE_PARTS = ("denoiser", "text_encoder", "vae_decoder")
 
 
 def check_base_export(base_export: str, adapter_export: str, config: BenchConfig) -> str:
@@ -440,6 +493,11 @@ def resolve_sources(config: BenchConfig, tmp: Path) -> tuple[str, str]:
         raise InvdiffError(f"--export {config.export}: exported without an adapter; export with --adapter, "
                            "or bench --model without --export")
     model = config.model or manifest.get("base_model")
+    if model and not (Path(model) / "model_index.json").exists():  # a built-in name
+        try:
+            model = str(resolve_model(model))
+        except InvdiffError:
+            pass
     if not (model and (Path(model) / "model_index.json").exists()):
         raise InvdiffError(f"--export {config.export}: its base model {model!r} is not on this machine; pass "
                            "--model MODEL_DIR (the eager baseline needs it)")
@@ -476,51 +534,146 @@ def plan_jobs(config: BenchConfig, tmp: Path, log: Callable[[str], None]) -> lis
     jobs = []
     for backend in config.run_backends:
         if backend in ENGINE_BACKENDS:
-            source, base = {"export": exports["adapter"], "engines": config.engines}, {"export": exports["base"]}
+            source = {"export": exports["adapter"], "engines": config.engines, "model": model}  # model: for peers
+            base = {"export": exports["base"]}
         else:
             source, base = {"model": model, "adapter": adapter}, {"adapter": None}
         jobs.append(Job(backend, asdict(config), base=base, **source))
     return jobs
 
 
-def merge_records(parts: list[dict]) -> list[dict]:
-    """One record per (backend, batch size) with ratios to `eager` and to the base model on the same backend."""
-    pairs = [(r, p) for p in parts for r in p["records"]]
-    eager = {r["batch_size"]: r for r, _ in pairs if r["backend"] == "eager"}
-    return [make_record(rec, part, eager.get(rec["batch_size"])) for rec, part in pairs]
+def peer_jobs(config: BenchConfig, model: str, tmp: Path) -> dict[str, dict]:
+    """{worker name `peer:NAME`: job}: the same model folder, steps, CFG scale, scheduler and batch sizes."""
+    from .models.loader import resolve_model
+
+    folder = str(Path(resolve_model(model)).resolve())
+    return {f"peer:{name}": {"peer": name, "model": folder, "work_dir": str(tmp), "config": asdict(config)}
+            for name in config.peers}
 
 
-def make_record(rec: dict, part: dict, eager: dict | None) -> dict:
-    stages, batch = rec["stages"], rec["batch_size"]
-    out: dict[str, Any] = {"backend": rec["backend"], "batch_size": batch}
+def e2e_rounds(rounds: list[dict], key: str = "adapter") -> list[float]:
+    """Per-round median end-to-end ms: `adapter` (the e2e stage, or the alternating pair), `base`, or a peer's."""
+    if key == "base":
+        return [float(np.median(r["e2e_pair"]["base"])) for r in rounds]
+    return [float(np.median(r["e2e"] if "e2e" in r else r["stages"]["e2e"])) for r in rounds]
+
+
+def merge_records(results: dict[str, dict[int, list[dict]]], kinds: dict[str, str]) -> tuple[list, list]:
+    """(our records, peer records): one per (contender, batch size), with per-round ratios to `eager`, to the
+    base model on the same backend and to the best peer (median and min-max over rounds)."""
+    peers = [make_peer_record(name, batch, rounds, kinds[name]) for name, by in results.items()
+             if kinds[name] != "backend" for batch, rounds in by.items()]
+    records = []
+    for name, by in results.items():
+        if kinds[name] == "backend":
+            for batch, rounds in by.items():
+                eager = results.get("eager", {}).get(batch)
+                at_batch = [p for p in peers if p["batch_size"] == batch]
+                records.append(make_record(name, batch, rounds, eager, at_batch,
+                                           {p["peer"]: results[p["backend"]][batch] for p in at_batch}))
+    return records, peers
+
+
+def make_peer_record(name: str, batch: int, rounds: list[dict], hello_json: str) -> dict:
+    hello = json.loads(hello_json)
+    per_round = e2e_rounds(rounds)
+    e2e = spread(per_round)
+    return {"peer": hello.get("peer", name.removeprefix("peer:")), "backend": name, "batch_size": batch,
+            "e2e_ms_p50": e2e["median"],
+            "e2e_ms_rounds": per_round, "e2e_spread": e2e, "per_image_ms_p50": e2e["median"] / batch,
+            "images_per_s": batch / (e2e["median"] / 1e3), "peak_mem_mb": max(r["peak_host_mb"] for r in rounds),
+            "versions": hello.get("versions", {}), "settings": hello.get("settings", {})}
+
+
+def make_record(backend: str, batch: int, rounds: list[dict], eager: list[dict] | None, peers: list[dict],
+                peer_rounds: dict[str, list[dict]]) -> dict:
+    stages = {stage: summarize([t for r in rounds for t in r["stages"][stage]]) for stage in rounds[0]["stages"]}
+    out: dict[str, Any] = {"backend": backend, "batch_size": batch}
     for stage, s in stages.items():
         out[f"{stage}_ms_p50"], out[f"{stage}_ms_p90"] = s["p50"], s["p90"]
-    e2e = stages.get("e2e", {}).get("p50")
-    out["images_per_s"] = batch / (e2e / 1e3) if e2e else None
-    out["peak_mem_mb"] = part["peak_host_mb"]
-    out["peak_device_mb"] = part["peak_device_mb"]
-    eager_stages = eager["stages"] if eager else {}
-    out["speedup_vs_eager"] = ratio(eager_stages.get("step", {}).get("p50"), stages["step"]["p50"])
-    out["e2e_speedup_vs_eager"] = ratio(eager_stages.get("e2e", {}).get("p50"), e2e)
-    paired = rec.get("paired")
-    out["base_step_ms_p50"] = paired["base"]["p50"] if paired else None
-    out["adapter_overhead"] = paired["overhead"] if paired else None  # median of interleaved per-call ratios
+    ours = e2e_rounds(rounds)
+    out["e2e_ms_rounds"] = ours
+    out["e2e_ms_p50"] = float(np.median(ours))  # median of per-round medians
+    out["per_image_ms_p50"] = out["e2e_ms_p50"] / batch
+    out["images_per_s"] = batch / (out["e2e_ms_p50"] / 1e3)
+    out["peak_mem_mb"] = max(r["peak_host_mb"] for r in rounds)
+    out["peak_device_mb"] = rounds[-1]["peak_device_mb"]
+    step = [float(np.median(r["stages"]["step"])) for r in rounds]
+    out["speedup_vs_eager"] = _median_ratio([float(np.median(r["stages"]["step"])) for r in eager], step) \
+        if eager else None
+    out["e2e_speedup_vs_eager"] = round_ratios(e2e_rounds(eager), ours) if eager else None
+    out.update(adapter_fields(rounds))
+    out.update(peer_fields(ours, rounds, peers, peer_rounds))
     out["stages"] = stages
-    if paired:
-        out["paired"] = paired
     return out
 
 
+def _median_ratio(numerators: list[float], denominators: list[float]) -> float:
+    return round_ratios(numerators, denominators)["median"]
+
+
+def adapter_fields(rounds: list[dict]) -> dict:
+    """Adapter overhead over rounds: per step (paired calls) and per image end to end (alternating calls)."""
+    if "paired" not in rounds[0]:
+        return {"base_step_ms_p50": None, "adapter_overhead": None, "adapter_overhead_spread": None,
+                "base_e2e_ms_p50": None, "e2e_adapter_overhead": None}
+    step = spread([r["paired"]["overhead"] for r in rounds])
+    base = e2e_rounds(rounds, "base")
+    with_adapter = [float(np.median(r["e2e_pair"]["adapter"])) for r in rounds]
+    return {"base_step_ms_p50": float(np.median([r["paired"]["base"]["p50"] for r in rounds])),
+            "adapter_overhead": step["median"], "adapter_overhead_spread": step,
+            "base_e2e_ms_p50": float(np.median(base)), "base_e2e_ms_rounds": base,
+            "e2e_adapter_overhead": round_ratios(with_adapter, base), "paired_rounds": [r["paired"] for r in rounds]}
+
+
+def peer_fields(ours: list[float], rounds: list[dict], peers: list[dict], peer_rounds: dict) -> dict:
+    """Speed-up over the best peer (lowest median e2e at this batch), per round: with the adapter and without."""
+    if not peers:
+        return {"best_peer": None, "vs_best_peer": None, "base_vs_best_peer": None}
+    best = min(peers, key=lambda p: p["e2e_ms_p50"])
+    theirs = e2e_rounds(peer_rounds[best["peer"]])
+    base = round_ratios(theirs, e2e_rounds(rounds, "base")) if "e2e_pair" in rounds[0] else None
+    return {"best_peer": best["peer"], "vs_best_peer": round_ratios(theirs, ours), "base_vs_best_peer": base}
+
+
 def run_bench(config: BenchConfig, log: Callable[[str], None] = lambda s: None, isolate: bool = True) -> dict:
-    """Run every job (each in its own process unless `isolate` is False) and return the result
-    (records + machine + config)."""
+    """Start one persistent worker per contender (in its own process unless `isolate` is False), time them in
+    interleaved rounds, and return the result (records, peer records, machine, config)."""
+    from .interleave import run_rounds
+
     config.check()
     with tempfile.TemporaryDirectory(prefix="invdiff-bench-") as tmp:
         jobs = plan_jobs(config, Path(tmp), log)
-        parts = [spawn_worker(job, Path(tmp), log) if isolate else run_job(job, log) for job in jobs]
+        specs = {job.backend: (asdict(job), None) for job in jobs}
+        model = next(j.model for j in jobs if j.model)
+        specs.update({n: (j, config.peers_python) for n, j in peer_jobs(config, model, Path(tmp)).items()})
+        workers = {name: start_worker(name, data, Path(tmp), python, isolate) for name, (data, python) in specs.items()}
+        try:
+            kinds = start_all(workers, log)
+            results = run_rounds({n: w for n, w in workers.items() if n in kinds}, config.batch_sizes,
+                                 config.rounds, log)
+        finally:
+            for worker in workers.values():
+                worker.close()
+    records, peers = merge_records(results, kinds)
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "machine": artifacts.machine_info(),
-            "config": asdict(config), "sources": source_fingerprints(config),
-            "records": merge_records(parts), "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            "config": asdict(config), "sources": source_fingerprints(config), "records": records, "peers": peers,
+            "skipped_peers": {n: w.hello["skip"] for n, w in workers.items() if w.hello and "skip" in w.hello},
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def start_all(workers: dict, log: Callable[[str], None]) -> dict[str, str]:
+    """Wait for every worker's hello; -> {name: "backend" or the peer's hello JSON}; skipped peers are left out
+    (one printed line each)."""
+    kinds = {}
+    for name, worker in workers.items():
+        hello = worker.start()
+        if "skip" in hello:
+            log(hello["skip"])
+            continue
+        kinds[name] = json.dumps(hello) if "peer" in hello else "backend"
+        log(f"{name}: ready")
+    return kinds
 
 
 def source_fingerprints(config: BenchConfig) -> dict:
@@ -549,21 +702,34 @@ def _fmt(value, spec: str = ".4g", suffix: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
+def _spread(s: dict | None) -> str:
+    return "-" if not s else f"{s['median']:.2f}x [{s['min']:.2f}-{s['max']:.2f}]"
+
+
 def table(result: dict):
-    """A Rich table of the records (one row per backend and batch size); times in ms (p50 unless p90)."""
+    """A Rich table: one row per backend/peer and batch size; per-image end-to-end ms (median over rounds), ratios
+    as median [min-max] over rounds."""
     from rich.table import Table
 
     machine, config = result["machine"], result["config"]
     t = Table(title=f"invdiff bench: {machine.get('gpu') or machine['cpu']} ({machine['cores']} cores), "
-                    f"{config['steps']} steps, {config['precision']}, times in ms")
-    for col in ("backend", "batch", "step", "step p90", "loop", "e2e", "img/s", "peak MB", "vs eager", "adapter"):
+                    f"{config['steps']} steps, {config['precision']}, {config['rounds']} interleaved rounds")
+    for col in ("backend", "batch", "step ms", "ms/image", "img/s", "peak MB", "vs eager", "vs best peer",
+                "base vs best peer", "adapter (step)", "adapter (e2e)"):
         t.add_column(col, justify="left" if col == "backend" else "right", no_wrap=True)
-    for r in sorted(result["records"], key=lambda r: (r["batch_size"], BACKENDS.index(r["backend"]))):
-        t.add_row(r["backend"], str(r["batch_size"]), _fmt(r["step_ms_p50"]), _fmt(r["step_ms_p90"]),
-                  _fmt(r.get("loop_ms_p50")), _fmt(r.get("e2e_ms_p50")), _fmt(r["images_per_s"], ".3g"),
-                  _fmt(r["peak_mem_mb"], ".0f"), _fmt(r["speedup_vs_eager"], ".2f", "x"),
-                  _fmt(r["adapter_overhead"], ".2f", "x"))
+    rows = sorted(result["records"] + result.get("peers", []), key=lambda r: (r["batch_size"], _order(r)))
+    for r in rows:
+        ours = "peer" not in r
+        t.add_row(r["backend"], str(r["batch_size"]), _fmt(r.get("step_ms_p50")),
+                  _fmt(r["e2e_ms_p50"] / r["batch_size"]), _fmt(r["images_per_s"], ".3g"),
+                  _fmt(r["peak_mem_mb"], ".0f"), _spread(r.get("e2e_speedup_vs_eager")) if ours else "-",
+                  _spread(r.get("vs_best_peer")), _spread(r.get("base_vs_best_peer")),
+                  _spread(r.get("adapter_overhead_spread")), _spread(r.get("e2e_adapter_overhead")))
     return t
+
+
+def _order(record: dict) -> int:
+    return BACKENDS.index(record["backend"]) if record["backend"] in BACKENDS else len(BACKENDS)
 
 
 def plot(result: dict, path: str | Path) -> Path:
@@ -574,15 +740,17 @@ def plot(result: dict, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, (ax_lat, ax_tp) = plt.subplots(1, 2, figsize=(10, 4))
-    for backend in BACKENDS:
-        rows = sorted((r for r in result["records"] if r["backend"] == backend), key=lambda r: r["batch_size"])
-        if rows:
-            x = [r["batch_size"] for r in rows]
+    records = result["records"] + result.get("peers", [])
+    for backend in dict.fromkeys(r["backend"] for r in records):
+        rows = sorted((r for r in records if r["backend"] == backend), key=lambda r: r["batch_size"])
+        x = [r["batch_size"] for r in rows]
+        if "step_ms_p50" in rows[0]:
             ax_lat.plot(x, [r["step_ms_p50"] for r in rows], marker="o", label=backend)
-            ax_tp.plot(x, [r["images_per_s"] or 0 for r in rows], marker="o", label=backend)
+        ax_tp.plot(x, [r["images_per_s"] or 0 for r in rows], marker="o", label=backend)
     ax_lat.set(xscale="log", yscale="log", xlabel="batch size", ylabel="denoising step p50 (ms)")
     ax_tp.set(xscale="log", xlabel="batch size", ylabel="images/s (end to end)")
     ax_lat.legend()
+    ax_tp.legend(fontsize=7)
     fig.suptitle(result["machine"].get("gpu") or result["machine"]["cpu"], fontsize=9)
     fig.tight_layout()
     with artifacts.atomic_path(path) as tmp:

@@ -142,7 +142,7 @@ def _bench(folder: Path, export: dict, model_dir: str, adapter_dir: str, cfg: De
 
     bc = BenchConfig(backends=["torch", "onnxruntime"], batch_sizes=list(cfg.bench_batch_sizes), model=model_dir,
                      adapter=adapter_dir, export=export["path"], base_export=export["base_path"],
-                     steps=cfg.bench_steps, warmup=1, repeats=cfg.bench_repeats, threads=cfg.threads,
+                     steps=cfg.bench_steps, warmup=1, repeats=1, rounds=cfg.bench_repeats, threads=cfg.threads,
                      guidance_scale=DEFAULT_GUIDANCE)
     result = run_bench(bc)
     write_json(result, folder / "bench.json")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from invdiff_rt import bench
+from invdiff_rt import peers as bench_peers
 from invdiff_rt.errors import InvdiffError
 
 
@@ -31,30 +32,51 @@ def test_ratio():
     assert bench.ratio(None, 10.0) is None and bench.ratio(1.0, 0.0) is None
 
 
-def _part(backend, batch, step, e2e=None, rss=100.0, paired=None):
-    stages = {"step": {"p50": step, "p90": step * 1.5}}
-    if e2e is not None:
-        stages["e2e"] = {"p50": e2e, "p90": e2e}
-    rec = {"backend": backend, "batch_size": batch, "stages": stages}
-    if paired:  # (adapter times, base times) of the interleaved calls
-        rec["paired"] = {"adapter": bench.summarize(paired[0]), "base": bench.summarize(paired[1]),
+def _round(step, e2e, rss=100.0, paired=None, pair=None):
+    """One worker's answer for one round: stage times, peak memory, paired steps and the e2e pair."""
+    out = {"stages": {"step": [step], "e2e": [e2e]}, "peak_host_mb": rss, "peak_device_mb": None}
+    if paired:  # (adapter times, base times) of the interleaved steps
+        out["paired"] = {"adapter": bench.summarize(paired[0]), "base": bench.summarize(paired[1]),
                          "overhead": float(np.median(np.asarray(paired[0]) / np.asarray(paired[1])))}
-    return {"records": [rec], "peak_host_mb": rss, "peak_device_mb": None}
+        out["e2e_pair"] = {"adapter": [e2e], "base": [pair]}
+    return out
 
 
 def test_merge_records_computes_ratios_by_hand():
-    parts = [_part("eager", 2, 30.0, e2e=1000.0, paired=([30.0, 36.0], [24.0, 24.0])),
-             _part("torch", 2, 10.0, e2e=500.0, rss=321.0, paired=([10.0, 11.0, 30.0], [8.0, 10.0, 20.0]))]
-    records = {r["backend"]: r for r in bench.merge_records(parts)}
+    """Two rounds of eager, torch and one peer at batch 2; every ratio is taken within a round."""
+    results = {
+        "eager": {2: [_round(30.0, 1000.0, paired=([30.0, 36.0], [24.0, 24.0]), pair=800.0),
+                      _round(60.0, 2000.0, paired=([30.0], [20.0]), pair=1000.0)]},
+        "torch": {2: [_round(10.0, 500.0, rss=321.0, paired=([10.0, 11.0, 30.0], [8.0, 10.0, 20.0]), pair=400.0),
+                      _round(10.0, 250.0, rss=300.0, paired=([10.0], [10.0]), pair=250.0)]},
+        "peer:openvino": {2: [{"e2e": [1000.0, 900.0, 1100.0], "peak_host_mb": 50.0},
+                         {"e2e": [1000.0], "peak_host_mb": 60.0}]},
+    }
+    hello = json.dumps({"peer": "openvino", "versions": {"openvino": "1.0"}, "settings": {"steps": 2}})
+    records, peers = bench.merge_records(results, {"eager": "backend", "torch": "backend", "peer:openvino": hello})
+    records = {r["backend"]: r for r in records}
     assert set(records) == {"eager", "torch"}
     torch_rec = records["torch"]
-    assert torch_rec["speedup_vs_eager"] == pytest.approx(3.0)  # eager 30 ms / torch 10 ms
-    assert torch_rec["adapter_overhead"] == pytest.approx(1.25)  # median of 10/8, 11/10, 30/20
-    assert torch_rec["base_step_ms_p50"] == pytest.approx(10.0)
-    assert torch_rec["images_per_s"] == pytest.approx(4.0)  # 2 images in 500 ms
-    assert torch_rec["e2e_speedup_vs_eager"] == pytest.approx(2.0)
-    assert torch_rec["step_ms_p90"] == pytest.approx(15.0) and torch_rec["peak_mem_mb"] == 321.0
-    assert records["eager"]["speedup_vs_eager"] == 1.0 and records["eager"]["adapter_overhead"] == 1.375
+    assert torch_rec["speedup_vs_eager"] == pytest.approx(4.5)  # rounds: 30/10, 60/10
+    assert torch_rec["adapter_overhead"] == pytest.approx(1.125)  # rounds: median(10/8, 11/10, 30/20)=1.25, 1.0
+    assert torch_rec["adapter_overhead_spread"]["min"] == 1.0 and torch_rec["adapter_overhead_spread"]["max"] == 1.25
+    assert torch_rec["e2e_adapter_overhead"]["median"] == pytest.approx(1.125)  # 500/400, 250/250
+    assert torch_rec["e2e_ms_p50"] == pytest.approx(375.0) and torch_rec["e2e_ms_rounds"] == [500.0, 250.0]
+    assert torch_rec["images_per_s"] == pytest.approx(2 / 0.375)
+    assert torch_rec["e2e_speedup_vs_eager"]["median"] == pytest.approx(5.0)  # 1000/500, 2000/250
+    assert torch_rec["e2e_speedup_vs_eager"]["min"] == pytest.approx(2.0)
+    assert torch_rec["best_peer"] == "openvino"
+    assert torch_rec["vs_best_peer"]["median"] == pytest.approx(3.0)  # 1000/500, 1000/250
+    assert torch_rec["vs_best_peer"]["min"] == pytest.approx(2.0) and torch_rec["vs_best_peer"]["max"] == 4.0
+    assert torch_rec["base_vs_best_peer"]["median"] == pytest.approx(3.25)  # 1000/400, 1000/250
+    assert torch_rec["step_ms_p90"] == pytest.approx(10.0) and torch_rec["peak_mem_mb"] == 321.0
+    assert records["eager"]["speedup_vs_eager"] == 1.0
+    assert records["eager"]["adapter_overhead"] == pytest.approx((1.375 + 1.5) / 2)
+    (peer,) = peers
+    assert [k for k in bench_peers.PEER_RECORD_KEYS if k not in peer] == []
+    assert peer["e2e_ms_rounds"] == [1000.0, 1000.0] and peer["per_image_ms_p50"] == 500.0
+    assert peer["versions"] == {"openvino": "1.0"} and peer["peak_mem_mb"] == 60.0
+    assert peer["backend"] == "peer:openvino" and peer["peer"] == "openvino"
 
 
 def test_paired_steps_interleave_and_take_the_median_ratio(monkeypatch):
@@ -89,7 +111,7 @@ def _fake_export(path, **fields):
     from invdiff_rt.export.manifest import FORMAT, MANIFEST_NAME
 
     manifest = {"format": FORMAT, "files": {}, "adapter": None, "base_fingerprint": "b" * 64, "cfg": True,
-                "precision": "fp32", "max_batch": 32, "components": {"denoiser": {}, "text_encoder": {}}, **fields}
+                "precision": "fp32", "max_batch": 32, "components": {"denoiser": {}, "text_encoder": {}, "vae_decoder": {}}, **fields}
     path.mkdir()
     (path / MANIFEST_NAME).write_text(json.dumps(manifest))
     return str(path)
@@ -121,26 +143,37 @@ def _check_schema(result):
         assert not missing, missing
         for stage in bench.STAGES:
             assert r[f"{stage}_ms_p50"] > 0 and r[f"{stage}_ms_p90"] >= r[f"{stage}_ms_p50"]
-            assert r["stages"][stage]["n"] == result["config"]["repeats"]
+            assert r["stages"][stage]["n"] == result["config"]["repeats"] * result["config"]["rounds"]
         assert r["peak_mem_mb"] > 0 and r["images_per_s"] > 0 and r["adapter_overhead"] > 0
         eager = by[("eager", r["batch_size"])]
-        assert r["speedup_vs_eager"] == pytest.approx(eager["step_ms_p50"] / r["step_ms_p50"])
-        paired = r["paired"]  # one repeat: the median ratio is the ratio of the two calls
-        assert paired["adapter"]["n"] == paired["base"]["n"] == result["config"]["repeats"]
-        assert r["adapter_overhead"] == pytest.approx(paired["adapter"]["p50"] / paired["base"]["p50"])
-        assert r["base_step_ms_p50"] == paired["base"]["p50"]
+        rounds = r["paired_rounds"]  # one repeat per round: each round's ratio is the ratio of its two calls
+        assert len(rounds) == result["config"]["rounds"] == len(r["e2e_ms_rounds"])
+        assert all(p["adapter"]["n"] == p["base"]["n"] == result["config"]["repeats"] for p in rounds)
+        ratios = [p["adapter"]["p50"] / p["base"]["p50"] for p in rounds]
+        assert r["adapter_overhead"] == pytest.approx(np.median(ratios))
+        assert r["adapter_overhead_spread"]["min"] == pytest.approx(min(ratios))
         assert r["images_per_s"] == pytest.approx(r["batch_size"] / (r["e2e_ms_p50"] / 1e3))
+        assert r["e2e_ms_p50"] == pytest.approx(np.median(r["e2e_ms_rounds"]))
+        if r["backend"] == "eager":
+            assert r["speedup_vs_eager"] == 1.0 and r["e2e_speedup_vs_eager"]["max"] == 1.0
     return by
 
 
 def test_smoke_in_process_torch(tiny_model_dir, tmp_path):
-    config = bench.BenchConfig(["torch"], [1], model=str(tiny_model_dir), steps=2, warmup=0, repeats=1, threads=1)
+    config = bench.BenchConfig(["torch"], [1], model=str(tiny_model_dir), steps=2, warmup=0, repeats=1, threads=1,
+                               rounds=2)
     result = bench.run_bench(config, isolate=False)
     by = _check_schema(result)
     assert set(by) == {("eager", 1), ("torch", 1)}
     assert result["sources"]["adapter"] == "fresh" and len(result["sources"]["model"]) == 64
     path = bench.write_json(result, tmp_path / "bench.json")
     assert json.loads(path.read_text())["records"] == json.loads(json.dumps(result["records"]))
+    from rich.console import Console
+
+    console = Console(record=True, width=250)
+    console.print(bench.table(result))
+    text = console.export_text()
+    assert "eager" in text and "torch" in text and "interleaved rounds" in text
     png = bench.plot(result, tmp_path / "bench.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
 
@@ -185,3 +218,54 @@ def test_peak_host_memory_is_the_workers_own_not_the_parents():
                          capture_output=True, text=True, check=True)
     child = float(out.stdout)
     assert parent > 200 and 5 < child < parent / 2
+
+
+def test_interleave_rotation_and_spread_on_hand_values():
+    from invdiff_rt.interleave import rotation, round_ratios, spread
+
+    assert [rotation(["a", "b", "c"], r) for r in range(4)] == [["a", "b", "c"], ["b", "c", "a"],
+                                                                ["c", "a", "b"], ["a", "b", "c"]]
+    s = spread([4.0, 1.0, 3.0, 2.0])
+    assert s == pytest.approx({"median": 2.5, "min": 1.0, "max": 4.0, "q1": 1.75, "q3": 3.25, "n": 4})
+    assert round_ratios([10.0, 30.0, 20.0], [5.0, 10.0, 20.0])["median"] == 2.0
+    with pytest.raises(ValueError):
+        round_ratios([1.0], [1.0, 2.0])
+
+
+def test_run_rounds_interleaves_contenders_round_by_round():
+    from invdiff_rt.interleave import LocalWorker, run_rounds
+
+    calls = []
+
+    def worker(name):
+        return LocalWorker(name, lambda: {}, lambda req: calls.append((name, req["batch"])) or {"n": len(calls)})
+
+    out = run_rounds({n: worker(n) for n in "ab"}, [1, 4], rounds=2)
+    assert calls == [("a", 1), ("b", 1), ("a", 4), ("b", 4), ("b", 1), ("a", 1), ("b", 4), ("a", 4)]
+    assert out["a"][4] == [{"n": 3}, {"n": 8}] and len(out["b"][1]) == 2
+
+
+def test_missing_peer_is_skipped_with_one_line(tmp_path, monkeypatch, capsys):
+    """Without the [peers] extra a peer worker says why in one line, and the bench runs on without it."""
+    from invdiff_rt.interleave import ProcessWorker
+
+    monkeypatch.setattr(bench_peers.importlib.metadata, "version",
+                        lambda dist: (_ for _ in ()).throw(bench_peers.importlib.metadata.PackageNotFoundError(dist)))
+    hello = bench_peers.PeerServer({"peer": "openvino", "config": {}}).hello()
+    assert hello == {"skip": "peer openvino: skipped (optimum-intel is not installed); pip install "
+                             "'invdiff-rt[peers]' (or pass --peers-python with a venv that has it)"}
+    if bench_peers.missing_reason("optimum-ort") is None:
+        pytest.skip("the [peers] extra is installed here: the worker process would load the pipeline")
+    job = {"peer": "optimum-ort", "config": {}}
+    worker = bench.start_worker("optimum-ort", job, tmp_path, None, isolate=True)
+    assert isinstance(worker, ProcessWorker)
+    kinds = bench.start_all({"optimum-ort": worker}, print)
+    worker.close()
+    assert kinds == {}
+    lines = [s for s in capsys.readouterr().out.splitlines() if s.strip()]
+    assert len(lines) == 1 and lines[0].startswith("peer optimum-ort: skipped (") and "[peers]" in lines[0]
+
+
+def test_bad_peer_name_is_one_line_error():
+    with pytest.raises(InvdiffError, match="^--peers: unknown peer 'diffusers'; choose from optimum-ort, openvino$"):
+        bench.BenchConfig(["torch"], [1], model="m", peers=["diffusers"]).check()

@@ -34,7 +34,7 @@ def test_resolve_backend_prefers_fastest_available():
     assert backends.resolve_backend("auto") == expected
     assert backends.resolve_backend("auto", model=object()) in ("torch-cuda", "torch")
     if not torch.cuda.is_available():
-        assert backends.resolve_backend("auto", export_dir="x") == "onnxruntime"
+        assert backends.resolve_backend("auto", export_dir="x") == "openvino"  # measured fastest on CPU
         assert backends.resolve_backend("auto", model=object()) == "torch"
     assert backends.resolve_backend("onnxruntime") == "onnxruntime"
     with pytest.raises(InvdiffError, match="--backend tpu: unknown"):
@@ -49,8 +49,10 @@ def test_ort_runtime_matches_torch_runtime(exported):
 
     ort_rt = backends.load_runtime("onnxruntime", export_dir=exported["out"], threads=1, spinning=False)
     assert ort_rt.latent_shape == (4, 8, 8) and ort_rt.cfg
+    ov_rt = backends.load_runtime("openvino", export_dir=exported["out"], threads=2)
     reference = TorchRuntime(exported["model"], exported["adapter"], device="cpu")
-    rows = run_parity(reference, [ort_rt], batch_sizes=[1, 3], steps=2, seed=0)
+    rows = run_parity(reference, [ort_rt, ov_rt], batch_sizes=[1, 2, 3], steps=2, seed=0)
+    assert {r.backend for r in rows} == {"onnxruntime", "openvino"}
     quantities = {r.quantity for r in rows}
     assert quantities == {"text_embeddings", "noise_pred[0]", "noise_pred[1]", "final latents", "images"}
     assert all(r.passed for r in rows), [r for r in rows if not r.passed]
@@ -104,23 +106,39 @@ def test_check_cli_exits_1_on_a_failed_threshold(exported, tmp_path, monkeypatch
     assert json.loads(out.read_text())["passed"] is False
 
 
-def test_generate_onnxruntime_and_torch_images_within_one_level(exported, tmp_path):
-    """The acceptance bar of `invdiff generate`: same seed, --backend onnxruntime vs --backend torch, mean absolute
-    difference of the PNGs <= 1/255 (with the adapter on, CFG on)."""
+@pytest.mark.parametrize("export_backend", ["onnxruntime", "openvino", "auto"])
+def test_generate_export_backends_and_torch_images_within_one_level(exported, tmp_path, export_backend):
+    """The acceptance bar of `invdiff generate`: same seed, --backend onnxruntime / openvino / auto (openvino on a
+    CPU machine) vs --backend torch, mean absolute difference of the PNGs <= 1/255 (with the adapter on, CFG on).
+    Batch 2 on 2 threads: the openvino backend splits it into two single-image streams."""
     settings = dict(num=2, seed=5, steps=3, guidance_scale=3.0, adapter_weight=1.0, scheduler="ddim", batch_size=2,
                     progress=False)
     images = {}
     for backend, sources in (("torch", {"model": exported["model_dir"], "adapter": exported["adapter_dir"]}),
-                             ("onnxruntime", {"export": exported["out"]})):
-        runtime, name, fingerprints = gen.load_generation_runtime(backend=backend, threads=1, **sources)
-        assert name == backend
+                             (export_backend, {"export": exported["out"]})):
+        runtime, name, fingerprints = gen.load_generation_runtime(backend=backend, threads=2, **sources)
+        assert name == (backends.resolve_backend("auto", export_dir="x") if backend == "auto" else backend)
         out = tmp_path / backend
         gen.run_generation(runtime, PROMPTS, out, backend=name, fingerprints=fingerprints, **settings)
         rows = read_jsonl(out / "manifest.jsonl")
         images[backend] = {(r["prompt"], r["index"]): np.asarray(Image.open(out / r["file"]), dtype=np.float64)
                            for r in rows}
-    assert images["torch"].keys() == images["onnxruntime"].keys() and len(images["torch"]) == 2 * len(PROMPTS)
+    assert images["torch"].keys() == images[export_backend].keys() and len(images["torch"]) == 2 * len(PROMPTS)
     for key, ref in images["torch"].items():
-        other = images["onnxruntime"][key]
+        other = images[export_backend][key]
         assert ref.shape == other.shape and ref.std() > 1.0  # real images, not a constant
         assert np.abs(ref - other).mean() <= 1.0, key  # 1/255 of the range, in uint8 levels
+
+
+def test_openvino_chunks_keep_cond_and_uncond_rows_together():
+    from invdiff_rt.runtime.backends.openvino_backend import chunk_bounds, put_rows, take_rows
+
+    assert chunk_bounds(16, 2) == [(0, 8), (8, 16)] and chunk_bounds(1, 2) == [(0, 1)]
+    assert chunk_bounds(5, 2) == [(0, 2), (2, 5)] and chunk_bounds(3, 4) == [(0, 1), (1, 2), (2, 3)]
+    emb = np.arange(8)[:, None]  # 2B rows for B=4: cond 0-3, uncond 4-7
+    assert take_rows(emb, ("2B", 1), 4, 1, 3)[:, 0].tolist() == [1, 2, 5, 6]
+    assert take_rows(emb, ("B", 1), 8, 1, 3)[:, 0].tolist() == [1, 2]
+    assert take_rows(np.float32(3.0), (), 4, 1, 3) == 3.0  # 0-d scalars go to every chunk
+    parts = [take_rows(emb, ("2B", 1), 4, a, b) for a, b in chunk_bounds(4, 2)]
+    assert put_rows(parts, ("2B", 1))[:, 0].tolist() == list(range(8))
+    assert put_rows([np.arange(2), np.arange(2, 5)], ("B",)).tolist() == list(range(5))

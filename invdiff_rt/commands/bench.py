@@ -24,11 +24,17 @@ def bench(
     base_export: Optional[Path] = typer.Option(None, "--base-export", help="The same base model exported without "
                                                "adapter (default: exported on the fly for the overhead pair)."),
     backends: str = typer.Option("torch,onnxruntime", "--backends", help="Comma-separated: torch, onnxruntime, "
-                                 "tensorrt (the eager baseline always runs)."),
+                                 "openvino, tensorrt (the eager baseline always runs)."),
+    peers: str = typer.Option("", "--peers", help="Comma-separated peers timed alongside: optimum-ort, openvino "
+                              "(needs the [peers] extra; skipped with one line without it)."),
+    peers_python: Optional[Path] = typer.Option(None, "--peers-python", help="Python of a venv with the [peers] "
+                                                "extra, for the peer workers (default: this one)."),
+    rounds: int = typer.Option(5, "--rounds", help="Interleaved rounds; ratios are medians over rounds."),
+    eager: bool = typer.Option(True, "--eager/--no-eager", help="Time the diffusers-style eager baseline too."),
     batch_sizes: str = typer.Option("1,8,32", "--batch-sizes", help="Comma-separated batch sizes."),
     steps: int = typer.Option(20, "--steps", help="Denoising steps of the loop and end-to-end stages."),
     warmup: int = typer.Option(3, "--warmup", help="Untimed warm-up calls per stage."),
-    repeats: int = typer.Option(10, "--repeats", help="Timed calls per stage (p50/p90 over them)."),
+    repeats: int = typer.Option(3, "--repeats", help="Timed calls per stage and round (p50/p90 over all)."),
     plot_out: Optional[Path] = typer.Option(None, "--plot", help="Latency-vs-batch PNG."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads per backend process."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 or fp16."),
@@ -51,7 +57,8 @@ def bench(
         model=model, adapter=str(adapter) if adapter else None, export=str(export) if export else None,
         base_export=str(base_export) if base_export else None,
         steps=steps, warmup=warmup, repeats=repeats, threads=threads, precision=precision, scheduler=scheduler,
-        guidance_scale=guidance_scale, adapter_weight=adapter_weight, engines=str(engines),
+        guidance_scale=guidance_scale, adapter_weight=adapter_weight, engines=str(engines), rounds=rounds,
+        eager=eager, peers=b.parse_list(peers, "--peers"), peers_python=str(peers_python) if peers_python else None,
         latent_shape=list(shape) if shape else None,
     ).check()
     console = Console()

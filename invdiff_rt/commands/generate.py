@@ -28,7 +28,7 @@ def generate(
     guidance_scale: float = typer.Option(DEFAULT_GUIDANCE, "--guidance-scale", help="Classifier-free guidance scale."),
     adapter_weight: float = typer.Option(1.0, "--adapter-weight", help="Weight of the debiasing adapter."),
     backend: str = typer.Option("auto", "--backend",
-                                help="auto, torch, torch-cuda, onnxruntime, onnxruntime-cuda or tensorrt."),
+                                help="auto, torch, torch-cuda, openvino, onnxruntime, onnxruntime-cuda or tensorrt."),
     scheduler: str = typer.Option("ddim", "--scheduler", help="ddim, dpm or euler."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 or fp16 (engine backends)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for the backend."),

@@ -1,6 +1,7 @@
 """Backend registry: every backend returns a `Runtime` (see `runtime.sampling`); `auto` picks the fastest present.
 
-Preference for `auto`: tensorrt > onnxruntime-cuda > torch-cuda > onnxruntime (CPU) > torch (CPU). Engine and ONNX
+Preference for `auto`: tensorrt > onnxruntime-cuda > torch-cuda > openvino (CPU) > onnxruntime (CPU) > torch (CPU)
+(openvino before onnxruntime on CPU: measured faster end to end, bench/README.md). Engine and ONNX
 backends run from an export folder (`export_dir`); the torch backends run from a loaded model (+ adapter).
 """
 
@@ -11,8 +12,8 @@ from functools import lru_cache
 
 from ...errors import InvdiffError
 
-BACKENDS = ("tensorrt", "onnxruntime-cuda", "torch-cuda", "onnxruntime", "torch")
-NEEDS_EXPORT = ("tensorrt", "onnxruntime-cuda", "onnxruntime")
+BACKENDS = ("tensorrt", "onnxruntime-cuda", "torch-cuda", "openvino", "onnxruntime", "torch")
+NEEDS_EXPORT = ("tensorrt", "onnxruntime-cuda", "openvino", "onnxruntime")
 
 
 @lru_cache(maxsize=None)
@@ -41,7 +42,8 @@ def _tensorrt() -> bool:
 def is_available(name: str) -> bool:
     """Whether the backend's libraries and device are present (not whether its inputs were given)."""
     checks = {"tensorrt": _tensorrt, "onnxruntime-cuda": lambda: _cuda() and _ort_cuda(), "torch-cuda": _cuda,
-              "onnxruntime": lambda: importlib.util.find_spec("onnxruntime") is not None, "torch": lambda: True}
+              "onnxruntime": lambda: importlib.util.find_spec("onnxruntime") is not None, "torch": lambda: True,
+              "openvino": lambda: importlib.util.find_spec("openvino") is not None}
     return checks[name]()
 
 
@@ -76,6 +78,10 @@ def load_runtime(backend: str, *, model=None, adapter=None, export_dir=None, pre
         from .tensorrt_backend import load
 
         return load(export_dir, engines_dir or "engines")
+    if backend == "openvino":
+        from .openvino_backend import OvRuntime
+
+        return OvRuntime(export_dir, threads=threads, precision=precision)
     if backend in ("onnxruntime", "onnxruntime-cuda"):
         from .onnxruntime_backend import OrtRuntime
 

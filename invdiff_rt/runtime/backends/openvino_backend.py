@@ -1,0 +1,160 @@
+"""OpenVINO backend (CPU): the `Runtime` protocol over the same export folder as ONNX Runtime.
+
+OpenVINO reads our fused ONNX graphs directly. Each component is compiled once per input-shape set, reshaped to
+static shapes first (shape specialisation: the CPU plugin picks better kernels for static shapes than for dynamic
+ones). A batch is split into one chunk per stream (`streams`, default: the CPU threads), and the chunks run
+concurrently, one single-threaded infer request each: the tiny kernels of a small latent UNet scale badly across
+threads inside one op (every op ends in a barrier, which a busy neighbour turns into waiting), but independent
+chunks do not wait for each other. A batch of one runs on one stream, one thread. Chunks follow the spec's batch
+symbols (`2B` inputs keep their cond and uncond rows together), so a chunk computes exactly the rows it would compute
+in the whole batch. Precision is pinned: `fp32` sets INFERENCE_PRECISION_HINT=f32, because on AMX/avx512_bf16 CPUs
+OpenVINO otherwise runs bf16 by default, which is lossy; `bf16` (opt-in) lets it use bf16 kernels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ...errors import InvdiffError
+from ...export.manifest import component_spec, read_manifest
+
+PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
+
+
+def compile_config(streams: int, precision: str = "fp32") -> dict[str, str]:
+    """CPU plugin properties: `streams` streams of one thread each, pinned inference precision, threads not
+    pinned to cores (on a shared machine a pinned thread waits for its busy core instead of moving)."""
+    if precision not in PRECISION_HINTS:
+        raise InvdiffError(f"--precision {precision}: the openvino backend runs fp32 or bf16")
+    return {"NUM_STREAMS": str(streams), "INFERENCE_NUM_THREADS": str(streams), "ENABLE_CPU_PINNING": "NO",
+            "INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision]}
+
+
+def default_streams(threads: int | None) -> int:
+    import os
+
+    return max(1, int(threads) if threads else len(os.sched_getaffinity(0)))
+
+
+def chunk_bounds(batch: int, chunks: int) -> list[tuple[int, int]]:
+    """[start, stop) of `chunks` near-equal, non-empty slices of range(batch) (fewer when batch < chunks)."""
+    chunks = max(1, min(chunks, batch))
+    edges = [round(i * batch / chunks) for i in range(chunks + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def take_rows(x: np.ndarray, dims: tuple, batch: int, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of every batch half: dim 0 `B` -> x[start:stop]; `2B` -> both halves' rows; static: x."""
+    if not dims or dims[0] not in ("B", "2B"):
+        return x
+    if dims[0] == "B":
+        return x[start:stop]
+    return np.concatenate([x[start:stop], x[batch + start:batch + stop]])
+
+
+def put_rows(parts: list[np.ndarray], dims: tuple) -> np.ndarray:
+    """Inverse of take_rows over all chunks, for an output."""
+    if dims[0] == "2B":
+        halves = [np.split(p, 2) for p in parts]
+        return np.concatenate([h[0] for h in halves] + [h[1] for h in halves])
+    return np.concatenate(parts)
+
+
+def _numpy(x, dtype: str) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    return np.ascontiguousarray(np.asarray(x, dtype=np.dtype(dtype)))
+
+
+class OvComponent:
+    """One ONNX graph + its spec: `__call__(**inputs)` -> first output as a torch tensor (a copy)."""
+
+    def __init__(self, core, path: Path, spec, streams: int, precision: str):
+        self.core, self.spec, self.streams, self.precision = core, spec, streams, precision
+        self.model = core.read_model(str(path))
+        self.input_names = [p.get_any_name() for p in self.model.inputs]
+        self.compiled: dict[tuple, list] = {}
+
+    def requests(self, chunks: list[dict[str, np.ndarray]]) -> list:
+        """One infer request per chunk, from a model compiled for exactly the chunks' shapes (on first use)."""
+        key = tuple(tuple(chunk[name].shape for name in self.input_names) for chunk in chunks)
+        if key not in self.compiled:
+            model = self.model.clone()
+            model.reshape({name: list(chunks[0][name].shape) for name in self.input_names})
+            compiled = self.core.compile_model(model, "CPU", compile_config(len(chunks), self.precision))
+            self.compiled[key] = [compiled.create_infer_request() for _ in chunks]
+        return self.compiled[key]
+
+    def __call__(self, **inputs) -> torch.Tensor:
+        arrays = {name: _numpy(inputs[name], self.spec.dtype(name)) for name in self.input_names}
+        batch = self.batch_of(arrays)
+        dims = {t.name: t.dims for t in self.spec.inputs}
+        bounds = chunk_bounds(batch, self.streams)
+        if len({stop - start for start, stop in bounds}) > 1:  # unequal chunks: one shape per compile, so run whole
+            bounds = [(0, batch)]
+        chunks = [{n: take_rows(a, dims[n], batch, *b) for n, a in arrays.items()} for b in bounds]
+        reqs = self.requests(chunks)
+        for req, chunk in zip(reqs, chunks):
+            req.start_async(chunk)
+        for req in reqs:
+            req.wait()
+        parts = [req.get_output_tensor(0).data.copy() for req in reqs]
+        return torch.from_numpy(put_rows(parts, self.spec.outputs[0].dims) if len(parts) > 1 else parts[0])
+
+    def batch_of(self, arrays: dict[str, np.ndarray]) -> int:
+        first = self.spec.inputs[0]
+        size = arrays[first.name].shape[0]
+        return size // 2 if first.dims[0] == "2B" else size
+
+
+class OvRuntime:
+    """The `Runtime` protocol on OpenVINO CPU compiled models built from an export folder alone."""
+
+    name = "openvino"
+
+    def __init__(self, export_dir: str | Path, threads: int | None = None, precision: str = "fp32",
+                 verify: bool = True):
+        import openvino as ov
+
+        from .onnxruntime_backend import _tokenizer
+
+        export_dir = Path(export_dir)
+        self.manifest = read_manifest(export_dir, verify=verify)
+        if self.manifest.get("precision", "fp32") != "fp32":
+            raise InvdiffError(f"--export {export_dir}: the openvino backend needs an fp32 export (bf16 is a "
+                               "compile option: --precision bf16); re-run `invdiff export --precision fp32`")
+        self.device = torch.device("cpu")
+        self.cfg = bool(self.manifest.get("cfg", True))
+        # fp32/fp16 name an export's precision (the export decides, as on onnxruntime); only bf16 changes kernels
+        self.precision = precision = "bf16" if precision == "bf16" else "fp32"
+        self.latent_shape = tuple(self.manifest["latent_shape"])
+        self.scheduler_config = self.manifest["scheduler_config"]
+        core, streams = ov.Core(), default_streams(threads)
+        compile_config(streams, precision)  # refuses an unknown precision before anything compiles
+        self.components = {name: OvComponent(core, export_dir / entry["file"], component_spec(self.manifest, name),
+                                             streams, precision)
+                           for name, entry in self.manifest["components"].items()}
+        self.tokenizer = _tokenizer(export_dir)
+
+    def _component(self, name: str) -> OvComponent:
+        if name not in self.components:
+            raise InvdiffError(f"--export: {name}.onnx is not in this export; re-run `invdiff export`")
+        return self.components[name]
+
+    def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
+        ids = self.tokenizer(list(prompts), padding="max_length", truncation=True,
+                             max_length=self.tokenizer.model_max_length, return_tensors="np").input_ids
+        return self._component("text_encoder")(input_ids=ids)
+
+    def denoise_step(self, sample, timestep, text_embeddings, guidance_scale: float, adapter_weight: float):
+        timestep = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1).expand(sample.shape[0])
+        return self._component("denoiser")(sample=sample, timestep=timestep, text_embeddings=text_embeddings,
+                                           guidance_scale=float(guidance_scale),
+                                           adapter_weight=float(adapter_weight))
+
+    def decode(self, latents) -> torch.Tensor:
+        return self._component("vae_decoder")(latents=latents).float()
