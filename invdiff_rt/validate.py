@@ -75,6 +75,18 @@ def _refit_modes():
     return REFIT_MODES
 
 
+def _peers():
+    from .peers import PEERS
+
+    return sorted(PEERS)
+
+
+def _variants():
+    from .models.sd import VARIANTS
+
+    return sorted(VARIANTS)
+
+
 def _fixed(*values: str) -> Callable[[], Sequence[str]]:
     return lambda: values
 
@@ -114,6 +126,12 @@ RULES: dict[str, Rule] = {
     "--backend": Rule(choices=_backends_auto),
     "--backends": Rule(choices=_backends, comma=True),
     "--batch-sizes": Rule(min=1, comma=True),
+    "--peers": Rule(choices=_peers, comma=True),
+    "--peers-python": Rule(path="file"),
+    "--rounds": Rule(min=1),
+    "--height": Rule(min=8),
+    "--width": Rule(min=8),
+    "--variant": Rule(choices=_variants),
     "groups --recipe": Rule(choices=_fixed("invdiff-rt", "paper", "erm")),  # erm: refused with a hint below
     "train --recipe": Rule(choices=_fixed("invdiff-rt", "paper", "erm")),
     "--strip": Rule(choices=_strip_modes),

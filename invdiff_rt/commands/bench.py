@@ -25,7 +25,7 @@ def bench(
                                                "adapter (default: exported on the fly for the overhead pair)."),
     backends: str = typer.Option("torch,onnxruntime", "--backends", help="Comma-separated: torch, onnxruntime, "
                                  "openvino, tensorrt (the eager baseline always runs)."),
-    peers: str = typer.Option("", "--peers", help="Comma-separated peers timed alongside: optimum-ort, openvino "
+    peers: Optional[str] = typer.Option(None, "--peers", help="Comma-separated peers timed alongside: optimum-ort, openvino "
                               "(needs the [peers] extra; skipped with one line without it)."),
     peers_python: Optional[Path] = typer.Option(None, "--peers-python", help="Python of a venv with the [peers] "
                                                 "extra, for the peer workers (default: this one)."),
@@ -58,7 +58,7 @@ def bench(
         base_export=str(base_export) if base_export else None,
         steps=steps, warmup=warmup, repeats=repeats, threads=threads, precision=precision, scheduler=scheduler,
         guidance_scale=guidance_scale, adapter_weight=adapter_weight, engines=str(engines), rounds=rounds,
-        eager=eager, peers=b.parse_list(peers, "--peers"), peers_python=str(peers_python) if peers_python else None,
+        eager=eager, peers=b.parse_list(peers, "--peers") if peers else [], peers_python=str(peers_python) if peers_python else None,
         latent_shape=list(shape) if shape else None,
     ).check()
     console = Console()
