@@ -106,6 +106,15 @@ def test_check_cli_exits_1_on_a_failed_threshold(exported, tmp_path, monkeypatch
     assert json.loads(out.read_text())["passed"] is False
 
 
+def test_auto_skips_openvino_for_fp16_exports(tmp_path):
+    """openvino runs fp32 exports only: `auto` falls through to onnxruntime for an fp16 export on a CPU machine."""
+    (tmp_path / "manifest.json").write_text('{"precision": "fp16"}')
+    if not torch.cuda.is_available():
+        assert backends.resolve_backend("auto", export_dir=tmp_path) == "onnxruntime"
+        (tmp_path / "manifest.json").write_text('{"precision": "fp32"}')
+        assert backends.resolve_backend("auto", export_dir=tmp_path) == "openvino"
+
+
 @pytest.mark.parametrize("export_backend", ["onnxruntime", "openvino", "auto"])
 def test_generate_export_backends_and_torch_images_within_one_level(exported, tmp_path, export_backend):
     """The acceptance bar of `invdiff generate`: same seed, --backend onnxruntime / openvino / auto (openvino on a

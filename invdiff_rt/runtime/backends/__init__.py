@@ -65,7 +65,20 @@ def resolve_backend(name: str, export_dir=None, model=None) -> str:
 def _usable_inputs(name: str, export_dir, model) -> bool:
     if export_dir is None and model is None:
         return True
+    if name == "openvino" and export_dir is not None:
+        return _export_precision(export_dir) == "fp32"  # fp16 exports are for GPUs; onnxruntime runs them on CPU
     return export_dir is not None if name in NEEDS_EXPORT else model is not None
+
+
+def _export_precision(export_dir) -> str:
+    """The export's precision; a folder without a manifest counts as fp32 (loading it reports what is wrong)."""
+    from pathlib import Path
+
+    from ...artifacts import read_json
+    from ...export.manifest import MANIFEST_NAME
+
+    path = Path(export_dir) / MANIFEST_NAME
+    return read_json(path, "export manifest").get("precision", "fp32") if path.is_file() else "fp32"
 
 
 def load_runtime(backend: str, *, model=None, adapter=None, export_dir=None, precision: str = "fp32",
