@@ -162,7 +162,11 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), console: Console |
     adapter = stages.run("adapter", {**base, "groups": groups["fingerprint"], "steps": cfg.train_steps,
                                      "seed": cfg.seed},
                          lambda f: _adapter(f, model, data["path"], groups["prefix"], cfg))
-    weight = float(adapter["manifest"].get("recommended_weight", 1.0))
+    from .method.calibrate import recorded_weight
+    from .runtime.sampling import DEFAULT_GUIDANCE
+
+    weight, how = recorded_weight(adapter["manifest"], DEFAULT_GUIDANCE)
+    console.print(f"adapter weight {weight:g}: {how}", highlight=False)
     # "outputs" names the folders the stage writes: a record from before it also wrote onnx-base is not reused
     export = stages.run("export", {**base, "adapter": adapter["fingerprint"], "outputs": ["onnx", "onnx-base"]},
                         lambda f: _export(f, model, adapter["path"]))
@@ -182,7 +186,8 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), console: Console |
     bench = stages.run("bench", {"export": with_adapter.get("files"), "base": without["files"],
                                  "cfg": asdict(cfg)},
                        lambda f: _bench(f, export, str(model.path), adapter["path"], cfg))
-    report = write_report(out, cfg, data, groups, adapter, generated, before, after, bench, stages.timings)
+    report = write_report(out, cfg, data, groups, adapter, generated, before, after, bench, stages.timings,
+                          (weight, how))
     print_summary(console, before, after, bench, weight, stages.timings)
     return report
 
@@ -250,14 +255,15 @@ def bias_chart(path: Path, before: dict, after: dict) -> Path:
 
 
 def write_report(out: Path, cfg: DemoConfig, data, groups, adapter, generated, before, after, bench,
-                 timings) -> Path:
+                 timings, weight: tuple[float, str] = (1.0, "")) -> Path:
     bias_chart(out / "bias_per_prompt.png", before, after)
     diag = groups["meta"].get("diagnostics", {})
     lines = [f"# invdiff demo report ({BENCHMARK})", "",
              f"Config: `{asdict(cfg)}`", "", "## Bias before / after", "",
              "| metric | base | debiased |", "|---|---|---|"]
     lines += [f"| {label} | {_fmt(before.get(k))} | {_fmt(after.get(k))} |" for k, label in _ROWS]
-    lines += ["", f"Noise floor 0.8/sqrt(N) = {before.get('noise_floor')}.", "",
+    lines += ["", f"Adapter weight **{weight[0]:g}**: {weight[1]}.",
+              "", f"Noise floor 0.8/sqrt(N) = {before.get('noise_floor')}.", "",
               "![bias per prompt](bias_per_prompt.png)", "",
               "Base samples (rows = prompts):", "", "![base](eval-base/grid.png)", "",
               "Debiased samples:", "", "![debiased](eval-debiased/grid.png)", "",

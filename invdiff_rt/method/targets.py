@@ -48,15 +48,31 @@ def draw_timesteps(probs: torch.Tensor, n: int, generator: torch.Generator) -> t
 
 
 def _posterior_means(x_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, latents: torch.Tensor,
-                     allowed: torch.Tensor, log_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """E_1[x0 | x_t] and E_s[x0 | x_t] over the allowed training latents: two [B, D] tensors (D = C*h*w)."""
+                     log_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """E_1[x0 | x_t] and E_s[x0 | x_t] over `latents`: two [B, D] tensors (D = C*h*w), in float64."""
     flat = latents.flatten(1).double()
     x = x_t.flatten(1).double()
     a, s2 = alpha.double()[:, None], sigma.double().pow(2)[:, None]
     dist = (x.pow(2).sum(1, keepdim=True) - 2 * a * (x @ flat.T) + a.pow(2) * flat.pow(2).sum(1)[None])
-    logits = (-dist / (2 * s2)).masked_fill(~allowed, float("-inf"))
+    logits = -dist / (2 * s2)
     plain = torch.softmax(logits, dim=1) @ flat
     weighted = torch.softmax(logits + log_s.double()[None], dim=1) @ flat
+    return plain, weighted
+
+
+def _per_prompt_means(x_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, prompt: torch.Tensor,
+                      latents: torch.Tensor, prompt_ids: torch.Tensor,
+                      sampling: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_posterior_means` of each row over its own prompt's latents (every latent for prompt -1, a dropped caption)."""
+    n = x_t.shape[0]
+    plain = torch.empty(n, latents[0].numel(), dtype=torch.float64)
+    weighted = torch.empty_like(plain)
+    log_s = sampling.clamp_min(1e-12).log()
+    for p in prompt.unique().tolist():
+        rows = prompt == p
+        cand = torch.ones_like(prompt_ids, dtype=torch.bool) if p < 0 else prompt_ids == p
+        plain[rows], weighted[rows] = _posterior_means(x_t[rows], alpha[rows], sigma[rows], latents[cand],
+                                                       log_s[cand])
     return plain, weighted
 
 
@@ -65,8 +81,7 @@ def posterior_shift(x_t: torch.Tensor, t: torch.Tensor, prompt: torch.Tensor, la
     """delta* [B,C,h,w] for a batch; `prompt` [B] holds each row's prompt id, or -1 for a dropped caption."""
     abar = alphas_cumprod[t].double()
     alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
-    allowed = (prompt_ids[None, :] == prompt[:, None]) | (prompt[:, None] < 0)
-    plain, weighted = _posterior_means(x_t, alpha, sigma, latents, allowed, sampling.clamp_min(1e-12).log())
+    plain, weighted = _per_prompt_means(x_t, alpha, sigma, prompt, latents, prompt_ids, sampling)
     shift = -(alpha / sigma)[:, None] * (weighted - plain)
     return shift.reshape(x_t.shape).float()
 
@@ -76,7 +91,6 @@ def posterior_eps(x_t: torch.Tensor, t: torch.Tensor, prompt: torch.Tensor, late
     """eps_s(x_t) [B,C,h,w]: the empirical denoiser of the sampler-weighted training latents (`rb` target)."""
     abar = alphas_cumprod[t].double()
     alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
-    allowed = (prompt_ids[None, :] == prompt[:, None]) | (prompt[:, None] < 0)
-    _, weighted = _posterior_means(x_t, alpha, sigma, latents, allowed, sampling.clamp_min(1e-12).log())
+    _, weighted = _per_prompt_means(x_t, alpha, sigma, prompt, latents, prompt_ids, sampling)
     eps = (x_t.flatten(1).double() - alpha[:, None] * weighted) / sigma[:, None]
     return eps.reshape(x_t.shape).float()
