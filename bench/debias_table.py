@@ -46,8 +46,9 @@ def train_step(a, name: str, extra: list[str]) -> Path:
     while Path(f"{out}.ckpt").exists() and time.time() - Path(f"{out}.ckpt").stat().st_mtime < 600:
         time.sleep(10)  # another run of this script is training it
     if not (out / "adapter.json").exists():
-        run(["train", "--model", a.model, "--data", str(a.data), "--out", str(out), "--threads", "1",
-             "--steps", str(a.steps), *extra], a.out / "logs" / f"train-{name}.log")
+        steps = [] if a.steps is None else ["--steps", str(a.steps)]
+        run(["train", "--model", a.model, "--data", str(a.data), "--out", str(out), "--threads", "1", *steps,
+             *extra], a.out / "logs" / f"train-{name}.log")
     return out
 
 
@@ -160,7 +161,7 @@ def main() -> None:
     p.add_argument("--per-prompt", type=int, default=128)
     p.add_argument("--sweep-per-prompt", type=int, default=64, help="N of the weight sweep (0: no sweep)")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--steps", type=int, default=None, help="adapter steps (default: each recipe's)")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--guidance-scale", type=float, default=None, help="CFG scale of every evaluation (default: "
                    "the sampler's)")

@@ -33,12 +33,12 @@ RULE = "contrast-flag-rate"
 @dataclass(frozen=True)
 class CalibrateConfig:
     guidance_scales: tuple[float, ...] = (3.0,)
-    per_prompt: int = 24  # generated samples per prompt at each tried weight
-    reference_per_prompt: int = 96  # uniform training subset per prompt (median / MAD and the majority's rate)
+    per_prompt: int = 16  # generated samples per prompt at each tried weight
+    reference_per_prompt: int = 64  # uniform training subset per prompt (median / MAD and the majority's rate)
     steps: int = 25  # DDIM steps of the calibration samples
     seed: int = 1000  # sampling and scoring seed (the evaluation uses its own)
     max_weight: float = 4.0
-    max_evals: int = 4  # weights tried per CFG scale
+    max_evals: int = 3  # weights tried per CFG scale (a linear bracket, then one refinement)
     batch_size: int = 128
 
 

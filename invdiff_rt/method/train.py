@@ -31,10 +31,11 @@ RECIPE_DEFAULTS = {
     # fidelity 0.910 with lambda 0 and 0.815 at fidelity 0.580 with lambda 1 (scale-aware variance); the JTT-style
     # sampling does the debiasing. w = 2: the sweep 0.5-2 is monotone and w = 3 overshoots (README, debiasing table)
     "invdiff-rt": {"lam": 0.0, "scale_aware": True, "recommended_weight": 1.0, "t_sampling": "snr",
-                   "target": "posterior"},
+                   "target": "rb", "steps": 1000},
     "paper": {"lam": 1.0, "scale_aware": False, "recommended_weight": 1.6, "t_sampling": "uniform",
-              "target": "noise"},
-    "erm": {"lam": 0.0, "scale_aware": True, "recommended_weight": 1.0, "t_sampling": "uniform", "target": "noise"},
+              "target": "noise", "steps": 2000},
+    "erm": {"lam": 0.0, "scale_aware": True, "recommended_weight": 1.0, "t_sampling": "uniform", "target": "noise",
+            "steps": 2000},
 }
 
 
@@ -42,7 +43,7 @@ RECIPE_DEFAULTS = {
 class TrainConfig:
     recipe: str = "invdiff-rt"
     lam: float | None = None  # None: the recipe's default
-    steps: int = 2000
+    steps: int | None = None  # None: the recipe's
     lr: float = 3e-3
     batch_size: int = 32  # per process
     seed: int = 0
@@ -62,7 +63,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         defaults = {**RECIPE_DEFAULTS["paper"], **RECIPE_DEFAULTS.get(self.recipe, {})}
-        for name in ("t_sampling", "target"):
+        for name in ("t_sampling", "target", "steps"):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, defaults[name])
         if self.eps_base_input is None:  # the posterior target needs no base prediction; the others read it
