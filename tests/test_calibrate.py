@@ -174,6 +174,6 @@ def test_generate_without_weight_uses_recorded_weight(trained, tmp_path):
     r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "a")])
     assert r.exit_code == 0, r.output
     assert "adapter weight 0.37: calibrated label-free" in r.output
-    assert json.loads((tmp_path / "a" / "run.json").read_text())["adapter_weight"] == 0.37
+    assert json.loads((tmp_path / "a" / "run.json").read_text())["settings"]["adapter_weight"] == 0.37
     r = CliRunner().invoke(app, [*args, "--adapter-weight", "0", "--out", str(tmp_path / "b")])
-    assert r.exit_code == 0 and json.loads((tmp_path / "b" / "run.json").read_text())["adapter_weight"] == 0.0
+    assert r.exit_code == 0 and json.loads((tmp_path / "b" / "run.json").read_text())["settings"]["adapter_weight"] == 0.0
