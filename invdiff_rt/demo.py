@@ -29,6 +29,7 @@ class DemoConfig:
     per_prompt: int = 32          # eval images per prompt (noise floor 0.8/sqrt(N))
     generate_per_prompt: int = 4  # images per prompt written by `generate`
     train_steps: int = 1000       # the invdiff-rt recipe's default (README, debiasing table)
+    calibrate_per_prompt: int = 16  # samples per prompt per tried weight of the label-free weight rule
     seed: int = 0
     bench_batch_sizes: tuple[int, ...] = (1, 8)
     bench_steps: int = 10
@@ -83,7 +84,8 @@ def _adapter(folder: Path, model, data: str, groups_prefix: str, cfg: DemoConfig
     from .method.train import TrainConfig, train_adapter
 
     out = train_adapter(model, data, load_groups(groups_prefix), folder / "adapter",
-                        TrainConfig(steps=cfg.train_steps, seed=cfg.seed))
+                        TrainConfig(steps=cfg.train_steps, seed=cfg.seed,
+                                    calibrate_per_prompt=cfg.calibrate_per_prompt))
     return {"path": str(out), "fingerprint": adapter_fingerprint(out), "manifest": read_adapter_manifest(out)}
 
 
@@ -160,6 +162,7 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), console: Console |
     base = {"model": model.fingerprint, "data": data["fingerprint"]}
     groups = stages.run("groups", {**base, "seed": cfg.seed}, lambda f: _groups(f, model, data["path"], cfg))
     adapter = stages.run("adapter", {**base, "groups": groups["fingerprint"], "steps": cfg.train_steps,
+                                     "calibrate_per_prompt": cfg.calibrate_per_prompt,
                                      "seed": cfg.seed},
                          lambda f: _adapter(f, model, data["path"], groups["prefix"], cfg))
     from .method.calibrate import recorded_weight

@@ -60,6 +60,7 @@ class TrainConfig:
     eps_base_input: bool | None = None  # the adapter reads the frozen UNet's prediction; None: the recipe's
     calibrate: bool = True  # invdiff-rt with inferred groups: pick the weight label-free (calibrate.py)
     calibrate_scales: tuple[float, ...] = (3.0,)  # CFG scales the weight is calibrated for
+    calibrate_per_prompt: int = 16  # generated samples per prompt at each tried weight
 
     def __post_init__(self) -> None:
         defaults = {**RECIPE_DEFAULTS["paper"], **RECIPE_DEFAULTS.get(self.recipe, {})}
@@ -300,7 +301,8 @@ def _calibrate(model, out_dir: Path, inputs, groups, config: TrainConfig) -> Non
     from .calibrate import CalibrateConfig, calibrate_adapter, calibrates
 
     if config.calibrate and not config.oracle_column and calibrates(config.recipe, groups):
-        calibrate_adapter(model, out_dir, inputs, groups, CalibrateConfig(guidance_scales=config.calibrate_scales))
+        calibrate_adapter(model, out_dir, inputs, groups, CalibrateConfig(guidance_scales=config.calibrate_scales,
+                                                                          per_prompt=config.calibrate_per_prompt))
 
 
 def train_adapter(model, data_dir: str | Path, groups: GroupsResult | None, out_dir: str | Path,
