@@ -112,6 +112,12 @@ def train(
         group_result = load_groups(groups_prefix)
     path = train_adapter(load_model(model), data, group_result, out, config)
     typer.echo(f"adapter written to {path}")
+    from ..method.adapter import read_adapter_manifest
+    from ..method.calibrate import recorded_weight
+    from ..runtime.defaults import DEFAULT_GUIDANCE
+
+    weight, how = recorded_weight(read_adapter_manifest(path), DEFAULT_GUIDANCE)
+    typer.echo(f"adapter weight at CFG {DEFAULT_GUIDANCE:g}: {weight:g} ({how})")
 
 
 def calibrate(
