@@ -177,3 +177,18 @@ def test_generate_without_weight_uses_recorded_weight(trained, tmp_path):
     assert json.loads((tmp_path / "a" / "run.json").read_text())["settings"]["adapter_weight"] == 0.37
     r = CliRunner().invoke(app, [*args, "--adapter-weight", "0", "--out", str(tmp_path / "b")])
     assert r.exit_code == 0 and json.loads((tmp_path / "b" / "run.json").read_text())["settings"]["adapter_weight"] == 0.0
+
+
+def test_step_loss_regresses_the_shift_or_the_denoiser():
+    from invdiff_rt.method.adapter import AdapterConfig, GuidanceAdapter
+    from invdiff_rt.method.train import Batch, _step_loss
+
+    adapter = GuidanceAdapter(AdapterConfig(in_channels=4, cross_attention_dim=8, width=8, depth=1, time_dim=8))
+    g = torch.Generator().manual_seed(0)
+    x, target, eps = (torch.randn(2, 4, 2, 2, generator=g) for _ in range(3))
+    batch = Batch(torch.arange(2), x, torch.tensor([10, 900]), torch.randn(2, 3, 8, generator=g), x,
+                  torch.ones(2, 1), target)
+    shift = _step_loss(adapter, batch, eps, 0.0, True, "cpu", shift=True)  # zero-init: delta = 0
+    assert torch.allclose(shift.loss, target.pow(2).flatten(1).mean(1).mean())
+    rb = _step_loss(adapter, batch, eps, 0.0, True, "cpu")
+    assert torch.allclose(rb.loss, (eps - target).pow(2).flatten(1).mean(1).mean())

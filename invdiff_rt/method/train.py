@@ -58,7 +58,7 @@ class TrainConfig:
     oracle_column: str | None = None
     show_progress: bool = True
     t_sampling: str | None = None  # uniform | snr (targets.py); None: the recipe's
-    target: str | None = None  # noise | posterior (targets.py); None: the recipe's
+    target: str | None = None  # noise | posterior | rb (targets.py); None: the recipe's
     eps_base_input: bool | None = None  # the adapter reads the frozen UNet's prediction; None: the recipe's
     calibrate: bool = True  # invdiff-rt with inferred groups: pick the weight label-free (calibrate.py)
     calibrate_scales: tuple[float, ...] = (3.0,)  # CFG scales the weight is calibrated for
@@ -129,7 +129,7 @@ class Batch:
     text: torch.Tensor
     noise: torch.Tensor
     group_weights: torch.Tensor
-    target: torch.Tensor | None = None  # the posterior shift delta* (target "posterior"), else None
+    target: torch.Tensor | None = None  # posterior: the shift delta*; rb: eps_s(x_t); noise: None (targets.py)
 
 
 def draw_batch(inputs, grouping: Grouping, scheduler, config: TrainConfig, rank: int, step: int) -> Batch:
@@ -179,10 +179,12 @@ def base_predictions(unet, batches: list[Batch], device) -> list[torch.Tensor]:
     return map_batches(lambda i: base_prediction(unet, batches[i], device), range(len(batches)), device)
 
 
-def _step_loss(adapter, batch: Batch, eps_base: torch.Tensor, lam: float, scale_aware: bool, device):
+def _step_loss(adapter, batch: Batch, eps_base: torch.Tensor | None, lam: float, scale_aware: bool, device,
+               shift: bool = False):
+    """`shift`: delta regresses batch.target itself (target "posterior"); else eps_base + delta regresses it."""
     x_t, t, text = batch.sample.to(device), batch.timestep.to(device), batch.text.to(device)
     delta = adapter(x_t, t.float(), text, eps_base if eps_base is not None else x_t)
-    if eps_base is None:  # target "posterior": delta regresses the shift itself
+    if shift:
         losses = per_sample_loss(delta, batch.target.to(device))
     else:  # "noise", or "rb" (the noise Rao-Blackwellised out)
         target = batch.noise if batch.target is None else batch.target
@@ -256,7 +258,8 @@ def _train_step(accelerator, run: _Run, config: TrainConfig, step: int, first: b
     """One optimizer step on `prepared` = (this step's batch, the frozen UNet's prediction on it)."""
     scale_aware = RECIPE_DEFAULTS[config.recipe]["scale_aware"]
     batch, eps_base = prepared
-    terms = _step_loss(run.adapter, batch, eps_base, config.lam_value, scale_aware, accelerator.device)
+    terms = _step_loss(run.adapter, batch, eps_base, config.lam_value, scale_aware, accelerator.device,
+                       shift=config.target == "posterior")
     run.optimizer.zero_grad(set_to_none=True)
     accelerator.backward(terms.loss)
     if first:
