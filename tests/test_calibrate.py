@@ -137,7 +137,7 @@ def test_calibrate_on_tiny_model_golden(trained):
     from invdiff_rt.method.cache import base_inputs
 
     model, data, groups, out = trained
-    config = cal.CalibrateConfig(per_prompt=4, reference_per_prompt=10, steps=3, batch_size=16)
+    config = cal.CalibrateConfig(per_prompt=4, min_samples=0, reference_per_prompt=10, steps=3, batch_size=16)
     record = cal.calibrate_adapter(model, out, base_inputs(model, data), groups, config)
     row = record["by_guidance_scale"]["3"]
     assert record["rule"] == cal.RULE and 0 <= record["target_rate"] <= 1
@@ -192,3 +192,9 @@ def test_step_loss_regresses_the_shift_or_the_denoiser():
     assert torch.allclose(shift.loss, target.pow(2).flatten(1).mean(1).mean())
     rb = _step_loss(adapter, batch, eps, 0.0, True, "cpu")
     assert torch.allclose(rb.loss, (eps - target).pow(2).flatten(1).mean(1).mean())
+
+
+def test_samples_per_prompt_reaches_the_minimum():
+    config = cal.CalibrateConfig(per_prompt=16, min_samples=160)
+    assert cal.samples_per_prompt(config, 10) == 16 and cal.samples_per_prompt(config, 2) == 80
+    assert cal.samples_per_prompt(config, 3) == 54

@@ -34,6 +34,7 @@ RULE = "contrast-flag-rate"
 class CalibrateConfig:
     guidance_scales: tuple[float, ...] = (3.0,)
     per_prompt: int = 16  # generated samples per prompt at each tried weight
+    min_samples: int = 160  # ... raised so that every tried weight sees at least this many (few-prompt datasets)
     reference_per_prompt: int = 64  # uniform training subset per prompt (median / MAD and the majority's rate)
     steps: int = 25  # DDIM steps of the calibration samples
     seed: int = 1000  # sampling and scoring seed (the evaluation uses its own)
@@ -150,11 +151,18 @@ def sample_latents(model, adapter, prompts: list[str], per_prompt: int, seed: in
     return torch.cat(out)
 
 
+def samples_per_prompt(config: CalibrateConfig, n_prompts: int) -> int:
+    """`per_prompt`, raised to reach `min_samples` in all (shapes-habitats has 2 prompts: 16 each gave a flag
+    rate in steps of 1/32 and a weight of 2.5 that reversed the bias; 80 each gave 1.86)."""
+    return max(config.per_prompt, -(-config.min_samples // max(n_prompts, 1)))
+
+
 def flag_rate(detector: Detector, model, adapter, inputs, config: CalibrateConfig, guidance_scale: float,
               weight: float) -> float:
-    latents = sample_latents(model, adapter, inputs.prompts, config.per_prompt, config.seed, config.steps,
+    n = samples_per_prompt(config, len(inputs.prompts))
+    latents = sample_latents(model, adapter, inputs.prompts, n, config.seed, config.steps,
                              guidance_scale, weight, config.batch_size)
-    pids = torch.arange(len(inputs.prompts)).repeat_interleave(config.per_prompt)
+    pids = torch.arange(len(inputs.prompts)).repeat_interleave(n)
     scores = detector.log_score(latents, pids, config.seed + 1, config.batch_size)
     return float(detector.flags(scores, pids).double().mean())
 
@@ -205,7 +213,7 @@ def calibrate(model, adapter, inputs, groups, config: CalibrateConfig = Calibrat
                                       target, config)
         table[f"{scale:g}"] = {"weight": weight, "tried": [[w, round(r, 4)] for w, r in tried]}
     return {"rule": RULE, "target_rate": round(target, 4), "by_guidance_scale": table,
-            "per_prompt": config.per_prompt, "seed": config.seed, "steps": config.steps,
+            "per_prompt": samples_per_prompt(config, len(inputs.prompts)), "seed": config.seed, "steps": config.steps,
             "seconds": round(time.perf_counter() - start, 2)}
 
 
