@@ -46,13 +46,15 @@ def train_step(a, name: str, extra: list[str]) -> Path:
     while Path(f"{out}.ckpt").exists() and time.time() - Path(f"{out}.ckpt").stat().st_mtime < 600:
         time.sleep(10)  # another run of this script is training it
     if not (out / "adapter.json").exists():
-        run(["train", "--model", a.model, "--data", str(a.data), "--out", str(out), "--threads", "1",
-             "--steps", str(a.steps), *extra], a.out / "logs" / f"train-{name}.log")
+        steps = [] if a.steps is None else ["--steps", str(a.steps)]
+        run(["train", "--model", a.model, "--data", str(a.data), "--out", str(out), "--threads", "1", *steps,
+             *extra], a.out / "logs" / f"train-{name}.log")
     return out
 
 
 def eval_step(a, name: str, adapter: Path | None, weight: float | None, n: int) -> dict:
-    tag = name if weight is None else f"{name}@{weight:g}"
+    """weight None with an adapter: the weight recorded with it (label-free calibration or the recipe's default)."""
+    tag = name if adapter is None else f"{name}@{'rec' if weight is None else f'{weight:g}'}"
     out = a.out / "evals" / f"{tag}.json"
     if not out.exists():
         cmd = ["eval", "--model", a.model, "--data", str(a.data), "--attribute", a.attribute, "--per-prompt",
@@ -60,9 +62,12 @@ def eval_step(a, name: str, adapter: Path | None, weight: float | None, n: int) 
         if a.guidance_scale is not None:
             cmd += ["--guidance-scale", str(a.guidance_scale)]
         if adapter is not None:
-            cmd += ["--adapter", str(adapter), "--adapter-weight", str(weight)]
+            cmd += ["--adapter", str(adapter)] + ([] if weight is None else ["--adapter-weight", str(weight)])
         run(cmd, a.out / "logs" / f"eval-{tag}.log")
-    return {"name": name, "weight": weight, **json.loads(out.read_text())}
+    report = json.loads(out.read_text())
+    return {"name": name, "weight": report["settings"].get("adapter_weight") if adapter is not None else None,
+            "tag": tag.split("@")[1] if "@" in tag else None, "weight_chosen_by": report.get("adapter_weight_chosen_by"),
+            **report}
 
 
 def adapter_runs(a) -> dict[str, list[str]]:
@@ -74,7 +79,8 @@ def adapter_runs(a) -> dict[str, list[str]]:
     for s in range(a.seeds):
         runs[f"default-s{s}"] = ["--groups", rt, "--seed", str(s)]
         runs[f"oracle-s{s}"] = ["--groups", oracle, "--seed", str(s)]
-    return runs
+    only = [v for v in a.only.split(",") if v]
+    return {k: v for k, v in runs.items() if not only or any(k.startswith(o) for o in only)}
 
 
 COLS = ("bias", "bias_filtered", "majority_share", "fidelity", "fid")
@@ -89,6 +95,15 @@ def _stat(values: list[float]) -> str:
         return f"{mean:.3f}"
     sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
     return f"{mean:.3f} ± {sd:.3f}"
+
+
+def _spread(rows: list[dict]) -> str:
+    """Lowest and highest per-prompt majority share (each the mean over seeds)."""
+    shares = [[p["majority_share"] for p in r.get("per_prompt", {}).values()] for r in rows]
+    if not all(shares):
+        return "–"
+    lo, hi = (sum(f(s) for s in shares) / len(shares) for f in (min, max))
+    return f"{lo:.2f}–{hi:.2f}"
 
 
 def _group_cells(rows: list[dict], groups: dict, name: str, out: Path) -> tuple[str, str, str, str]:
@@ -108,22 +123,29 @@ def render(out: Path) -> str:
         data = json.loads((out / "table.json").read_text())
         rows, groups = data["rows"], data["groups"]
     else:  # a partial run: whatever evaluations and groups exist so far
-        rows = [{"name": f.stem.split("@")[0], "weight": float(f.stem.split("@")[1]) if "@" in f.stem else None,
-                 **json.loads(f.read_text())} for f in sorted((out / "evals").glob("*.json"))]
+        rows = [{"name": f.stem.split("@")[0], "tag": f.stem.split("@")[1] if "@" in f.stem else None,
+                 **(r := json.loads(f.read_text())), "weight": r["settings"].get("adapter_weight")}
+                for f in sorted((out / "evals").glob("*.json"))]
         groups = {f.stem: json.loads(f.read_text()) for f in (out / "groups").glob("*.json")}
     keyed: dict[tuple[str, float | None, int], list[dict]] = {}
     for r in rows:
         variant = r["name"].rsplit("-s", 1)[0] if r["name"].startswith(("default-s", "oracle-s")) else r["name"]
-        keyed.setdefault((variant, r["weight"], r["n_per_prompt"]), []).append(r)
-    head = ["variant", "w", "N", "seeds", *COLS, "group AUROC", "eff. minority weight", "adapter params",
+        keyed.setdefault((variant, r.get("tag"), r["n_per_prompt"]), []).append(r)
+    head = ["variant", "w", "N", "seeds", *COLS, "per-prompt majority share (min–max)", "group AUROC", "eff. minority weight", "adapter params",
             "train s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     order = ("base", "erm", "paper", "default", "default-lambda1", "oracle")
     label = {"default": "invdiff-rt (default, λ=0)", "default-lambda1": "invdiff-rt, λ=1", "oracle": "oracle groups"}
     rank = {v: i for i, v in enumerate(order)}
-    for (variant, weight, n), rs in sorted(keyed.items(), key=lambda kv: (rank.get(kv[0][0], 99), kv[0][1] or 0)):
-        cells = [_stat([r.get(c) for r in rs]) for c in COLS]
-        lines.append("| " + " | ".join([label.get(variant, variant), "–" if weight is None else f"{weight:g}", str(n), str(len(rs)),
+
+    def order_key(kv):
+        tag = kv[0][1]
+        return rank.get(kv[0][0], 99), -1.0 if tag in (None, "rec") else float(tag)
+
+    for (variant, tag, n), rs in sorted(keyed.items(), key=order_key):
+        weight = "–" if tag is None else _stat([r["weight"] for r in rs]) + (" (recorded)" if tag == "rec" else "")
+        cells = [_stat([r.get(c) for r in rs]) for c in COLS] + [_spread(rs)]
+        lines.append("| " + " | ".join([label.get(variant, variant), weight, str(n), str(len(rs)),
                                         *cells, *_group_cells(rs, groups, variant, out)]) + " |")
     text = "\n".join(lines) + "\n"
     (out / "table.md").write_text(text)
@@ -137,12 +159,14 @@ def main() -> None:
     p.add_argument("--attribute", required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--per-prompt", type=int, default=128)
-    p.add_argument("--sweep-per-prompt", type=int, default=64)
+    p.add_argument("--sweep-per-prompt", type=int, default=64, help="N of the weight sweep (0: no sweep)")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--steps", type=int, default=None, help="adapter steps (default: each recipe's)")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--guidance-scale", type=float, default=None, help="CFG scale of every evaluation (default: "
                    "the sampler's)")
+    p.add_argument("--only", default="", help="Comma-separated adapter-run prefixes to run (default: all), e.g. "
+                   "default,oracle")
     p.add_argument("--render", action="store_true", help="Only render OUT/table.md from OUT/table.json.")
     a = p.parse_args()
     if a.render:
@@ -151,21 +175,21 @@ def main() -> None:
     (a.out / "logs").mkdir(parents=True, exist_ok=True)
     # trainings share `--jobs` workers; evaluations run `--jobs` at a time beside them, as adapters finish
     with ThreadPoolExecutor(a.jobs) as pool, ThreadPoolExecutor(a.jobs) as eval_pool:
-        futures = [pool.submit(groups_step, a, "invdiff-rt", []), pool.submit(groups_step, a, "paper",
-                                                                              ["--recipe", "paper"]),
-                   pool.submit(groups_step, a, "oracle", ["--oracle-groups-from", a.attribute])]
+        futures = [pool.submit(groups_step, a, "invdiff-rt", []), pool.submit(groups_step, a, "oracle",
+                                                                              ["--oracle-groups-from", a.attribute])]
+        if "paper" in adapter_runs(a):
+            futures.append(pool.submit(groups_step, a, "paper", ["--recipe", "paper"]))
         evals = [eval_pool.submit(eval_step, a, "base", None, None, a.per_prompt)]
         [f.result() for f in futures]
         adapters = {name: pool.submit(train_step, a, name, extra) for name, extra in adapter_runs(a).items()}
         for name, fut in adapters.items():
             path = fut.result()
-            weight = json.loads((path / "adapter.json").read_text()).get("recommended_weight", 1.0)
-            evals.append(eval_pool.submit(eval_step, a, name, path, weight, a.per_prompt))
-            if name in ("default-s0", "oracle-s0"):  # the weight sweep on the first training seed
-                evals += [eval_pool.submit(eval_step, a, name, path, w, a.sweep_per_prompt)
-                          for w in SWEEP if w != weight]
+            evals.append(eval_pool.submit(eval_step, a, name, path, None, a.per_prompt))  # the recorded weight
+            if name in ("default-s0", "oracle-s0") and a.sweep_per_prompt:  # the sweep on the first seed
+                evals += [eval_pool.submit(eval_step, a, name, path, w, a.sweep_per_prompt) for w in SWEEP]
         rows = [f.result() for f in evals]
-    groups = {n: json.loads((a.out / "groups" / f"{n}.json").read_text()) for n in ("invdiff-rt", "paper", "oracle")}
+    groups = {n: json.loads(f.read_text()) for n in ("invdiff-rt", "paper", "oracle")
+              if (f := a.out / "groups" / f"{n}.json").exists()}
     (a.out / "table.json").write_text(json.dumps({"rows": rows, "groups": groups}, indent=2, default=str))
     print(render(a.out))
 

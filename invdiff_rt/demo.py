@@ -28,7 +28,8 @@ class DemoConfig:
     model: str = BENCHMARK        # built-in name or a diffusers directory trained on the benchmark
     per_prompt: int = 32          # eval images per prompt (noise floor 0.8/sqrt(N))
     generate_per_prompt: int = 4  # images per prompt written by `generate`
-    train_steps: int = 2000       # N=32, 5,500-step base: 0.963 -> 0.456 bias, 0.974 -> 0.555 filtered (README)
+    train_steps: int = 1000       # the invdiff-rt recipe's default (README, debiasing table)
+    calibrate_per_prompt: int = 16  # samples per prompt per tried weight of the label-free weight rule
     seed: int = 0
     bench_batch_sizes: tuple[int, ...] = (1, 8)
     bench_steps: int = 10
@@ -83,7 +84,8 @@ def _adapter(folder: Path, model, data: str, groups_prefix: str, cfg: DemoConfig
     from .method.train import TrainConfig, train_adapter
 
     out = train_adapter(model, data, load_groups(groups_prefix), folder / "adapter",
-                        TrainConfig(steps=cfg.train_steps, seed=cfg.seed))
+                        TrainConfig(steps=cfg.train_steps, seed=cfg.seed,
+                                    calibrate_per_prompt=cfg.calibrate_per_prompt))
     return {"path": str(out), "fingerprint": adapter_fingerprint(out), "manifest": read_adapter_manifest(out)}
 
 
@@ -160,9 +162,14 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), console: Console |
     base = {"model": model.fingerprint, "data": data["fingerprint"]}
     groups = stages.run("groups", {**base, "seed": cfg.seed}, lambda f: _groups(f, model, data["path"], cfg))
     adapter = stages.run("adapter", {**base, "groups": groups["fingerprint"], "steps": cfg.train_steps,
+                                     "calibrate_per_prompt": cfg.calibrate_per_prompt,
                                      "seed": cfg.seed},
                          lambda f: _adapter(f, model, data["path"], groups["prefix"], cfg))
-    weight = float(adapter["manifest"].get("recommended_weight", 1.0))
+    from .method.calibrate import recorded_weight
+    from .runtime.sampling import DEFAULT_GUIDANCE
+
+    weight, how = recorded_weight(adapter["manifest"], DEFAULT_GUIDANCE)
+    console.print(f"adapter weight {weight:g}: {how}", highlight=False)
     # "outputs" names the folders the stage writes: a record from before it also wrote onnx-base is not reused
     export = stages.run("export", {**base, "adapter": adapter["fingerprint"], "outputs": ["onnx", "onnx-base"]},
                         lambda f: _export(f, model, adapter["path"]))
@@ -182,7 +189,8 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), console: Console |
     bench = stages.run("bench", {"export": with_adapter.get("files"), "base": without["files"],
                                  "cfg": asdict(cfg)},
                        lambda f: _bench(f, export, str(model.path), adapter["path"], cfg))
-    report = write_report(out, cfg, data, groups, adapter, generated, before, after, bench, stages.timings)
+    report = write_report(out, cfg, data, groups, adapter, generated, before, after, bench, stages.timings,
+                          (weight, how))
     print_summary(console, before, after, bench, weight, stages.timings)
     return report
 
@@ -250,14 +258,15 @@ def bias_chart(path: Path, before: dict, after: dict) -> Path:
 
 
 def write_report(out: Path, cfg: DemoConfig, data, groups, adapter, generated, before, after, bench,
-                 timings) -> Path:
+                 timings, weight: tuple[float, str] = (1.0, "")) -> Path:
     bias_chart(out / "bias_per_prompt.png", before, after)
     diag = groups["meta"].get("diagnostics", {})
     lines = [f"# invdiff demo report ({BENCHMARK})", "",
              f"Config: `{asdict(cfg)}`", "", "## Bias before / after", "",
              "| metric | base | debiased |", "|---|---|---|"]
     lines += [f"| {label} | {_fmt(before.get(k))} | {_fmt(after.get(k))} |" for k, label in _ROWS]
-    lines += ["", f"Noise floor 0.8/sqrt(N) = {before.get('noise_floor')}.", "",
+    lines += ["", f"Adapter weight **{weight[0]:g}**: {weight[1]}.",
+              "", f"Noise floor 0.8/sqrt(N) = {before.get('noise_floor')}.", "",
               "![bias per prompt](bias_per_prompt.png)", "",
               "Base samples (rows = prompts):", "", "![base](eval-base/grid.png)", "",
               "Debiased samples:", "", "![debiased](eval-debiased/grid.png)", "",

@@ -13,11 +13,14 @@ def test_demo_end_to_end_smoke_and_stage_reuse(tmp_path, tiny_model_dir):
     from invdiff_rt.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(model=str(tiny_model_dir), per_prompt=2, generate_per_prompt=1, train_steps=2,
-                     bench_batch_sizes=(1,), bench_steps=2, bench_repeats=1, threads=1)
+                     bench_batch_sizes=(1,), bench_steps=2, bench_repeats=1, threads=1,
+                     calibrate_per_prompt=2)
     out = tmp_path / "demo"
     report = run_demo(out, cfg, console=Console(quiet=True))
     text = report.read_text()
     assert "| bias ↓ |" in text and "| onnxruntime | 1 |" in text
+    weight = json.loads((out / "adapter" / "adapter" / "adapter.json").read_text())["calibration"]
+    assert f"Adapter weight **{weight['by_guidance_scale']['3']['weight']:g}**: calibrated label-free" in text
     for name in ("bias_per_prompt.png", "eval-base/grid.png", "eval-debiased/grid.png", "bench/latency.png",
                  "bench/bench.json", "eval-debiased/eval.json"):
         assert (out / name).stat().st_size > 0, name

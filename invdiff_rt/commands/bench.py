@@ -40,7 +40,8 @@ def bench(
     precision: str = typer.Option("fp32", "--precision", help="fp32 or fp16."),
     scheduler: str = typer.Option("ddim", "--scheduler", help="ddim, dpm or euler."),
     guidance_scale: float = typer.Option(DEFAULT_GUIDANCE, "--guidance-scale", help="Classifier-free guidance scale."),
-    adapter_weight: float = typer.Option(1.0, "--adapter-weight", help="Weight of the adapter."),
+    adapter_weight: Optional[float] = typer.Option(
+        None, "--adapter-weight", help="Weight of the adapter (default: the weight recorded with it)."),
     engines: Path = typer.Option(Path("engines"), "--engines", help="TensorRT engine cache (with tensorrt)."),
     height: Optional[int] = typer.Option(None, "--height", help="Image height (default: the model's)."),
     width: Optional[int] = typer.Option(None, "--width", help="Image width (default: the model's)."),
@@ -49,19 +50,23 @@ def bench(
     from rich.console import Console
 
     from .. import bench as b
+    from ..method.calibrate import resolve_weight
     from ..runtime.resolution import requested_latent_shape
 
     shape = requested_latent_shape(model=model, export=export, height=height, width=width)
+    console = Console()
+    adapter_weight, how = resolve_weight(adapter_weight, guidance_scale, adapter, export)
+    console.print(f"adapter weight {adapter_weight:g}: {how}", highlight=False)
     config = b.BenchConfig(
         backends=b.parse_list(backends, "--backends"), batch_sizes=b.parse_list(batch_sizes, "--batch-sizes", int),
         model=model, adapter=str(adapter) if adapter else None, export=str(export) if export else None,
         base_export=str(base_export) if base_export else None,
         steps=steps, warmup=warmup, repeats=repeats, threads=threads, precision=precision, scheduler=scheduler,
         guidance_scale=guidance_scale, adapter_weight=adapter_weight, engines=str(engines), rounds=rounds,
-        eager=eager, peers=b.parse_list(peers, "--peers") if peers else [], peers_python=str(peers_python) if peers_python else None,
+        eager=eager, peers=b.parse_list(peers, "--peers") if peers else [],
+        peers_python=str(peers_python) if peers_python else None,
         latent_shape=list(shape) if shape else None,
     ).check()
-    console = Console()
     result = b.run_bench(config, log=lambda s: console.print(s, highlight=False, style="dim"))
     b.write_json(result, json_out)
     console.print(b.table(result))

@@ -11,7 +11,7 @@ import typer
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Output folder (stages are reused on rerun)."),
     per_prompt: Optional[int] = typer.Option(None, "--per-prompt", help="Evaluation images per prompt (default 32)."),
-    train_steps: Optional[int] = typer.Option(None, "--train-steps", help="Adapter training steps (default 2000)."),
+    train_steps: Optional[int] = typer.Option(None, "--train-steps", help="Adapter training steps (default 1000)."),
     seed: int = typer.Option(0, "--seed"),
     threads: int = typer.Option(0, "--threads", help="CPU threads for torch / ONNX Runtime (0 = default)."),
 ) -> None:

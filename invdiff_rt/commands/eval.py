@@ -43,16 +43,20 @@ def eval_command(
 
         raise InvdiffError(f"--json {json_out}: is a folder; pass a file path such as {json_out / 'eval.json'}")
     shape = requested_latent_shape(model=model, height=height, width=width)
-    if adapter is not None and adapter_weight is None:
-        from ..method.adapter import read_adapter_manifest
+    how = None
+    if adapter is not None:
+        from ..method.calibrate import resolve_weight
+        from ..runtime.defaults import DEFAULT_GUIDANCE
 
-        adapter_weight = float(read_adapter_manifest(adapter).get("recommended_weight", 1.0))
+        scale = DEFAULT_GUIDANCE if guidance_scale is None else guidance_scale
+        adapter_weight, how = resolve_weight(adapter_weight, scale, adapter)
+        typer.echo(f"adapter weight {adapter_weight:g}: {how}")
     run = run_evaluation(model, data, attribute, classifier, per_prompt, seed, steps=steps,
                          guidance_scale=guidance_scale, batch_size=batch_size, adapter=adapter,
                          adapter_weight=1.0 if adapter_weight is None else adapter_weight, latent_shape=shape)
     grid_path = grid or json_out.with_suffix(".png")
     save_grid(grid_path, run.images, len(run.prompts))
-    atomic_write_json(json_out, {**run.report, "grid": str(grid_path)})
+    atomic_write_json(json_out, {**run.report, "grid": str(grid_path), "adapter_weight_chosen_by": how})
     _print_summary(run.report, json_out, grid_path)
 
 

@@ -26,7 +26,8 @@ def generate(
     seed: int = typer.Option(0, "--seed", help="Seed: image (prompt, index) depends only on it."),
     steps: int = typer.Option(25, "--steps", help="Denoising steps."),
     guidance_scale: float = typer.Option(DEFAULT_GUIDANCE, "--guidance-scale", help="Classifier-free guidance scale."),
-    adapter_weight: float = typer.Option(1.0, "--adapter-weight", help="Weight of the debiasing adapter."),
+    adapter_weight: Optional[float] = typer.Option(
+        None, "--adapter-weight", help="Weight of the debiasing adapter (default: the weight recorded with it)."),
     backend: str = typer.Option("auto", "--backend",
                                 help="auto, torch, torch-cuda, openvino, onnxruntime, onnxruntime-cuda or tensorrt."),
     scheduler: str = typer.Option("ddim", "--scheduler", help="ddim, dpm or euler."),
@@ -46,12 +47,17 @@ def generate(
     if merge:
         _merge(out, not no_grid)
         return
+    from ..method.calibrate import resolve_weight
+
     prompts = _prompts(prompt, prompts_file)
+    adapter_weight, how = resolve_weight(adapter_weight, guidance_scale, adapter, export)
+    console = Console()
+    if adapter is not None or export is not None:
+        console.print(f"adapter weight {adapter_weight:g}: {how}", highlight=False, soft_wrap=True)
     result = gen.generate(prompts, out, model=model, adapter=adapter, export=export, backend=backend,
                           precision=precision, threads=threads, num=num, seed=seed, steps=steps,
                           guidance_scale=guidance_scale, adapter_weight=adapter_weight, scheduler=scheduler,
                           batch_size=batch_size, overwrite=overwrite, grid=not no_grid, height=height, width=width)
-    console = Console()
     console.print(result.summary(), highlight=False, soft_wrap=True)
     if result.manifest is None:
         console.print(f"rank {result.rank}: other ranks still running; the last to finish writes "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -79,7 +79,7 @@ def train(
     out: Path = typer.Option(..., "--out", help="Output ADAPTER_DIR (adapter.safetensors + adapter.json)."),
     recipe: str = typer.Option("invdiff-rt", "--recipe", help=RECIPE_HELP),
     lam: Optional[float] = typer.Option(None, "--lambda", help="Variance weight (default: recipe's; erm 0)."),
-    steps: int = typer.Option(2000, "--steps"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Adapter steps (default: invdiff-rt 1000, else 2000)."),
     lr: float = typer.Option(3e-3, "--lr"),
     batch_size: int = typer.Option(32, "--batch-size", help="Per process."),
     seed: int = typer.Option(0, "--seed"),
@@ -88,6 +88,10 @@ def train(
     oracle_groups_from: Optional[str] = typer.Option(
         None, "--oracle-groups-from", help="Groups from this hidden column (comparison only)."),
     threads: int = typer.Option(0, "--threads", help=THREADS_HELP),
+    t_sampling: Optional[str] = typer.Option(None, "--t-sampling", help="uniform | snr (default: the recipe's)."),
+    target: Optional[str] = typer.Option(None, "--target", help="noise | posterior (default: the recipe's)."),
+    eps_base_input: Optional[bool] = typer.Option(None, "--eps-base-input/--no-eps-base-input",
+                                                  help="The adapter reads the base's prediction (default: recipe's)."),
 ) -> None:
     """Train the guidance adapter on the frozen base with the invariance objective (Accelerate-ready)."""
     from ..errors import InvdiffError
@@ -98,7 +102,9 @@ def train(
     if checkpoint_every <= 0:
         raise InvdiffError(f"--checkpoint-every {checkpoint_every}: must be positive")
     config = TrainConfig(recipe=recipe, lam=lam, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
-                         checkpoint_every=checkpoint_every, resume=resume, oracle_column=oracle_groups_from)
+                         checkpoint_every=checkpoint_every, resume=resume, oracle_column=oracle_groups_from,
+                         **{k: v for k, v in (("t_sampling", t_sampling), ("target", target),
+                                                 ("eps_base_input", eps_base_input)) if v is not None})
     check_train_config(config)
     _set_threads(threads)
     group_result = None
@@ -106,6 +112,46 @@ def train(
         group_result = load_groups(groups_prefix)
     path = train_adapter(load_model(model), data, group_result, out, config)
     typer.echo(f"adapter written to {path}")
+    from ..method.adapter import read_adapter_manifest
+    from ..method.calibrate import recorded_weight
+    from ..runtime.defaults import DEFAULT_GUIDANCE
+
+    weight, how = recorded_weight(read_adapter_manifest(path), DEFAULT_GUIDANCE)
+    typer.echo(f"adapter weight at CFG {DEFAULT_GUIDANCE:g}: {weight:g} ({how})")
+
+
+def calibrate(
+    model: str = typer.Option(..., "--model", help="Base model: built-in name or diffusers directory."),
+    data: Path = typer.Option(..., "--data", help="Dataset folder (uses train/)."),
+    groups_prefix: Path = typer.Option(..., "--groups", help="GROUPS prefix the adapter was trained with."),
+    adapter: Path = typer.Option(..., "--adapter", help="ADAPTER_DIR from `invdiff train` (adapter.json is updated)."),
+    guidance_scale: List[float] = typer.Option([3.0], "--guidance-scale", help="CFG scale(s) to calibrate for "
+                                               "(repeatable; each gets its own weight)."),
+    per_prompt: int = typer.Option(16, "--per-prompt", help="Samples per prompt at each tried weight."),
+    seed: int = typer.Option(1000, "--seed", help="Sampling/scoring seed (keep it apart from evaluation seeds)."),
+    threads: int = typer.Option(0, "--threads", help=THREADS_HELP),
+) -> None:
+    """Pick the adapter weight without labels (the groups' contrast score on the adapter's own samples)."""
+    from ..errors import InvdiffError
+    from ..method.cache import base_inputs
+    from ..method.calibrate import CalibrateConfig, calibrate_adapter, calibrates
+    from ..method.grouper import load_groups
+    from ..models.loader import load_model
+
+    if per_prompt <= 0:
+        raise InvdiffError(f"--per-prompt {per_prompt}: must be positive")
+    groups = load_groups(groups_prefix)
+    if not calibrates("invdiff-rt", groups):
+        raise InvdiffError(f"--groups {groups_prefix}: not inferred by `invdiff groups --recipe invdiff-rt`; the "
+                           "rule reuses their contrast score")
+    _set_threads(threads)
+    base = load_model(model)
+    config = CalibrateConfig(guidance_scales=tuple(guidance_scale), per_prompt=per_prompt, seed=seed)
+    record = calibrate_adapter(base, adapter, base_inputs(base, data), groups, config)
+    for scale, row in record["by_guidance_scale"].items():
+        tried = ", ".join(f"w={w:g}: {r:.3f}" for w, r in row["tried"])
+        typer.echo(f"CFG {scale}: weight {row['weight']:g} (flag rate target {record['target_rate']:.3f}; {tried})")
+    typer.echo(f"recorded in {adapter / 'adapter.json'} ({record['seconds']:.1f} s)")
 
 
 def _set_threads(threads: int) -> None:
@@ -118,3 +164,4 @@ def _set_threads(threads: int) -> None:
 def register(app: typer.Typer) -> None:
     app.command("groups")(groups)
     app.command("train")(train)
+    app.command("calibrate")(calibrate)

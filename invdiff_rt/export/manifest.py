@@ -67,7 +67,8 @@ def _load_adapter(adapter_dir, model):
     manifest = read_adapter_manifest(adapter_dir)
     info = {"fingerprint": adapter_fingerprint(adapter_dir), "config": manifest["config"],
             "base_fingerprint": manifest["base_fingerprint"], "weights_sha256": manifest["weights_sha256"],
-            "source": str(adapter_dir)}
+            "source": str(adapter_dir), "recipe": manifest.get("recipe"),
+            "recommended_weight": manifest.get("recommended_weight"), "calibration": manifest.get("calibration")}
     return adapter, info
 
 

@@ -74,6 +74,21 @@ def denoising_target(scheduler_config, latents: torch.Tensor, noise: torch.Tenso
         return DDPMScheduler.from_config(dict(scheduler_config)).get_velocity(latents, noise, timesteps)
 
 
+def target_from_eps(scheduler, x_t: torch.Tensor, eps: torch.Tensor, timesteps: torch.Tensor,
+                    shift: bool = False) -> torch.Tensor:
+    """An eps-space training target (targets.py) in the model's prediction space: for a full prediction, the x0
+    it implies on x_t gives the target; a shift is only defined for epsilon models."""
+    kind = prediction_type(scheduler.config)
+    if kind == "epsilon":
+        return eps
+    if shift:
+        raise InvdiffError(f"--target posterior: needs an epsilon model, this one predicts {kind}; use the default "
+                           "target")
+    a = scheduler.alphas_cumprod.to(x_t.device)[timesteps.long()].reshape(-1, *([1] * (x_t.ndim - 1)))
+    x0 = (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+    return denoising_target(scheduler.config, x0, eps, timesteps)
+
+
 def prediction_type(scheduler_config) -> str:
     """The config's prediction_type (epsilon when absent), or a one-line error for an unsupported one."""
     kind = scheduler_config.get("prediction_type", "epsilon")

@@ -21,17 +21,23 @@ from ..errors import InvdiffError
 from ..parallel import map_batches, one_torch_thread
 from .adapter import GuidanceAdapter, config_for_unet, parameter_count, save_adapter
 from .grouper import Grouping, GroupsResult, group_erm, group_from_flags, hidden_minority
-from .losses import _gen, denoising_target, make_noise_scheduler, progress_bar
+from .losses import _gen, denoising_target, make_noise_scheduler, progress_bar, target_from_eps
 from .objective import invariance_objective, per_sample_loss
+from .targets import T_SAMPLING, TARGETS, draw_timesteps, posterior_eps, posterior_shift, timestep_probs
 
-# lambda, whether the variance is scale-aware, and the recommended adapter weight w per recipe (see README).
+# lambda, whether the variance is scale-aware, the fallback adapter weight w (used when there is no label-free
+# calibration, calibrate.py), the training target and t sampling (targets.py) and the steps, per recipe (README).
 RECIPE_DEFAULTS = {
     # lambda 0 by measurement: on colored-digits the same (contrast) groups and seed gave bias_filtered 0.531 at
     # fidelity 0.910 with lambda 0 and 0.815 at fidelity 0.580 with lambda 1 (scale-aware variance); the JTT-style
-    # sampling does the debiasing. w = 2: the sweep 0.5-2 is monotone and w = 3 overshoots (README, debiasing table)
-    "invdiff-rt": {"lam": 0.0, "scale_aware": True, "recommended_weight": 2.0},
-    "paper": {"lam": 1.0, "scale_aware": False, "recommended_weight": 1.6},
-    "erm": {"lam": 0.0, "scale_aware": True, "recommended_weight": 1.0},
+    # sampling does the debiasing. rb + snr: oracle groups at w = 1, N = 32: bias 0.506 at fidelity 0.925 against
+    # 0.662 / 0.916 for the posterior target and 0.809 / 0.967 (N = 64) for uniform-t noise (README)
+    "invdiff-rt": {"lam": 0.0, "scale_aware": True, "recommended_weight": 1.0, "t_sampling": "snr",
+                   "target": "rb", "steps": 1000},
+    "paper": {"lam": 1.0, "scale_aware": False, "recommended_weight": 1.6, "t_sampling": "uniform",
+              "target": "noise", "steps": 2000},
+    "erm": {"lam": 0.0, "scale_aware": True, "recommended_weight": 1.0, "t_sampling": "uniform", "target": "noise",
+            "steps": 2000},
 }
 
 
@@ -39,7 +45,7 @@ RECIPE_DEFAULTS = {
 class TrainConfig:
     recipe: str = "invdiff-rt"
     lam: float | None = None  # None: the recipe's default
-    steps: int = 2000
+    steps: int | None = None  # None: the recipe's
     lr: float = 3e-3
     batch_size: int = 32  # per process
     seed: int = 0
@@ -51,6 +57,20 @@ class TrainConfig:
     resume: bool = False
     oracle_column: str | None = None
     show_progress: bool = True
+    t_sampling: str | None = None  # uniform | snr (targets.py); None: the recipe's
+    target: str | None = None  # noise | posterior | rb (targets.py); None: the recipe's
+    eps_base_input: bool | None = None  # the adapter reads the frozen UNet's prediction; None: the recipe's
+    calibrate: bool = True  # invdiff-rt with inferred groups: pick the weight label-free (calibrate.py)
+    calibrate_scales: tuple[float, ...] = (3.0,)  # CFG scales the weight is calibrated for
+    calibrate_per_prompt: int = 16  # generated samples per prompt at each tried weight
+
+    def __post_init__(self) -> None:
+        defaults = {**RECIPE_DEFAULTS["paper"], **RECIPE_DEFAULTS.get(self.recipe, {})}
+        for name in ("t_sampling", "target", "steps"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, defaults[name])
+        if self.eps_base_input is None:  # the posterior target needs no base prediction; the others read it
+            object.__setattr__(self, "eps_base_input", self.target != "posterior")
 
     @property
     def lam_value(self) -> float:
@@ -65,6 +85,12 @@ def check_train_config(config: TrainConfig) -> None:
             raise InvdiffError(f"{flag} {value}: must be positive")
     if config.lam_value < 0:
         raise InvdiffError(f"--lambda {config.lam_value}: must be >= 0")
+    if not config.eps_base_input and config.target != "posterior":
+        raise InvdiffError(f"--no-eps-base-input: target {config.target} needs the base prediction; use --target "
+                           "posterior or drop --no-eps-base-input")
+    for flag, value, allowed in (("--t-sampling", config.t_sampling, T_SAMPLING), ("--target", config.target, TARGETS)):
+        if value not in allowed:
+            raise InvdiffError(f"{flag} {value}: unknown; use one of {', '.join(allowed)}")
 
 
 def _resolve_grouping(groups: GroupsResult | None, inputs, data_dir, config: TrainConfig) -> tuple[Grouping, dict]:
@@ -103,6 +129,7 @@ class Batch:
     text: torch.Tensor
     noise: torch.Tensor  # the denoising target (`losses.denoising_target`: the noise for epsilon models)
     group_weights: torch.Tensor
+    target: torch.Tensor | None = None  # posterior: the shift delta*; rb: eps_s(x_t); noise: None (targets.py)
 
 
 def draw_batch(inputs, grouping: Grouping, scheduler, config: TrainConfig, rank: int, step: int) -> Batch:
@@ -111,11 +138,20 @@ def draw_batch(inputs, grouping: Grouping, scheduler, config: TrainConfig, rank:
     idx = torch.multinomial(grouping.sampling, config.batch_size, replacement=True, generator=g)
     x0 = inputs.latents[idx]
     noise = torch.randn(x0.shape, generator=g)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (config.batch_size,), generator=g)
+    if config.t_sampling == "uniform":
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (config.batch_size,), generator=g)
+    else:
+        t = draw_timesteps(timestep_probs(scheduler.alphas_cumprod, config.t_sampling), config.batch_size, g)
     drop = torch.rand(config.batch_size, generator=g) < config.caption_dropout
     text = torch.where(drop[:, None, None], inputs.uncond_embedding, inputs.text_embeddings[inputs.prompt_ids[idx]])
-    target = denoising_target(scheduler.config, x0, noise, t)
-    return Batch(idx, scheduler.add_noise(x0, noise, t), t, text, target, grouping.weights[idx])
+    x_t = scheduler.add_noise(x0, noise, t)
+    target = None
+    if config.target in ("posterior", "rb"):
+        prompt = torch.where(drop, -1, inputs.prompt_ids[idx])
+        fn = posterior_shift if config.target == "posterior" else posterior_eps
+        target = fn(x_t, t, prompt, inputs.latents, inputs.prompt_ids, grouping.sampling, scheduler.alphas_cumprod)
+        target = target_from_eps(scheduler, x_t, target, t, shift=config.target == "posterior")
+    return Batch(idx, x_t, t, text, denoising_target(scheduler.config, x0, noise, t), grouping.weights[idx], target)
 
 
 def assert_only_adapter_trains(unet: torch.nn.Module, adapter: torch.nn.Module) -> None:
@@ -144,10 +180,16 @@ def base_predictions(unet, batches: list[Batch], device) -> list[torch.Tensor]:
     return map_batches(lambda i: base_prediction(unet, batches[i], device), range(len(batches)), device)
 
 
-def _step_loss(adapter, batch: Batch, eps_base: torch.Tensor, lam: float, scale_aware: bool, device):
+def _step_loss(adapter, batch: Batch, eps_base: torch.Tensor | None, lam: float, scale_aware: bool, device,
+               shift: bool = False):
+    """`shift`: delta regresses batch.target itself (target "posterior"); else eps_base + delta regresses it."""
     x_t, t, text = batch.sample.to(device), batch.timestep.to(device), batch.text.to(device)
-    delta = adapter(x_t, t.float(), text, eps_base)
-    losses = per_sample_loss(eps_base + delta, batch.noise.to(device))
+    delta = adapter(x_t, t.float(), text, eps_base if eps_base is not None else x_t)
+    if shift:
+        losses = per_sample_loss(delta, batch.target.to(device))
+    else:  # "noise", or "rb" (the noise Rao-Blackwellised out)
+        target = batch.noise if batch.target is None else batch.target
+        losses = per_sample_loss(eps_base + delta, target.to(device))
     return invariance_objective(losses, batch.group_weights.to(device), lam, scale_aware)
 
 
@@ -195,7 +237,8 @@ def _run_meta(model, inputs, group_meta: dict, config: TrainConfig) -> dict:
     return {"base_fingerprint": model.fingerprint, "data_fingerprint": inputs.data_fingerprint, **group_meta,
             "recipe": config.recipe, "lambda": config.lam_value, "variance": "cv2" if defaults["scale_aware"]
             else "raw", "steps": config.steps, "lr": config.lr, "batch_size_per_process": config.batch_size,
-            "seed": config.seed, "caption_dropout": config.caption_dropout}
+            "seed": config.seed, "caption_dropout": config.caption_dropout, "t_sampling": config.t_sampling,
+            "target": config.target, "eps_base_input": config.eps_base_input}
 
 
 @dataclass
@@ -216,7 +259,8 @@ def _train_step(accelerator, run: _Run, config: TrainConfig, step: int, first: b
     """One optimizer step on `prepared` = (this step's batch, the frozen UNet's prediction on it)."""
     scale_aware = RECIPE_DEFAULTS[config.recipe]["scale_aware"]
     batch, eps_base = prepared
-    terms = _step_loss(run.adapter, batch, eps_base, config.lam_value, scale_aware, accelerator.device)
+    terms = _step_loss(run.adapter, batch, eps_base, config.lam_value, scale_aware, accelerator.device,
+                       shift=config.target == "posterior")
     run.optimizer.zero_grad(set_to_none=True)
     accelerator.backward(terms.loss)
     if first:
@@ -238,7 +282,8 @@ def _prepared_steps(accelerator, run: _Run, config: TrainConfig, start_step: int
         steps = range(first, min(first + chunk, config.steps))
         batches = [draw_batch(run.inputs, run.grouping, run.noise_scheduler, config, accelerator.process_index, s)
                    for s in steps]
-        yield from zip(steps, zip(batches, base_predictions(run.unet, batches, device)))
+        eps = base_predictions(run.unet, batches, device) if config.eps_base_input else [None] * len(batches)
+        yield from zip(steps, zip(batches, eps))
 
 
 def _loop(accelerator, run: _Run, config: TrainConfig, start_step: int) -> dict:
@@ -258,6 +303,14 @@ def _loop(accelerator, run: _Run, config: TrainConfig, start_step: int) -> dict:
     return last
 
 
+def _calibrate(model, out_dir: Path, inputs, groups, config: TrainConfig) -> None:
+    from .calibrate import CalibrateConfig, calibrate_adapter, calibrates
+
+    if config.calibrate and not config.oracle_column and calibrates(config.recipe, groups):
+        calibrate_adapter(model, out_dir, inputs, groups, CalibrateConfig(guidance_scales=config.calibrate_scales,
+                                                                          per_prompt=config.calibrate_per_prompt))
+
+
 def train_adapter(model, data_dir: str | Path, groups: GroupsResult | None, out_dir: str | Path,
                   config: TrainConfig = TrainConfig()) -> Path:
     """The `train` stage: writes OUT_DIR/adapter.safetensors + adapter.json; returns OUT_DIR."""
@@ -274,7 +327,7 @@ def train_adapter(model, data_dir: str | Path, groups: GroupsResult | None, out_
     meta = _run_meta(model, inputs, group_meta, config)
     unet = model.unet.to(accelerator.device).eval().requires_grad_(False)
     torch.manual_seed(config.seed)
-    adapter = GuidanceAdapter(config_for_unet(unet))
+    adapter = GuidanceAdapter(config_for_unet(unet, use_eps_base=config.eps_base_input))
     optimizer, lr_scheduler = _make_optimizer(adapter, config)
     key, ckpt = _run_key(config, meta), checkpoint_dir(out_dir)
     start_step = load_checkpoint(ckpt, key, adapter, optimizer, lr_scheduler) if config.resume else 0
@@ -288,5 +341,6 @@ def train_adapter(model, data_dir: str | Path, groups: GroupsResult | None, out_
                     training_seconds=round(time.perf_counter() - start, 2))
         save_adapter(accelerator.unwrap_model(adapter), out_dir, meta)
         shutil.rmtree(ckpt, ignore_errors=True)
+        _calibrate(model, out_dir, inputs, groups, config)
     accelerator.wait_for_everyone()
     return out_dir

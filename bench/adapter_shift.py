@@ -1,0 +1,60 @@
+"""How much of the ideal debiasing shift an adapter has learnt, per timestep (a diagnostic; uses a hidden column).
+
+The ideal shift is `targets.posterior_shift` with the oracle groups' JTT sampling weights: the difference, in eps
+units, between the sampler-weighted and the plain empirical posterior mean of the prompt's training latents. For
+each t it prints its rms and, per adapter, the rms of the adapter's delta, its projection on the ideal shift
+(<delta, d*> / |d*|^2: 1 = all of it) and the mean cosine, on the same 128 noised training samples.
+
+    python bench/adapter_shift.py --model colored-digits --data runs/data/colored-digits --attribute color ADAPTER...
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("adapters", nargs="*")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--attribute", required=True)
+    p.add_argument("--n", type=int, default=128)
+    a = p.parse_args()
+    from invdiff_rt.method.adapter import load_adapter
+    from invdiff_rt.method.cache import base_inputs
+    from invdiff_rt.method.grouper import group_from_flags, hidden_minority
+    from invdiff_rt.method.losses import make_noise_scheduler
+    from invdiff_rt.method.targets import posterior_shift
+    from invdiff_rt.models.loader import load_model
+
+    model = load_model(a.model)
+    inputs = base_inputs(model, a.data)
+    grouping = group_from_flags(hidden_minority(a.data, a.attribute, inputs.prompt_ids), inputs.prompt_ids,
+                                "invdiff-rt")
+    sched = make_noise_scheduler(model)
+    adapters = {path: load_adapter(path, model) for path in a.adapters}
+    g = torch.Generator().manual_seed(1)
+    idx = torch.multinomial(grouping.sampling, a.n, replacement=True, generator=g)
+    x0, noise = inputs.latents[idx], torch.randn(inputs.latents[idx].shape, generator=g)
+    text, pids = inputs.text_embeddings[inputs.prompt_ids[idx]], inputs.prompt_ids[idx]
+    with torch.no_grad():
+        for t in (500, 700, 800, 900, 950, 990):
+            tt = torch.full((a.n,), t)
+            x_t = sched.add_noise(x0, noise, tt)
+            ideal = posterior_shift(x_t, tt, pids, inputs.latents, inputs.prompt_ids, grouping.sampling,
+                                    sched.alphas_cumprod)
+            eps = model.unet(x_t, tt.float(), encoder_hidden_states=text).sample
+            row = [f"t={t} |d*|={ideal.pow(2).mean().sqrt():.4f}"]
+            for path, adapter in adapters.items():
+                delta = adapter(x_t, tt.float(), text, eps)
+                proj = float((delta * ideal).sum() / ideal.pow(2).sum().clamp_min(1e-12))
+                cos = torch.nn.functional.cosine_similarity(delta.flatten(1), ideal.flatten(1)).mean()
+                row.append(f"{path}: |d|={delta.pow(2).mean().sqrt():.4f} proj={proj:.2f} cos={cos:.2f}")
+            print("  ".join(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,270 @@
+"""The `calibrate` stage: a label-free adapter weight, per CFG scale, recorded in adapter.json.
+
+The rule reuses the detector that found the groups. The groups' contrast score (`losses.py`: loss(x_t | prompt) /
+loss(x_t | empty) in the band the grouper chose, one antithetic pair) flags a sample as inferred minority when its
+per-prompt robust z exceeds the grouper's k. The adapter was trained on the groups' sampler, in which the inferred
+minority holds `jtt_fraction` of each prompt's mass. So:
+
+1. target rate r*: re-score training samples with fresh noise (a uniform subset per prompt, which also gives the
+   per-prompt median and MAD, plus every inferred sample) and take the flag rate under the sampler's weights:
+   r*_p = f * (flag rate of the inferred set) + (1 - f) * (flag rate of the rest). Fresh noise makes r* count the
+   detector's own misses, just as it will miss on generated samples.
+2. r(w): sample N images per prompt at adapter weight w and the CFG scale (own seed, never the evaluation's), score
+   their final latents the same way, flag rate against the same per-prompt median / MAD.
+3. w: r(w) rises with w; bracket r* on [0, max_weight] and interpolate linearly (regula falsi, a few evaluations).
+
+Nothing here reads an attribute column. Adapters trained without inferred groups (erm, paper, oracle) have no
+detector to reuse; `recorded_weight` falls back to the recipe's `recommended_weight` for them.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import InvdiffError
+
+RULE = "contrast-flag-rate"
+
+
+@dataclass(frozen=True)
+class CalibrateConfig:
+    guidance_scales: tuple[float, ...] = (3.0,)
+    per_prompt: int = 16  # generated samples per prompt at each tried weight
+    min_samples: int = 160  # ... raised so that every tried weight sees at least this many (few-prompt datasets)
+    reference_per_prompt: int = 64  # uniform training subset per prompt (median / MAD and the majority's rate)
+    steps: int = 25  # DDIM steps of the calibration samples
+    seed: int = 1000  # sampling and scoring seed (the evaluation uses its own)
+    max_weight: float = 4.0
+    max_evals: int = 3  # weights tried per CFG scale (a linear bracket, then one refinement)
+    batch_size: int = 128
+
+
+@dataclass
+class Detector:
+    """The groups' contrast score: band, k, and the per-prompt median / MAD of the training log score."""
+
+    unet: torch.nn.Module
+    scheduler: object
+    band: tuple[int, int]
+    k: float
+    text: torch.Tensor  # [P,L,D]
+    uncond: torch.Tensor  # [1,L,D]
+    median: torch.Tensor | None = None  # [P]
+    mad: torch.Tensor | None = None  # [P]
+
+    def log_score(self, latents: torch.Tensor, prompt_ids: torch.Tensor, seed: int, batch_size: int) -> torch.Tensor:
+        from .losses import _band_draw, denoising_losses
+
+        total = torch.zeros(latents.shape[0], dtype=torch.float64)
+        for k in range(2):  # one antithetic pair, as the groups' default profile
+            t, noise = _band_draw(seed, k, self.band[0], self.band[1], latents.shape, True)
+            total += denoising_losses(self.unet, self.scheduler, latents, self.text, prompt_ids, t, noise,
+                                      batch_size, uncond_embedding=self.uncond).double()
+        return (total / 2).clamp_min(1e-12).log()
+
+    def flags(self, log_score: torch.Tensor, prompt_ids: torch.Tensor) -> torch.Tensor:
+        from .grouper import MAD_TO_SD
+
+        z = (log_score - self.median[prompt_ids]) / (self.mad[prompt_ids] * MAD_TO_SD).clamp_min(1e-12)
+        return z > self.k
+
+
+def make_detector(model, inputs, groups_meta: dict) -> Detector:
+    from .losses import make_noise_scheduler
+
+    profile = groups_meta.get("profile", {})
+    if profile.get("source") != "inferred" or groups_meta.get("recipe") != "invdiff-rt":
+        raise InvdiffError("--groups: calibration reuses the contrast score of `invdiff groups --recipe invdiff-rt`; "
+                           "pass those groups (or give --adapter-weight by hand)")
+    band = tuple(int(b) for b in profile["band"])
+    return Detector(model.unet.eval().requires_grad_(False), make_noise_scheduler(model), band,
+                    float(profile.get("outlier_k", 3.0)), inputs.text_embeddings, inputs.uncond_embedding)
+
+
+def reference_subset(prompt_ids: torch.Tensor, inferred: torch.Tensor, per_prompt: int,
+                     seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uniform subset: up to `per_prompt` random rows of each prompt, every inferred row), both sorted."""
+    g = torch.Generator().manual_seed(seed)
+    uniform = []
+    for p in prompt_ids.unique():
+        rows = (prompt_ids == p).nonzero().flatten()
+        uniform.append(rows[torch.randperm(rows.numel(), generator=g)[:per_prompt]])
+    return torch.cat(uniform).sort().values, inferred.nonzero().flatten()
+
+
+def robust_stats(log_score: torch.Tensor, prompt_ids: torch.Tensor, n_prompts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    median, mad = torch.zeros(n_prompts, dtype=torch.float64), torch.ones(n_prompts, dtype=torch.float64)
+    for p in prompt_ids.unique().tolist():
+        x = log_score[prompt_ids == p]
+        median[p] = x.median()
+        mad[p] = (x - median[p]).abs().median()
+    return median, mad
+
+
+def target_rate(flag_u: torch.Tensor, pid_u: torch.Tensor, inferred_u: torch.Tensor, flag_i: torch.Tensor,
+                pid_i: torch.Tensor, fraction: float, n_prompts: int) -> float:
+    """Mean over prompts of the sampler-weighted flag rate (inferred set `fraction`, the rest 1 - fraction)."""
+    rates = []
+    for p in range(n_prompts):
+        rest = flag_u[(pid_u == p) & ~inferred_u].double()
+        mine = flag_i[pid_i == p].double()
+        if mine.numel() and rest.numel():
+            rates.append(fraction * mine.mean() + (1 - fraction) * rest.mean())
+        elif rest.numel() or mine.numel():
+            rates.append(torch.cat([rest, mine]).mean())
+    return float(torch.stack(rates).mean())
+
+
+def fit_reference(detector: Detector, inputs, grouping, groups_meta: dict, config: CalibrateConfig) -> float:
+    """Set the detector's per-prompt median / MAD from re-scored training samples; return the target rate r*."""
+    uniform, inferred = reference_subset(inputs.prompt_ids, grouping.inferred, config.reference_per_prompt,
+                                         config.seed)
+    rows = torch.cat([uniform, inferred])
+    scores = detector.log_score(inputs.latents[rows], inputs.prompt_ids[rows], config.seed, config.batch_size)
+    n_u, n_prompts = uniform.numel(), len(inputs.prompts)
+    detector.median, detector.mad = robust_stats(scores[:n_u], inputs.prompt_ids[uniform], n_prompts)
+    flags = detector.flags(scores, inputs.prompt_ids[rows])
+    fraction = float(groups_meta.get("grouping", {}).get("jtt_fraction", 0.5))
+    return target_rate(flags[:n_u], inputs.prompt_ids[uniform], grouping.inferred[uniform], flags[n_u:],
+                       inputs.prompt_ids[inferred], fraction, n_prompts)
+
+
+@torch.no_grad()
+def sample_latents(model, adapter, prompts: list[str], per_prompt: int, seed: int, steps: int,
+                   guidance_scale: float, weight: float, batch_size: int) -> torch.Tensor:
+    """Final latents of `per_prompt` samples of each prompt (the sampler's own seeding and DDIM loop)."""
+    from ..runtime.backends.torch_backend import TorchRuntime
+    from ..runtime.sampling import cfg_embeddings, denoise, initial_latents, make_scheduler
+
+    runtime, cache, out = TorchRuntime(model, adapter), {}, []
+    jobs = [(p, i) for p in prompts for i in range(per_prompt)]
+    for s in range(0, len(jobs), batch_size):
+        chunk = jobs[s:s + batch_size]
+        x = torch.stack([initial_latents(seed, p, i, runtime.latent_shape) for p, i in chunk])
+        emb = cfg_embeddings(runtime, [p for p, _ in chunk], guidance_scale, cache)
+        sched = make_scheduler(runtime.scheduler_config, "ddim")
+        out.append(denoise(runtime, sched, x, emb, guidance_scale, weight, steps).float())
+    return torch.cat(out)
+
+
+def samples_per_prompt(config: CalibrateConfig, n_prompts: int) -> int:
+    """`per_prompt`, raised to reach `min_samples` in all (shapes-habitats has 2 prompts: 16 each gave a flag
+    rate in steps of 1/32 and a weight of 2.5 that reversed the bias; 80 each gave 1.86)."""
+    return max(config.per_prompt, -(-config.min_samples // max(n_prompts, 1)))
+
+
+def flag_rate(detector: Detector, model, adapter, inputs, config: CalibrateConfig, guidance_scale: float,
+              weight: float) -> float:
+    n = samples_per_prompt(config, len(inputs.prompts))
+    latents = sample_latents(model, adapter, inputs.prompts, n, config.seed, config.steps,
+                             guidance_scale, weight, config.batch_size)
+    pids = torch.arange(len(inputs.prompts)).repeat_interleave(n)
+    scores = detector.log_score(latents, pids, config.seed + 1, config.batch_size)
+    return float(detector.flags(scores, pids).double().mean())
+
+
+def next_weight(tried: list[tuple[float, float]], target: float, max_weight: float) -> float | None:
+    """The next weight to try, or None when r* is bracketed by neighbours (or out of reach)."""
+    below = [(w, r) for w, r in tried if r < target]
+    above = [(w, r) for w, r in tried if r >= target]
+    if not above:
+        top = max(w for w, _ in tried)
+        return None if top >= max_weight else min(2 * top, max_weight)
+    if not below:
+        return 0.0 if min(w for w, _ in tried) > 0 else None
+    return interpolate(tried, target)
+
+
+def interpolate(tried: list[tuple[float, float]], target: float) -> float:
+    """Linear interpolation between the closest tried weights on either side of r* (or the nearest end)."""
+    below = [(w, r) for w, r in tried if r < target]
+    above = [(w, r) for w, r in tried if r >= target]
+    if not above:
+        return max(below)[0]
+    if not below:
+        return min(above)[0]
+    (w0, r0), (w1, r1) = max(below), min(above)
+    return w0 + (w1 - w0) * (target - r0) / max(r1 - r0, 1e-9)
+
+
+def search_weight(rate, target: float, config: CalibrateConfig) -> tuple[float, list[tuple[float, float]]]:
+    """Regula falsi over w with `rate(w)`, starting at w = 1 (the trained weight); at most `max_evals` calls."""
+    tried = [(1.0, rate(1.0))]
+    while len(tried) < config.max_evals:
+        w = next_weight(tried, target, config.max_weight)
+        if w is None or any(abs(w - v) < 0.05 for v, _ in tried):
+            break
+        tried.append((round(w, 3), rate(round(w, 3))))
+    return round(interpolate(tried, target), 3), sorted(tried)
+
+
+def calibrate(model, adapter, inputs, groups, config: CalibrateConfig = CalibrateConfig()) -> dict:
+    """The calibration record for adapter.json: rule, target rate and, per CFG scale, the weight and its evidence."""
+    start = time.perf_counter()
+    detector = make_detector(model, inputs, groups.meta)
+    target = fit_reference(detector, inputs, groups.grouping, groups.meta, config)
+    table = {}
+    for scale in config.guidance_scales:
+        weight, tried = search_weight(lambda w: flag_rate(detector, model, adapter, inputs, config, scale, w),
+                                      target, config)
+        table[f"{scale:g}"] = {"weight": weight, "tried": [[w, round(r, 4)] for w, r in tried]}
+    return {"rule": RULE, "target_rate": round(target, 4), "by_guidance_scale": table,
+            "per_prompt": samples_per_prompt(config, len(inputs.prompts)), "seed": config.seed, "steps": config.steps,
+            "seconds": round(time.perf_counter() - start, 2)}
+
+
+def recorded_weight(manifest: dict, guidance_scale: float) -> tuple[float, str]:
+    """The weight to sample with when --adapter-weight is not given, and a sentence saying how it was chosen."""
+    table = manifest.get("calibration", {}).get("by_guidance_scale", {})
+    if table:
+        scale = min(table, key=lambda s: abs(float(s) - guidance_scale))
+        w = float(table[scale]["weight"])
+        how = "calibrated label-free" + ("" if abs(float(scale) - guidance_scale) < 1e-6 else
+                                         f" at the nearest calibrated CFG scale {scale}, not {guidance_scale:g}")
+        return w, f"{how} (rule {RULE}, adapter.json)"
+    w = float(manifest.get("recommended_weight", 1.0))
+    return w, f"the recipe's recorded default (not calibrated; recipe {manifest.get('recipe', '?')})"
+
+
+def resolve_weight(adapter_weight: float | None, guidance_scale: float, adapter_dir=None,
+                   export_dir=None) -> tuple[float, str]:
+    """--adapter-weight when given, else the weight recorded with the adapter (its folder or an export of it)."""
+    if adapter_weight is not None:
+        return float(adapter_weight), "given by --adapter-weight"
+    if adapter_dir is not None:
+        from .adapter import read_adapter_manifest
+
+        return recorded_weight(read_adapter_manifest(adapter_dir), guidance_scale)
+    if export_dir is not None:
+        from ..export.manifest import read_manifest
+
+        info = read_manifest(export_dir, verify=False).get("adapter")
+        if info:
+            return recorded_weight(info, guidance_scale)
+    return 1.0, "no adapter (the weight has no effect)"
+
+
+def calibrates(recipe: str, groups) -> bool:
+    """Whether an adapter has a detector to calibrate with: invdiff-rt recipe and groups inferred by it."""
+    meta = getattr(groups, "meta", None) or {}
+    return recipe == "invdiff-rt" and meta.get("recipe") == "invdiff-rt" and \
+        meta.get("profile", {}).get("source") == "inferred"
+
+
+def calibrate_adapter(model, adapter_dir, inputs, groups, config: CalibrateConfig = CalibrateConfig()) -> dict:
+    """Calibrate the adapter in `adapter_dir` and record the result in its adapter.json (atomically)."""
+    from .. import artifacts
+    from .adapter import MANIFEST_NAME, load_adapter, read_adapter_manifest
+
+    adapter = load_adapter(adapter_dir, model)
+    record = calibrate(model, adapter, inputs, groups, config)
+    manifest = read_adapter_manifest(adapter_dir)
+    old = manifest.get("calibration", {}).get("by_guidance_scale", {}) if manifest.get("calibration", {}).get(
+        "target_rate") == record["target_rate"] else {}
+    record["by_guidance_scale"] = {**old, **record["by_guidance_scale"]}
+    artifacts.atomic_write_json(Path(adapter_dir) / MANIFEST_NAME, {**manifest, "calibration": record})
+    return record

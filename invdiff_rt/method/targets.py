@@ -1,0 +1,96 @@
+"""What the adapter is trained on: where in t its training samples come from, and what it regresses.
+
+Timesteps (`t_sampling`):
+* `uniform`: t ~ U{0..999} (the paper's and the first recipe's choice).
+* `snr`: p(t) proportional to sigma_t / alpha_t = sqrt((1 - abar_t) / abar_t). A spurious attribute that is a global,
+  low-frequency feature (a colour, a background) is decided at high t, where an error of `d` in the clean latent is
+  an error of only `d * alpha_t / sigma_t` in epsilon: under uniform t the shift the adapter must learn there carries
+  almost no gradient. This draws those t more often (the adapter is conditioned on t, so the optimum at each t is
+  unchanged; only how often each t is seen changes).
+
+Targets (`target`):
+* `noise`: the plain epsilon loss ||eps_base + delta - eps||^2 on samples drawn from the groups' sampler (its optimum is
+  delta = E_balanced[eps | x_t] - eps_base, learned through the full variance of eps).
+* `posterior`: delta regresses the shift of the empirical posterior mean, Rao-Blackwellised:
+      delta* = -(alpha_t / sigma_t) * (E_s[x0 | x_t] - E_1[x0 | x_t])
+  where E_s weighs the prompt's training latents by the groups' sampling weights s and E_1 weighs them uniformly (the
+  biased data the base learned), both with the Gaussian likelihood N(x_t; alpha_t x0, sigma_t^2). An empty (dropped)
+  caption uses every training latent. The target has no noise term, so a batch carries the shift itself; where the
+  posterior is concentrated on one latent (low and middle t) the target is zero, so the adapter leaves the base alone.
+* `rb`: the noise target with the noise Rao-Blackwellised out: eps_base + delta regresses the weighted empirical
+  denoiser eps_s(x_t) = (x_t - alpha_t E_s[x0 | x_t]) / sigma_t. Under the sampler's (empirical) distribution
+  E[eps | x_t] = eps_s(x_t), so the optimum is the `noise` target's; where the posterior is concentrated (low t)
+  eps_s(x_t) is the drawn noise itself (the `noise` target), where it is spread (high t) the noise term is gone.
+"""
+
+from __future__ import annotations
+
+import torch
+
+T_SAMPLING = ("uniform", "snr")
+TARGETS = ("noise", "posterior", "rb")
+
+
+def timestep_probs(alphas_cumprod: torch.Tensor, mode: str) -> torch.Tensor:
+    """[T] sampling probabilities of the training timesteps."""
+    abar = alphas_cumprod.double()
+    if mode == "uniform":
+        p = torch.ones_like(abar)
+    elif mode == "snr":
+        p = ((1 - abar) / abar).sqrt()
+    else:
+        raise ValueError(f"unknown t sampling {mode!r}")
+    return (p / p.sum()).float()
+
+
+def draw_timesteps(probs: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.multinomial(probs, n, replacement=True, generator=generator)
+
+
+def _posterior_means(x_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, latents: torch.Tensor,
+                     log_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """E_1[x0 | x_t] and E_s[x0 | x_t] over `latents`: two [B, D] tensors (D = C*h*w), in float64."""
+    flat = latents.flatten(1).double()
+    x = x_t.flatten(1).double()
+    a, s2 = alpha.double()[:, None], sigma.double().pow(2)[:, None]
+    dist = (x.pow(2).sum(1, keepdim=True) - 2 * a * (x @ flat.T) + a.pow(2) * flat.pow(2).sum(1)[None])
+    logits = -dist / (2 * s2)
+    plain = torch.softmax(logits, dim=1) @ flat
+    weighted = torch.softmax(logits + log_s.double()[None], dim=1) @ flat
+    return plain, weighted
+
+
+def _per_prompt_means(x_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, prompt: torch.Tensor,
+                      latents: torch.Tensor, prompt_ids: torch.Tensor,
+                      sampling: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_posterior_means` of each row over its own prompt's latents (every latent for prompt -1, a dropped caption)."""
+    n = x_t.shape[0]
+    plain = torch.empty(n, latents[0].numel(), dtype=torch.float64)
+    weighted = torch.empty_like(plain)
+    log_s = sampling.clamp_min(1e-12).log()
+    for p in prompt.unique().tolist():
+        rows = prompt == p
+        cand = torch.ones_like(prompt_ids, dtype=torch.bool) if p < 0 else prompt_ids == p
+        plain[rows], weighted[rows] = _posterior_means(x_t[rows], alpha[rows], sigma[rows], latents[cand],
+                                                       log_s[cand])
+    return plain, weighted
+
+
+def posterior_shift(x_t: torch.Tensor, t: torch.Tensor, prompt: torch.Tensor, latents: torch.Tensor,
+                    prompt_ids: torch.Tensor, sampling: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """delta* [B,C,h,w] for a batch; `prompt` [B] holds each row's prompt id, or -1 for a dropped caption."""
+    abar = alphas_cumprod[t].double()
+    alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
+    plain, weighted = _per_prompt_means(x_t, alpha, sigma, prompt, latents, prompt_ids, sampling)
+    shift = -(alpha / sigma)[:, None] * (weighted - plain)
+    return shift.reshape(x_t.shape).float()
+
+
+def posterior_eps(x_t: torch.Tensor, t: torch.Tensor, prompt: torch.Tensor, latents: torch.Tensor,
+                  prompt_ids: torch.Tensor, sampling: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """eps_s(x_t) [B,C,h,w]: the empirical denoiser of the sampler-weighted training latents (`rb` target)."""
+    abar = alphas_cumprod[t].double()
+    alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
+    _, weighted = _per_prompt_means(x_t, alpha, sigma, prompt, latents, prompt_ids, sampling)
+    eps = (x_t.flatten(1).double() - alpha[:, None] * weighted) / sigma[:, None]
+    return eps.reshape(x_t.shape).float()

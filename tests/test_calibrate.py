@@ -1,0 +1,200 @@
+"""Training targets (targets.py) and the label-free weight rule (calibrate.py): pure parts with hand-computed values,
+the whole rule on a tiny model with a golden weight, and `generate` picking up the recorded weight."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from invdiff_rt.method import calibrate as cal
+from invdiff_rt.method.targets import posterior_eps, posterior_shift, timestep_probs
+
+ABAR = torch.linspace(0.999, 0.001, 1000)
+
+
+# ---------------------------------------------------------------- targets
+
+
+def test_snr_sampling_prefers_high_t_and_uniform_is_flat():
+    p = timestep_probs(ABAR, "snr")
+    assert math.isclose(float(p.sum()), 1.0, rel_tol=1e-5) and p[999] > 100 * p[10]
+    expected = math.sqrt(0.999 / 0.001) / math.sqrt(0.001 / 0.999)  # sigma/alpha ratio of the two ends
+    assert math.isclose(float(p[999] / p[0]), expected, rel_tol=1e-3)
+    assert torch.allclose(timestep_probs(ABAR, "uniform"), torch.full((1000,), 1e-3))
+
+
+def test_posterior_shift_two_latents_by_hand():
+    latents = torch.tensor([[1.0], [-1.0]]).reshape(2, 1, 1, 1)
+    ids = torch.zeros(2, dtype=torch.long)
+    sampling = torch.tensor([1.0, 3.0])  # the second latent up-weighted 3:1
+    t = torch.tensor([999])
+    x_t = torch.zeros(1, 1, 1, 1)  # equidistant: the plain posterior is 50/50, the weighted 25/75
+    a = ABAR[999].sqrt()
+    got = posterior_shift(x_t, t, torch.tensor([0]), latents, ids, sampling, ABAR)
+    want = -(a / (1 - ABAR[999]).sqrt()) * ((0.25 - 0.75) - 0.0)
+    assert torch.allclose(got.flatten(), want.reshape(1), rtol=1e-5)
+    assert torch.equal(posterior_shift(x_t, t, torch.tensor([0]), latents, ids, torch.ones(2), ABAR),
+                       torch.zeros(1, 1, 1, 1))  # uniform weights: no shift
+
+
+def test_rb_target_is_the_drawn_noise_at_low_t_and_masks_other_prompts():
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(6, 4, 2, 2, generator=g)
+    ids = torch.tensor([0, 0, 0, 1, 1, 1])
+    noise = torch.randn(2, 4, 2, 2, generator=g)
+    t = torch.tensor([0, 0])
+    a, s = ABAR[0].sqrt(), (1 - ABAR[0]).sqrt()
+    x_t = a * latents[[1, 4]] + s * noise
+    got = posterior_eps(x_t, t, torch.tensor([0, 1]), latents, ids, torch.rand(6, generator=g) + 0.5, ABAR)
+    assert torch.allclose(got, noise, atol=1e-4)
+    # a row of prompt 0 never sees prompt 1's latents: shifting those changes nothing
+    moved = latents.clone()
+    moved[3:] += 5
+    x_hi = torch.randn(1, 4, 2, 2, generator=g)
+    args = (torch.tensor([999]), torch.tensor([0]))
+    assert torch.equal(posterior_shift(x_hi, *args, latents, ids, torch.arange(1.0, 7.0), ABAR),
+                       posterior_shift(x_hi, *args, moved, ids, torch.arange(1.0, 7.0), ABAR))
+
+
+# ---------------------------------------------------------------- the weight search (pure)
+
+
+def test_target_rate_weighs_inferred_set_by_fraction():
+    flag_u = torch.tensor([True, False, False, False, True, False])
+    pid_u = torch.tensor([0, 0, 0, 1, 1, 1])
+    inferred_u = torch.tensor([True, False, False, False, False, False])
+    flag_i = torch.tensor([True, False, True])
+    pid_i = torch.tensor([0, 0, 1])
+    # prompt 0: 0.5 * 1/2 + 0.5 * 0/2 = 0.25; prompt 1: 0.5 * 1 + 0.5 * 1/3
+    want = (0.25 + 0.5 + 0.5 / 3) / 2
+    assert math.isclose(cal.target_rate(flag_u, pid_u, inferred_u, flag_i, pid_i, 0.5, 2), want, rel_tol=1e-9)
+
+
+def test_search_brackets_and_interpolates_a_monotone_rate():
+    calls = []
+
+    def rate(w):
+        calls.append(w)
+        return 0.1 + 0.2 * w  # r* = 0.5 at w = 2
+
+    w, tried = cal.search_weight(rate, 0.5, cal.CalibrateConfig(max_evals=4))
+    assert calls[:2] == [1.0, 2.0] and math.isclose(w, 2.0, abs_tol=1e-6)
+    w, tried = cal.search_weight(lambda w: 0.2 * w, 0.05, cal.CalibrateConfig(max_evals=4))
+    assert tried[0][0] == 0.0 and math.isclose(w, 0.25, abs_tol=1e-6)  # below w = 1: bracket with 0
+    w, _ = cal.search_weight(lambda w: 0.01 * w, 0.5, cal.CalibrateConfig(max_evals=4, max_weight=4.0))
+    assert w == 4.0  # out of reach: the largest weight tried
+
+
+def test_recorded_weight_prefers_calibration_then_nearest_scale_then_recipe_default():
+    manifest = {"recipe": "invdiff-rt", "recommended_weight": 1.0,
+                "calibration": {"by_guidance_scale": {"3": {"weight": 1.4}, "7.5": {"weight": 0.6}}}}
+    assert cal.recorded_weight(manifest, 3.0)[0] == 1.4
+    w, how = cal.recorded_weight(manifest, 6.0)
+    assert w == 0.6 and "nearest calibrated CFG scale 7.5" in how
+    w, how = cal.recorded_weight({"recipe": "paper", "recommended_weight": 1.6}, 3.0)
+    assert w == 1.6 and "not calibrated" in how
+    assert cal.resolve_weight(0.3, 3.0, adapter_dir="/nonexistent") == (0.3, "given by --adapter-weight")
+
+
+# ---------------------------------------------------------------- the rule on a tiny model
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Tiny model, two-prompt coloured-squares data, inferred groups, a 20-step adapter (calibration off)."""
+    import os
+
+    from tests.test_method_cli import PROMPTS, _write_dataset
+    from invdiff_rt.method.grouper import infer_groups, save_groups
+    from invdiff_rt.method.losses import ProfileConfig
+    from invdiff_rt.method.train import TrainConfig, train_adapter
+    from invdiff_rt.models.loader import load_model
+    from invdiff_rt.models.tiny import save_random_model
+
+    tmp = tmp_path_factory.mktemp("calibrate")
+    before = os.environ.get("INVDIFF_CACHE_DIR")
+    os.environ["INVDIFF_CACHE_DIR"] = str(tmp / "cache")
+    model = load_model(save_random_model(tmp / "model", PROMPTS, seed=0))
+    data = _write_dataset(tmp / "data")
+    groups = infer_groups(model, data, profile_config=ProfileConfig(grid_samples=12), show_progress=False,
+                          outlier_k=1.0)
+    save_groups(groups, tmp / "G")
+    out = train_adapter(model, data, groups, tmp / "adapter",
+                        TrainConfig(steps=20, batch_size=4, show_progress=False, calibrate=False))
+    yield model, data, groups, out
+    if before is None:
+        os.environ.pop("INVDIFF_CACHE_DIR", None)
+    else:
+        os.environ["INVDIFF_CACHE_DIR"] = before
+
+
+@pytest.mark.slow
+def test_calibrate_on_tiny_model_golden(trained):
+    from invdiff_rt.method.cache import base_inputs
+
+    model, data, groups, out = trained
+    config = cal.CalibrateConfig(per_prompt=4, min_samples=0, reference_per_prompt=10, steps=3, batch_size=16)
+    record = cal.calibrate_adapter(model, out, base_inputs(model, data), groups, config)
+    row = record["by_guidance_scale"]["3"]
+    assert record["rule"] == cal.RULE and 0 <= record["target_rate"] <= 1
+    assert any(w == 1.0 for w, _ in row["tried"])  # the search starts at the trained weight
+    assert (record["target_rate"], row["weight"]) == pytest.approx(GOLDEN, abs=1e-3), (record, row)
+    assert row["tried"] == GOLDEN_TRIED
+    saved = json.loads((out / "adapter.json").read_text())
+    assert saved["calibration"]["by_guidance_scale"]["3"]["weight"] == row["weight"]
+    again = cal.calibrate_adapter(model, out, base_inputs(model, data), groups, config)
+    assert again["by_guidance_scale"] == record["by_guidance_scale"]  # deterministic
+
+
+# (target rate, weight) on the tiny random model: its samples are noise to the contrast score, so every weight is
+# flagged at 0.5 > r* and the search brackets with w = 0 (the rule's lower end)
+GOLDEN = (0.1875, 0.0)
+GOLDEN_TRIED = [[0.0, 0.5], [1.0, 0.5]]
+
+
+@pytest.mark.slow
+def test_generate_without_weight_uses_recorded_weight(trained, tmp_path):
+    from tests.test_method_cli import PROMPTS
+    from invdiff_rt.artifacts import atomic_write_json
+    from invdiff_rt.cli import app
+
+    model, _, _, out = trained
+    manifest = json.loads((out / "adapter.json").read_text())
+    manifest["calibration"] = {"rule": cal.RULE, "by_guidance_scale": {"2": {"weight": 0.37}}}
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter.safetensors").write_bytes((out / "adapter.safetensors").read_bytes())
+    atomic_write_json(adapter / "adapter.json", manifest)
+    args = ["generate", "--model", str(model.path), "--adapter", str(adapter), "--prompt", PROMPTS[0], "--num", "1",
+            "--steps", "2", "--guidance-scale", "2", "--backend", "torch", "--no-grid"]
+    r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "a")])
+    assert r.exit_code == 0, r.output
+    assert "adapter weight 0.37: calibrated label-free" in r.output
+    assert json.loads((tmp_path / "a" / "run.json").read_text())["settings"]["adapter_weight"] == 0.37
+    r = CliRunner().invoke(app, [*args, "--adapter-weight", "0", "--out", str(tmp_path / "b")])
+    assert r.exit_code == 0 and json.loads((tmp_path / "b" / "run.json").read_text())["settings"]["adapter_weight"] == 0.0
+
+
+def test_step_loss_regresses_the_shift_or_the_denoiser():
+    from invdiff_rt.method.adapter import AdapterConfig, GuidanceAdapter
+    from invdiff_rt.method.train import Batch, _step_loss
+
+    adapter = GuidanceAdapter(AdapterConfig(in_channels=4, cross_attention_dim=8, width=8, depth=1, time_dim=8))
+    g = torch.Generator().manual_seed(0)
+    x, target, eps = (torch.randn(2, 4, 2, 2, generator=g) for _ in range(3))
+    batch = Batch(torch.arange(2), x, torch.tensor([10, 900]), torch.randn(2, 3, 8, generator=g), x,
+                  torch.ones(2, 1), target)
+    shift = _step_loss(adapter, batch, eps, 0.0, True, "cpu", shift=True)  # zero-init: delta = 0
+    assert torch.allclose(shift.loss, target.pow(2).flatten(1).mean(1).mean())
+    rb = _step_loss(adapter, batch, eps, 0.0, True, "cpu")
+    assert torch.allclose(rb.loss, (eps - target).pow(2).flatten(1).mean(1).mean())
+
+
+def test_samples_per_prompt_reaches_the_minimum():
+    config = cal.CalibrateConfig(per_prompt=16, min_samples=160)
+    assert cal.samples_per_prompt(config, 10) == 16 and cal.samples_per_prompt(config, 2) == 80
+    assert cal.samples_per_prompt(config, 3) == 54
