@@ -275,7 +275,7 @@ def test_v_prediction_training_target_and_loss(tiny_model):
                              text_embeddings=torch.randn(2, 16, 16, generator=gen),
                              uncond_embedding=torch.zeros(1, 16, 16))
     grouping = SimpleNamespace(sampling=torch.full((6,), 1 / 6), weights=torch.ones(6, 1))
-    batch = draw_batch(inputs, grouping, _v_scheduler(), TrainConfig(batch_size=4, seed=0), 0, 0)
+    batch = draw_batch(inputs, grouping, _v_scheduler(), TrainConfig(batch_size=4, seed=0, target="noise"), 0, 0)
     a = _v_scheduler().alphas_cumprod[batch.timestep].view(-1, 1, 1, 1)
     v = (a.sqrt() * batch.sample - inputs.latents[batch.index]) / (1 - a).sqrt()
     assert torch.allclose(batch.noise, v, atol=1e-4)
@@ -283,6 +283,27 @@ def test_v_prediction_training_target_and_loss(tiny_model):
     eps_base = torch.randn(4, 4, 8, 8, generator=gen)
     terms = _step_loss(adapter, batch, eps_base, 0.0, True, "cpu")  # one group, lambda 0: the mean loss
     assert torch.allclose(terms.loss, (eps_base - v).pow(2).mean(), rtol=1e-4)
+
+
+def test_v_prediction_rb_target_is_the_posterior_velocity():
+    """The default `rb` target (an eps-space posterior mean) is mapped to v = (eps_hat - sqrt(1-a) x_t) / sqrt(a)."""
+    from types import SimpleNamespace
+
+    from invdiff_rt.method.targets import posterior_eps
+    from invdiff_rt.method.train import TrainConfig, draw_batch
+
+    gen = torch.Generator().manual_seed(3)
+    inputs = SimpleNamespace(latents=torch.randn(6, 4, 8, 8, generator=gen), prompt_ids=torch.tensor([0, 1] * 3),
+                             text_embeddings=torch.randn(2, 16, 16, generator=gen),
+                             uncond_embedding=torch.zeros(1, 16, 16))
+    grouping = SimpleNamespace(sampling=torch.full((6,), 1 / 6), weights=torch.ones(6, 1))
+    sched = _v_scheduler()
+    config = TrainConfig(batch_size=4, seed=0, target="rb", caption_dropout=0.0)
+    batch = draw_batch(inputs, grouping, sched, config, 0, 0)
+    eps_hat = posterior_eps(batch.sample, batch.timestep, inputs.prompt_ids[batch.index], inputs.latents,
+                            inputs.prompt_ids, grouping.sampling, sched.alphas_cumprod).float()
+    a = sched.alphas_cumprod[batch.timestep].view(-1, 1, 1, 1)
+    assert torch.allclose(batch.target, (eps_hat - (1 - a).sqrt() * batch.sample) / a.sqrt(), atol=1e-3)
 
 
 @pytest.mark.parametrize("name,prompt", [("colored-digits", "a photo of the digit 3"), ("shapes-habitats", "a circle"),
