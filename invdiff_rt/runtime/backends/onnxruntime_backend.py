@@ -109,7 +109,31 @@ def _batch_of(spec, feeds: dict) -> int:
     return int(feeds[first.name].shape[axis]) // (2 if symbol == "2B" else 1)
 
 
-class OrtRuntime:
+class ExportRuntime:
+    """The `Runtime` calls shared by the runtimes built from an export folder: `self.components` maps component
+    names to callables taking the spec's named inputs (onnxruntime, openvino)."""
+
+    def _component(self, name: str):
+        if name not in self.components:
+            raise InvdiffError(f"--export: {name}.onnx is not in this export; re-run `invdiff export`")
+        return self.components[name]
+
+    def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
+        ids = self.tokenizer(list(prompts), padding="max_length", truncation=True,
+                             max_length=self.tokenizer.model_max_length, return_tensors="np").input_ids
+        return self._component("text_encoder")(input_ids=ids)
+
+    def denoise_step(self, sample, timestep, text_embeddings, guidance_scale: float, adapter_weight: float):
+        timestep = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1).expand(sample.shape[0])
+        return self._component("denoiser")(sample=sample, timestep=timestep, text_embeddings=text_embeddings,
+                                           guidance_scale=float(guidance_scale),
+                                           adapter_weight=float(adapter_weight))
+
+    def decode(self, latents) -> torch.Tensor:
+        return self._component("vae_decoder")(latents=latents).float()
+
+
+class OrtRuntime(ExportRuntime):
     """The `Runtime` protocol on ONNX Runtime sessions built from an export folder alone."""
 
     def __init__(self, export_dir: str | Path, cuda: bool = False, threads: int | None = None,
@@ -128,25 +152,6 @@ class OrtRuntime:
             for name, entry in self.manifest["components"].items()
         }
         self.tokenizer = _tokenizer(export_dir)
-
-    def _component(self, name: str) -> OrtComponent:
-        if name not in self.components:
-            raise InvdiffError(f"--export: {name}.onnx is not in this export; re-run `invdiff export`")
-        return self.components[name]
-
-    def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
-        ids = self.tokenizer(list(prompts), padding="max_length", truncation=True,
-                             max_length=self.tokenizer.model_max_length, return_tensors="np").input_ids
-        return self._component("text_encoder")(input_ids=ids)
-
-    def denoise_step(self, sample, timestep, text_embeddings, guidance_scale: float, adapter_weight: float):
-        timestep = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1).expand(sample.shape[0])
-        return self._component("denoiser")(sample=sample, timestep=timestep, text_embeddings=text_embeddings,
-                                           guidance_scale=float(guidance_scale),
-                                           adapter_weight=float(adapter_weight))
-
-    def decode(self, latents) -> torch.Tensor:
-        return self._component("vae_decoder")(latents=latents).float()
 
 
 def _tokenizer(export_dir: Path):

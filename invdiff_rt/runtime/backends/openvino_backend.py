@@ -14,13 +14,13 @@ OpenVINO otherwise runs bf16 by default, which is lossy; `bf16` (opt-in) lets it
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
 from ...errors import InvdiffError
 from ...export.manifest import component_spec, read_manifest
+from .onnxruntime_backend import ExportRuntime, _tokenizer
 
 PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
 
@@ -111,7 +111,7 @@ class OvComponent:
         return size // 2 if first.dims[0] == "2B" else size
 
 
-class OvRuntime:
+class OvRuntime(ExportRuntime):
     """The `Runtime` protocol on OpenVINO CPU compiled models built from an export folder alone."""
 
     name = "openvino"
@@ -119,8 +119,6 @@ class OvRuntime:
     def __init__(self, export_dir: str | Path, threads: int | None = None, precision: str = "fp32",
                  verify: bool = True):
         import openvino as ov
-
-        from .onnxruntime_backend import _tokenizer
 
         export_dir = Path(export_dir)
         self.manifest = read_manifest(export_dir, verify=verify)
@@ -139,22 +137,3 @@ class OvRuntime:
                                              streams, precision)
                            for name, entry in self.manifest["components"].items()}
         self.tokenizer = _tokenizer(export_dir)
-
-    def _component(self, name: str) -> OvComponent:
-        if name not in self.components:
-            raise InvdiffError(f"--export: {name}.onnx is not in this export; re-run `invdiff export`")
-        return self.components[name]
-
-    def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
-        ids = self.tokenizer(list(prompts), padding="max_length", truncation=True,
-                             max_length=self.tokenizer.model_max_length, return_tensors="np").input_ids
-        return self._component("text_encoder")(input_ids=ids)
-
-    def denoise_step(self, sample, timestep, text_embeddings, guidance_scale: float, adapter_weight: float):
-        timestep = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1).expand(sample.shape[0])
-        return self._component("denoiser")(sample=sample, timestep=timestep, text_embeddings=text_embeddings,
-                                           guidance_scale=float(guidance_scale),
-                                           adapter_weight=float(adapter_weight))
-
-    def decode(self, latents) -> torch.Tensor:
-        return self._component("vae_decoder")(latents=latents).float()
