@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InvdiffError
+from .grouper import MAD_TO_SD, prompt_median_mad
 
 RULE = "contrast-flag-rate"
 
@@ -67,8 +68,6 @@ class Detector:
         return (total / 2).clamp_min(1e-12).log()
 
     def flags(self, log_score: torch.Tensor, prompt_ids: torch.Tensor) -> torch.Tensor:
-        from .grouper import MAD_TO_SD
-
         z = (log_score - self.median[prompt_ids]) / (self.mad[prompt_ids] * MAD_TO_SD).clamp_min(1e-12)
         return z > self.k
 
@@ -96,15 +95,6 @@ def reference_subset(prompt_ids: torch.Tensor, inferred: torch.Tensor, per_promp
     return torch.cat(uniform).sort().values, inferred.nonzero().flatten()
 
 
-def robust_stats(log_score: torch.Tensor, prompt_ids: torch.Tensor, n_prompts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    median, mad = torch.zeros(n_prompts, dtype=torch.float64), torch.ones(n_prompts, dtype=torch.float64)
-    for p in prompt_ids.unique().tolist():
-        x = log_score[prompt_ids == p]
-        median[p] = x.median()
-        mad[p] = (x - median[p]).abs().median()
-    return median, mad
-
-
 def target_rate(flag_u: torch.Tensor, pid_u: torch.Tensor, inferred_u: torch.Tensor, flag_i: torch.Tensor,
                 pid_i: torch.Tensor, fraction: float, n_prompts: int) -> float:
     """Mean over prompts of the sampler-weighted flag rate (inferred set `fraction`, the rest 1 - fraction)."""
@@ -126,7 +116,7 @@ def fit_reference(detector: Detector, inputs, grouping, groups_meta: dict, confi
     rows = torch.cat([uniform, inferred])
     scores = detector.log_score(inputs.latents[rows], inputs.prompt_ids[rows], config.seed, config.batch_size)
     n_u, n_prompts = uniform.numel(), len(inputs.prompts)
-    detector.median, detector.mad = robust_stats(scores[:n_u], inputs.prompt_ids[uniform], n_prompts)
+    detector.median, detector.mad = prompt_median_mad(scores[:n_u], inputs.prompt_ids[uniform], n_prompts)
     flags = detector.flags(scores, inputs.prompt_ids[rows])
     fraction = float(groups_meta.get("grouping", {}).get("jtt_fraction", 0.5))
     return target_rate(flags[:n_u], inputs.prompt_ids[uniform], grouping.inferred[uniform], flags[n_u:],

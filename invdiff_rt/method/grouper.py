@@ -58,16 +58,21 @@ def _fit(losses: torch.Tensor, w: torch.Tensor, opt: torch.optim.Optimizer, iter
             w.copy_(project_rows(w))
 
 
+def prompt_median_mad(x: torch.Tensor, prompt_ids: torch.Tensor, n_prompts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-prompt median and MAD of x [N] (float64 [n_prompts]; prompts without samples: 0 and 1)."""
+    median, mad = torch.zeros(n_prompts, dtype=torch.float64), torch.ones(n_prompts, dtype=torch.float64)
+    for p in prompt_ids.unique().tolist():
+        values = x[prompt_ids == p]
+        median[p] = values.median()
+        mad[p] = (values - median[p]).abs().median()
+    return median, mad
+
+
 def robust_prompt_z(scores: torch.Tensor, prompt_ids: torch.Tensor) -> torch.Tensor:
     """Per-prompt robust z-score of log(score): (x - median) / (1.4826 * MAD) within each prompt."""
     x = scores.double().clamp_min(1e-12).log()
-    z = torch.zeros_like(x)
-    for p in prompt_ids.unique():
-        sel = prompt_ids == p
-        med = x[sel].median()
-        mad = (x[sel] - med).abs().median() * MAD_TO_SD
-        z[sel] = (x[sel] - med) / mad.clamp_min(1e-12)
-    return z.float()
+    median, mad = prompt_median_mad(x, prompt_ids, int(prompt_ids.max()) + 1)
+    return ((x - median[prompt_ids]) / (mad[prompt_ids] * MAD_TO_SD).clamp_min(1e-12)).float()
 
 
 def outlier_split(z: torch.Tensor, k: float = 3.0) -> torch.Tensor:
