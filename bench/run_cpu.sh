@@ -31,5 +31,5 @@ fi
 
 mkdir -p bench/results
 "$INVDIFF" bench --model "$MODEL" --backends onnxruntime,openvino --batch-sizes 1,16 --steps 20 --warmup 1 \
-    --repeats 1 --rounds 5 --precision fp32 "${PEERS[@]}" --json bench/results/cpu.json \
+    --repeats 3 --rounds 10 --precision fp32 "${PEERS[@]}" --json bench/results/cpu.json \
     --plot bench/results/cpu.png "$@"

@@ -78,6 +78,13 @@ def _groups(folder: Path, model, data: str, cfg: DemoConfig) -> dict:
     return {"prefix": str(folder / "groups"), "fingerprint": result.fingerprint, "meta": read_json(meta)}
 
 
+def _recipe_defaults() -> dict:
+    """The default recipe's settings: part of the adapter stage's key, so a changed recipe retrains."""
+    from .method.train import RECIPE_DEFAULTS
+
+    return RECIPE_DEFAULTS["invdiff-rt"]
+
+
 def _adapter(folder: Path, model, data: str, groups_prefix: str, cfg: DemoConfig) -> dict:
     from .method.adapter import adapter_fingerprint, read_adapter_manifest
     from .method.grouper import load_groups
@@ -163,12 +170,12 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), console: Console |
     groups = stages.run("groups", {**base, "seed": cfg.seed}, lambda f: _groups(f, model, data["path"], cfg))
     adapter = stages.run("adapter", {**base, "groups": groups["fingerprint"], "steps": cfg.train_steps,
                                      "calibrate_per_prompt": cfg.calibrate_per_prompt,
-                                     "seed": cfg.seed},
+                                     "seed": cfg.seed, "recipe": _recipe_defaults()},
                          lambda f: _adapter(f, model, data["path"], groups["prefix"], cfg))
-    from .method.calibrate import recorded_weight
+    from .method.calibrate import resolve_weight
     from .runtime.sampling import DEFAULT_GUIDANCE
 
-    weight, how = recorded_weight(adapter["manifest"], DEFAULT_GUIDANCE)
+    weight, how = resolve_weight(None, DEFAULT_GUIDANCE, adapter_dir=adapter["path"])
     console.print(f"adapter weight {weight:g}: {how}", highlight=False)
     # "outputs" names the folders the stage writes: a record from before it also wrote onnx-base is not reused
     export = stages.run("export", {**base, "adapter": adapter["fingerprint"], "outputs": ["onnx", "onnx-base"]},

@@ -48,12 +48,14 @@ def test_save_load_round_trip_and_fingerprint_mismatch(tmp_path):
     torch.manual_seed(1)
     adapter = GuidanceAdapter(AdapterConfig(cross_attention_dim=16, width=8, depth=1, time_dim=16))
     torch.nn.init.normal_(adapter.conv_out.weight)  # non-zero output so the round trip is meaningful
-    out = save_adapter(adapter, tmp_path / "ad", {"base_fingerprint": "a" * 64, "recipe": "erm", "lambda": 0.0})
+    out = save_adapter(adapter, tmp_path / "ad", {"base_fingerprint": "a" * 64, "recipe": "erm", "lambda": 0.0,
+                                                  "from_t": 700})
     manifest = json.loads((out / "adapter.json").read_text())
     assert manifest["parameter_count"] == parameter_count(adapter)
     assert manifest["config"]["width"] == 8 and "torch" in manifest["versions"]
     loaded = load_adapter(out, SimpleNamespace(fingerprint="a" * 64))
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    assert loaded.from_t == 700 and GuidanceAdapter(adapter.config).from_t is None  # sampling.step_weight reads it
     x, t, ehs, eps = _inputs()
     with torch.no_grad():
         assert torch.equal(adapter(x, t, ehs, eps), loaded(x, t, ehs, eps))

@@ -25,6 +25,9 @@ def test_snr_sampling_prefers_high_t_and_uniform_is_flat():
     expected = math.sqrt(0.999 / 0.001) / math.sqrt(0.001 / 0.999)  # sigma/alpha ratio of the two ends
     assert math.isclose(float(p[999] / p[0]), expected, rel_tol=1e-3)
     assert torch.allclose(timestep_probs(ABAR, "uniform"), torch.full((1000,), 1e-3))
+    active = timestep_probs(ABAR, "snr", start=800)  # --active-only: nothing below from_t, same shape above it
+    assert float(active[:800].sum()) == 0.0 and math.isclose(float(active.sum()), 1.0, rel_tol=1e-5)
+    assert math.isclose(float(active[999] / active[800]), float(p[999] / p[800]), rel_tol=1e-4)
 
 
 def test_posterior_shift_two_latents_by_hand():
@@ -97,7 +100,26 @@ def test_recorded_weight_prefers_calibration_then_nearest_scale_then_recipe_defa
     assert w == 0.6 and "nearest calibrated CFG scale 7.5" in how
     w, how = cal.recorded_weight({"recipe": "paper", "recommended_weight": 1.6}, 3.0)
     assert w == 1.6 and "not calibrated" in how
-    assert cal.resolve_weight(0.3, 3.0, adapter_dir="/nonexistent") == (0.3, "given by --adapter-weight")
+
+
+def test_resolve_weight_says_where_the_weight_and_the_active_timesteps_come_from(tmp_path):
+    from invdiff_rt.method.adapter import FORMAT, MANIFEST_NAME
+
+    manifest = {"format": FORMAT, "recipe": "invdiff-rt", "recommended_weight": 1.0, "from_t": 800,
+                "calibration": {"by_guidance_scale": {"3": {"weight": 1.4}}}}
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(manifest))
+    w, how = cal.resolve_weight(0.3, 3.0, adapter_dir=tmp_path)
+    assert w == 0.3 and how == "given by --adapter-weight; the adapter acts at t >= 800 (adapter.json from_t)"
+    w, how = cal.resolve_weight(None, 3.0, adapter_dir=tmp_path)
+    assert w == 1.4 and how.startswith("calibrated label-free") and how.endswith("t >= 800 (adapter.json from_t)")
+    assert cal.resolve_weight(None, 3.0) == (1.0, "no adapter (the weight has no effect)")
+
+
+def test_recorded_weight_of_an_uncalibrated_adapter_in_an_export_manifest():
+    # an export records `calibration: None` for a paper-recipe adapter (bench/real_scale.sh's generate crashed on it)
+    w, how = cal.recorded_weight({"recipe": "paper", "recommended_weight": 1.6, "calibration": None}, 3.0)
+    assert w == 1.6 and "not calibrated" in how
+    assert cal.recorded_weight({"recipe": "paper", "recommended_weight": None, "calibration": None}, 3.0)[0] == 1.0
 
 
 # ---------------------------------------------------------------- the rule on a tiny model
@@ -198,3 +220,21 @@ def test_samples_per_prompt_reaches_the_minimum():
     config = cal.CalibrateConfig(per_prompt=16, min_samples=160)
     assert cal.samples_per_prompt(config, 10) == 16 and cal.samples_per_prompt(config, 2) == 80
     assert cal.samples_per_prompt(config, 3) == 54
+
+
+def test_active_from_t_is_where_the_groups_reweighting_moves_the_posterior():
+    from diffusers import DDPMScheduler
+
+    from invdiff_rt.method.targets import active_from_t
+
+    sched = DDPMScheduler(num_train_timesteps=1000)
+    g = torch.Generator().manual_seed(0)
+    # one prompt: 12 latents of a majority mode (+1) and 4 of a minority mode (-1); JTT gives each half the mass
+    latents = torch.cat([torch.ones(12, 4, 2, 2), -torch.ones(4, 4, 2, 2)]) + 0.1 * torch.randn(16, 4, 2, 2,
+                                                                                                 generator=g)
+    prompt_ids = torch.zeros(16, dtype=torch.long)
+    jtt = torch.cat([torch.full((12,), 0.5 / 12), torch.full((4,), 0.5 / 4)])
+    from_t, profile = active_from_t(sched, latents, prompt_ids, jtt)
+    assert from_t == 450  # golden: the shift peaks at t = 500 (0.077 rms), 3/4 of it is first reached at 450
+    assert profile["250"] == 0.0 and profile["500"] == pytest.approx(0.0775, abs=1e-3)
+    assert active_from_t(sched, latents, prompt_ids, torch.full((16,), 1 / 16))[0] == 0  # no reweighting: every t

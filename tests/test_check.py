@@ -51,6 +51,8 @@ def test_ort_runtime_matches_torch_runtime(exported):
     assert ort_rt.latent_shape == (4, 8, 8) and ort_rt.cfg
     ov_rt = backends.load_runtime("openvino", export_dir=exported["out"], threads=2)
     reference = TorchRuntime(exported["model"], exported["adapter"], device="cpu")
+    # the adapter acts at t >= 600: step 1 (t = 999) with the weight, step 2 (t = 499) without, on every backend
+    assert reference.adapter_from_t == ort_rt.adapter_from_t == ov_rt.adapter_from_t == 600
     rows = run_parity(reference, [ort_rt, ov_rt], batch_sizes=[1, 2, 3], steps=2, seed=0)
     assert {r.backend for r in rows} == {"onnxruntime", "openvino"}
     quantities = {r.quantity for r in rows}
@@ -151,3 +153,4 @@ def test_openvino_chunks_keep_cond_and_uncond_rows_together():
     parts = [take_rows(emb, ("2B", 1), 4, a, b) for a, b in chunk_bounds(4, 2)]
     assert put_rows(parts, ("2B", 1))[:, 0].tolist() == list(range(8))
     assert put_rows([np.arange(2), np.arange(2, 5)], ("B",)).tolist() == list(range(5))
+

@@ -26,7 +26,7 @@ def make_adapter(model, out_dir, base_fingerprint=None, seed=1):
     adapter = GuidanceAdapter(config_for_unet(model.unet, width=8, depth=1, time_dim=16))
     torch.nn.init.normal_(adapter.conv_out.weight, std=0.2)
     torch.nn.init.normal_(adapter.conv_out.bias, std=0.2)
-    return save_adapter(adapter, out_dir, {"base_fingerprint": base_fingerprint or model.fingerprint})
+    return save_adapter(adapter, out_dir, {"base_fingerprint": base_fingerprint or model.fingerprint, "from_t": 600})
 
 
 def exported_folder(tmp_path_factory) -> dict:
@@ -136,6 +136,7 @@ def test_manifest_hashes_match_files(exported):
     assert manifest["opset"] == 18 and manifest["precision"] == "fp32" and manifest["cfg"] is True
     assert manifest["base_fingerprint"] == exported["model"].fingerprint
     assert manifest["adapter"]["base_fingerprint"] == exported["model"].fingerprint
+    assert manifest["adapter"]["from_t"] == 600  # the steps it acts at travel with the export (step_weight)
     assert manifest["components"]["denoiser"]["spec"]["max_batch"] == 8
     assert manifest["components"]["text_encoder"]["spec"]["max_batch"] == 16  # cond + uncond prompts
     assert "onnx" in manifest["versions"] and manifest["scheduler_config"]["num_train_timesteps"] == 1000

@@ -85,6 +85,11 @@ def test_groups_then_train_end_to_end(setup):
 
     adapter = load_adapter(out, load_model(model))
     assert any(p.abs().sum() > 0 for p in adapter.conv_out.parameters())  # it trained away from zero-init
+    # from_t: the first t of the recorded shift profile at >= 3/4 of its top (targets.active_from_t)
+    rms = {int(t): r for t, r in manifest["from_t_rule"]["shift_rms"].items()}
+    top = max(rms.values())
+    assert manifest["from_t"] == (min(t for t, r in rms.items() if r >= 0.75 * top) if top > 1e-6 else 0)
+    assert adapter.from_t == manifest["from_t"] and manifest["active_only"] is True
 
 
 @pytest.mark.slow

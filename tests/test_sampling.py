@@ -53,3 +53,28 @@ def test_sample_images_independent_of_batch_composition(tiny_model):
     assert np.abs(together.astype(int) - alone.astype(int)).max() <= 1
     again = sample_images(tiny_model, prompts, idx, seed=3, steps=3, batch_size=3)
     assert np.array_equal(together, again)
+
+
+class _WeightRecorder:
+    """A runtime whose step returns zeros and records the adapter weight it was given."""
+
+    name, latent_shape, cfg = "recorder", (4, 2, 2), True
+
+    def __init__(self, scheduler_config, from_t):
+        self.scheduler_config, self.adapter_from_t, self.weights = scheduler_config, from_t, []
+
+    def denoise_step(self, sample, timestep, text_embeddings, guidance_scale, adapter_weight):
+        self.weights.append((int(timestep[0]), adapter_weight))
+        return torch.zeros_like(sample)
+
+
+@pytest.mark.parametrize("from_t, expected", [(None, [1.5] * 5), (0, [1.5] * 5), (500, [1.5, 1.5, 1.5, 0.0, 0.0]),
+                                              (2000, [0.0] * 5)])
+def test_the_adapter_weight_is_zero_below_the_adapters_from_t(tiny_model, from_t, expected):
+    from invdiff_rt.runtime.sampling import denoise
+
+    runtime = _WeightRecorder(tiny_model.scheduler_config, from_t)
+    denoise(runtime, make_scheduler(runtime.scheduler_config), torch.zeros(1, 4, 2, 2), torch.zeros(2, 3, 8), 3.0,
+            1.5, 5)
+    assert [t for t, _ in runtime.weights] == [999, 799, 599, 399, 199]  # DDIM, 5 of 1000 steps, trailing
+    assert [w for _, w in runtime.weights] == expected

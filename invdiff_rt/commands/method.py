@@ -92,6 +92,11 @@ def train(
     target: Optional[str] = typer.Option(None, "--target", help="noise | posterior (default: the recipe's)."),
     eps_base_input: Optional[bool] = typer.Option(None, "--eps-base-input/--no-eps-base-input",
                                                   help="The adapter reads the base's prediction (default: recipe's)."),
+    from_t: Optional[str] = typer.Option(None, "--from-t", help="First timestep the adapter acts at when sampling: "
+                                         "auto (invdiff-rt: where the groups move the posterior) or N (0: every "
+                                         "step; paper, erm)."),
+    active_only: Optional[bool] = typer.Option(None, "--active-only/--all-t", help="Train only at the t the adapter "
+                                               "acts at (t >= from t) (default: the recipe's)."),
 ) -> None:
     """Train the guidance adapter on the frozen base with the invariance objective (Accelerate-ready)."""
     from ..errors import InvdiffError
@@ -104,7 +109,8 @@ def train(
     config = TrainConfig(recipe=recipe, lam=lam, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
                          checkpoint_every=checkpoint_every, resume=resume, oracle_column=oracle_groups_from,
                          **{k: v for k, v in (("t_sampling", t_sampling), ("target", target),
-                                                 ("eps_base_input", eps_base_input)) if v is not None})
+                                                 ("eps_base_input", eps_base_input), ("active_only", active_only),
+                                                 ("from_t", _from_t_option(from_t))) if v is not None})
     check_train_config(config)
     _set_threads(threads)
     group_result = None
@@ -112,12 +118,22 @@ def train(
         group_result = load_groups(groups_prefix)
     path = train_adapter(load_model(model), data, group_result, out, config)
     typer.echo(f"adapter written to {path}")
-    from ..method.adapter import read_adapter_manifest
-    from ..method.calibrate import recorded_weight
+    from ..method.calibrate import resolve_weight
     from ..runtime.defaults import DEFAULT_GUIDANCE
 
-    weight, how = recorded_weight(read_adapter_manifest(path), DEFAULT_GUIDANCE)
+    weight, how = resolve_weight(None, DEFAULT_GUIDANCE, adapter_dir=path)
     typer.echo(f"adapter weight at CFG {DEFAULT_GUIDANCE:g}: {weight:g} ({how})")
+
+
+def _from_t_option(text: str | None) -> int | str | None:
+    from ..errors import InvdiffError
+
+    if text is None or text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise InvdiffError(f"--from-t {text}: give a timestep >= 0 (0: every step) or auto") from None
 
 
 def calibrate(

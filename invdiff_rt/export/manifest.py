@@ -68,8 +68,14 @@ def _load_adapter(adapter_dir, model):
     info = {"fingerprint": adapter_fingerprint(adapter_dir), "config": manifest["config"],
             "base_fingerprint": manifest["base_fingerprint"], "weights_sha256": manifest["weights_sha256"],
             "source": str(adapter_dir), "recipe": manifest.get("recipe"),
-            "recommended_weight": manifest.get("recommended_weight"), "calibration": manifest.get("calibration")}
+            "recommended_weight": manifest.get("recommended_weight"), "calibration": manifest.get("calibration"),
+            "from_t": manifest.get("from_t")}
     return adapter, info
+
+
+def adapter_from_t(manifest: dict) -> int | None:
+    """The exported adapter's first active timestep (`sampling.step_weight`); None: every step, or no adapter."""
+    return (manifest.get("adapter") or {}).get("from_t")
 
 
 def _export_component(name: str, model, adapter, spec: ExportSpec, out_dir: Path, opset: int, cfg: bool):

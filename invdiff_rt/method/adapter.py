@@ -55,7 +55,10 @@ class _FiLMBlock(nn.Module):
 
 
 class GuidanceAdapter(nn.Module):
-    """delta = G_psi(sample, t, pooled text, eps_base); the last conv is zero-initialised (delta == 0 at init)."""
+    """delta = G_psi(sample, t, pooled text, eps_base); the last conv is zero-initialised (delta == 0 at init).
+    `from_t` (from adapter.json): the first timestep it acts at when sampling (None: every step)."""
+
+    from_t: int | None = None
 
     def __init__(self, config: AdapterConfig):
         super().__init__()
@@ -146,6 +149,7 @@ def load_adapter(adapter_dir: str | Path, model) -> GuidanceAdapter:
 
     adapter = GuidanceAdapter(AdapterConfig(**manifest["config"]))
     adapter.load_state_dict(load_file(str(weights)))
+    adapter.from_t = manifest.get("from_t")
     adapter.eval().requires_grad_(False)
     return adapter
 

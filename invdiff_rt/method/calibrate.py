@@ -209,33 +209,42 @@ def calibrate(model, adapter, inputs, groups, config: CalibrateConfig = Calibrat
 
 def recorded_weight(manifest: dict, guidance_scale: float) -> tuple[float, str]:
     """The weight to sample with when --adapter-weight is not given, and a sentence saying how it was chosen."""
-    table = manifest.get("calibration", {}).get("by_guidance_scale", {})
+    table = (manifest.get("calibration") or {}).get("by_guidance_scale", {})  # None: an uncalibrated adapter
     if table:
         scale = min(table, key=lambda s: abs(float(s) - guidance_scale))
         w = float(table[scale]["weight"])
         how = "calibrated label-free" + ("" if abs(float(scale) - guidance_scale) < 1e-6 else
                                          f" at the nearest calibrated CFG scale {scale}, not {guidance_scale:g}")
         return w, f"{how} (rule {RULE}, adapter.json)"
-    w = float(manifest.get("recommended_weight", 1.0))
+    w = manifest.get("recommended_weight")
+    w = 1.0 if w is None else float(w)
     return w, f"the recipe's recorded default (not calibrated; recipe {manifest.get('recipe', '?')})"
 
 
 def resolve_weight(adapter_weight: float | None, guidance_scale: float, adapter_dir=None,
                    export_dir=None) -> tuple[float, str]:
     """--adapter-weight when given, else the weight recorded with the adapter (its folder or an export of it)."""
-    if adapter_weight is not None:
-        return float(adapter_weight), "given by --adapter-weight"
+    info = _adapter_info(adapter_dir, export_dir)
+    if info is None:
+        return (1.0 if adapter_weight is None else float(adapter_weight)), "no adapter (the weight has no effect)"
+    w, how = (float(adapter_weight), "given by --adapter-weight") if adapter_weight is not None else \
+        recorded_weight(info, guidance_scale)
+    if info.get("from_t"):
+        how += f"; the adapter acts at t >= {info['from_t']} (adapter.json from_t)"
+    return w, how
+
+
+def _adapter_info(adapter_dir, export_dir) -> dict | None:
+    """The adapter's manifest (its folder), or what an export recorded of it; None without an adapter."""
     if adapter_dir is not None:
         from .adapter import read_adapter_manifest
 
-        return recorded_weight(read_adapter_manifest(adapter_dir), guidance_scale)
+        return read_adapter_manifest(adapter_dir)
     if export_dir is not None:
         from ..export.manifest import read_manifest
 
-        info = read_manifest(export_dir, verify=False).get("adapter")
-        if info:
-            return recorded_weight(info, guidance_scale)
-    return 1.0, "no adapter (the weight has no effect)"
+        return read_manifest(export_dir, verify=False).get("adapter") or None
+    return None
 
 
 def calibrates(recipe: str, groups) -> bool:
@@ -253,8 +262,8 @@ def calibrate_adapter(model, adapter_dir, inputs, groups, config: CalibrateConfi
     adapter = load_adapter(adapter_dir, model)
     record = calibrate(model, adapter, inputs, groups, config)
     manifest = read_adapter_manifest(adapter_dir)
-    old = manifest.get("calibration", {}).get("by_guidance_scale", {}) if manifest.get("calibration", {}).get(
-        "target_rate") == record["target_rate"] else {}
+    previous = manifest.get("calibration") or {}
+    old = previous.get("by_guidance_scale", {}) if previous.get("target_rate") == record["target_rate"] else {}
     record["by_guidance_scale"] = {**old, **record["by_guidance_scale"]}
     artifacts.atomic_write_json(Path(adapter_dir) / MANIFEST_NAME, {**manifest, "calibration": record})
     return record

@@ -55,13 +55,15 @@ class Recorder:
         self.runtime, self.steps = runtime, []
         self.name, self.latent_shape = runtime.name, runtime.latent_shape
         self.scheduler_config, self.cfg = runtime.scheduler_config, getattr(runtime, "cfg", True)
+        self.adapter_from_t = getattr(runtime, "adapter_from_t", None)
 
     def encode_text(self, prompts):
         return self.runtime.encode_text(prompts)
 
     def denoise_step(self, sample, timestep, text_embeddings, guidance_scale, adapter_weight):
         out = self.runtime.denoise_step(sample, timestep, text_embeddings, guidance_scale, adapter_weight)
-        self.steps.append(((sample.clone(), timestep.clone(), text_embeddings), out.detach().float().cpu()))
+        self.steps.append(((sample.clone(), timestep.clone(), text_embeddings, adapter_weight),
+                           out.detach().float().cpu()))
         return out
 
     def decode(self, latents):
@@ -107,8 +109,8 @@ def compare(reference: Trace, runtime, batch: int, precision: str, settings: dic
 
     prompts = _prompts(batch)
     add("text_embeddings", "text_embeddings", embeddings(runtime, prompts, settings["cfg"]), reference.text_embeddings)
-    for i, ((sample, t, emb), ref_out) in enumerate(reference.steps):
-        out = runtime.denoise_step(sample, t, emb, settings["guidance_scale"], settings["adapter_weight"])
+    for i, ((sample, t, emb, weight), ref_out) in enumerate(reference.steps):
+        out = runtime.denoise_step(sample, t, emb, settings["guidance_scale"], weight)
         add(f"noise_pred[{i}]", "noise_pred", out.cpu(), ref_out)
     trace = run_trace(runtime, prompts, **settings)
     add("final latents", "latents", trace.latents, reference.latents)

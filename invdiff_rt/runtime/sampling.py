@@ -92,6 +92,14 @@ def check_finite(runtime: Runtime, component: str, value: torch.Tensor) -> torch
     return value
 
 
+def step_weight(runtime: Runtime, adapter_weight: float, t) -> float:
+    """The adapter weight of the step at timestep `t`: 0 below the adapter's `from_t` (it acts only at the high t
+    where the colour, background, ... is decided and leaves the shape to the base: targets.active_from_t), else
+    `adapter_weight`. A runtime without `adapter_from_t` (or None) applies the weight at every step."""
+    start = getattr(runtime, "adapter_from_t", None)
+    return adapter_weight if start is None or float(t) >= start else 0.0
+
+
 def denoise(runtime: Runtime, scheduler, latents: torch.Tensor, text_embeddings: torch.Tensor,
             guidance_scale: float, adapter_weight: float, steps: int,
             callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
@@ -106,7 +114,7 @@ def denoise(runtime: Runtime, scheduler, latents: torch.Tensor, text_embeddings:
         x_in = scheduler.scale_model_input(latents, t)
         t_batch = torch.full((batch,), float(t), dtype=torch.float32, device=latents.device)
         noise_pred = _forced_nan(i + 1, runtime.denoise_step(x_in, t_batch, text_embeddings, guidance_scale,
-                                                             adapter_weight))
+                                                             step_weight(runtime, adapter_weight, t)))
         guard.add(noise_pred)
         if (i + 1) % FINITE_CHECK_EVERY == 0:
             guard.check(len(scheduler.timesteps))

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ...errors import InvdiffError
-from ...export.manifest import component_spec, read_manifest
+from ...export.manifest import adapter_from_t, component_spec, read_manifest
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -112,6 +112,10 @@ def _batch_of(spec, feeds: dict) -> int:
 class ExportRuntime:
     """The `Runtime` calls shared by the runtimes built from an export folder: `self.components` maps component
     names to callables taking the spec's named inputs (onnxruntime, openvino)."""
+
+    @property
+    def adapter_from_t(self) -> int | None:  # sampling.step_weight
+        return adapter_from_t(self.manifest)
 
     def _component(self, name: str):
         if name not in self.components:

@@ -11,6 +11,7 @@ from typing import Any, Mapping, Sequence
 
 from ...errors import InvdiffError
 from ...export import tensorrt as trt_export
+from ...export.manifest import adapter_from_t
 
 
 def _torch_dtype(trt, dtype):
@@ -118,6 +119,7 @@ class TrtRuntime:
         self.cfg = "guidance_scale" in self.runners["denoiser"].inputs
         self.latent_shape = _latent_shape(manifest)
         self.scheduler_config = manifest.get("scheduler_config")
+        self.adapter_from_t = adapter_from_t(self.manifest)  # sampling.step_weight
 
     @classmethod
     def from_export(cls, export_dir: str | Path, engines_dir: str | Path = "engines", use_cuda_graph: bool = True,

@@ -17,6 +17,7 @@ class TorchRuntime:
         self.dtype = dtype
         self.cfg = cfg
         self.fused = FusedDenoiser(model.unet, adapter, cfg).to(self.device, dtype).eval()
+        self.adapter_from_t = getattr(adapter, "from_t", None)  # sampling.step_weight
         self.latent_shape = model.latent_shape
         self.scheduler_config = model.scheduler_config
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
