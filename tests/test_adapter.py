@@ -137,6 +137,9 @@ def test_batches_keep_index_and_group_rows_together_per_rank():
     assert not torch.equal(b0.index, b1.index)
     again = draw_batch(_tiny_inputs(), grouping, sched, cfg, rank=0, step=5)  # resumable: same (seed, rank, step)
     assert torch.equal(again.index, b0.index) and torch.equal(again.sample, b0.sample)
+    active = TrainConfig(batch_size=256, seed=3, from_t=800, active_only=True)  # --active-only, from_t resolved
+    assert int(draw_batch(_tiny_inputs(), grouping, sched, active, rank=0, step=5).timestep.min()) >= 800
+    assert int(b0.timestep.min()) < 800 and TrainConfig().t_start == 0  # "auto" unresolved: every t
 
 
 def test_base_predictions_chunked_equal_one_by_one_on_one_thread(unet):

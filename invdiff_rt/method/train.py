@@ -80,6 +80,12 @@ class TrainConfig:
             object.__setattr__(self, "eps_base_input", self.target != "posterior")
 
     @property
+    def t_start(self) -> int:
+        """The first training timestep: `from_t` with `active_only` once resolved (`train_adapter` resolves "auto"
+        before the first batch), else 0."""
+        return int(self.from_t) if self.active_only and self.from_t != "auto" else 0
+
+    @property
     def lam_value(self) -> float:
         return RECIPE_DEFAULTS[self.recipe]["lam"] if self.lam is None else float(self.lam)
 
@@ -147,7 +153,7 @@ def draw_batch(inputs, grouping: Grouping, scheduler, config: TrainConfig, rank:
     idx = torch.multinomial(grouping.sampling, config.batch_size, replacement=True, generator=g)
     x0 = inputs.latents[idx]
     noise = torch.randn(x0.shape, generator=g)
-    start = int(config.from_t) if config.active_only else 0  # train_adapter resolves "auto" first
+    start = config.t_start
     if config.t_sampling == "uniform" and not start:
         t = torch.randint(0, scheduler.config.num_train_timesteps, (config.batch_size,), generator=g)
     else:
