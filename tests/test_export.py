@@ -126,6 +126,38 @@ def test_guidance_and_adapter_weight_are_runtime_inputs(exported):
     assert np.allclose(other_scale, ref_scale, atol=1e-4) and np.allclose(other_weight, ref_weight, atol=1e-4)
 
 
+def _run(source, inputs) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+    return session.run(None, {k: np.asarray(v) for k, v in inputs.items()})[0]
+
+
+def test_cpu_runtimes_load_the_adapter_gated_denoiser(exported):
+    """export/gate.py: every adapter weight is read only inside If(adapter_weight != 0); at weight 0 the gated graph
+    gives the ungated one's output bitwise (eps + 0 * delta == eps), at 1.5 within fp32 reordering; the text encoder
+    (no adapter_weight) is loaded from its path as it is."""
+    import onnx
+
+    from invdiff_rt.export.gate import cpu_model_source
+
+    manifest, path = exported["manifest"]["components"], exported["out"] / "denoiser.onnx"
+    source = cpu_model_source(path, ExportSpec.from_json(manifest["denoiser"]["spec"]))
+    model = onnx.load_from_string(source)
+    (gate,) = [n for n in model.graph.node if n.op_type == "If"]
+    then = next(a.g for a in gate.attribute if a.name == "then_branch")
+    weights = {i.name for i in model.graph.initializer if i.name.startswith("adapter.")}
+    assert len(weights) >= 10 and not weights & {i for n in model.graph.node for i in n.input}
+    assert weights <= {i for n in then.node for i in n.input}
+    inputs = ExportSpec.from_json(manifest["denoiser"]["spec"]).sample_inputs(3, seed=0)
+    for weight in (0.0, 1.5):
+        inputs.update(guidance_scale=np.float32(3.0), adapter_weight=np.float32(weight))
+        ungated, gated = _run(str(path), inputs), _run(source, inputs)
+        assert np.array_equal(gated, ungated) if weight == 0 else np.allclose(gated, ungated, atol=1e-5, rtol=1e-5)
+    text = exported["out"] / "text_encoder.onnx"
+    assert cpu_model_source(text, ExportSpec.from_json(manifest["text_encoder"]["spec"])) == str(text)
+
+
 def test_manifest_hashes_match_files(exported):
     out, manifest = exported["out"], exported["manifest"]
     files = manifest["files"]

@@ -28,3 +28,17 @@ def test_cuda_graph_step_matches_eager_and_recaptures_per_shape(tiny_model_dir):
     a = sample_images(graphed, ["a photo of the digit 2"], [0], seed=0, steps=3)
     b = sample_images(eager, ["a photo of the digit 2"], [0], seed=0, steps=3)
     assert abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+def test_cpu_step_at_weight_zero_skips_the_adapter(tiny_model):
+    """eps + 0 * delta == eps: at weight 0 the adapter is not run (a non-finite adapter would otherwise poison the
+    step with 0 * inf = NaN), and the step equals the adapter-free runtime's bitwise; at weight 1 it is run."""
+    from invdiff_rt.method.adapter import GuidanceAdapter, config_for_unet
+
+    adapter = GuidanceAdapter(config_for_unet(tiny_model.unet, width=8, depth=1, time_dim=16))
+    torch.nn.init.constant_(adapter.conv_out.bias, float("inf"))
+    rt, base = TorchRuntime(tiny_model, adapter), TorchRuntime(tiny_model)
+    x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.full((2,), 500.0)
+    emb = tiny_model.encode_text(["a red circle", "a blue square", "", ""])
+    assert torch.equal(rt.denoise_step(x, t, emb, 3.0, 0.0), base.denoise_step(x, t, emb, 3.0, 0.0))
+    assert not torch.isfinite(rt.denoise_step(x, t, emb, 3.0, 1.0)).all()

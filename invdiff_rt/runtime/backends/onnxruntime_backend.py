@@ -1,8 +1,9 @@
 """ONNX Runtime backend: the `Runtime` protocol over an export folder (text encoder, fused denoiser, VAE decoder).
 
 CPU EP: numpy feeds (0-d scalars as `np.array(x, np.float32)`), configurable intra-op threads, spinning off on
-request (a spinning pool steals cores from anything else in the process). CUDA EP (onnxruntime-gpu): torch CUDA
-tensors bound with I/O binding, outputs written into preallocated torch buffers (no host copies).
+request (a spinning pool steals cores from anything else in the process), the denoiser's adapter under an `If` that
+skips it at weight 0 (export/gate.py). CUDA EP (onnxruntime-gpu): torch CUDA tensors bound with I/O binding,
+outputs written into preallocated torch buffers (no host copies).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 
 from ...errors import InvdiffError
+from ...export.gate import cpu_model_source
 from ...export.manifest import adapter_from_t, component_spec, read_manifest
 
 CPU = "CPUExecutionProvider"
@@ -42,7 +44,9 @@ def session_options(threads: int | None = None, spinning: bool = True, low_memor
     return opts
 
 
-def make_session(path: str | Path, cuda: bool = False, threads: int | None = None, spinning: bool = True):
+def make_session(path: str | Path, cuda: bool = False, threads: int | None = None, spinning: bool = True,
+                 spec=None):
+    """A session on `path`; on CPU with the denoiser's `spec`, on its adapter-gated graph (export/gate.py)."""
     import onnxruntime as ort
 
     if cuda and CUDA not in ort.get_available_providers():
@@ -51,7 +55,8 @@ def make_session(path: str | Path, cuda: bool = False, threads: int | None = Non
     providers = [CUDA, CPU] if cuda else [CPU]
     data = Path(str(path) + ".data")
     low_memory = not cuda and data.is_file() and data.stat().st_size > LOW_MEMORY_BYTES
-    return ort.InferenceSession(str(path), sess_options=session_options(threads, spinning, low_memory),
+    source = cpu_model_source(path, spec) if spec is not None and not cuda else str(path)
+    return ort.InferenceSession(source, sess_options=session_options(threads, spinning, low_memory),
                                 providers=providers)
 
 
@@ -66,7 +71,7 @@ class OrtComponent:
 
     def __init__(self, path: Path, spec, cuda: bool = False, threads: int | None = None, spinning: bool = True):
         self.spec, self.cuda = spec, cuda
-        self.session = make_session(path, cuda, threads, spinning)
+        self.session = make_session(path, cuda, threads, spinning, spec)
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     def __call__(self, **inputs) -> torch.Tensor:

@@ -8,7 +8,8 @@ threads inside one op (every op ends in a barrier, which a busy neighbour turns 
 chunks do not wait for each other. A batch of one runs on one stream, one thread. Chunks follow the spec's batch
 symbols (`2B` inputs keep their cond and uncond rows together), so a chunk computes exactly the rows it would compute
 in the whole batch. Precision is pinned: `fp32` sets INFERENCE_PRECISION_HINT=f32, because on AMX/avx512_bf16 CPUs
-OpenVINO otherwise runs bf16 by default, which is lossy; `bf16` (opt-in) lets it use bf16 kernels.
+OpenVINO otherwise runs bf16 by default, which is lossy; `bf16` (opt-in) lets it use bf16 kernels. The denoiser's
+adapter runs under an `If` that skips it at weight 0 (export/gate.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from ...errors import InvdiffError
+from ...export.gate import cpu_model_source
 from ...export.manifest import component_spec, read_manifest
 from .onnxruntime_backend import ExportRuntime, _tokenizer
 
@@ -75,7 +77,7 @@ class OvComponent:
 
     def __init__(self, core, path: Path, spec, streams: int, precision: str):
         self.core, self.spec, self.streams, self.precision = core, spec, streams, precision
-        self.model = core.read_model(str(path))
+        self.model = core.read_model(cpu_model_source(path, spec))  # export/gate.py
         self.input_names = [p.get_any_name() for p in self.model.inputs]
         self.compiled: dict[tuple, list] = {}
 

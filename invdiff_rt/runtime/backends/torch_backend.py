@@ -1,4 +1,5 @@
-"""The PyTorch backend: eager reference on CPU; on CUDA, fp16 and one CUDA graph of the fused step per batch shape."""
+"""The PyTorch backend: eager reference on CPU (the adapter skipped at weight 0); on CUDA, fp16 and one CUDA graph
+of the fused step per batch shape."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ class TorchRuntime:
         self.dtype = dtype
         self.cfg = cfg
         self.fused = FusedDenoiser(model.unet, adapter, cfg).to(self.device, dtype).eval()
+        self.base_fused = FusedDenoiser(model.unet, None, cfg)  # same UNet: steps at weight 0 skip the adapter
         self.adapter_from_t = getattr(adapter, "from_t", None)  # sampling.step_weight
         self.latent_shape = model.latent_shape
         self.scheduler_config = model.scheduler_config
@@ -36,8 +38,8 @@ class TorchRuntime:
     def denoise_step(self, sample, timestep, text_embeddings, guidance_scale: float, adapter_weight: float):
         inputs = (sample.to(self.device, self.dtype), timestep.to(self.device, torch.float32),
                   text_embeddings.to(self.device, self.dtype), *self._scalars(guidance_scale, adapter_weight))
-        if not self.cuda_graphs:
-            return self.fused(*inputs)
+        if not self.cuda_graphs:  # eps + 0 * delta == eps: below from_t the adapter is not run (export/gate.py)
+            return (self.base_fused if adapter_weight == 0 else self.fused)(*inputs)
         from ..cuda_graphs import graphed_step, shape_key
 
         key = shape_key(inputs)
