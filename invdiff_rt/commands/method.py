@@ -126,14 +126,8 @@ def train(
 
 
 def _from_t_option(text: str | None) -> int | str | None:
-    from ..errors import InvdiffError
-
-    if text is None or text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise InvdiffError(f"--from-t {text}: give a timestep >= 0 (0: every step) or auto") from None
+    """An int when `text` is one; anything else as given (`train.check_train_config` refuses all but "auto")."""
+    return int(text) if text is not None and text.lstrip("-").isdigit() else text
 
 
 def calibrate(

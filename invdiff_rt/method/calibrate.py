@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InvdiffError
-from .grouper import MAD_TO_SD, prompt_median_mad
+from .grouper import prompt_median_mad, robust_z
 
 RULE = "contrast-flag-rate"
 
@@ -68,8 +68,7 @@ class Detector:
         return (total / 2).clamp_min(1e-12).log()
 
     def flags(self, log_score: torch.Tensor, prompt_ids: torch.Tensor) -> torch.Tensor:
-        z = (log_score - self.median[prompt_ids]) / (self.mad[prompt_ids] * MAD_TO_SD).clamp_min(1e-12)
-        return z > self.k
+        return robust_z(log_score, self.median, self.mad, prompt_ids) > self.k
 
 
 def make_detector(model, inputs, groups_meta: dict) -> Detector:

@@ -68,11 +68,15 @@ def prompt_median_mad(x: torch.Tensor, prompt_ids: torch.Tensor, n_prompts: int)
     return median, mad
 
 
+def robust_z(x: torch.Tensor, median: torch.Tensor, mad: torch.Tensor, prompt_ids: torch.Tensor) -> torch.Tensor:
+    """(x - median) / (1.4826 * MAD) with each row's own prompt's median and MAD."""
+    return (x - median[prompt_ids]) / (mad[prompt_ids] * MAD_TO_SD).clamp_min(1e-12)
+
+
 def robust_prompt_z(scores: torch.Tensor, prompt_ids: torch.Tensor) -> torch.Tensor:
-    """Per-prompt robust z-score of log(score): (x - median) / (1.4826 * MAD) within each prompt."""
+    """Per-prompt robust z-score of log(score), the medians and MADs taken within each prompt."""
     x = scores.double().clamp_min(1e-12).log()
-    median, mad = prompt_median_mad(x, prompt_ids, int(prompt_ids.max()) + 1)
-    return ((x - median[prompt_ids]) / (mad[prompt_ids] * MAD_TO_SD).clamp_min(1e-12)).float()
+    return robust_z(x, *prompt_median_mad(x, prompt_ids, int(prompt_ids.max()) + 1), prompt_ids).float()
 
 
 def outlier_split(z: torch.Tensor, k: float = 3.0) -> torch.Tensor:

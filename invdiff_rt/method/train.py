@@ -248,11 +248,11 @@ def _make_optimizer(adapter, config: TrainConfig):
     return optimizer, get_cosine_schedule_with_warmup(optimizer, warmup, config.steps)
 
 
-def _from_t(model, inputs, grouping: Grouping, config: TrainConfig) -> dict:
+def _from_t(noise_scheduler, inputs, grouping: Grouping, config: TrainConfig) -> dict:
     """adapter.json's `from_t` (and, for "auto", the shift profile that chose it)."""
     if config.from_t != "auto":
         return {"from_t": int(config.from_t)}
-    from_t, profile = active_from_t(make_noise_scheduler(model), inputs.latents, inputs.prompt_ids, grouping.sampling)
+    from_t, profile = active_from_t(noise_scheduler, inputs.latents, inputs.prompt_ids, grouping.sampling)
     return {"from_t": from_t, "from_t_rule": {"fraction": FROM_T_FRACTION, "shift_rms": profile}}
 
 
@@ -348,7 +348,8 @@ def train_adapter(model, data_dir: str | Path, groups: GroupsResult | None, out_
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     inputs = base_inputs(model, data_dir)
     grouping, group_meta = _resolve_grouping(groups, inputs, data_dir, config)
-    meta = {**_run_meta(model, inputs, group_meta, config), **_from_t(model, inputs, grouping, config)}
+    noise_scheduler = make_noise_scheduler(model)
+    meta = {**_run_meta(model, inputs, group_meta, config), **_from_t(noise_scheduler, inputs, grouping, config)}
     config = dataclasses.replace(config, from_t=meta["from_t"])  # "auto" resolved: draw_batch may start there
     unet = model.unet.to(accelerator.device).eval().requires_grad_(False)
     torch.manual_seed(config.seed)
@@ -357,7 +358,7 @@ def train_adapter(model, data_dir: str | Path, groups: GroupsResult | None, out_
     key, ckpt = _run_key(config, meta), checkpoint_dir(out_dir)
     start_step = load_checkpoint(ckpt, key, adapter, optimizer, lr_scheduler) if config.resume else 0
     adapter, optimizer = accelerator.prepare(adapter, optimizer)  # the LR schedule is stepped by hand, once a step
-    run = _Run(unet, adapter, optimizer, lr_scheduler, make_noise_scheduler(model), inputs, grouping, key, ckpt)
+    run = _Run(unet, adapter, optimizer, lr_scheduler, noise_scheduler, inputs, grouping, key, ckpt)
     last = _loop(accelerator, run, config, start_step)
     if accelerator.is_main_process:
         meta.update(num_processes=accelerator.num_processes, resumed_from_step=start_step, final=last,
