@@ -1,0 +1,75 @@
+"""What a perfectly learnt adapter would give: sampling with the ideal shift itself in place of the adapter (a
+diagnostic; uses a hidden column for the groups and the metrics).
+
+The "adapter" here is `targets.posterior_shift` computed on the fly, per row and CFG branch, from the training
+latents and a grouping's sampling weights: the difference, in eps units, between the sampler-weighted and the plain
+empirical posterior mean (the conditional branch over its prompt's latents, the unconditional one over all). It is
+what the `rb` target trains the adapter towards (up to the base's own error). Sampling and metrics are `invdiff
+eval`'s (DDIM 25, CFG 3.0 unless given), so the rows compare with the README's debiasing table.
+
+    python bench/ideal_shift.py --model colored-digits --data DATA --attribute color --from-t 800 --weight 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+
+class IdealShift(torch.nn.Module):
+    """`GuidanceAdapter`'s call signature; delta = posterior_shift of each row's prompt (-1: the empty prompt)."""
+
+    def __init__(self, inputs, sampling: torch.Tensor, alphas_cumprod: torch.Tensor, from_t: int):
+        super().__init__()
+        self.inputs, self.sampling, self.alphas_cumprod, self.from_t = inputs, sampling, alphas_cumprod, from_t
+        self.table = torch.cat([inputs.text_embeddings, inputs.uncond_embedding.reshape(1, *inputs.text_embeddings.shape[1:])]).flatten(1)
+
+    def prompt_of(self, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        """Row -> prompt id by nearest embedding (the last table row, the empty prompt, -> -1)."""
+        ids = torch.cdist(encoder_hidden_states.flatten(1).float(), self.table).argmin(1)
+        return torch.where(ids == len(self.table) - 1, -1, ids)
+
+    def forward(self, sample, timestep, encoder_hidden_states, eps_base):
+        from invdiff_rt.method.targets import posterior_shift
+
+        t = timestep.reshape(-1).round().long().clamp(0, len(self.alphas_cumprod) - 1)
+        return posterior_shift(sample.float(), t, self.prompt_of(encoder_hidden_states), self.inputs.latents,
+                               self.inputs.prompt_ids, self.sampling, self.alphas_cumprod).to(sample.dtype)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--attribute", required=True)
+    p.add_argument("--from-t", type=int, default=800)
+    p.add_argument("--weight", type=float, default=1.0)
+    p.add_argument("--guidance-scale", type=float, default=None)
+    p.add_argument("--per-prompt", type=int, default=32)
+    p.add_argument("--json", default=None)
+    a = p.parse_args()
+    from invdiff_rt.eval.evaluate import evaluate
+    from invdiff_rt.method.cache import base_inputs
+    from invdiff_rt.method.grouper import group_from_flags, hidden_minority
+    from invdiff_rt.method.losses import make_noise_scheduler
+    from invdiff_rt.models.loader import load_model
+
+    model = load_model(a.model)
+    inputs = base_inputs(model, a.data)
+    grouping = group_from_flags(hidden_minority(a.data, a.attribute, inputs.prompt_ids), inputs.prompt_ids,
+                                "invdiff-rt")
+    ideal = IdealShift(inputs, grouping.sampling, make_noise_scheduler(model).alphas_cumprod, a.from_t)
+    report = evaluate(model, a.data, a.attribute, per_prompt=a.per_prompt, adapter=ideal, adapter_weight=a.weight,
+                      guidance_scale=a.guidance_scale)
+    shares = [v["majority_share"] for v in report["per_prompt"].values()]
+    print(json.dumps({"from_t": a.from_t, "weight": a.weight, **{k: report[k] for k in (
+        "bias", "bias_filtered", "majority_share", "fidelity", "fid")}, "per_prompt_share": [min(shares), max(shares)]}))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
