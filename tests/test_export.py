@@ -134,7 +134,7 @@ def _run(source, inputs) -> np.ndarray:
 
 
 def test_cpu_runtimes_load_the_adapter_gated_denoiser(exported):
-    """export/cpu_graphs.py: every adapter weight is read only inside If(adapter_weight != 0); at weight 0 the gated graph
+    """export/gate.py: every adapter weight is read only inside If(adapter_weight != 0); at weight 0 the gated graph
     gives the ungated one's output bitwise (eps + 0 * delta == eps), at 1.5 within fp32 reordering; the text encoder
     (no adapter_weight) is loaded from its path as it is."""
     import onnx
@@ -242,10 +242,9 @@ def test_fp16_denoiser_keeps_cfg_combine_in_fp32(exported, tmp_path):
 def _fp16_matches_fp32_torch_if_ort_cpu_runs_it(exported, out):
     import onnxruntime as ort
 
+    from invdiff_rt.export.gate import cpu_model_source
     from invdiff_rt.export.manifest import component_spec, read_manifest
     from invdiff_rt.runtime.fused import FusedDenoiser
-
-    from invdiff_rt.export.gate import cpu_model_source
 
     spec = component_spec(read_manifest(out), "denoiser")
     inputs = spec.sample_inputs(3, seed=3)
