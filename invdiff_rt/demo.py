@@ -79,10 +79,12 @@ def _groups(folder: Path, model, data: str, cfg: DemoConfig) -> dict:
 
 
 def _recipe_defaults() -> dict:
-    """The default recipe's settings: part of the adapter stage's key, so a changed recipe retrains."""
+    """The default recipe's settings and the weight rule: part of the adapter stage's key, so a changed recipe
+    retrains and a changed rule recalibrates."""
+    from .method.calibrate import RULE
     from .method.train import RECIPE_DEFAULTS
 
-    return RECIPE_DEFAULTS["invdiff-rt"]
+    return {**RECIPE_DEFAULTS["invdiff-rt"], "weight_rule": RULE}
 
 
 def _adapter(folder: Path, model, data: str, groups_prefix: str, cfg: DemoConfig) -> dict:
