@@ -127,7 +127,7 @@ def train(
 
 def _from_t_option(text: str | None) -> int | str | None:
     """An int when `text` is one; anything else as given (`train.check_train_config` refuses all but "auto")."""
-    return int(text) if text is not None and text.lstrip("-").isdigit() else text
+    return int(text) if text is not None and text.removeprefix("-").isdigit() else text
 
 
 def calibrate(

@@ -95,8 +95,9 @@ def cpu_model_source(path: str | Path, spec) -> str | bytes:
     adapter, else the path itself (text encoder, VAE, a base export, external data: an SD-scale UNet)."""
     import onnx
 
-    path = Path(path)
-    if WEIGHT not in {t.name for t in spec.inputs} or path.with_name(path.name + ".data").exists():
+    from .onnx_export import external_data_path
+
+    if WEIGHT not in {t.name for t in spec.inputs} or external_data_path(path).exists():
         return str(path)
     model = onnx.load(str(path))
     return model.SerializeToString() if gated_graph(model) else str(path)

@@ -186,6 +186,12 @@ def _spec_values(model, spec: ExportSpec):
     return [(values[t.name], t) for t in spec.inputs + spec.outputs]
 
 
+def external_data_path(path: str | Path) -> Path:
+    """Where a component's external data lives: `NAME.onnx.data` beside `NAME.onnx`."""
+    path = Path(path)
+    return path.with_name(path.name + ".data")
+
+
 def save_onnx(model, path: str | Path) -> list[Path]:
     """Write `path` (+ `path.data` when the weights pass protobuf's 2 GB limit); returns the files written."""
     import onnx
@@ -195,7 +201,7 @@ def save_onnx(model, path: str | Path) -> list[Path]:
     if size <= EXTERNAL_DATA_BYTES:
         onnx.save_model(model, str(path))
         return [path]
-    data = path.with_name(path.name + ".data")
+    data = external_data_path(path)
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data.name, size_threshold=1024)
     return [path, data]
@@ -231,7 +237,7 @@ def export_large(module: torch.nn.Module, spec: ExportSpec, path: Path, opset: i
 
     import onnx
 
-    data = path.with_name(path.name + ".data")
+    data = external_data_path(path)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         written = Path(tmp) / path.name
         write_torch_export(module, spec, written, opset, weights)

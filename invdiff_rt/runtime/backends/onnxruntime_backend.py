@@ -17,6 +17,7 @@ import torch
 from ...errors import InvdiffError
 from ...export.gate import cpu_model_source
 from ...export.manifest import adapter_from_t, component_spec, read_manifest
+from ...export.onnx_export import external_data_path
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -53,7 +54,7 @@ def make_session(path: str | Path, cuda: bool = False, threads: int | None = Non
         raise InvdiffError("--backend onnxruntime-cuda: this onnxruntime has no CUDAExecutionProvider; "
                            "pip install 'invdiff-rt[gpu]' (onnxruntime-gpu) or use --backend onnxruntime")
     providers = [CUDA, CPU] if cuda else [CPU]
-    data = Path(str(path) + ".data")
+    data = external_data_path(path)
     low_memory = not cuda and data.is_file() and data.stat().st_size > LOW_MEMORY_BYTES
     source = cpu_model_source(path, spec) if spec is not None and not cuda else str(path)
     return ort.InferenceSession(source, sess_options=session_options(threads, spinning, low_memory),
