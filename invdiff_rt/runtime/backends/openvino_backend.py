@@ -79,6 +79,7 @@ class OvComponent:
         self.core, self.spec, self.streams, self.precision = core, spec, streams, precision
         self.model = core.read_model(cpu_model_source(path, spec))  # export/gate.py
         self.input_names = [p.get_any_name() for p in self.model.inputs]
+        self.dims = {t.name: t.dims for t in spec.inputs}
         self.compiled: dict[tuple, list] = {}
 
     def requests(self, chunks: list[dict[str, np.ndarray]]) -> list:
@@ -94,18 +95,20 @@ class OvComponent:
     def __call__(self, **inputs) -> torch.Tensor:
         arrays = {name: _numpy(inputs[name], self.spec.dtype(name)) for name in self.input_names}
         batch = self.batch_of(arrays)
-        dims = {t.name: t.dims for t in self.spec.inputs}
         bounds = chunk_bounds(batch, self.streams)
-        if len({stop - start for start, stop in bounds}) > 1:  # unequal chunks: one shape per compile, so run whole
-            bounds = [(0, batch)]
-        chunks = [{n: take_rows(a, dims[n], batch, *b) for n, a in arrays.items()} for b in bounds]
+        if len(bounds) == 1 or len({stop - start for start, stop in bounds}) > 1:  # one shape per compile
+            return torch.from_numpy(self.run([arrays])[0])
+        chunks = [{n: take_rows(a, self.dims[n], batch, *b) for n, a in arrays.items()} for b in bounds]
+        return torch.from_numpy(put_rows(self.run(chunks), self.spec.outputs[0].dims))
+
+    def run(self, chunks: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+        """Each chunk on its own request, concurrently; the inputs are shared (not copied), the outputs copied."""
         reqs = self.requests(chunks)
         for req, chunk in zip(reqs, chunks):
-            req.start_async(chunk)
+            req.start_async(chunk, share_inputs=True)
         for req in reqs:
             req.wait()
-        parts = [req.get_output_tensor(0).data.copy() for req in reqs]
-        return torch.from_numpy(put_rows(parts, self.spec.outputs[0].dims) if len(parts) > 1 else parts[0])
+        return [req.get_output_tensor(0).data.copy() for req in reqs]
 
     def batch_of(self, arrays: dict[str, np.ndarray]) -> int:
         first = self.spec.inputs[0]
