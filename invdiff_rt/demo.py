@@ -147,11 +147,14 @@ def _evaluate(folder: Path, model, data: str, export_dir: str, max_batch: int, a
     return run.report
 
 
+BENCH_BACKENDS = ("torch", "onnxruntime", "openvino")  # + eager, always; openvino is what `--backend auto` runs
+
+
 def _bench(folder: Path, export: dict, model_dir: str, adapter_dir: str, cfg: DemoConfig) -> dict:
     from .bench import BenchConfig, plot, run_bench, write_json
     from .runtime.sampling import DEFAULT_GUIDANCE
 
-    bc = BenchConfig(backends=["torch", "onnxruntime"], batch_sizes=list(cfg.bench_batch_sizes), model=model_dir,
+    bc = BenchConfig(backends=list(BENCH_BACKENDS), batch_sizes=list(cfg.bench_batch_sizes), model=model_dir,
                      adapter=adapter_dir, export=export["path"], base_export=export["base_path"],
                      steps=cfg.bench_steps, warmup=1, repeats=1, rounds=cfg.bench_repeats, threads=cfg.threads,
                      guidance_scale=DEFAULT_GUIDANCE)
@@ -196,7 +199,7 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), console: Console |
                        lambda f: _evaluate(f, model, data["path"], export["path"], with_adapter["max_batch"],
                                            adapter["path"], weight, cfg))
     bench = stages.run("bench", {"export": with_adapter.get("files"), "base": without["files"],
-                                 "cfg": asdict(cfg)},
+                                 "cfg": asdict(cfg), "backends": BENCH_BACKENDS},
                        lambda f: _bench(f, export, str(model.path), adapter["path"], cfg))
     report = write_report(out, cfg, data, groups, adapter, generated, before, after, bench, stages.timings,
                           (weight, how))

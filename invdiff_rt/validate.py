@@ -122,7 +122,7 @@ RULES: dict[str, Rule] = {
     "--lambda": Rule(min=0.0),
     "--outlier-k": Rule(above=0.0),
     "--scheduler": Rule(choices=_schedulers),
-    "--precision": Rule(choices=_fixed("fp32", "fp16")),
+    "--precision": Rule(choices=_fixed("fp32", "fp16", "bf16")),
     "--backend": Rule(choices=_backends_auto),
     "--backends": Rule(choices=_backends, comma=True),
     "--batch-sizes": Rule(min=1, comma=True),
@@ -369,7 +369,10 @@ def _generate_combos(values: dict[str, Any]) -> None:
 
 
 def _check_precision(precision: str, backend: str, export) -> None:
-    """fp16 is honoured by torch-cuda only (engine backends run the export's own precision): refuse it elsewhere."""
+    """fp16 is honoured by torch-cuda only (engine backends run the export's own precision), bf16 by openvino only
+    (a compile option on an fp32 export): refuse them elsewhere."""
+    if precision == "bf16":
+        return _check_bf16(backend, export)
     if precision == "fp32" or backend == "torch-cuda":
         return
     if export is not None:
@@ -383,6 +386,22 @@ def _check_precision(precision: str, backend: str, export) -> None:
             return
     raise InvdiffError(f"--precision {precision}: the {backend} backend runs fp32 only; drop --precision "
                        "(fp16 needs --backend torch-cuda or an fp16 export)")
+
+
+def _check_bf16(backend: str, export) -> None:
+    if export is not None and backend == "auto":
+        from .runtime.backends import resolve_backend
+
+        backend = resolve_backend("auto", export_dir=export)
+    if export is None or backend != "openvino":
+        raise InvdiffError("--precision bf16: only the openvino backend runs bf16 (lossy, quality-gated in "
+                           "bench/README.md); pass --backend openvino --export DIR, or drop --precision")
+
+
+def _export_combos(values: dict[str, Any]) -> None:
+    if values.get("precision") == "bf16":
+        raise InvdiffError("--precision bf16: an export is fp32 or fp16; bf16 is a compile option of the openvino "
+                           "backend on an fp32 export (`invdiff generate --backend openvino --precision bf16`)")
 
 
 def _train_combos(values: dict[str, Any]) -> None:
@@ -420,6 +439,7 @@ def _data_make_combos(values: dict[str, Any]) -> None:
 
 COMBOS: dict[str, tuple[Callable[[dict], None], ...]] = {
     "generate": (_generate_combos,),
+    "export": (_export_combos,),
     "train": (_train_combos,),
     "groups": (_groups_combos,),
     "eval": (_eval_combos,),

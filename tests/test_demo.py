@@ -40,7 +40,7 @@ def test_demo_end_to_end_smoke_and_stage_reuse(tmp_path, tiny_model_dir):
     assert base_export["adapter"] is None and set(base_export["components"]) >= {"denoiser", "vae_decoder"}
     bench = json.loads((out / "bench" / "bench.json").read_text())
     assert bench["config"]["base_export"] == str(out / "export" / "onnx-base")
-    assert {r["backend"] for r in bench["records"]} >= {"eager", "torch", "onnxruntime"}
+    assert {r["backend"] for r in bench["records"]} >= {"eager", "torch", "onnxruntime", "openvino"}
     # second run: every stage is reused (recorded as 0 s)
     mtime = (out / "adapter" / "stage.json").stat().st_mtime
     run_demo(out, cfg, console=Console(quiet=True))

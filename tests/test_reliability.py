@@ -66,13 +66,20 @@ def test_unknown_scheduler_leaves_no_run_json(tiny_model_dir, tmp_path, monkeypa
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("precision", ["fp8", "fp16"])
+@pytest.mark.parametrize("precision", ["fp8", "fp16", "bf16"])
 def test_precision_the_torch_backend_cannot_honour_is_refused(tiny_model_dir, tmp_path, monkeypatch, capsys,
                                                               precision):
     argv = _generate(tiny_model_dir, tmp_path / "out", "--backend", "torch", "--precision", precision)
     code, err = _cli(monkeypatch, capsys, *argv)
     assert code == 2 and f"--precision {precision}" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_bf16_is_not_an_export_precision(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    code, err = _cli(monkeypatch, capsys, "export", "--model", tiny_model_dir, "--out", tmp_path / "e", "--precision",
+                     "bf16")
+    assert code == 2 and "--precision bf16: an export is fp32 or fp16" in err and "--backend openvino" in err
+    assert not (tmp_path / "e").exists()
 
 
 def test_prompts_file_not_utf8_names_file_and_line(tiny_model_dir, tmp_path, monkeypatch, capsys):

@@ -31,7 +31,7 @@ def generate(
     backend: str = typer.Option("auto", "--backend",
                                 help="auto, torch, torch-cuda, openvino, onnxruntime, onnxruntime-cuda or tensorrt."),
     scheduler: str = typer.Option("ddim", "--scheduler", help="ddim, dpm or euler."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 or fp16 (engine backends)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32; fp16 (torch-cuda); bf16 (openvino, lossy)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for the backend."),
     no_grid: bool = typer.Option(False, "--no-grid", help="Do not write a grid PNG per prompt."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Reuse --out even if its settings differ."),
