@@ -117,8 +117,9 @@ def peak_device_mb() -> float | None:
 
 
 class EagerRuntime:
-    """The diffusers way: PyTorch eager UNet called at 2B, the adapter as a separate module call, the CFG combine in
-    Python with `chunk`; driven by the same diffusers scheduler loop as every backend."""
+    """The diffusers way: PyTorch eager UNet called at 2B, the adapter as a separate module call (skipped at the
+    steps where its weight is 0, as a hand-written loop would), the CFG combine in Python with `chunk`; driven by
+    the same diffusers scheduler loop as every backend."""
 
     name = "eager"
     cfg = True
@@ -127,6 +128,7 @@ class EagerRuntime:
         self.model = model
         self.unet = model.unet
         self.adapter = adapter
+        self.adapter_from_t = getattr(adapter, "from_t", None)  # sampling.step_weight
         self.device = model.device
         self.latent_shape = model.latent_shape
         self.scheduler_config = model.scheduler_config
@@ -140,7 +142,7 @@ class EagerRuntime:
         with torch.no_grad():
             x2, t2 = torch.cat([sample] * 2), torch.cat([timestep] * 2)
             eps = self.unet(x2, t2, encoder_hidden_states=text_embeddings).sample
-            if self.adapter is not None:
+            if self.adapter is not None and adapter_weight != 0:
                 eps = eps + adapter_weight * self.adapter(x2, t2, text_embeddings, eps)
             eps_cond, eps_uncond = eps.chunk(2)
             return eps_uncond + guidance_scale * (eps_cond - eps_uncond)

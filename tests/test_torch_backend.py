@@ -42,3 +42,22 @@ def test_cpu_step_at_weight_zero_skips_the_adapter(tiny_model):
     emb = tiny_model.encode_text(["a red circle", "a blue square", "", ""])
     assert torch.equal(rt.denoise_step(x, t, emb, 3.0, 0.0), base.denoise_step(x, t, emb, 3.0, 0.0))
     assert not torch.isfinite(rt.denoise_step(x, t, emb, 3.0, 1.0)).all()
+
+
+def test_bench_eager_loop_skips_the_adapter_where_it_does_not_act(tiny_model):
+    """The bench's `eager` contender (a hand-written diffusers loop) honours the adapter's from_t like our runtimes:
+    a step at weight 0 does not call the adapter, and the same step equals the torch backend's."""
+    from invdiff_rt.bench import EagerRuntime
+    from invdiff_rt.method.adapter import GuidanceAdapter, config_for_unet
+    from invdiff_rt.runtime.sampling import step_weight
+
+    adapter = GuidanceAdapter(config_for_unet(tiny_model.unet, width=8, depth=1, time_dim=16))
+    torch.nn.init.constant_(adapter.conv_out.bias, float("inf"))
+    adapter.from_t = 800
+    eager, base = EagerRuntime(tiny_model, adapter), TorchRuntime(tiny_model)
+    assert step_weight(eager, 1.5, 799) == 0.0 and step_weight(eager, 1.5, 800) == 1.5
+    x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.full((2,), 500.0)
+    emb = tiny_model.encode_text(["a red circle", "a blue square", "", ""])
+    torch.testing.assert_close(eager.denoise_step(x, t, emb, 3.0, 0.0), base.denoise_step(x, t, emb, 3.0, 0.0),
+                               atol=1e-5, rtol=1e-5)
+    assert not torch.isfinite(eager.denoise_step(x, t, emb, 3.0, 1.0)).all()
