@@ -363,8 +363,9 @@ def _generate_combos(values: dict[str, Any]) -> None:
         return
     if (values.get("model") is None) == (values.get("export") is None):
         raise InvdiffError("--model/--export: pass exactly one (a model folder, or an export folder)")
-    if values.get("adapter") is not None and values.get("export") is not None:
-        raise InvdiffError("--adapter: an export folder already contains its adapter; drop --adapter")
+    from .runtime.generate import check_export_adapter
+
+    check_export_adapter(values.get("adapter"), values.get("export"), values.get("backend", "auto"))
     _check_precision(values.get("precision", "fp32"), values.get("backend", "auto"), values.get("export"))
 
 

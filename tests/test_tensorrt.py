@@ -464,3 +464,39 @@ def test_refit_with_a_compatible_adapter_reaches_tensorrt(tmp_path, adapter_onnx
     with pytest.raises(InvdiffError, match="invdiff refit: TensorRT is not installed"):
         te.refit_export_engine(plan, tmp_path / "adapter_b")
     assert sorted(p.name for p in plan.parent.iterdir()) == sorted([plan.name, plan.with_suffix(".json").name])
+
+
+def test_generate_finds_the_engine_refitted_with_its_adapter(tmp_path, adapter_onnx):
+    """`invdiff generate --export E --backend tensorrt --adapter B` loads the plan `invdiff refit` made for B (its
+    own cache entry), never the export's own engine; without that plan the error names the refit command; an
+    adapter of another base is refused first; the runtime samples with B's from_t."""
+    from invdiff_rt.method.adapter import adapter_fingerprint, save_adapter
+
+    export, plan, _ = _fake_export(tmp_path, adapter_onnx)
+    engines = tmp_path / "engines"
+    assert te.engine_plans(export, engines, "11.4.0.106", GPU) == {"denoiser": plan}
+    save_adapter(_tiny_adapter(1), tmp_path / "adapter_b", {"base_fingerprint": "base-fp", "from_t": 650})
+    with pytest.raises(InvdiffError, match=rf"denoiser engine: no engine; run `invdiff refit --engine {plan} "
+                                           rf"--adapter {tmp_path / 'adapter_b'}`"):
+        te.engine_plans(export, engines, "11.4.0.106", GPU, adapter_dir=tmp_path / "adapter_b")
+    base = json.loads(plan.with_suffix(".json").read_text())["ingredients"]
+    refitted = _fake_plan(engines, te.refit_ingredients(base, adapter_fingerprint(tmp_path / "adapter_b")))
+    found = te.engine_plans(export, engines, "11.4.0.106", GPU, adapter_dir=tmp_path / "adapter_b")
+    assert found == {"denoiser": refitted} and refitted != plan
+    save_adapter(_tiny_adapter(1), tmp_path / "other_base", {"base_fingerprint": "another-base"})
+    with pytest.raises(InvdiffError, match="trained for base another-bas"):
+        te.engine_plans(export, engines, "11.4.0.106", GPU, adapter_dir=tmp_path / "other_base")
+    with pytest.raises(InvdiffError, match="built without refittable weights"):
+        te.engine_plans(export, engines, "11.4.0.106", GPU, refit_mode="none", adapter_dir=tmp_path / "adapter_b")
+    manifest = te.refitted_manifest(json.loads((export / "manifest.json").read_text()), tmp_path / "adapter_b")
+    assert manifest["adapter"]["from_t"] == 650 and manifest["refit_map"]
+
+
+def test_generate_takes_an_export_adapter_only_for_tensorrt(tmp_path):
+    from invdiff_rt import validate
+    from invdiff_rt.runtime.generate import check_export_adapter
+
+    with pytest.raises(InvdiffError, match="^--adapter: an export folder already contains its adapter.*tensorrt"):
+        validate._generate_combos({"prompt": ["p"], "export": tmp_path, "adapter": tmp_path, "backend": "openvino"})
+    check_export_adapter(tmp_path, tmp_path, "tensorrt")  # accepted: the engine's refitted adapter
+    check_export_adapter(tmp_path, None, "torch")  # --model + --adapter: as before

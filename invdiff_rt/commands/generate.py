@@ -17,7 +17,8 @@ def register(app: typer.Typer) -> None:
 def generate(
     out: Path = typer.Option(..., "--out", help="Output folder (PNGs, manifest.jsonl, grids, run.json)."),
     model: Optional[str] = typer.Option(None, "--model", help="Base model folder (or built-in model name)."),
-    adapter: Optional[Path] = typer.Option(None, "--adapter", help="Adapter folder (with --model)."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="Adapter folder (with --model; with --export "
+                                           "--backend tensorrt: the adapter `invdiff refit` put into the engine)."),
     export: Optional[Path] = typer.Option(None, "--export", help="Export folder (export/NAME) instead of --model."),
     prompt: Optional[List[str]] = typer.Option(None, "--prompt", help="Prompt text (repeatable)."),
     prompts_file: Optional[Path] = typer.Option(None, "--prompts", help="File: one prompt per line, # comments."),

@@ -421,22 +421,68 @@ def refit_map(manifest: Mapping[str, Any]) -> dict[str, str]:
     return dict(manifest.get("refit_map") or {})
 
 
+def component_ingredients(export_dir: str | Path, trt_version: str, gpu: Mapping[str, str], refit_mode: str,
+                          builder_optimization_level: int, components: list[str] | None = None):
+    """Yield (component, engine key ingredients) for every exported component; only the denoiser carries the
+    adapter's refit weights."""
+    adapter_weights = tuple(sorted(refit_map(read_export_manifest(export_dir)).values()))
+    for component in export_components(export_dir, components):
+        weights = adapter_weights if component.name == "denoiser" and refit_mode != "none" else ()
+        yield component, key_ingredients(verify_onnx(component), component.profile, trt_version, gpu, refit_mode,
+                                         weights, builder_optimization_level)
+
+
 def build_plan(export_dir: str | Path, options: BuildOptions, components: list[str] | None = None,
                trt_version: str | None = None, gpu: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
     """What `build_export` would build, without TensorRT or a GPU: per component its optimisation profile (min /
     opt / max shapes, batch and resolution) and engine cache key. Without TensorRT/GPU the key is computed for the
     given (or placeholder) TensorRT version and GPU, which are part of the key."""
-    adapter_weights = tuple(sorted(refit_map(read_export_manifest(export_dir)).values()))
     trt_version = trt_version or "<tensorrt version>"
     gpu = gpu or {"name": "<gpu name>", "compute_capability": "<cc>"}
-    rows = []
-    for component in export_components(export_dir, components):
-        weights = adapter_weights if component.name == "denoiser" and options.refit_mode != "none" else ()
-        ingredients = key_ingredients(verify_onnx(component), component.profile, trt_version, gpu,
-                                      options.refit_mode, weights, options.builder_optimization_level)
-        rows.append({"component": component.name, "profile": ingredients["profile"],
-                     "key": cache_key(ingredients), "tensorrt": trt_version, "gpu": gpu})
-    return rows
+    return [{"component": component.name, "profile": ingredients["profile"], "key": cache_key(ingredients),
+             "tensorrt": trt_version, "gpu": gpu}
+            for component, ingredients in component_ingredients(export_dir, trt_version, gpu, options.refit_mode,
+                                                                options.builder_optimization_level, components)]
+
+
+def engine_plans(export_dir: str | Path, engines_dir: str | Path, trt_version: str, gpu: Mapping[str, str],
+                 refit_mode: str = "individual", builder_optimization_level: int = 3,
+                 adapter_dir: str | Path | None = None) -> dict[str, Path]:
+    """The cached plan of every exported component, the denoiser's refitted with `adapter_dir` (by `invdiff refit`)
+    when one is given. A missing or stale plan is a one-line error that names the command making it."""
+    refit_fp = refit_fingerprint(export_dir, adapter_dir, refit_mode) if adapter_dir is not None else None
+    plans = {}
+    for component, ingredients in component_ingredients(export_dir, trt_version, gpu, refit_mode,
+                                                        builder_optimization_level):
+        fix = f"run `invdiff build --onnx {export_dir} --out {engines_dir}`"
+        if component.name == "denoiser" and refit_fp:
+            fix = (f"run `invdiff refit --engine {plan_path(engines_dir, cache_key(ingredients))} --adapter "
+                   f"{adapter_dir}` (after `invdiff build`)")
+            ingredients = refit_ingredients(ingredients, refit_fp)
+        reason = stale_reason(engines_dir, ingredients)
+        if reason:
+            raise InvdiffError(f"{engines_dir}: {component.name} engine: {reason}; {fix}")
+        plans[component.name] = plan_path(engines_dir, cache_key(ingredients))
+    return plans
+
+
+def refit_fingerprint(export_dir: str | Path, adapter_dir: str | Path, refit_mode: str) -> str:
+    """The fingerprint of an adapter that can be refitted into this export's denoiser engine (checked first)."""
+    from ..method.adapter import adapter_fingerprint, read_adapter_manifest
+
+    if refit_mode == "none":
+        raise InvdiffError(f"--adapter {adapter_dir}: the engines are built without refittable weights; build "
+                           "them with --refit individual, then `invdiff refit`")
+    check_adapter_compatible(read_export_manifest(export_dir), read_adapter_manifest(adapter_dir), adapter_dir)
+    return adapter_fingerprint(adapter_dir)
+
+
+def refitted_manifest(manifest: Mapping[str, Any], adapter_dir: str | Path) -> dict[str, Any]:
+    """The export manifest as the runtime reads it once `adapter_dir` is refitted in: that adapter's from_t."""
+    from ..method.adapter import read_adapter_manifest
+
+    adapter = read_adapter_manifest(adapter_dir)
+    return {**manifest, "adapter": {**(manifest.get("adapter") or {}), "from_t": adapter.get("from_t")}}
 
 
 def build_export(export_dir: str | Path, out_dir: str | Path, options: BuildOptions,

@@ -388,11 +388,10 @@ def load_generation_runtime(*, model=None, adapter=None, export=None, backend: s
     """-> (runtime, resolved backend name, fingerprints of the sources), on this rank's GPU when it uses one."""
     if (model is None) == (export is None):
         raise InvdiffError("--model/--export: pass exactly one (a model folder, or an export folder)")
-    if adapter is not None and export is not None:
-        raise InvdiffError("--adapter: an export folder already contains its adapter; drop --adapter")
     from .backends import load_runtime, resolve_backend
 
     name = resolve_backend(backend, export_dir=export, model=model)
+    check_export_adapter(adapter, export, name)
     fingerprints = {"model": None, "adapter": None, "export": None, "precision": precision}
     model_obj = adapter_obj = None
     if model is not None:
@@ -408,9 +407,20 @@ def load_generation_runtime(*, model=None, adapter=None, export=None, backend: s
     else:
         fingerprints["export"] = _export_fingerprint(Path(export))
         _rank_device(name)
+        if adapter is not None:  # refitted into the TensorRT engine
+            from ..method.adapter import adapter_fingerprint
+
+            fingerprints["adapter"] = adapter_fingerprint(adapter)
     runtime = load_runtime(name, model=model_obj, adapter=adapter_obj, export_dir=export, precision=precision,
-                           threads=threads)
+                           threads=threads, refit_adapter=adapter if export is not None else None)
     return runtime, name, fingerprints
+
+
+def check_export_adapter(adapter, export, backend: str) -> None:
+    """--adapter with --export: only TensorRT swaps adapters (into the engine, by `invdiff refit`)."""
+    if adapter is not None and export is not None and backend != "tensorrt":
+        raise InvdiffError("--adapter: an export folder already contains its adapter; drop --adapter (with "
+                           "--backend tensorrt it names the adapter `invdiff refit` put into the engine)")
 
 
 def _export_fingerprint(export_dir: Path) -> str:

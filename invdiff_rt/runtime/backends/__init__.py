@@ -82,15 +82,16 @@ def _export_precision(export_dir) -> str:
 
 
 def load_runtime(backend: str, *, model=None, adapter=None, export_dir=None, precision: str = "fp32",
-                 threads: int | None = None, spinning: bool = True, engines_dir=None):
-    """A `Runtime` for `backend` (already resolved). ONNX/TensorRT need `export_dir`; torch needs `model`."""
+                 threads: int | None = None, spinning: bool = True, engines_dir=None, refit_adapter=None):
+    """A `Runtime` for `backend` (already resolved). ONNX/TensorRT need `export_dir`; torch needs `model`.
+    `refit_adapter` (TensorRT): the adapter folder `invdiff refit` put into the denoiser engine."""
     backend = resolve_backend(backend, export_dir, model)
     if backend in NEEDS_EXPORT and export_dir is None:
         raise InvdiffError(f"--backend {backend}: needs an export folder; pass --export (from `invdiff export`)")
     if backend == "tensorrt":
         from .tensorrt_backend import load
 
-        return load(export_dir, engines_dir or "engines")
+        return load(export_dir, engines_dir or "engines", adapter_dir=refit_adapter)
     if backend == "openvino":
         from .openvino_backend import OvRuntime
 

@@ -123,22 +123,17 @@ class TrtRuntime:
 
     @classmethod
     def from_export(cls, export_dir: str | Path, engines_dir: str | Path = "engines", use_cuda_graph: bool = True,
-                    refit_mode: str = "individual", builder_optimization_level: int = 3) -> "TrtRuntime":
-        """Load the cached engines of an export folder; a missing or stale engine is an error, never loaded."""
+                    refit_mode: str = "individual", builder_optimization_level: int = 3,
+                    adapter_dir: str | Path | None = None) -> "TrtRuntime":
+        """Load the cached engines of an export folder (the denoiser refitted with `adapter_dir` when given); a
+        missing or stale engine is an error, never loaded."""
         trt = trt_export.require_tensorrt("generate --backend tensorrt")
         export_dir = Path(export_dir)
         manifest = trt_export.read_export_manifest(export_dir)
-        adapter_weights = tuple(sorted(trt_export.refit_map(manifest).values()))
-        gpu, plans = trt_export.gpu_identity(), {}
-        for comp in trt_export.export_components(export_dir):
-            weights = adapter_weights if comp.name == "denoiser" and refit_mode != "none" else ()
-            ingredients = trt_export.key_ingredients(trt_export.verify_onnx(comp), comp.profile, trt.__version__, gpu,
-                                                     refit_mode, weights, builder_optimization_level)
-            reason = trt_export.stale_reason(engines_dir, ingredients)
-            if reason:
-                raise InvdiffError(f"{engines_dir}: {comp.name} engine: {reason}; run `invdiff build --onnx "
-                                   f"{export_dir} --out {engines_dir}`")
-            plans[comp.name] = trt_export.plan_path(engines_dir, trt_export.cache_key(ingredients))
+        plans = trt_export.engine_plans(export_dir, engines_dir, trt.__version__, trt_export.gpu_identity(),
+                                        refit_mode, builder_optimization_level, adapter_dir)
+        if adapter_dir is not None:
+            manifest = trt_export.refitted_manifest(manifest, adapter_dir)
         return cls(plans, manifest, tokenizer=_tokenizer(export_dir), use_cuda_graph=use_cuda_graph)
 
     def prepare(self, batch: int) -> None:
