@@ -195,8 +195,11 @@ class BenchConfig:
 
         if self.scheduler not in SCHEDULERS:
             raise InvdiffError(f"--scheduler {self.scheduler}: unknown; choose one of {', '.join(SCHEDULERS)}")
-        if self.precision not in ("fp32", "fp16"):
-            raise InvdiffError(f"--precision {self.precision}: choose fp32 or fp16")
+        if self.precision not in ("fp32", "fp16", "bf16"):
+            raise InvdiffError(f"--precision {self.precision}: choose fp32, fp16 or bf16 (openvino)")
+        if self.precision == "bf16" and set(self.backends) != {"openvino"}:
+            raise InvdiffError("--precision bf16: only the openvino backend runs bf16 (on fp32 exports); pass "
+                               "--backends openvino")
         from .peers import PEERS
 
         unknown = [p for p in self.peers if p not in PEERS]
@@ -205,6 +208,11 @@ class BenchConfig:
         if self.model is None and self.export is None:
             raise InvdiffError("--model/--export: pass a model folder (with optional --adapter) or an export folder")
         return self
+
+    @property
+    def export_precision(self) -> str:
+        """The precision of the exports timed: bf16 is the openvino backend's compile option on an fp32 export."""
+        return "fp32" if self.precision == "bf16" else self.precision
 
     @property
     def run_backends(self) -> list[str]:
@@ -442,7 +450,7 @@ def export_variant(model_dir: str, adapter_dir: str | None, out_dir: Path, confi
     """An ONNX export folder of the model (with or without adapter) for the engine backends."""
     from .export.manifest import export_model
 
-    return export_model(model_dir, out_dir, adapter_dir=adapter_dir, precision=config.precision,
+    return export_model(model_dir, out_dir, adapter_dir=adapter_dir, precision=config.export_precision,
                         max_batch=max(config.batch_sizes), components=components)
 
 
@@ -470,9 +478,10 @@ def check_base_export(base_export: str, adapter_export: str, config: BenchConfig
     if base.get("cfg") != with_adapter.get("cfg"):
         raise InvdiffError(f"{flag}: exported with cfg={base.get('cfg')}, the adapter export with "
                            f"cfg={with_adapter.get('cfg')}; export both the same way")
-    if base.get("precision") != config.precision or base.get("max_batch", 0) < max(config.batch_sizes):
+    precision = config.export_precision
+    if base.get("precision") != precision or base.get("max_batch", 0) < max(config.batch_sizes):
         raise InvdiffError(f"{flag}: exported at {base.get('precision')} up to batch {base.get('max_batch')}; "
-                           f"re-export with --precision {config.precision} --max-batch {max(config.batch_sizes)}")
+                           f"re-export with --precision {precision} --max-batch {max(config.batch_sizes)}")
     return str(base_export)
 
 

@@ -97,7 +97,8 @@ def test_parse_list_and_config_errors_are_one_line():
     assert bench.parse_list("1, 8,32", "--batch-sizes", int) == [1, 8, 32]
     with pytest.raises(InvdiffError, match="--batch-sizes"):
         bench.parse_list("1,x", "--batch-sizes", int)
-    bad = [dict(backends=["tvm"]), dict(batch_sizes=[0]), dict(repeats=0), dict(model=None), dict(threads=0), dict(scheduler="pndm")]
+    bad = [dict(backends=["tvm"]), dict(batch_sizes=[0]), dict(repeats=0), dict(model=None), dict(threads=0),
+           dict(scheduler="pndm"), dict(precision="int8"), dict(precision="bf16")]
     for overrides in bad:
         kwargs = {"backends": ["torch"], "batch_sizes": [1], "model": "m", **overrides}
         with pytest.raises(InvdiffError) as info:
@@ -131,6 +132,16 @@ def test_base_export_must_be_the_same_base_without_adapter(tmp_path):
         assert str(info.value).startswith(f"--base-export {tmp_path / f'bad{i}'}:") and "\n" not in str(info.value)
     with pytest.raises(InvdiffError, match="^--base-export .*missing: not an export folder"):
         bench.check_base_export(str(tmp_path / "missing"), adapter_export, config)
+
+
+def test_bf16_bench_times_openvino_on_fp32_exports(tmp_path):
+    """--precision bf16 is openvino's compile option: the bench exports (and checks its base export) at fp32."""
+    config = bench.BenchConfig(["openvino"], [1, 8], model="m", precision="bf16").check()
+    assert config.export_precision == "fp32" and config.run_backends == ["eager", "openvino"]
+    adapter_export = _fake_export(tmp_path / "with", adapter={"fingerprint": "a" * 64})
+    assert bench.check_base_export(_fake_export(tmp_path / "base"), adapter_export, config) == str(tmp_path / "base")
+    with pytest.raises(InvdiffError, match="^--precision bf16: only the openvino backend .*--backends openvino$"):
+        bench.BenchConfig(["onnxruntime", "openvino"], [1], model="m", precision="bf16").check()
 
 
 def _check_schema(result):
