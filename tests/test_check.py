@@ -173,3 +173,19 @@ def test_openvino_bf16_is_a_compile_option_recorded_with_the_images(exported, tm
     assert len(images["bf16"]) == len(PROMPTS)
     for ref, other in zip(images["fp32"], images["bf16"]):
         assert ref.std() > 1.0 and np.abs(ref - other).mean() <= 3.0
+
+
+def test_tensorrt_generation_gets_the_engine_cache_and_the_refitted_adapter(exported, monkeypatch):
+    """`generate --export E --backend tensorrt --adapter A --engines DIR`: the runtime is asked for DIR's engines with
+    A refitted in, and the run's fingerprints name A (the TensorRT load itself needs a GPU)."""
+    from invdiff_rt.method.adapter import adapter_fingerprint
+
+    calls = []
+    monkeypatch.setattr(backends, "load_runtime", lambda name, **kw: calls.append((name, kw)) or "runtime")
+    runtime, name, fingerprints = gen.load_generation_runtime(export=exported["out"], adapter=exported["adapter_dir"],
+                                                              backend="tensorrt", engines="my-engines")
+    assert (runtime, name) == ("runtime", "tensorrt") and fingerprints["export"]
+    assert fingerprints["adapter"] == adapter_fingerprint(exported["adapter_dir"])
+    assert calls[0][1]["engines_dir"] == "my-engines" and calls[0][1]["refit_adapter"] == exported["adapter_dir"]
+    with pytest.raises(InvdiffError, match="^--adapter: an export folder already contains its adapter"):
+        gen.load_generation_runtime(export=exported["out"], adapter=exported["adapter_dir"], backend="onnxruntime")

@@ -34,6 +34,7 @@ def generate(
     scheduler: str = typer.Option("ddim", "--scheduler", help="ddim, dpm or euler."),
     precision: str = typer.Option("fp32", "--precision", help="fp32; fp16 (torch-cuda); bf16 (openvino, lossy)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for the backend."),
+    engines: Path = typer.Option(Path("engines"), "--engines", help="TensorRT engine cache (`invdiff build --out`)."),
     no_grid: bool = typer.Option(False, "--no-grid", help="Do not write a grid PNG per prompt."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Reuse --out even if its settings differ."),
     merge: bool = typer.Option(False, "--merge", help="Only merge the rank manifests in --out (and grids)."),
@@ -58,7 +59,8 @@ def generate(
     result = gen.generate(prompts, out, model=model, adapter=adapter, export=export, backend=backend,
                           precision=precision, threads=threads, num=num, seed=seed, steps=steps,
                           guidance_scale=guidance_scale, adapter_weight=adapter_weight, scheduler=scheduler,
-                          batch_size=batch_size, overwrite=overwrite, grid=not no_grid, height=height, width=width)
+                          batch_size=batch_size, overwrite=overwrite, grid=not no_grid, height=height, width=width,
+                          engines=engines)
     console.print(result.summary(), highlight=False, soft_wrap=True)
     if result.manifest is None:
         console.print(f"rank {result.rank}: other ranks still running; the last to finish writes "

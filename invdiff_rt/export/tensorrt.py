@@ -501,7 +501,8 @@ def check_adapter_compatible(manifest: Mapping[str, Any], adapter_manifest: Mapp
     """A refit keeps the engine's graph: the new adapter needs the exported architecture and the same base model."""
     exported = manifest.get("adapter") or {}
     if not exported or not refit_map(manifest):
-        raise InvdiffError("--onnx: this export has no adapter to refit; export with --adapter and rebuild")
+        raise InvdiffError(f"--adapter {adapter_dir}: the engine's export has no adapter to refit; export with "
+                           "--adapter and rebuild")
     if adapter_manifest.get("config") != exported.get("config"):
         raise InvdiffError(f"--adapter {adapter_dir}: architecture {adapter_manifest.get('config')} differs from the "
                            "exported adapter's; re-export and rebuild for a new architecture")

@@ -369,14 +369,15 @@ def _progress_bar(enabled: bool):
 def generate(prompts: Sequence[str], out_dir: str | Path, *, model: str | Path | None = None,
              adapter: str | Path | None = None, export: str | Path | None = None, backend: str = "auto",
              precision: str = "fp32", threads: int | None = None, height: int | None = None,
-             width: int | None = None, **kwargs) -> GenerationResult:
+             width: int | None = None, engines: str | Path = "engines", **kwargs) -> GenerationResult:
     """Load the runtime for a model (+ adapter) or an export folder, then `run_generation` (same keyword args).
     `height/width` (pixels) are checked against the export's range before anything is loaded."""
     from .resolution import requested_latent_shape
 
     shape = requested_latent_shape(model=model, export=export, height=height, width=width)
     runtime, name, fingerprints = load_generation_runtime(model=model, adapter=adapter, export=export,
-                                                          backend=backend, precision=precision, threads=threads)
+                                                          backend=backend, precision=precision, threads=threads,
+                                                          engines=engines)
     if shape is not None:
         runtime.latent_shape = shape
         kwargs["latent_shape"] = list(shape)  # recorded in run.json: it changes the pixels
@@ -384,8 +385,9 @@ def generate(prompts: Sequence[str], out_dir: str | Path, *, model: str | Path |
 
 
 def load_generation_runtime(*, model=None, adapter=None, export=None, backend: str = "auto",
-                            precision: str = "fp32", threads: int | None = None):
-    """-> (runtime, resolved backend name, fingerprints of the sources), on this rank's GPU when it uses one."""
+                            precision: str = "fp32", threads: int | None = None, engines: str | Path = "engines"):
+    """-> (runtime, resolved backend name, fingerprints of the sources), on this rank's GPU when it uses one.
+    `engines`: the TensorRT engine cache (`invdiff build --out`)."""
     if (model is None) == (export is None):
         raise InvdiffError("--model/--export: pass exactly one (a model folder, or an export folder)")
     from .backends import load_runtime, resolve_backend
@@ -412,7 +414,8 @@ def load_generation_runtime(*, model=None, adapter=None, export=None, backend: s
 
             fingerprints["adapter"] = adapter_fingerprint(adapter)
     runtime = load_runtime(name, model=model_obj, adapter=adapter_obj, export_dir=export, precision=precision,
-                           threads=threads, refit_adapter=adapter if export is not None else None)
+                           threads=threads, engines_dir=engines,
+                           refit_adapter=adapter if export is not None else None)
     return runtime, name, fingerprints
 
 
