@@ -422,6 +422,8 @@ def _fake_export(tmp_path: Path, adapter_onnx, base: str = "base-fp"):
 
     from invdiff_rt.method.adapter import save_adapter
 
+    from invdiff_rt.method.adapter import adapter_fingerprint
+
     path, state, mapping = adapter_onnx
     export = tmp_path / "export"
     export.mkdir()
@@ -432,7 +434,8 @@ def _fake_export(tmp_path: Path, adapter_onnx, base: str = "base-fp"):
     artifacts.atomic_write_json(export / "manifest.json", {
         "components": {"denoiser": {"file": "denoiser.onnx", "sha256": artifacts.sha256_file(path),
                                     "profile": PROFILE}},
-        "refit_map": mapping, "adapter": {"config": config, "base_fingerprint": base}})
+        "refit_map": mapping, "adapter": {"config": config, "base_fingerprint": base,
+                                          "fingerprint": adapter_fingerprint(tmp_path / "adapter_a")}})
     ingredients = _ingredients(onnx_hash=te.onnx_sha256(export / "denoiser.onnx"),
                                refit_weights=tuple(mapping.values()))
     plan = _fake_plan(tmp_path / "engines", ingredients)
@@ -468,13 +471,15 @@ def test_refit_with_a_compatible_adapter_reaches_tensorrt(tmp_path, adapter_onnx
 
 def test_generate_finds_the_engine_refitted_with_its_adapter(tmp_path, adapter_onnx):
     """`invdiff generate --export E --backend tensorrt --adapter B` loads the plan `invdiff refit` made for B (its
-    own cache entry), never the export's own engine; without that plan the error names the refit command; an
-    adapter of another base is refused first; the runtime samples with B's from_t."""
+    own cache entry), not the export's own engine (which serves the exported adapter A); without that plan the error
+    names the refit command; an adapter of another base is refused first; the runtime samples with B's from_t."""
     from invdiff_rt.method.adapter import adapter_fingerprint, save_adapter
 
     export, plan, _ = _fake_export(tmp_path, adapter_onnx)
     engines = tmp_path / "engines"
     assert te.engine_plans(export, engines, "11.4.0.106", GPU) == {"denoiser": plan}
+    assert te.engine_plans(export, engines, "11.4.0.106", GPU, adapter_dir=tmp_path / "adapter_a") == {
+        "denoiser": plan}  # the exported adapter: the built engine carries it, no refit needed
     save_adapter(_tiny_adapter(1), tmp_path / "adapter_b", {"base_fingerprint": "base-fp", "from_t": 650})
     with pytest.raises(InvdiffError, match=rf"denoiser engine: no engine; run `invdiff refit --engine {plan} "
                                            rf"--adapter {tmp_path / 'adapter_b'}`"):

@@ -449,7 +449,8 @@ def engine_plans(export_dir: str | Path, engines_dir: str | Path, trt_version: s
                  refit_mode: str = "individual", builder_optimization_level: int = 3,
                  adapter_dir: str | Path | None = None) -> dict[str, Path]:
     """The cached plan of every exported component, the denoiser's refitted with `adapter_dir` (by `invdiff refit`)
-    when one is given. A missing or stale plan is a one-line error that names the command making it."""
+    when one is given and it is not the exported adapter. A missing or stale plan is a one-line error that names
+    the command making it."""
     refit_fp = refit_fingerprint(export_dir, adapter_dir, refit_mode) if adapter_dir is not None else None
     plans = {}
     for component, ingredients in component_ingredients(export_dir, trt_version, gpu, refit_mode,
@@ -466,15 +467,19 @@ def engine_plans(export_dir: str | Path, engines_dir: str | Path, trt_version: s
     return plans
 
 
-def refit_fingerprint(export_dir: str | Path, adapter_dir: str | Path, refit_mode: str) -> str:
-    """The fingerprint of an adapter that can be refitted into this export's denoiser engine (checked first)."""
+def refit_fingerprint(export_dir: str | Path, adapter_dir: str | Path, refit_mode: str) -> str | None:
+    """The fingerprint of an adapter that can be refitted into this export's denoiser engine (checked first);
+    None for the exported adapter itself (the built engine already carries it)."""
     from ..method.adapter import adapter_fingerprint, read_adapter_manifest
 
+    manifest, fingerprint = read_export_manifest(export_dir), adapter_fingerprint(adapter_dir)
+    if fingerprint == (manifest.get("adapter") or {}).get("fingerprint"):
+        return None
     if refit_mode == "none":
         raise InvdiffError(f"--adapter {adapter_dir}: the engines are built without refittable weights; build "
                            "them with --refit individual, then `invdiff refit`")
-    check_adapter_compatible(read_export_manifest(export_dir), read_adapter_manifest(adapter_dir), adapter_dir)
-    return adapter_fingerprint(adapter_dir)
+    check_adapter_compatible(manifest, read_adapter_manifest(adapter_dir), adapter_dir)
+    return fingerprint
 
 
 def refitted_manifest(manifest: Mapping[str, Any], adapter_dir: str | Path) -> dict[str, Any]:
