@@ -59,6 +59,12 @@ def test_ort_runtime_matches_torch_runtime(exported):
     assert quantities == {"text_embeddings", "noise_pred[0]", "noise_pred[1]", "final latents", "images"}
     assert all(r.passed for r in rows), [r for r in rows if not r.passed]
     assert max(r.rel_l2 for r in rows if r.quantity.startswith("noise_pred")) <= 1e-4
+    # openvino: the acting step ran the exported graph, the other step the adapter-gated one (an If skips it)
+    denoiser = ov_rt.components["denoiser"]
+    assert {key[0] for key in denoiser.compiled} == {"gated", "acting"}
+    ops = {name: {op.get_type_name() for op in model.get_ops()} for name, model in denoiser.models.items()}
+    assert "If" in ops["gated"] and "If" not in ops["acting"]
+    assert set(ov_rt.components["vae_decoder"].models) == {"gated"}  # nothing to gate: one graph
 
 
 @pytest.mark.slow
@@ -153,6 +159,18 @@ def test_openvino_chunks_keep_cond_and_uncond_rows_together():
     parts = [take_rows(emb, ("2B", 1), 4, a, b) for a, b in chunk_bounds(4, 2)]
     assert put_rows(parts, ("2B", 1))[:, 0].tolist() == list(range(8))
     assert put_rows([np.arange(2), np.arange(2, 5)], ("B",)).tolist() == list(range(5))
+
+
+def test_openvino_compile_config_runs_one_thread_per_stream():
+    """Each chunk of a batch gets a stream of one thread, a batch of one too (two threads in one stream were 1.09x
+    faster idle but 1.5x slower whenever the VM lost a core: bench/README.md); precision pinned, others refused."""
+    from invdiff_rt.runtime.backends.openvino_backend import compile_config
+
+    one, two = compile_config(1), compile_config(2, "bf16")
+    assert (one["NUM_STREAMS"], one["INFERENCE_NUM_THREADS"], one["INFERENCE_PRECISION_HINT"]) == ("1", "1", "f32")
+    assert (two["NUM_STREAMS"], two["INFERENCE_NUM_THREADS"], two["INFERENCE_PRECISION_HINT"]) == ("2", "2", "bf16")
+    with pytest.raises(InvdiffError, match="--precision fp16"):
+        compile_config(1, "fp16")
 
 
 def test_openvino_bf16_is_a_compile_option_recorded_with_the_images(exported, tmp_path):
