@@ -497,11 +497,17 @@ def test_generate_finds_the_engine_refitted_with_its_adapter(tmp_path, adapter_o
     assert manifest["adapter"]["from_t"] == 650 and manifest["refit_map"]
 
 
-def test_generate_takes_an_export_adapter_only_for_tensorrt(tmp_path):
+def test_generate_takes_an_export_adapter_only_for_tensorrt(tmp_path, monkeypatch):
     from invdiff_rt import validate
+    from invdiff_rt.runtime import backends
     from invdiff_rt.runtime.generate import check_export_adapter
 
     with pytest.raises(InvdiffError, match="^--adapter: an export folder already contains its adapter.*tensorrt"):
         validate._generate_combos({"prompt": ["p"], "export": tmp_path, "adapter": tmp_path, "backend": "openvino"})
     check_export_adapter(tmp_path, tmp_path, "tensorrt")  # accepted: the engine's refitted adapter
     check_export_adapter(tmp_path, None, "torch")  # --model + --adapter: as before
+    # `auto` counts as what it resolves to: openvino on this CPU machine (refused), tensorrt where it is usable
+    with pytest.raises(InvdiffError, match="the backend here is (openvino|onnxruntime)"):
+        validate._generate_combos({"prompt": ["p"], "export": tmp_path, "adapter": tmp_path, "backend": "auto"})
+    monkeypatch.setattr(backends, "is_available", lambda name: name == "tensorrt")
+    validate._generate_combos({"prompt": ["p"], "export": tmp_path, "adapter": tmp_path, "backend": "auto"})

@@ -420,10 +420,18 @@ def load_generation_runtime(*, model=None, adapter=None, export=None, backend: s
 
 
 def check_export_adapter(adapter, export, backend: str) -> None:
-    """--adapter with --export: only TensorRT swaps adapters (into the engine, by `invdiff refit`)."""
-    if adapter is not None and export is not None and backend != "tensorrt":
-        raise InvdiffError("--adapter: an export folder already contains its adapter; drop --adapter (with "
-                           "--backend tensorrt it names the adapter `invdiff refit` put into the engine)")
+    """--adapter with --export: only TensorRT swaps adapters (into the engine, by `invdiff refit`); `auto` is
+    judged by the backend it resolves to here."""
+    if adapter is None or export is None:
+        return
+    if backend == "auto":
+        from .backends import resolve_backend
+
+        backend = resolve_backend("auto", export_dir=export)
+    if backend != "tensorrt":
+        raise InvdiffError(f"--adapter: an export folder already contains its adapter; drop --adapter (with "
+                           f"--backend tensorrt it names the adapter `invdiff refit` put into the engine; the "
+                           f"backend here is {backend})")
 
 
 def _export_fingerprint(export_dir: Path) -> str:
