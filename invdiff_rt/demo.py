@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .artifacts import atomic_write_json, atomic_write_text, read_json, sha256_json
+from .method.defaults import ADAPTER_STEPS, CALIBRATION_PER_PROMPT
 
 BENCHMARK = "colored-digits"
 ATTRIBUTE = "color"
@@ -28,8 +29,8 @@ class DemoConfig:
     model: str = BENCHMARK        # built-in name or a diffusers directory trained on the benchmark
     per_prompt: int = 32          # eval images per prompt (noise floor 0.8/sqrt(N))
     generate_per_prompt: int = 4  # images per prompt written by `generate`
-    train_steps: int = 1000       # the invdiff-rt recipe's default (README, debiasing table)
-    calibrate_per_prompt: int = 16  # samples per prompt per tried weight of the label-free weight rule
+    train_steps: int = ADAPTER_STEPS  # the invdiff-rt recipe's default (README, debiasing table)
+    calibrate_per_prompt: int = CALIBRATION_PER_PROMPT  # samples per prompt per tried weight of the weight rule
     seed: int = 0
     bench_batch_sizes: tuple[int, ...] = (1, 8)
     bench_steps: int = 10

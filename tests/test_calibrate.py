@@ -92,6 +92,17 @@ def test_search_brackets_and_interpolates_a_monotone_rate():
     assert w == 4.0  # out of reach: the largest weight tried
 
 
+def test_estimate_reads_a_curved_rate_off_a_quadratic_not_the_chord():
+    """r(w) = 1 - exp(-w) (concave, like colored-digits'), r* = 0.6: the root is ln(2.5) = 0.9163; the chord between
+    the bracketing weights 0.5 and 1.5 says 1.0387, the quadratic through 0.5, 1.5 and 2 says 0.9493 (golden)."""
+    tried = [(w, 1 - math.exp(-w)) for w in (0.5, 1.5, 2.0)]
+    assert math.isclose(cal.interpolate(tried, 0.6), 1.03868, abs_tol=1e-4)
+    assert math.isclose(cal.estimate(tried, 0.6), 0.94927, abs_tol=1e-4)
+    assert abs(cal.estimate(tried, 0.6) - math.log(2.5)) < abs(cal.interpolate(tried, 0.6) - math.log(2.5))
+    assert cal.estimate(tried[:2], 0.6) == cal.interpolate(tried[:2], 0.6)  # two points: the chord
+    assert cal.estimate(tried, 0.95) == 2.0  # not bracketed: the nearest end, as interpolate
+
+
 def test_recorded_weight_prefers_calibration_then_nearest_scale_then_recipe_default():
     manifest = {"recipe": "invdiff-rt", "recommended_weight": 1.0,
                 "calibration": {"by_guidance_scale": {"3": {"weight": 1.4}, "7.5": {"weight": 0.6}}}}

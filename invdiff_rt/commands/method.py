@@ -7,6 +7,8 @@ from typing import List, Optional
 
 import typer
 
+from ..method.defaults import ADAPTER_STEPS, CALIBRATION_PER_PROMPT
+
 THREADS_HELP = "torch CPU threads (0 = torch default; 1 is far faster on a busy machine)."
 RECIPE_HELP = "invdiff-rt (default: robust split + JTT sampler) | paper (soft grouper, faithful) | erm (control)"
 
@@ -79,7 +81,7 @@ def train(
     out: Path = typer.Option(..., "--out", help="Output ADAPTER_DIR (adapter.safetensors + adapter.json)."),
     recipe: str = typer.Option("invdiff-rt", "--recipe", help=RECIPE_HELP),
     lam: Optional[float] = typer.Option(None, "--lambda", help="Variance weight (default: recipe's; erm 0)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Adapter steps (default: invdiff-rt 1000, else 2000)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help=f"Adapter steps (default: invdiff-rt {ADAPTER_STEPS}, else 2000)."),
     lr: float = typer.Option(3e-3, "--lr"),
     batch_size: int = typer.Option(32, "--batch-size", help="Per process."),
     seed: int = typer.Option(0, "--seed"),
@@ -137,7 +139,8 @@ def calibrate(
     adapter: Path = typer.Option(..., "--adapter", help="ADAPTER_DIR from `invdiff train` (adapter.json is updated)."),
     guidance_scale: List[float] = typer.Option([3.0], "--guidance-scale", help="CFG scale(s) to calibrate for "
                                                "(repeatable; each gets its own weight)."),
-    per_prompt: int = typer.Option(16, "--per-prompt", help="Samples per prompt at each tried weight."),
+    per_prompt: int = typer.Option(CALIBRATION_PER_PROMPT, "--per-prompt",
+                                   help="Samples per prompt at each tried weight."),
     seed: int = typer.Option(1000, "--seed", help="Sampling/scoring seed (keep it apart from evaluation seeds)."),
     threads: int = typer.Option(0, "--threads", help=THREADS_HELP),
 ) -> None:

@@ -11,7 +11,9 @@ minority holds `jtt_fraction` of each prompt's mass. So:
    detector's own misses, just as it will miss on generated samples.
 2. r(w): sample N images per prompt at adapter weight w and the CFG scale (own seed, never the evaluation's), score
    their final latents the same way, flag rate against the same per-prompt median / MAD.
-3. w: r(w) rises with w; bracket r* on [0, max_weight] and interpolate linearly (regula falsi, a few evaluations).
+3. w: r(w) rises with w; bracket r* on [0, max_weight] (regula falsi, a few evaluations), then read w off a
+   quadratic through the tried weights (r(w) is curved: concave on colored-digits, convex on shapes-habitats, and a
+   chord between two of them misses the crossing by up to 0.04 in w), or off the chord when fewer than three.
 
 Nothing here reads an attribute column. Adapters trained without inferred groups (erm, paper, oracle) have no
 detector to reuse; `recorded_weight` falls back to the recipe's `recommended_weight` for them.
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InvdiffError
+from .defaults import CALIBRATION_PER_PROMPT
 from .grouper import prompt_median_mad, robust_z
 
 RULE = "contrast-flag-rate"
@@ -34,8 +37,8 @@ RULE = "contrast-flag-rate"
 @dataclass(frozen=True)
 class CalibrateConfig:
     guidance_scales: tuple[float, ...] = (3.0,)
-    per_prompt: int = 16  # generated samples per prompt at each tried weight
-    min_samples: int = 160  # ... raised so that every tried weight sees at least this many (few-prompt datasets)
+    per_prompt: int = CALIBRATION_PER_PROMPT  # generated samples per prompt at each tried weight
+    min_samples: int = 480  # ... raised so that every tried weight sees at least this many (few-prompt datasets)
     reference_per_prompt: int = 64  # uniform training subset per prompt (median / MAD and the majority's rate)
     steps: int = 25  # DDIM steps of the calibration samples
     seed: int = 1000  # sampling and scoring seed (the evaluation uses its own)
@@ -142,7 +145,8 @@ def sample_latents(model, adapter, prompts: list[str], per_prompt: int, seed: in
 
 def samples_per_prompt(config: CalibrateConfig, n_prompts: int) -> int:
     """`per_prompt`, raised to reach `min_samples` in all (shapes-habitats has 2 prompts: 16 each gave a flag
-    rate in steps of 1/32 and a weight of 2.5 that reversed the bias; 80 each gave 1.86)."""
+    rate in steps of 1/32 and a weight of 2.5 that reversed the bias; with 80 each, two 3,000-step adapters got
+    1.534 / 1.568 and overshot (majority share 0.42 / 0.41); 240 each, as many samples as colored-digits' 10 x 48)."""
     return max(config.per_prompt, -(-config.min_samples // max(n_prompts, 1)))
 
 
@@ -180,15 +184,32 @@ def interpolate(tried: list[tuple[float, float]], target: float) -> float:
     return w0 + (w1 - w0) * (target - r0) / max(r1 - r0, 1e-9)
 
 
+def estimate(tried: list[tuple[float, float]], target: float) -> float:
+    """Where r(w) = r*: the root of a quadratic least-squares fit through three or more tried weights that lies
+    between the bracketing neighbours; else (fewer points, no bracket, no such root) `interpolate`."""
+    import numpy as np
+
+    chord = interpolate(tried, target)
+    below = [w for w, r in tried if r < target]
+    above = [w for w, r in tried if r >= target]
+    if len(tried) < 3 or not below or not above:
+        return chord
+    w, r = np.array(tried, dtype=np.float64).T
+    roots = np.roots(np.polyfit(w, r, 2) - np.array([0.0, 0.0, target]))
+    inside = [x.real for x in roots if abs(x.imag) < 1e-12 and max(below) <= x.real <= min(above)]
+    return float(inside[0]) if len(inside) == 1 else chord
+
+
 def search_weight(rate, target: float, config: CalibrateConfig) -> tuple[float, list[tuple[float, float]]]:
-    """Regula falsi over w with `rate(w)`, starting at w = 1 (the trained weight); at most `max_evals` calls."""
+    """Regula falsi over w with `rate(w)`, starting at w = 1 (the trained weight); at most `max_evals` calls; the
+    weight is `estimate` over every tried weight."""
     tried = [(1.0, rate(1.0))]
     while len(tried) < config.max_evals:
         w = next_weight(tried, target, config.max_weight)
         if w is None or any(abs(w - v) < 0.05 for v, _ in tried):
             break
         tried.append((round(w, 3), rate(round(w, 3))))
-    return round(interpolate(tried, target), 3), sorted(tried)
+    return round(estimate(tried, target), 3), sorted(tried)
 
 
 def calibrate(model, adapter, inputs, groups, config: CalibrateConfig = CalibrateConfig()) -> dict:
