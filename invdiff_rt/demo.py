@@ -9,6 +9,7 @@ whose inputs did not change, so a second `make demo` is fast.
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,7 +40,8 @@ class DemoConfig:
 
 
 class Stages:
-    """Run-or-reuse for fingerprinted stages under one output folder."""
+    """Run-or-reuse for fingerprinted stages under one output folder. A stage whose inputs changed starts from an
+    empty folder (its old outputs came from other inputs: `generate` refuses to mix settings in one image folder)."""
 
     def __init__(self, out: Path, console: Console):
         self.out, self.console, self.timings = out, console, {}
@@ -54,6 +56,8 @@ class Stages:
                 self.console.print(f"[dim]{name}: reusing {folder}[/dim]")
                 self.timings[name] = 0.0
                 return old["result"]
+            record.unlink()  # stale: first the record, so an interruption below cannot leave it looking valid
+            shutil.rmtree(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.console.rule(name)
         start = time.perf_counter()

@@ -45,3 +45,25 @@ def test_demo_end_to_end_smoke_and_stage_reuse(tmp_path, tiny_model_dir):
     mtime = (out / "adapter" / "stage.json").stat().st_mtime
     run_demo(out, cfg, console=Console(quiet=True))
     assert (out / "adapter" / "stage.json").stat().st_mtime == mtime
+
+
+def test_stage_with_changed_inputs_starts_from_an_empty_folder(tmp_path):
+    """Same inputs: the recorded result, fn not called; other inputs: the old outputs are gone before fn runs."""
+    from rich.console import Console
+
+    from invdiff_rt.demo import Stages
+
+    stages, calls = Stages(tmp_path, Console(quiet=True)), []
+
+    def make(tag):
+        def fn(folder):
+            calls.append(sorted(p.name for p in folder.iterdir()))
+            (folder / f"{tag}.txt").write_text(tag)
+            return {"tag": tag}
+        return fn
+
+    assert stages.run("gen", {"w": 1.0}, make("a")) == {"tag": "a"}
+    assert stages.run("gen", {"w": 1.0}, make("b")) == {"tag": "a"} and len(calls) == 1  # reused
+    assert stages.run("gen", {"w": 2.0}, make("c")) == {"tag": "c"}
+    assert calls == [[], []] and sorted(p.name for p in (tmp_path / "gen").iterdir()) == ["c.txt", "stage.json"]
+
