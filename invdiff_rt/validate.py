@@ -390,11 +390,9 @@ def _check_precision(precision: str, backend: str, export) -> None:
 
 
 def _check_bf16(backend: str, export) -> None:
-    if export is not None and backend == "auto":
-        from .runtime.backends import resolve_backend
+    from .runtime.backends import resolve_backend
 
-        backend = resolve_backend("auto", export_dir=export)
-    if export is None or backend != "openvino":
+    if export is None or resolve_backend(backend, export_dir=export) != "openvino":
         raise InvdiffError("--precision bf16: only the openvino backend runs bf16 (lossy, quality-gated in "
                            "bench/README.md); pass --backend openvino --export DIR, or drop --precision")
 

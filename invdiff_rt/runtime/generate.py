@@ -394,7 +394,10 @@ def load_generation_runtime(*, model=None, adapter=None, export=None, backend: s
 
     name = resolve_backend(backend, export_dir=export, model=model)
     check_export_adapter(adapter, export, name)
-    fingerprints = {"model": None, "adapter": None, "export": None, "precision": precision}
+    from ..method.adapter import adapter_fingerprint, load_adapter
+
+    fingerprints = {"model": None, "adapter": adapter_fingerprint(adapter) if adapter is not None else None,
+                    "export": None, "precision": precision}  # with --export: the adapter refitted into TensorRT
     model_obj = adapter_obj = None
     if model is not None:
         from ..models.loader import load_model
@@ -402,17 +405,10 @@ def load_generation_runtime(*, model=None, adapter=None, export=None, backend: s
         model_obj = load_model(model, device=_rank_device(name))
         fingerprints["model"] = model_obj.fingerprint
         if adapter is not None:
-            from ..method.adapter import adapter_fingerprint, load_adapter
-
             adapter_obj = load_adapter(adapter, model_obj).to(model_obj.device)
-            fingerprints["adapter"] = adapter_fingerprint(adapter)
     else:
         fingerprints["export"] = _export_fingerprint(Path(export))
         _rank_device(name)
-        if adapter is not None:  # refitted into the TensorRT engine
-            from ..method.adapter import adapter_fingerprint
-
-            fingerprints["adapter"] = adapter_fingerprint(adapter)
     runtime = load_runtime(name, model=model_obj, adapter=adapter_obj, export_dir=export, precision=precision,
                            threads=threads, engines_dir=engines,
                            refit_adapter=adapter if export is not None else None)
@@ -424,10 +420,9 @@ def check_export_adapter(adapter, export, backend: str) -> None:
     judged by the backend it resolves to here."""
     if adapter is None or export is None:
         return
-    if backend == "auto":
-        from .backends import resolve_backend
+    from .backends import resolve_backend
 
-        backend = resolve_backend("auto", export_dir=export)
+    backend = resolve_backend(backend, export_dir=export)
     if backend != "tensorrt":
         raise InvdiffError(f"--adapter: an export folder already contains its adapter; drop --adapter (with "
                            f"--backend tensorrt it names the adapter `invdiff refit` put into the engine; the "
