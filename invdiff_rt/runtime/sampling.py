@@ -120,7 +120,7 @@ def denoise(runtime: Runtime, scheduler, latents: torch.Tensor, text_embeddings:
             guard.check(len(scheduler.timesteps))
         if callback is not None:
             callback(i, t, noise_pred)
-        latents = scheduler.step(noise_pred.to(latents.dtype), t, latents).prev_sample
+        latents = scheduler.step(noise_pred.to(latents.dtype), t, latents, return_dict=False)[0]
     guard.check(len(scheduler.timesteps))
     return latents
 

@@ -92,14 +92,14 @@ class OvComponent:
         acting = "acting" in self.models and bool(np.any(arrays.get(WEIGHT, 0.0) != 0))
         return "acting" if acting else "gated"
 
-    def requests(self, chunks: list[dict[str, np.ndarray]], variant: str = "gated") -> list:
-        """One infer request per chunk, from the variant compiled for exactly the chunks' shapes (on first use)."""
+    def requests(self, chunks: list[dict[str, np.ndarray]], variant: str = "gated") -> list["BoundRequest"]:
+        """One bound request per chunk, from the variant compiled for exactly the chunks' shapes (on first use)."""
         key = (variant,) + tuple(tuple(chunk[name].shape for name in self.input_names) for chunk in chunks)
         if key not in self.compiled:
             model = self.models[variant].clone()
             model.reshape({name: list(chunks[0][name].shape) for name in self.input_names})
             compiled = self.core.compile_model(model, "CPU", compile_config(len(chunks), self.precision))
-            self.compiled[key] = [compiled.create_infer_request() for _ in chunks]
+            self.compiled[key] = [BoundRequest(compiled.create_infer_request(), chunk) for chunk in chunks]
         return self.compiled[key]
 
     def __call__(self, **inputs) -> torch.Tensor:
@@ -112,18 +112,49 @@ class OvComponent:
         return torch.from_numpy(put_rows(self.run(chunks, variant), self.spec.outputs[0].dims))
 
     def run(self, chunks: list[dict[str, np.ndarray]], variant: str = "gated") -> list[np.ndarray]:
-        """Each chunk on its own request, concurrently; the inputs are shared (not copied), the outputs copied."""
+        """One chunk runs synchronously on its request; several run concurrently, one request each."""
         reqs = self.requests(chunks, variant)
+        if len(reqs) == 1:
+            return [reqs[0].infer(chunks[0])]
         for req, chunk in zip(reqs, chunks):
-            req.start_async(chunk, share_inputs=True)
-        for req in reqs:
-            req.wait()
-        return [req.get_output_tensor(0).data.copy() for req in reqs]
+            req.start(chunk)
+        return [req.result() for req in reqs]
 
     def batch_of(self, arrays: dict[str, np.ndarray]) -> int:
         first = self.spec.inputs[0]
         size = arrays[first.name].shape[0]
         return size // 2 if first.dims[0] == "2B" else size
+
+
+class BoundRequest:
+    """An infer request whose inputs are bound once to numpy buffers (shared with OpenVINO); a call copies the
+    chunk into them. Measured at batch 1: 0.14 ms of a 1.26 ms step went to converting and setting the inputs on
+    every call (the data dispatcher of `start_async(inputs)`); the output is copied out before the next call."""
+
+    def __init__(self, request, chunk: dict[str, np.ndarray]):
+        import openvino as ov
+
+        self.request = request
+        self.buffers = {name: np.array(value, copy=True) for name, value in chunk.items()}
+        for name, buffer in self.buffers.items():
+            request.set_tensor(name, ov.Tensor(buffer, shared_memory=True))
+
+    def load(self, chunk: dict[str, np.ndarray]) -> None:
+        for name, value in chunk.items():
+            np.copyto(self.buffers[name], value)
+
+    def infer(self, chunk: dict[str, np.ndarray]) -> np.ndarray:
+        self.load(chunk)
+        self.request.infer()
+        return self.request.get_output_tensor(0).data.copy()
+
+    def start(self, chunk: dict[str, np.ndarray]) -> None:
+        self.load(chunk)
+        self.request.start_async()
+
+    def result(self) -> np.ndarray:
+        self.request.wait()
+        return self.request.get_output_tensor(0).data.copy()
 
 
 class OvRuntime(ExportRuntime):
