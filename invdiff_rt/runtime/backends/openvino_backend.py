@@ -9,9 +9,10 @@ chunks do not wait for each other. A batch of one runs on one stream, one thread
 symbols (`2B` inputs keep their cond and uncond rows together), so a chunk computes exactly the rows it would compute
 in the whole batch. Precision is pinned: `fp32` sets INFERENCE_PRECISION_HINT=f32, because on AMX/avx512_bf16 CPUs
 OpenVINO otherwise runs bf16 by default, which is lossy; `bf16` (opt-in) lets it use bf16 kernels. The denoiser with
-an adapter is compiled in two variants, picked per step by `adapter_weight`: at weight 0 the adapter-gated graph
-(export/gate.py: its `If` skips the adapter), at any other weight the exported graph as it is (OpenVINO cannot fuse
-across an `If`: the gated graph's acting step cost 1.10-1.12x the base step, the exported graph's 1.05-1.06x).
+an adapter is compiled once, from its adapter-gated graph (export/gate.py: an `If` skips the adapter at weight 0).
+One graph for every step: a second compiled denoiser (the ungated graph for the steps where the adapter acts, tried)
+evicts the first one's weights from the caches and put its 20-step loop at 1.14x / 1.07x the base loop (batch 1 /
+16), against 1.03x / 1.04x for the gated graph alone, although each of its acting steps alone was the faster.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from ...errors import InvdiffError
-from ...export.gate import WEIGHT, cpu_model_source
+from ...export.gate import cpu_model_source
 from ...export.manifest import component_spec, read_manifest
 from .onnxruntime_backend import ExportRuntime, _tokenizer
 
@@ -79,24 +80,16 @@ class OvComponent:
 
     def __init__(self, core, path: Path, spec, streams: int, precision: str):
         self.core, self.spec, self.streams, self.precision = core, spec, streams, precision
-        source = cpu_model_source(path, spec)  # export/gate.py
-        self.models = {"gated": core.read_model(source)}
-        if isinstance(source, bytes):  # gated in memory: the adapter's acting steps run the exported graph
-            self.models["acting"] = core.read_model(str(path))
-        self.input_names = [p.get_any_name() for p in self.models["gated"].inputs]
+        self.model = core.read_model(cpu_model_source(path, spec))  # export/gate.py
+        self.input_names = [p.get_any_name() for p in self.model.inputs]
         self.dims = {t.name: t.dims for t in spec.inputs}
         self.compiled: dict[tuple, list] = {}
 
-    def variant(self, arrays: dict[str, np.ndarray]) -> str:
-        """`acting` when the adapter acts (a non-zero weight) and there is an ungated graph, else `gated`."""
-        acting = "acting" in self.models and bool(np.any(arrays.get(WEIGHT, 0.0) != 0))
-        return "acting" if acting else "gated"
-
-    def requests(self, chunks: list[dict[str, np.ndarray]], variant: str = "gated") -> list["BoundRequest"]:
-        """One bound request per chunk, from the variant compiled for exactly the chunks' shapes (on first use)."""
-        key = (variant,) + tuple(tuple(chunk[name].shape for name in self.input_names) for chunk in chunks)
+    def requests(self, chunks: list[dict[str, np.ndarray]]) -> list["BoundRequest"]:
+        """One bound request per chunk, from the graph compiled for exactly the chunks' shapes (on first use)."""
+        key = tuple(tuple(chunk[name].shape for name in self.input_names) for chunk in chunks)
         if key not in self.compiled:
-            model = self.models[variant].clone()
+            model = self.model.clone()
             model.reshape({name: list(chunks[0][name].shape) for name in self.input_names})
             compiled = self.core.compile_model(model, "CPU", compile_config(len(chunks), self.precision))
             self.compiled[key] = [BoundRequest(compiled.create_infer_request(), chunk) for chunk in chunks]
@@ -104,16 +97,16 @@ class OvComponent:
 
     def __call__(self, **inputs) -> torch.Tensor:
         arrays = {name: _numpy(inputs[name], self.spec.dtype(name)) for name in self.input_names}
-        batch, variant = self.batch_of(arrays), self.variant(arrays)
+        batch = self.batch_of(arrays)
         bounds = chunk_bounds(batch, self.streams)
         if len(bounds) == 1 or len({stop - start for start, stop in bounds}) > 1:  # one shape per compile
-            return torch.from_numpy(self.run([arrays], variant)[0])
+            return torch.from_numpy(self.run([arrays])[0])
         chunks = [{n: take_rows(a, self.dims[n], batch, *b) for n, a in arrays.items()} for b in bounds]
-        return torch.from_numpy(put_rows(self.run(chunks, variant), self.spec.outputs[0].dims))
+        return torch.from_numpy(put_rows(self.run(chunks), self.spec.outputs[0].dims))
 
-    def run(self, chunks: list[dict[str, np.ndarray]], variant: str = "gated") -> list[np.ndarray]:
+    def run(self, chunks: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
         """One chunk runs synchronously on its request; several run concurrently, one request each."""
-        reqs = self.requests(chunks, variant)
+        reqs = self.requests(chunks)
         if len(reqs) == 1:
             return [reqs[0].infer(chunks[0])]
         for req, chunk in zip(reqs, chunks):
