@@ -4,7 +4,8 @@ on a fixed subset of train images: its per-prompt skewness (what picks the group
 each hidden attribute's minority. Also scores one multi-band alternative (max over levels of the per-prompt robust
 z), to size what a grouper change could gain. Diagnostics only: the hidden columns are read for the AUROC.
 
-Usage: python bench/two_attr_probe.py --model MODEL --data DIR [--n 1000] [--levels 300,500,...] [--json OUT]
+Usage: python bench/two_attr_probe.py --model MODEL --data DIR [--n 1000] [--levels 300,500,...] [--pairs P]
+       [--json OUT]
 """
 
 from __future__ import annotations
@@ -22,15 +23,18 @@ LEVELS = (100, 200, 300, 500, 700, 850, 925, 975)
 ATTRIBUTES = ("color", "stroke")
 
 
-def contrast_at(model, inputs, idx: torch.Tensor, t: int, seed: int, level: int) -> torch.Tensor:
-    """Mean contrast of one antithetic pair at fixed t on the subset `idx`."""
+def contrast_at(model, inputs, idx: torch.Tensor, t: int, seed: int, level: int, pairs: int = 1) -> torch.Tensor:
+    """Mean contrast of `pairs` antithetic pairs at fixed t on the subset `idx` (pair 0: the same noise as before)."""
     scheduler = losses.make_noise_scheduler(model)
     x0, pids = inputs.latents[idx], inputs.prompt_ids[idx]
-    noise = torch.randn(x0.shape, generator=losses._gen(seed, 9, level))
     ts = torch.full((x0.shape[0],), t, dtype=torch.long)
-    pair = [losses.denoising_losses(model.unet, scheduler, x0, inputs.text_embeddings, pids, ts, eps, 256,
-                                    uncond_embedding=inputs.uncond_embedding) for eps in (noise, -noise)]
-    return (pair[0] + pair[1]) / 2
+    total = torch.zeros(x0.shape[0])
+    for pair in range(pairs):
+        noise = torch.randn(x0.shape, generator=losses._gen(seed, 9, level, *([pair] if pair else [])))
+        for eps in (noise, -noise):
+            total += losses.denoising_losses(model.unet, scheduler, x0, inputs.text_embeddings, pids, ts, eps, 256,
+                                             uncond_embedding=inputs.uncond_embedding)
+    return total / (2 * pairs)
 
 
 def split_scores(z: torch.Tensor, minority: dict[str, torch.Tensor], k: float = 3.0) -> dict:
@@ -50,6 +54,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--levels", default=",".join(map(str, LEVELS)))
+    ap.add_argument("--pairs", type=int, default=1, help="antithetic pairs averaged per level (the grouper: 1)")
     ap.add_argument("--json")
     args = ap.parse_args()
     model = load_model(args.model)
@@ -60,7 +65,7 @@ def main() -> None:
     minority = {a: grouper.hidden_minority(args.data, a, inputs.prompt_ids)[idx] for a in ATTRIBUTES}
     rows, zs = [], []
     for level, t in enumerate(int(x) for x in args.levels.split(",")):
-        c = contrast_at(model, inputs, idx, t, args.seed, level)
+        c = contrast_at(model, inputs, idx, t, args.seed, level, args.pairs)
         z = grouper.robust_prompt_z(c, pids)
         zs.append(z)
         row = {"t": t, "skewness": round(losses.skewness(losses.per_prompt_ratio(c, pids).log()), 4),
@@ -68,7 +73,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     zmax = torch.stack(zs).amax(0)
-    summary = {"levels": rows, "max_z_over_levels": split_scores(zmax, minority), "n": len(idx),
+    summary = {"pairs": args.pairs, "levels": rows, "max_z_over_levels": split_scores(zmax, minority), "n": len(idx),
                "minority_size": {a: int(m.sum()) for a, m in minority.items()},
                "overlap": int((minority["color"] & minority["stroke"]).sum())}
     print(json.dumps({k: v for k, v in summary.items() if k != "levels"}))
