@@ -10,9 +10,10 @@ symbols (`2B` inputs keep their cond and uncond rows together), so a chunk compu
 in the whole batch. Precision is pinned: `fp32` sets INFERENCE_PRECISION_HINT=f32, because on AMX/avx512_bf16 CPUs
 OpenVINO otherwise runs bf16 by default, which is lossy; `bf16` (opt-in) lets it use bf16 kernels. The denoiser with
 an adapter is compiled once, from its adapter-gated graph (export/gate.py: an `If` skips the adapter at weight 0).
-One graph for every step: a second compiled denoiser (the ungated graph for the steps where the adapter acts, tried)
-evicts the first one's weights from the caches and put its 20-step loop at 1.14x / 1.07x the base loop (batch 1 /
-16), against 1.03x / 1.04x for the gated graph alone, although each of its acting steps alone was the faster.
+One graph for every step: with a second compiled denoiser (the ungated graph for the steps where the adapter acts,
+tried) each switch between the two cost about a step more (the other graph's weights and stream thread come back
+cold), and the 20-step loop took 1.14x / 1.07x the base loop (batch 1 / 16), against 1.03x / 1.04x for the gated
+graph alone, although each of its acting steps alone was the faster.
 """
 
 from __future__ import annotations
