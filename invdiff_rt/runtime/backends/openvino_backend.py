@@ -26,7 +26,7 @@ import torch
 from ...errors import InvdiffError
 from ...export.gate import cpu_model_source
 from ...export.manifest import component_spec, read_manifest
-from .onnxruntime_backend import ExportRuntime, _tokenizer
+from .onnxruntime_backend import ExportRuntime, _numpy, _tokenizer
 
 PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
 
@@ -68,12 +68,6 @@ def put_rows(parts: list[np.ndarray], dims: tuple) -> np.ndarray:
         halves = [np.split(p, 2) for p in parts]
         return np.concatenate([h[0] for h in halves] + [h[1] for h in halves])
     return np.concatenate(parts)
-
-
-def _numpy(x, dtype: str) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    return np.ascontiguousarray(np.asarray(x, dtype=np.dtype(dtype)))
 
 
 class OvComponent:
