@@ -59,11 +59,12 @@ def test_ort_runtime_matches_torch_runtime(exported):
     assert quantities == {"text_embeddings", "noise_pred[0]", "noise_pred[1]", "final latents", "images"}
     assert all(r.passed for r in rows), [r for r in rows if not r.passed]
     assert max(r.rel_l2 for r in rows if r.quantity.startswith("noise_pred")) <= 1e-4
-    # openvino: both steps (the adapter acting at one, skipped at the other) ran one compiled graph, the gated one
+    # openvino: both steps ran the base graph (no adapter_weight input), the acting one the side graph after it
     denoiser = ov_rt.components["denoiser"]
-    assert len(denoiser.compiled) == 3  # per chunking, not per weight: 1 row; 2 x 1 row (2 streams); 3 rows (uneven)
-    assert "If" in {op.get_type_name() for op in denoiser.model.get_ops()}
-    assert "If" not in {op.get_type_name() for op in ov_rt.components["vae_decoder"].model.get_ops()}
+    assert len(denoiser.compiled) == len(denoiser.side_compiled) == 3  # 1 row; 2 x 1 row (2 streams); 3 rows
+    assert "adapter_weight" not in denoiser.input_names and "adapter_weight" in denoiser.feed_names
+    assert len(denoiser.side.get_ops()) < len(denoiser.model.get_ops()) / 4
+    assert ov_rt.components["vae_decoder"].feed_names == ["latents"]
 
 
 @pytest.mark.slow

@@ -127,10 +127,7 @@ def test_guidance_and_adapter_weight_are_runtime_inputs(exported):
 
 
 def _run(source, inputs) -> np.ndarray:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
-    return session.run(None, {k: np.asarray(v) for k, v in inputs.items()})[0]
+    return _session_outputs(source, inputs)[0]
 
 
 def test_cpu_runtimes_load_the_adapter_gated_denoiser(exported):
@@ -156,6 +153,45 @@ def test_cpu_runtimes_load_the_adapter_gated_denoiser(exported):
         assert np.array_equal(gated, ungated) if weight == 0 else np.allclose(gated, ungated, atol=1e-5, rtol=1e-5)
     text = exported["out"] / "text_encoder.onnx"
     assert cpu_model_source(text, ExportSpec.from_json(manifest["text_encoder"]["spec"])) == str(text)
+
+
+def test_openvino_split_reproduces_the_fused_denoiser(exported):
+    """export/gate.py split_graph: the base graph reads no adapter weight and no adapter_weight input, and gives the
+    fused graph's output at weight 0 (plus eps); the side graph (the adapter's nodes and the combine, nothing of the
+    UNet) on that eps gives the fused output at 0 and 1.5."""
+    import onnx
+
+    from invdiff_rt.export.gate import cpu_model_parts
+
+    manifest, path = exported["manifest"]["components"], exported["out"] / "denoiser.onnx"
+    spec = ExportSpec.from_json(manifest["denoiser"]["spec"])
+    base_bytes, side_bytes = cpu_model_parts(path, spec)
+    base, side = onnx.load_from_string(base_bytes), onnx.load_from_string(side_bytes)
+    read = lambda graph: {i for n in graph.node for i in n.input}  # noqa: E731
+    assert not any(i.name.startswith("adapter.") for i in base.graph.initializer)
+    assert "adapter_weight" not in {i.name for i in base.graph.input} | read(base.graph)
+    side_weights = {i.name for i in side.graph.initializer}
+    assert any(w.startswith("adapter.") for w in side_weights) and not any("unet." in w for w in side_weights)
+    assert len(side.graph.node) < len(base.graph.node) / 4
+    inputs = spec.sample_inputs(3, seed=0)
+    inputs.update(guidance_scale=np.float32(3.0))
+    noise_pred, eps = _session_outputs(base_bytes, inputs)
+    for weight in (0.0, 1.5):
+        fused = _run(str(path), inputs | {"adapter_weight": np.float32(weight)})
+        side_inputs = inputs | {"adapter_weight": np.float32(weight), side.graph.input[-1].name: eps}
+        assert np.allclose(_run(side_bytes, side_inputs), fused, atol=1e-5, rtol=1e-5)
+        assert weight or np.array_equal(noise_pred, fused)
+    assert eps.shape == (6, *noise_pred.shape[1:])  # both CFG branches' rows
+    assert cpu_model_parts(exported["out"] / "text_encoder.onnx",
+                           ExportSpec.from_json(manifest["text_encoder"]["spec"])) is None
+
+
+def _session_outputs(source, inputs) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
+    return session.run(None, {k: np.asarray(v) for k, v in inputs.items() if k in names})
 
 
 def test_manifest_hashes_match_files(exported):

@@ -9,11 +9,14 @@ chunks do not wait for each other. A batch of one runs on one stream, one thread
 symbols (`2B` inputs keep their cond and uncond rows together), so a chunk computes exactly the rows it would compute
 in the whole batch. Precision is pinned: `fp32` sets INFERENCE_PRECISION_HINT=f32, because on AMX/avx512_bf16 CPUs
 OpenVINO otherwise runs bf16 by default, which is lossy; `bf16` (opt-in) lets it use bf16 kernels. The denoiser with
-an adapter is compiled once, from its adapter-gated graph (export/gate.py: an `If` skips the adapter at weight 0).
-One graph for every step: with a second compiled denoiser (the ungated graph for the steps where the adapter acts,
-tried) each switch between the two cost about a step more (the other graph's weights and stream thread come back
-cold), and the 20-step loop took 1.14x / 1.07x the base loop (batch 1 / 16), against 1.03x / 1.04x for the gated
-graph alone, although each of its acting steps alone was the faster.
+an adapter is compiled as two graphs cut from the fused one (export/gate.py `split_graph`): the base denoiser, which
+every step runs, and the adapter's side graph (eps -> eps + w * delta -> the CFG combine), which runs after it only
+where the adapter weight is not 0. Measured per step against the base export's (one thread, in-process, min of 20
+calls, 10 interleaved rounds): the acting step 1.08x at 2 and 16 rows, where the fused graph with the adapter under
+an `If` (what ONNX Runtime runs) took 1.12x (OpenVINO runs the `If` body at half the speed of the same nodes as a
+graph of their own). Compiling a second whole denoiser for the acting steps instead (the ungated graph, tried) cost
+about a step more at each switch between the two (the other graph's weights and stream thread come back cold); the
+side graph is small (44k weights) and costs nothing to switch to.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import numpy as np
 import torch
 
 from ...errors import InvdiffError
-from ...export.gate import cpu_model_source
+from ...export.gate import WEIGHT, cpu_model_parts
 from ...export.manifest import component_spec, read_manifest
 from .onnxruntime_backend import ExportRuntime, _numpy, _tokenizer
 
@@ -73,25 +76,29 @@ def put_rows(parts: list[np.ndarray], dims: tuple) -> np.ndarray:
 class OvComponent:
     """One ONNX graph + its spec: `__call__(**inputs)` -> first output as a torch tensor (a copy)."""
 
-    def __init__(self, core, path: Path, spec, streams: int, precision: str):
+    def __init__(self, core, source: str | bytes, spec, streams: int, precision: str):
         self.core, self.spec, self.streams, self.precision = core, spec, streams, precision
-        self.model = core.read_model(cpu_model_source(path, spec))  # export/gate.py
+        self.model = core.read_model(source)
         self.input_names = [p.get_any_name() for p in self.model.inputs]
+        self.feed_names = self.input_names  # what a call reads
         self.dims = {t.name: t.dims for t in spec.inputs}
         self.compiled: dict[tuple, list] = {}
 
-    def requests(self, chunks: list[dict[str, np.ndarray]]) -> list["BoundRequest"]:
-        """One bound request per chunk, from the graph compiled for exactly the chunks' shapes (on first use)."""
-        key = tuple(tuple(chunk[name].shape for name in self.input_names) for chunk in chunks)
-        if key not in self.compiled:
-            model = self.model.clone()
-            model.reshape({name: list(chunks[0][name].shape) for name in self.input_names})
-            compiled = self.core.compile_model(model, "CPU", compile_config(len(chunks), self.precision))
-            self.compiled[key] = [BoundRequest(compiled.create_infer_request(), chunk) for chunk in chunks]
-        return self.compiled[key]
+    def requests(self, chunks: list[dict[str, np.ndarray]], model=None,
+                 compiled: dict | None = None) -> list["BoundRequest"]:
+        """One bound request per chunk, from `model` (default: this component's) compiled for exactly the chunks'
+        shapes on first use, cached in `compiled`."""
+        model, compiled = (self.model, self.compiled) if model is None else (model, compiled)
+        key = tuple(tuple((name, chunk[name].shape) for name in sorted(chunk)) for chunk in chunks)
+        if key not in compiled:
+            reshaped = model.clone()
+            reshaped.reshape({p.get_any_name(): list(chunks[0][p.get_any_name()].shape) for p in model.inputs})
+            program = self.core.compile_model(reshaped, "CPU", compile_config(len(chunks), self.precision))
+            compiled[key] = [BoundRequest(program.create_infer_request(), chunk) for chunk in chunks]
+        return compiled[key]
 
     def __call__(self, **inputs) -> torch.Tensor:
-        arrays = {name: _numpy(inputs[name], self.spec.dtype(name)) for name in self.input_names}
+        arrays = {name: _numpy(inputs[name], self.spec.dtype(name)) for name in self.feed_names}
         batch = self.batch_of(arrays)
         bounds = chunk_bounds(batch, self.streams)
         if len(bounds) == 1 or len({stop - start for start, stop in bounds}) > 1:  # one shape per compile
@@ -100,18 +107,50 @@ class OvComponent:
         return torch.from_numpy(put_rows(self.run(chunks), self.spec.outputs[0].dims))
 
     def run(self, chunks: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
-        """One chunk runs synchronously on its request; several run concurrently, one request each."""
-        reqs = self.requests(chunks)
-        if len(reqs) == 1:
-            return [reqs[0].infer(chunks[0])]
-        for req, chunk in zip(reqs, chunks):
-            req.start(chunk)
-        return [req.result() for req in reqs]
+        return dispatch(self.requests(chunks), chunks)
 
     def batch_of(self, arrays: dict[str, np.ndarray]) -> int:
         first = self.spec.inputs[0]
         size = arrays[first.name].shape[0]
         return size // 2 if first.dims[0] == "2B" else size
+
+
+def dispatch(reqs: list["BoundRequest"], chunks: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+    """One chunk runs synchronously on its request; several run concurrently, one request each."""
+    if len(reqs) == 1:
+        return [reqs[0].infer(chunks[0])]
+    for req, chunk in zip(reqs, chunks):
+        req.start(chunk)
+    return [req.result() for req in reqs]
+
+
+class OvSplitDenoiser(OvComponent):
+    """The denoiser with an adapter as `split_graph`'s two graphs: the base on every call; where adapter_weight is
+    not 0, the side graph after it, on the base's eps (each chunk's rows stay on that chunk's requests)."""
+
+    def __init__(self, core, parts: tuple[bytes, bytes], spec, streams: int, precision: str):
+        super().__init__(core, parts[0], spec, streams, precision)
+        self.side = core.read_model(parts[1])
+        self.side_compiled: dict[tuple, list] = {}
+        self.eps = self.side.inputs[-1].get_any_name()  # split_graph: the side graph's last input
+        self.feed_names = self.input_names + [WEIGHT]
+
+    def run(self, chunks: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+        base = [{name: chunk[name] for name in self.input_names} for chunk in chunks]
+        reqs = self.requests(base)
+        outputs = dispatch(reqs, base)
+        if not np.any(chunks[0][WEIGHT]):
+            return outputs
+        sides = [chunk | {self.eps: req.request.get_output_tensor(1).data} for chunk, req in zip(chunks, reqs)]
+        return dispatch(self.requests(sides, self.side, self.side_compiled), sides)
+
+
+def component(core, path: Path, spec, streams: int, precision: str) -> OvComponent:
+    """The component at `path`: split in two for a denoiser with an adapter (export/gate.py), else as it is."""
+    parts = cpu_model_parts(path, spec)
+    if parts is None:
+        return OvComponent(core, str(path), spec, streams, precision)
+    return OvSplitDenoiser(core, parts, spec, streams, precision)
 
 
 class BoundRequest:
@@ -167,7 +206,7 @@ class OvRuntime(ExportRuntime):
         self.scheduler_config = self.manifest["scheduler_config"]
         core, streams = ov.Core(), default_streams(threads)
         compile_config(streams, precision)  # refuses an unknown precision before anything compiles
-        self.components = {name: OvComponent(core, export_dir / entry["file"], component_spec(self.manifest, name),
-                                             streams, precision)
+        self.components = {name: component(core, export_dir / entry["file"], component_spec(self.manifest, name),
+                                           streams, precision)
                            for name, entry in self.manifest["components"].items()}
         self.tokenizer = _tokenizer(export_dir)
