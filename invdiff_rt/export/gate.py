@@ -14,9 +14,9 @@ also outputs eps) for every step, and the side graph (eps -> eps + adapter_weigh
 after it only where the weight is not 0.
 
 The exported file is unchanged: the CPU runtimes (ONNX Runtime, OpenVINO) gate or split the graph in memory when
-they load it. TensorRT and the CUDA EP keep the ungated graph: a data-dependent `If` cannot be captured in a CUDA graph. A
-graph with external data (SD-scale UNets) is not gated either (protobuf cannot hold it in memory), nor one without
-an adapter.
+they load it. TensorRT and the CUDA EP keep the ungated graph: a data-dependent `If` cannot be captured in a CUDA
+graph. A graph with external data (SD-scale UNets) is neither gated nor split (protobuf cannot hold it in memory),
+nor one without an adapter.
 """
 
 from __future__ import annotations
@@ -128,8 +128,6 @@ def split_graph(model):
     """(base, side) ModelProtos of a fused denoiser with an adapter, or None (no adapter combine, or an adapter that
     reads the UNet's inner features). base: the graph at weight 0 (no adapter_weight input), outputs noise_pred and
     eps; side: inputs the graph's inputs it reads plus eps, outputs noise_pred = the graph's at any weight."""
-    from onnx import ModelProto, helper
-
     graph = model.graph
     consumers = _consumers(graph)
     found = _combine(graph, consumers)
@@ -140,27 +138,44 @@ def split_graph(model):
     producers = {o: n for n in graph.node for o in n.output}
     if len({id(n) for n in side_nodes} & _ancestors([eps], producers)) > SHARED_NODES_MAX:
         return None
-    branch = _branch_nodes(graph, mul, add, eps, consumers)
-    base_nodes = [helper.make_node("Identity", [eps], [add.output[0]]) if n is add else n
-                  for n in graph.node if n is add or id(n) not in branch]
+    base_nodes = _base_nodes(graph, mul, add, eps, consumers)
     if any(WEIGHT in n.input for n in base_nodes):
         return None
-    reads = {i for n in side_nodes for i in n.input}
     eps_value = _float_value(eps, len(graph.output[0].type.tensor_type.shape.dim))  # eps: the noise_pred's rank
-    side_graph = helper.make_graph(side_nodes, "adapter_side", [i for i in graph.input if i.name in reads]
-                                   + [eps_value], list(graph.output),
-                                   initializer=[t for t in graph.initializer if t.name in reads])
+    return _base_model(model, base_nodes, eps_value), _side_model(model, side_nodes, eps_value)
+
+
+def _base_nodes(graph, mul, add, eps: str, consumers: dict) -> list:
+    """The graph's nodes without the adapter branch, its combine `Add` replaced by `Identity(eps)`."""
+    from onnx import helper
+
+    branch = _branch_nodes(graph, mul, add, eps, consumers)
+    return [helper.make_node("Identity", [eps], [add.output[0]]) if n is add else n
+            for n in graph.node if n is add or id(n) not in branch]
+
+
+def _base_model(model, nodes: list, eps_value):
+    from onnx import ModelProto
+
     base = ModelProto()
     base.CopyFrom(model)
-    del base.graph.node[:]
-    base.graph.node.extend(base_nodes)
     inputs = [i for i in base.graph.input if i.name != WEIGHT]
-    del base.graph.input[:]
-    base.graph.input.extend(inputs)
+    for field, values in ((base.graph.node, nodes), (base.graph.input, inputs)):
+        del field[:]
+        field.extend(values)
     base.graph.output.append(eps_value)
     _drop_unused_initializers(base.graph)
-    side = helper.make_model(side_graph, opset_imports=model.opset_import, ir_version=model.ir_version)
-    return base, side
+    return base
+
+
+def _side_model(model, nodes: list, eps_value):
+    from onnx import helper
+
+    graph = model.graph
+    reads = {i for n in nodes for i in n.input}
+    side = helper.make_graph(nodes, "adapter_side", [i for i in graph.input if i.name in reads] + [eps_value],
+                             list(graph.output), initializer=[t for t in graph.initializer if t.name in reads])
+    return helper.make_model(side, opset_imports=model.opset_import, ir_version=model.ir_version)
 
 
 def _drop_unused_initializers(graph) -> None:
