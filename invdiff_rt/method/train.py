@@ -38,7 +38,7 @@ RECIPE_DEFAULTS = {
     # (targets.active_from_t); 0: at every step. active_only: it is trained only there too. colored-digits, seed 0,
     # N = 128, label-free weight: every step (w 1.621) bias 0.094, fidelity 0.902, FID 44.5; from t = 800
     # (w 1.749) 0.141, 0.913, 35.5; from t = 800 and trained there (w 1.482) 0.117, 0.920, 32.2; the same with
-    # 3,000 steps (ADAPTER_STEPS, defaults.py) and 48 calibration samples per prompt (w 1.394) 0.136, 0.938, 29.3
+    # 3,000 steps and 48 calibration samples per prompt (w 1.394) 0.136, 0.938, 29.3 (steps: ADAPTER_STEPS, defaults.py)
     "invdiff-rt": {"lam": 0.0, "scale_aware": True, "recommended_weight": 1.0, "t_sampling": "snr",
                    "target": "rb", "steps": ADAPTER_STEPS, "from_t": "auto", "active_only": True},
     "paper": {"lam": 1.0, "scale_aware": False, "recommended_weight": 1.6, "t_sampling": "uniform",
