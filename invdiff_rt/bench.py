@@ -307,11 +307,15 @@ def stage_calls(runtime, batch: int, cfg: dict) -> dict[str, Callable[[], Any]]:
             "loop": loop, "decode": lambda: runtime.decode(latents), "e2e": e2e}
 
 
+STEP_CALLS = 5  # timed calls per side of a step pair, their median taken: one 1-10 ms call is at the VM's mercy
+
+
 def paired_steps(runtime, base, batch: int, cfg: dict, sync: Callable[[], None]) -> dict:
     """The denoising step with and without the adapter, interleaved pair by pair (the order alternates), so that
-    any load on the machine hits both alike; `overhead` = median of the per-pair time ratios. Each timed call follows
-    one untimed call of the same runtime: switching runtimes has its own cost (the other runtime's thread pool
-    still spinning, cold caches) that belongs to neither."""
+    any load on the machine hits both alike; each side of a pair is the median of STEP_CALLS calls, and `overhead`
+    = median of the per-pair time ratios. The timed calls follow one untimed call of the same runtime: switching
+    runtimes has its own cost (the other runtime's thread pool still spinning, cold caches) that belongs to
+    neither. (Runs 1-26 in bench/README.md timed one call per side.)"""
     with_adapter, without = stage_calls(runtime, batch, cfg)["step"], stage_calls(base, batch, cfg)["step"]
     for _ in range(cfg["warmup"]):
         with_adapter(), without()
@@ -319,7 +323,7 @@ def paired_steps(runtime, base, batch: int, cfg: dict, sync: Callable[[], None])
     for i in range(cfg["repeats"]):
         pair = (("adapter", with_adapter), ("base", without))
         for name, fn in pair if i % 2 == 0 else pair[::-1]:
-            times[name] += time_calls(fn, 1, 1, sync)
+            times[name].append(float(np.median(time_calls(fn, 1, STEP_CALLS, sync))))
     ratios = np.asarray(times["adapter"]) / np.asarray(times["base"])
     return {"adapter": summarize(times["adapter"]), "base": summarize(times["base"]),
             "overhead": float(np.median(ratios))}

@@ -88,9 +88,18 @@ def test_paired_steps_interleave_and_take_the_median_ratio(monkeypatch):
 
     monkeypatch.setattr(bench, "stage_calls", lambda rt, batch, cfg: {"step": lambda: calls.append(rt.name)})
     out = bench.paired_steps(Recorder("a"), Recorder("b"), 1, {"warmup": 1, "repeats": 4}, lambda: None)
-    # warm-up pair, then per pair (order alternating) one untimed + one timed call of each side
-    assert calls == ["a", "b"] + ["a", "a", "b", "b", "b", "b", "a", "a"] * 2
+    # warm-up pair, then per pair (order alternating) one untimed + STEP_CALLS timed calls of each side
+    side = lambda name: [name] * (1 + bench.STEP_CALLS)  # noqa: E731
+    assert calls == ["a", "b"] + (side("a") + side("b") + side("b") + side("a")) * 2
     assert out["adapter"]["n"] == out["base"]["n"] == 4 and out["overhead"] > 0
+
+
+def test_paired_steps_take_each_sides_median_so_one_slow_call_does_not_count(monkeypatch):
+    monkeypatch.setattr(bench, "stage_calls", lambda rt, batch, cfg: {"step": lambda: rt})
+    slow = {"a": [50.0, 1.1, 1.1, 1.1, 1.1], "b": [1.0] * 5}  # one call of the adapter side hit by the VM
+    monkeypatch.setattr(bench, "time_calls", lambda fn, warmup, repeats, sync: slow[fn()][:repeats])
+    out = bench.paired_steps("a", "b", 1, {"warmup": 0, "repeats": 3}, lambda: None)
+    assert out["overhead"] == pytest.approx(1.1)
 
 
 def test_parse_list_and_config_errors_are_one_line():
