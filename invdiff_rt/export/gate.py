@@ -78,17 +78,22 @@ def _float_value(name: str, rank: int | None = None):
     return helper.make_tensor_value_info(name, TensorProto.FLOAT, None if rank is None else [None] * rank)
 
 
+def _adapter_combine(graph):
+    """(consumers, mul, add, eps) of a fused denoiser's graph (`_combine`), or None when it has no adapter."""
+    consumers = _consumers(graph)
+    found = _combine(graph, consumers)
+    return None if found is None else (consumers, *found)
+
+
 def gated_graph(model) -> bool:
     """Put the adapter branch of a fused denoiser ModelProto under `If(adapter_weight != 0)`, in place.
     False (and the model untouched) when there is no adapter combine to gate."""
     from onnx import TensorProto, helper
 
     graph = model.graph
-    consumers = _consumers(graph)
-    found = _combine(graph, consumers)
-    if found is None:
+    if (found := _adapter_combine(graph)) is None:
         return False
-    mul, add, eps = found
+    consumers, mul, add, eps = found
     branch = _branch_nodes(graph, mul, add, eps, consumers)
     out = add.output[0]
     at = sum(1 for n in graph.node[:list(graph.node).index(add)] if id(n) not in branch)
@@ -129,11 +134,9 @@ def split_graph(model):
     reads the UNet's inner features). base: the graph at weight 0 (no adapter_weight input), outputs noise_pred and
     eps; side: inputs the graph's inputs it reads plus eps, outputs noise_pred = the graph's at any weight."""
     graph = model.graph
-    consumers = _consumers(graph)
-    found = _combine(graph, consumers)
-    if found is None:
+    if (found := _adapter_combine(graph)) is None:
         return None
-    mul, add, eps = found
+    consumers, mul, add, eps = found
     side_nodes = _side_nodes(graph, eps)
     producers = {o: n for n in graph.node for o in n.output}
     if len({id(n) for n in side_nodes} & _ancestors([eps], producers)) > SHARED_NODES_MAX:
