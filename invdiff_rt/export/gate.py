@@ -111,10 +111,9 @@ def gated_graph(model) -> bool:
     return True
 
 
-def _side_nodes(graph, eps: str) -> list:
+def _side_nodes(graph, eps: str, producers: dict) -> list:
     """The nodes the graph's outputs need once eps is given: the adapter, the combine after it, and the few input
     reshapes (the doubled sample and timestep) the adapter shares with the base."""
-    producers = {o: n for n in graph.node for o in n.output}
     stop = {eps} | {i.name for i in graph.input}
     seen: set[int] = set()
     stack = [o.name for o in graph.output]
@@ -137,8 +136,8 @@ def split_graph(model):
     if (found := _adapter_combine(graph)) is None:
         return None
     consumers, mul, add, eps = found
-    side_nodes = _side_nodes(graph, eps)
     producers = {o: n for n in graph.node for o in n.output}
+    side_nodes = _side_nodes(graph, eps, producers)
     if len({id(n) for n in side_nodes} & _ancestors([eps], producers)) > SHARED_NODES_MAX:
         return None
     base_nodes = _base_nodes(graph, mul, add, eps, consumers)
