@@ -1,6 +1,6 @@
 """How much of the ideal debiasing shift an adapter has learnt, per timestep (a diagnostic; uses a hidden column).
 
-The ideal shift is `targets.posterior_shift` with the oracle groups' JTT sampling weights: the difference, in eps
+The ideal shift is `targets.Posterior.shift` with the oracle groups' JTT sampling weights: the difference, in eps
 units, between the sampler-weighted and the plain empirical posterior mean of the prompt's training latents. For
 each t it prints its rms and, per adapter, the rms of the adapter's delta, its projection on the ideal shift
 (<delta, d*> / |d*|^2: 1 = all of it) and the mean cosine, on the same 128 noised training samples.
@@ -27,7 +27,7 @@ def main() -> None:
     from invdiff_rt.method.cache import base_inputs
     from invdiff_rt.method.grouper import group_from_flags, hidden_minority
     from invdiff_rt.method.losses import make_noise_scheduler
-    from invdiff_rt.method.targets import posterior_shift
+    from invdiff_rt.method.targets import Posterior
     from invdiff_rt.models.loader import load_model
 
     model = load_model(a.model)
@@ -35,6 +35,7 @@ def main() -> None:
     grouping = group_from_flags(hidden_minority(a.data, a.attribute, inputs.prompt_ids), inputs.prompt_ids,
                                 "invdiff-rt")
     sched = make_noise_scheduler(model)
+    posterior = Posterior.build(inputs.latents, inputs.prompt_ids, grouping.sampling)
     adapters = {path: load_adapter(path, model) for path in a.adapters}
     g = torch.Generator().manual_seed(1)
     idx = torch.multinomial(grouping.sampling, a.n, replacement=True, generator=g)
@@ -44,8 +45,7 @@ def main() -> None:
         for t in (500, 700, 800, 900, 950, 990):
             tt = torch.full((a.n,), t)
             x_t = sched.add_noise(x0, noise, tt)
-            ideal = posterior_shift(x_t, tt, pids, inputs.latents, inputs.prompt_ids, grouping.sampling,
-                                    sched.alphas_cumprod)
+            ideal = posterior.shift(x_t, tt, pids, sched.alphas_cumprod)
             eps = model.unet(x_t, tt.float(), encoder_hidden_states=text).sample
             row = [f"t={t} |d*|={ideal.pow(2).mean().sqrt():.4f}"]
             for path, adapter in adapters.items():

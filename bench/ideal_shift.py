@@ -1,7 +1,7 @@
 """What a perfectly learnt adapter would give: sampling with the ideal shift itself in place of the adapter (a
 diagnostic; uses a hidden column for the groups and the metrics).
 
-The "adapter" here is `targets.posterior_shift` computed on the fly, per row and CFG branch, from the training
+The "adapter" here is `targets.Posterior.shift` computed on the fly, per row and CFG branch, from the training
 latents and a grouping's sampling weights: the difference, in eps units, between the sampler-weighted and the plain
 empirical posterior mean (the conditional branch over its prompt's latents, the unconditional one over all). It is
 what the `rb` target trains the adapter towards (up to the base's own error). Sampling and metrics are `invdiff
@@ -19,11 +19,14 @@ import torch
 
 
 class IdealShift(torch.nn.Module):
-    """`GuidanceAdapter`'s call signature; delta = posterior_shift of each row's prompt (-1: the empty prompt)."""
+    """`GuidanceAdapter`'s call signature; delta = Posterior.shift of each row's prompt (-1: the empty prompt)."""
 
     def __init__(self, inputs, sampling: torch.Tensor, alphas_cumprod: torch.Tensor, from_t: int):
+        from invdiff_rt.method.targets import Posterior
+
         super().__init__()
-        self.inputs, self.sampling, self.alphas_cumprod, self.from_t = inputs, sampling, alphas_cumprod, from_t
+        self.alphas_cumprod, self.from_t = alphas_cumprod, from_t
+        self.posterior = Posterior.build(inputs.latents, inputs.prompt_ids, sampling)
         self.table = torch.cat([inputs.text_embeddings, inputs.uncond_embedding.reshape(1, *inputs.text_embeddings.shape[1:])]).flatten(1)
 
     def prompt_of(self, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
@@ -32,11 +35,9 @@ class IdealShift(torch.nn.Module):
         return torch.where(ids == len(self.table) - 1, -1, ids)
 
     def forward(self, sample, timestep, encoder_hidden_states, eps_base):
-        from invdiff_rt.method.targets import posterior_shift
-
         t = timestep.reshape(-1).round().long().clamp(0, len(self.alphas_cumprod) - 1)
-        return posterior_shift(sample.float(), t, self.prompt_of(encoder_hidden_states), self.inputs.latents,
-                               self.inputs.prompt_ids, self.sampling, self.alphas_cumprod).to(sample.dtype)
+        return self.posterior.shift(sample.float(), t, self.prompt_of(encoder_hidden_states),
+                                    self.alphas_cumprod).to(sample.dtype)
 
 
 def main() -> None:

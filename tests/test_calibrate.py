@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from invdiff_rt.method import calibrate as cal
-from invdiff_rt.method.targets import posterior_eps, posterior_shift, timestep_probs
+from invdiff_rt.method.targets import Posterior, timestep_probs
 
 ABAR = torch.linspace(0.999, 0.001, 1000)
 
@@ -37,10 +37,10 @@ def test_posterior_shift_two_latents_by_hand():
     t = torch.tensor([999])
     x_t = torch.zeros(1, 1, 1, 1)  # equidistant: the plain posterior is 50/50, the weighted 25/75
     a = ABAR[999].sqrt()
-    got = posterior_shift(x_t, t, torch.tensor([0]), latents, ids, sampling, ABAR)
+    got = Posterior.build(latents, ids, sampling).shift(x_t, t, torch.tensor([0]), ABAR)
     want = -(a / (1 - ABAR[999]).sqrt()) * ((0.25 - 0.75) - 0.0)
     assert torch.allclose(got.flatten(), want.reshape(1), rtol=1e-5)
-    assert torch.equal(posterior_shift(x_t, t, torch.tensor([0]), latents, ids, torch.ones(2), ABAR),
+    assert torch.equal(Posterior.build(latents, ids, torch.ones(2)).shift(x_t, t, torch.tensor([0]), ABAR),
                        torch.zeros(1, 1, 1, 1))  # uniform weights: no shift
 
 
@@ -52,15 +52,15 @@ def test_rb_target_is_the_drawn_noise_at_low_t_and_masks_other_prompts():
     t = torch.tensor([0, 0])
     a, s = ABAR[0].sqrt(), (1 - ABAR[0]).sqrt()
     x_t = a * latents[[1, 4]] + s * noise
-    got = posterior_eps(x_t, t, torch.tensor([0, 1]), latents, ids, torch.rand(6, generator=g) + 0.5, ABAR)
+    got = Posterior.build(latents, ids, torch.rand(6, generator=g) + 0.5).eps(x_t, t, torch.tensor([0, 1]), ABAR)
     assert torch.allclose(got, noise, atol=1e-4)
     # a row of prompt 0 never sees prompt 1's latents: shifting those changes nothing
     moved = latents.clone()
     moved[3:] += 5
     x_hi = torch.randn(1, 4, 2, 2, generator=g)
     args = (torch.tensor([999]), torch.tensor([0]))
-    assert torch.equal(posterior_shift(x_hi, *args, latents, ids, torch.arange(1.0, 7.0), ABAR),
-                       posterior_shift(x_hi, *args, moved, ids, torch.arange(1.0, 7.0), ABAR))
+    assert torch.equal(Posterior.build(latents, ids, torch.arange(1.0, 7.0)).shift(x_hi, *args, ABAR),
+                       Posterior.build(moved, ids, torch.arange(1.0, 7.0)).shift(x_hi, *args, ABAR))
 
 
 # ---------------------------------------------------------------- the weight search (pure)

@@ -289,7 +289,7 @@ def test_v_prediction_rb_target_is_the_posterior_velocity():
     """The default `rb` target (an eps-space posterior mean) is mapped to v = (eps_hat - sqrt(1-a) x_t) / sqrt(a)."""
     from types import SimpleNamespace
 
-    from invdiff_rt.method.targets import posterior_eps
+    from invdiff_rt.method.targets import Posterior
     from invdiff_rt.method.train import TrainConfig, draw_batch
 
     gen = torch.Generator().manual_seed(3)
@@ -300,8 +300,8 @@ def test_v_prediction_rb_target_is_the_posterior_velocity():
     sched = _v_scheduler()
     config = TrainConfig(batch_size=4, seed=0, target="rb", caption_dropout=0.0)
     batch = draw_batch(inputs, grouping, sched, config, 0, 0)
-    eps_hat = posterior_eps(batch.sample, batch.timestep, inputs.prompt_ids[batch.index], inputs.latents,
-                            inputs.prompt_ids, grouping.sampling, sched.alphas_cumprod).float()
+    eps_hat = Posterior.build(inputs.latents, inputs.prompt_ids, grouping.sampling).eps(
+        batch.sample, batch.timestep, inputs.prompt_ids[batch.index], sched.alphas_cumprod)
     a = sched.alphas_cumprod[batch.timestep].view(-1, 1, 1, 1)
     assert torch.allclose(batch.target, (eps_hat - (1 - a).sqrt() * batch.sample) / a.sqrt(), atol=1e-3)
 

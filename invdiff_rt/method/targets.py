@@ -25,6 +25,8 @@ Targets (`target`):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 T_SAMPLING = ("uniform", "snr")
@@ -48,53 +50,67 @@ def draw_timesteps(probs: torch.Tensor, n: int, generator: torch.Generator) -> t
     return torch.multinomial(probs, n, replacement=True, generator=generator)
 
 
-def _posterior_means(x_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, latents: torch.Tensor,
-                     log_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """E_1[x0 | x_t] and E_s[x0 | x_t] over `latents`: two [B, D] tensors (D = C*h*w), in float64."""
+@dataclass(frozen=True)
+class Posterior:
+    """The empirical posterior over the training latents under a sampler's weights: per prompt id, that prompt's
+    latents (flat, float64), their squared norms and log sampling weights; id -1 (a dropped caption) holds every
+    latent. Built once per run: rebuilding these every batch was a fifth of an adapter training step."""
+
+    tables: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+    @classmethod
+    def build(cls, latents: torch.Tensor, prompt_ids: torch.Tensor, sampling: torch.Tensor) -> "Posterior":
+        log_s = sampling.clamp_min(1e-12).log()
+        masks = {-1: torch.ones_like(prompt_ids, dtype=torch.bool)}
+        masks.update({int(p): prompt_ids == p for p in prompt_ids.unique()})
+        return cls({p: _table(latents[m], log_s[m]) for p, m in masks.items()})
+
+    def shift(self, x_t: torch.Tensor, t: torch.Tensor, prompt: torch.Tensor,
+              alphas_cumprod: torch.Tensor) -> torch.Tensor:
+        """delta* [B,C,h,w] for a batch; `prompt` [B] holds each row's prompt id, or -1 for a dropped caption."""
+        alpha, sigma = _alpha_sigma(alphas_cumprod, t)
+        plain, weighted = self._means(x_t, alpha, sigma, prompt, plain=True)
+        shift = -(alpha / sigma)[:, None] * (weighted - plain)
+        return shift.reshape(x_t.shape).float()
+
+    def eps(self, x_t: torch.Tensor, t: torch.Tensor, prompt: torch.Tensor,
+            alphas_cumprod: torch.Tensor) -> torch.Tensor:
+        """eps_s(x_t) [B,C,h,w]: the empirical denoiser of the sampler-weighted training latents (`rb` target)."""
+        alpha, sigma = _alpha_sigma(alphas_cumprod, t)
+        _, weighted = self._means(x_t, alpha, sigma, prompt, plain=False)
+        eps = (x_t.flatten(1).double() - alpha[:, None] * weighted) / sigma[:, None]
+        return eps.reshape(x_t.shape).float()
+
+    def _means(self, x_t, alpha, sigma, prompt, plain: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """E_1[x0 | x_t] (when `plain`) and E_s[x0 | x_t] of each row over its own prompt's latents, in float64."""
+        out_plain = torch.empty(x_t.shape[0], x_t[0].numel(), dtype=torch.float64) if plain else None
+        weighted = torch.empty(x_t.shape[0], x_t[0].numel(), dtype=torch.float64)
+        for p in prompt.unique().tolist():
+            rows = prompt == p
+            flat, sq_norms, log_s = self.tables[p]
+            logits = _logits(x_t[rows], alpha[rows], sigma[rows], flat, sq_norms)
+            weighted[rows] = torch.softmax(logits + log_s[None], dim=1) @ flat
+            if plain:
+                out_plain[rows] = torch.softmax(logits, dim=1) @ flat
+        return out_plain, weighted
+
+
+def _table(latents: torch.Tensor, log_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     flat = latents.flatten(1).double()
+    return flat, flat.pow(2).sum(1), log_s.double()
+
+
+def _alpha_sigma(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    abar = alphas_cumprod[t].double()
+    return abar.sqrt(), (1 - abar).sqrt()
+
+
+def _logits(x_t, alpha, sigma, flat, sq_norms) -> torch.Tensor:
+    """log N(x_t; alpha x0, sigma^2) up to a per-row constant: [B, n] over the latents x0 = `flat`."""
     x = x_t.flatten(1).double()
     a, s2 = alpha.double()[:, None], sigma.double().pow(2)[:, None]
-    dist = (x.pow(2).sum(1, keepdim=True) - 2 * a * (x @ flat.T) + a.pow(2) * flat.pow(2).sum(1)[None])
-    logits = -dist / (2 * s2)
-    plain = torch.softmax(logits, dim=1) @ flat
-    weighted = torch.softmax(logits + log_s.double()[None], dim=1) @ flat
-    return plain, weighted
-
-
-def _per_prompt_means(x_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, prompt: torch.Tensor,
-                      latents: torch.Tensor, prompt_ids: torch.Tensor,
-                      sampling: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_posterior_means` of each row over its own prompt's latents (every latent for prompt -1, a dropped caption)."""
-    n = x_t.shape[0]
-    plain = torch.empty(n, latents[0].numel(), dtype=torch.float64)
-    weighted = torch.empty_like(plain)
-    log_s = sampling.clamp_min(1e-12).log()
-    for p in prompt.unique().tolist():
-        rows = prompt == p
-        cand = torch.ones_like(prompt_ids, dtype=torch.bool) if p < 0 else prompt_ids == p
-        plain[rows], weighted[rows] = _posterior_means(x_t[rows], alpha[rows], sigma[rows], latents[cand],
-                                                       log_s[cand])
-    return plain, weighted
-
-
-def posterior_shift(x_t: torch.Tensor, t: torch.Tensor, prompt: torch.Tensor, latents: torch.Tensor,
-                    prompt_ids: torch.Tensor, sampling: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """delta* [B,C,h,w] for a batch; `prompt` [B] holds each row's prompt id, or -1 for a dropped caption."""
-    abar = alphas_cumprod[t].double()
-    alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
-    plain, weighted = _per_prompt_means(x_t, alpha, sigma, prompt, latents, prompt_ids, sampling)
-    shift = -(alpha / sigma)[:, None] * (weighted - plain)
-    return shift.reshape(x_t.shape).float()
-
-
-def posterior_eps(x_t: torch.Tensor, t: torch.Tensor, prompt: torch.Tensor, latents: torch.Tensor,
-                  prompt_ids: torch.Tensor, sampling: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """eps_s(x_t) [B,C,h,w]: the empirical denoiser of the sampler-weighted training latents (`rb` target)."""
-    abar = alphas_cumprod[t].double()
-    alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
-    _, weighted = _per_prompt_means(x_t, alpha, sigma, prompt, latents, prompt_ids, sampling)
-    eps = (x_t.flatten(1).double() - alpha[:, None] * weighted) / sigma[:, None]
-    return eps.reshape(x_t.shape).float()
+    dist = (x.pow(2).sum(1, keepdim=True) - 2 * a * (x @ flat.T) + a.pow(2) * sq_norms[None])
+    return -dist / (2 * s2)
 
 
 # Where the adapter acts (`from_t`, recorded in adapter.json; `sampling.step_weight` sets the weight to 0 below it).
@@ -108,17 +124,17 @@ FROM_T_GRID_STEP = 50
 
 def shift_profile(noise_scheduler, latents: torch.Tensor, prompt_ids: torch.Tensor, sampling: torch.Tensor,
                   grid: list[int], n: int = 256, seed: int = 1) -> list[float]:
-    """rms of `posterior_shift` at each t of `grid`, on `n` training samples drawn from the groups' sampler."""
+    """rms of `Posterior.shift` at each t of `grid`, on `n` training samples drawn from the groups' sampler."""
     gen = torch.Generator().manual_seed(seed)
     idx = torch.multinomial(sampling, n, replacement=True, generator=gen)
     x0 = latents[idx]
     noise = torch.randn(x0.shape, generator=gen)
+    posterior = Posterior.build(latents, prompt_ids, sampling)
     rms = []
     for t in grid:
         tt = torch.full((n,), t)
         x_t = noise_scheduler.add_noise(x0, noise, tt)
-        shift = posterior_shift(x_t, tt, prompt_ids[idx], latents, prompt_ids, sampling,
-                                noise_scheduler.alphas_cumprod)
+        shift = posterior.shift(x_t, tt, prompt_ids[idx], noise_scheduler.alphas_cumprod)
         rms.append(float(shift.double().pow(2).mean().sqrt()))
     return rms
 

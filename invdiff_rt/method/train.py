@@ -24,8 +24,7 @@ from .defaults import ADAPTER_STEPS, CALIBRATION_PER_PROMPT
 from .grouper import Grouping, GroupsResult, group_erm, group_from_flags, hidden_minority
 from .losses import _gen, denoising_target, make_noise_scheduler, progress_bar, target_from_eps
 from .objective import invariance_objective, per_sample_loss
-from .targets import (FROM_T_FRACTION, T_SAMPLING, TARGETS, active_from_t, draw_timesteps, posterior_eps,
-                      posterior_shift, timestep_probs)
+from .targets import FROM_T_FRACTION, T_SAMPLING, TARGETS, Posterior, active_from_t, draw_timesteps, timestep_probs
 
 # lambda, whether the variance is scale-aware, the fallback adapter weight w (used when there is no label-free
 # calibration, calibrate.py), the training target and t sampling (targets.py) and the steps, per recipe (README).
@@ -149,8 +148,10 @@ class Batch:
     target: torch.Tensor | None = None  # posterior: the shift delta*; rb: eps_s(x_t); noise: None (targets.py)
 
 
-def draw_batch(inputs, grouping: Grouping, scheduler, config: TrainConfig, rank: int, step: int) -> Batch:
-    """One rank's batch: (index, group-weight row) pairs drawn together; t, noise and caption dropout seeded too."""
+def draw_batch(inputs, grouping: Grouping, scheduler, config: TrainConfig, rank: int, step: int,
+               posterior: Posterior | None = None) -> Batch:
+    """One rank's batch: (index, group-weight row) pairs drawn together; t, noise and caption dropout seeded too.
+    `posterior`: the run's `Posterior` of (inputs, grouping) for the posterior and rb targets (None: built here)."""
     g = _gen(config.seed, 7, rank, step)
     idx = torch.multinomial(grouping.sampling, config.batch_size, replacement=True, generator=g)
     x0 = inputs.latents[idx]
@@ -166,8 +167,9 @@ def draw_batch(inputs, grouping: Grouping, scheduler, config: TrainConfig, rank:
     target = None
     if config.target in ("posterior", "rb"):
         prompt = torch.where(drop, -1, inputs.prompt_ids[idx])
-        fn = posterior_shift if config.target == "posterior" else posterior_eps
-        target = fn(x_t, t, prompt, inputs.latents, inputs.prompt_ids, grouping.sampling, scheduler.alphas_cumprod)
+        posterior = posterior or Posterior.build(inputs.latents, inputs.prompt_ids, grouping.sampling)
+        fn = posterior.shift if config.target == "posterior" else posterior.eps
+        target = fn(x_t, t, prompt, scheduler.alphas_cumprod)
         target = target_from_eps(scheduler, x_t, target, t, shift=config.target == "posterior")
     return Batch(idx, x_t, t, text, denoising_target(scheduler.config, x0, noise, t), grouping.weights[idx], target)
 
@@ -276,6 +278,7 @@ class _Run:
     noise_scheduler: object
     inputs: object
     grouping: Grouping
+    posterior: Posterior | None  # the posterior and rb targets' tables, built once
     key: str
     ckpt: Path
 
@@ -306,8 +309,8 @@ def _prepared_steps(accelerator, run: _Run, config: TrainConfig, start_step: int
     chunk = torch.get_num_threads() if torch.device(device).type == "cpu" else 1
     for first in range(start_step, config.steps, chunk):
         steps = range(first, min(first + chunk, config.steps))
-        batches = [draw_batch(run.inputs, run.grouping, run.noise_scheduler, config, accelerator.process_index, s)
-                   for s in steps]
+        batches = [draw_batch(run.inputs, run.grouping, run.noise_scheduler, config, accelerator.process_index, s,
+                              run.posterior) for s in steps]
         eps = base_predictions(run.unet, batches, device) if config.eps_base_input else [None] * len(batches)
         yield from zip(steps, zip(batches, eps))
 
@@ -360,7 +363,9 @@ def train_adapter(model, data_dir: str | Path, groups: GroupsResult | None, out_
     key, ckpt = _run_key(config, meta), checkpoint_dir(out_dir)
     start_step = load_checkpoint(ckpt, key, adapter, optimizer, lr_scheduler) if config.resume else 0
     adapter, optimizer = accelerator.prepare(adapter, optimizer)  # the LR schedule is stepped by hand, once a step
-    run = _Run(unet, adapter, optimizer, lr_scheduler, noise_scheduler, inputs, grouping, key, ckpt)
+    posterior = (Posterior.build(inputs.latents, inputs.prompt_ids, grouping.sampling)
+                 if config.target in ("posterior", "rb") else None)
+    run = _Run(unet, adapter, optimizer, lr_scheduler, noise_scheduler, inputs, grouping, posterior, key, ckpt)
     last = _loop(accelerator, run, config, start_step)
     if accelerator.is_main_process:
         meta.update(num_processes=accelerator.num_processes, resumed_from_step=start_step, final=last,
