@@ -166,6 +166,25 @@ def trained(tmp_path_factory):
 
 
 @pytest.mark.slow
+def test_calibration_samples_do_not_depend_on_how_they_are_chunked(trained):
+    """sample_latents runs its chunks in single-threaded workers side by side: five chunks of 2 give the rows of
+    one chunk of 10 on two threads, in the same order, within float noise."""
+    from tests.test_method_cli import PROMPTS
+    from invdiff_rt.method.adapter import load_adapter
+    from invdiff_rt.parallel import one_torch_thread
+
+    model, _, _, out = trained
+    args = (model, load_adapter(out, model), PROMPTS, 5, 1000, 3, 3.0, 1.5)
+    with one_torch_thread() as before:
+        torch.set_num_threads(2)  # map_batches runs workers only with >= 2 threads
+        whole, chunked = cal.sample_latents(*args, batch_size=10), cal.sample_latents(*args, batch_size=2)
+    assert torch.get_num_threads() == before
+    assert whole.shape == (10, *model.latent_shape) and torch.isfinite(whole).all()
+    assert (whole[0] - whole[1]).abs().max() > 0.1  # distinct samples: a reordering would show
+    assert (chunked - whole).abs().max() <= 1e-5 * whole.abs().max(), (chunked - whole).abs().max()
+
+
+@pytest.mark.slow
 def test_calibrate_on_tiny_model_golden(trained):
     from invdiff_rt.method.cache import base_inputs
 
