@@ -61,9 +61,9 @@ def test_ort_runtime_matches_torch_runtime(exported):
     assert max(r.rel_l2 for r in rows if r.quantity.startswith("noise_pred")) <= 1e-4
     # openvino: both steps ran the base graph (no adapter_weight input), the acting one the side graph after it
     denoiser = ov_rt.components["denoiser"]
-    assert len(denoiser.compiled) == len(denoiser.side_compiled) == 3  # 1 row; 2 x 1 row (2 streams); 3 rows
+    assert len(denoiser.graph.compiled) == len(denoiser.side.compiled) == 3  # 1 row; 2 x 1 row (2 streams); 3 rows
     assert "adapter_weight" not in denoiser.input_names and "adapter_weight" in denoiser.feed_names
-    assert len(denoiser.side.get_ops()) < len(denoiser.model.get_ops()) / 4
+    assert len(denoiser.side.model.get_ops()) < len(denoiser.graph.model.get_ops()) / 4
     assert ov_rt.components["vae_decoder"].feed_names == ["latents"]
 
 

@@ -73,29 +73,34 @@ def put_rows(parts: list[np.ndarray], dims: tuple) -> np.ndarray:
     return np.concatenate(parts)
 
 
+class OvGraph:
+    """One graph read by OpenVINO and its compiled programs: one per set of chunk shapes, compiled on first use with
+    one stream per chunk, each chunk on its own bound request."""
+
+    def __init__(self, core, source: str | bytes, precision: str):
+        self.core, self.precision = core, precision
+        self.model = core.read_model(source)
+        self.compiled: dict[tuple, list[BoundRequest]] = {}
+
+    def requests(self, chunks: list[dict[str, np.ndarray]]) -> list["BoundRequest"]:
+        key = tuple(tuple((name, chunk[name].shape) for name in sorted(chunk)) for chunk in chunks)
+        if key not in self.compiled:
+            reshaped = self.model.clone()
+            reshaped.reshape({p.get_any_name(): list(chunks[0][p.get_any_name()].shape) for p in self.model.inputs})
+            program = self.core.compile_model(reshaped, "CPU", compile_config(len(chunks), self.precision))
+            self.compiled[key] = [BoundRequest(program.create_infer_request(), chunk) for chunk in chunks]
+        return self.compiled[key]
+
+
 class OvComponent:
     """One ONNX graph + its spec: `__call__(**inputs)` -> first output as a torch tensor (a copy)."""
 
     def __init__(self, core, source: str | bytes, spec, streams: int, precision: str):
-        self.core, self.spec, self.streams, self.precision = core, spec, streams, precision
-        self.model = core.read_model(source)
-        self.input_names = [p.get_any_name() for p in self.model.inputs]
+        self.spec, self.streams = spec, streams
+        self.graph = OvGraph(core, source, precision)
+        self.input_names = [p.get_any_name() for p in self.graph.model.inputs]
         self.feed_names = self.input_names  # what a call reads
         self.dims = {t.name: t.dims for t in spec.inputs}
-        self.compiled: dict[tuple, list] = {}
-
-    def requests(self, chunks: list[dict[str, np.ndarray]], model=None,
-                 compiled: dict | None = None) -> list["BoundRequest"]:
-        """One bound request per chunk, from `model` (default: this component's) compiled for exactly the chunks'
-        shapes on first use, cached in `compiled`."""
-        model, compiled = (self.model, self.compiled) if model is None else (model, compiled)
-        key = tuple(tuple((name, chunk[name].shape) for name in sorted(chunk)) for chunk in chunks)
-        if key not in compiled:
-            reshaped = model.clone()
-            reshaped.reshape({p.get_any_name(): list(chunks[0][p.get_any_name()].shape) for p in model.inputs})
-            program = self.core.compile_model(reshaped, "CPU", compile_config(len(chunks), self.precision))
-            compiled[key] = [BoundRequest(program.create_infer_request(), chunk) for chunk in chunks]
-        return compiled[key]
 
     def __call__(self, **inputs) -> torch.Tensor:
         arrays = {name: _numpy(inputs[name], self.spec.dtype(name)) for name in self.feed_names}
@@ -107,7 +112,7 @@ class OvComponent:
         return torch.from_numpy(put_rows(self.run(chunks), self.spec.outputs[0].dims))
 
     def run(self, chunks: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
-        return dispatch(self.requests(chunks), chunks)
+        return dispatch(self.graph.requests(chunks), chunks)
 
     def batch_of(self, arrays: dict[str, np.ndarray]) -> int:
         first = self.spec.inputs[0]
@@ -130,19 +135,18 @@ class OvSplitDenoiser(OvComponent):
 
     def __init__(self, core, parts: tuple[bytes, bytes], spec, streams: int, precision: str):
         super().__init__(core, parts[0], spec, streams, precision)
-        self.side = core.read_model(parts[1])
-        self.side_compiled: dict[tuple, list] = {}
-        self.eps = self.side.inputs[-1].get_any_name()  # split_graph: the side graph's last input
+        self.side = OvGraph(core, parts[1], precision)
+        self.eps = self.side.model.inputs[-1].get_any_name()  # split_graph: the side graph's last input
         self.feed_names = self.input_names + [WEIGHT]
 
     def run(self, chunks: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
         base = [{name: chunk[name] for name in self.input_names} for chunk in chunks]
-        reqs = self.requests(base)
+        reqs = self.graph.requests(base)
         outputs = dispatch(reqs, base)
         if not np.any(chunks[0][WEIGHT]):
             return outputs
         sides = [chunk | {self.eps: req.request.get_output_tensor(1).data} for chunk, req in zip(chunks, reqs)]
-        return dispatch(self.requests(sides, self.side, self.side_compiled), sides)
+        return dispatch(self.side.requests(sides), sides)
 
 
 def component(core, path: Path, spec, streams: int, precision: str) -> OvComponent:
