@@ -134,14 +134,15 @@ def sample_latents(model, adapter, prompts: list[str], per_prompt: int, seed: in
     from ..runtime.backends.torch_backend import TorchRuntime
     from ..runtime.sampling import cfg_embeddings, denoise, initial_latents, make_scheduler
 
-    runtime = TorchRuntime(model, adapter)
+    runtime, cache = TorchRuntime(model, adapter), {}
+    cfg_embeddings(runtime, prompts, guidance_scale, cache)  # every prompt encoded once: the workers only read it
     jobs = [(p, i) for p in prompts for i in range(per_prompt)]
 
     def one_chunk(start: int) -> torch.Tensor:
         chunk = jobs[start:start + batch_size]
         with torch.no_grad():  # grad mode is per thread: set in the worker
             x = torch.stack([initial_latents(seed, p, i, runtime.latent_shape) for p, i in chunk])
-            emb = cfg_embeddings(runtime, [p for p, _ in chunk], guidance_scale)
+            emb = cfg_embeddings(runtime, [p for p, _ in chunk], guidance_scale, cache)
             sched = make_scheduler(runtime.scheduler_config, "ddim")
             return denoise(runtime, sched, x, emb, guidance_scale, weight, steps).float()
 

@@ -31,6 +31,7 @@ import torch
 
 T_SAMPLING = ("uniform", "snr")
 TARGETS = ("noise", "posterior", "rb")
+POSTERIOR_TARGETS = ("posterior", "rb")  # the targets computed from the empirical posterior (`Posterior`)
 
 
 def timestep_probs(alphas_cumprod: torch.Tensor, mode: str, start: int = 0) -> torch.Tensor:

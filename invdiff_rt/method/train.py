@@ -24,7 +24,8 @@ from .defaults import ADAPTER_STEPS, CALIBRATION_PER_PROMPT
 from .grouper import Grouping, GroupsResult, group_erm, group_from_flags, hidden_minority
 from .losses import _gen, denoising_target, make_noise_scheduler, progress_bar, target_from_eps
 from .objective import invariance_objective, per_sample_loss
-from .targets import FROM_T_FRACTION, T_SAMPLING, TARGETS, Posterior, active_from_t, draw_timesteps, timestep_probs
+from .targets import (FROM_T_FRACTION, POSTERIOR_TARGETS, T_SAMPLING, TARGETS, Posterior, active_from_t,
+                      draw_timesteps, timestep_probs)
 
 # lambda, whether the variance is scale-aware, the fallback adapter weight w (used when there is no label-free
 # calibration, calibrate.py), the training target and t sampling (targets.py) and the steps, per recipe (README).
@@ -165,9 +166,10 @@ def draw_batch(inputs, grouping: Grouping, scheduler, config: TrainConfig, rank:
     text = torch.where(drop[:, None, None], inputs.uncond_embedding, inputs.text_embeddings[inputs.prompt_ids[idx]])
     x_t = scheduler.add_noise(x0, noise, t)
     target = None
-    if config.target in ("posterior", "rb"):
+    if config.target in POSTERIOR_TARGETS:
         prompt = torch.where(drop, -1, inputs.prompt_ids[idx])
-        posterior = posterior or Posterior.build(inputs.latents, inputs.prompt_ids, grouping.sampling)
+        if posterior is None:
+            posterior = Posterior.build(inputs.latents, inputs.prompt_ids, grouping.sampling)
         fn = posterior.shift if config.target == "posterior" else posterior.eps
         target = fn(x_t, t, prompt, scheduler.alphas_cumprod)
         target = target_from_eps(scheduler, x_t, target, t, shift=config.target == "posterior")
@@ -364,7 +366,7 @@ def train_adapter(model, data_dir: str | Path, groups: GroupsResult | None, out_
     start_step = load_checkpoint(ckpt, key, adapter, optimizer, lr_scheduler) if config.resume else 0
     adapter, optimizer = accelerator.prepare(adapter, optimizer)  # the LR schedule is stepped by hand, once a step
     posterior = (Posterior.build(inputs.latents, inputs.prompt_ids, grouping.sampling)
-                 if config.target in ("posterior", "rb") else None)
+                 if config.target in POSTERIOR_TARGETS else None)
     run = _Run(unet, adapter, optimizer, lr_scheduler, noise_scheduler, inputs, grouping, posterior, key, ckpt)
     last = _loop(accelerator, run, config, start_step)
     if accelerator.is_main_process:

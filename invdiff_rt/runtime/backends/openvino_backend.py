@@ -80,7 +80,7 @@ class OvGraph:
     def __init__(self, core, source: str | bytes, precision: str):
         self.core, self.precision = core, precision
         self.model = core.read_model(source)
-        self.compiled: dict[tuple, list[BoundRequest]] = {}
+        self.compiled: dict[tuple, list["BoundRequest"]] = {}
 
     def requests(self, chunks: list[dict[str, np.ndarray]]) -> list["BoundRequest"]:
         key = tuple(tuple((name, chunk[name].shape) for name in sorted(chunk)) for chunk in chunks)
