@@ -2,7 +2,10 @@
 `invdiff groups` uses (loss(x_t | prompt) / loss(x_t | empty), one antithetic pair, same generators as the grouper)
 on a fixed subset of train images: its per-prompt skewness (what picks the grouper's band) and its AUROC against
 each hidden attribute's minority. Also scores one multi-band alternative (max over levels of the per-prompt robust
-z), to size what a grouper change could gain. Diagnostics only: the hidden columns are read for the AUROC.
+z), to size what a grouper change could gain. The stroke AUROC is also given among colour-majority rows, apart for
+the prompts whose stroke minority is thin and those whose stroke minority is thick (a score that tracked the stroke
+itself, not its rarity, would sit above 0.5 for one and below for the other). Diagnostics only: the hidden columns
+are read for the AUROC.
 
 Usage: python bench/two_attr_probe.py --model MODEL --data DIR [--n 1000] [--levels 300,500,...] [--pairs P]
        [--json OUT]
@@ -15,6 +18,7 @@ import json
 
 import torch
 
+from invdiff_rt.data.folder import attribute_of, read_split
 from invdiff_rt.method import grouper, losses
 from invdiff_rt.method.cache import base_inputs
 from invdiff_rt.models.loader import load_model
@@ -47,6 +51,17 @@ def split_scores(z: torch.Tensor, minority: dict[str, torch.Tensor], k: float = 
     return out
 
 
+def stroke_by_minority_value(z: torch.Tensor, minority: dict[str, torch.Tensor], strokes: list,
+                             pids: torch.Tensor) -> dict:
+    """Stroke AUROC among colour-majority rows, per value of the prompts' stroke minority (thin, thick)."""
+    keep, out = ~minority["color"], {}
+    for value in sorted({strokes[i] for i in minority["stroke"].nonzero().flatten().tolist()}):
+        prompts = pids[minority["stroke"] & torch.tensor([s == value for s in strokes])].unique()
+        rows = keep & torch.isin(pids, prompts)
+        out[value] = round(grouper.auroc(z[rows], minority["stroke"][rows]), 4)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -63,13 +78,15 @@ def main() -> None:
     idx = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed))[:args.n].sort().values
     pids = inputs.prompt_ids[idx]
     minority = {a: grouper.hidden_minority(args.data, a, inputs.prompt_ids)[idx] for a in ATTRIBUTES}
+    strokes = [attribute_of(read_split(args.data, "train"), "stroke")[i] for i in idx.tolist()]
     rows, zs = [], []
     for level, t in enumerate(int(x) for x in args.levels.split(",")):
         c = contrast_at(model, inputs, idx, t, args.seed, level, args.pairs)
         z = grouper.robust_prompt_z(c, pids)
         zs.append(z)
         row = {"t": t, "skewness": round(losses.skewness(losses.per_prompt_ratio(c, pids).log()), 4),
-               **{f"{a}_{k}": v for a, s in split_scores(z, minority).items() for k, v in s.items()}}
+               **{f"{a}_{k}": v for a, s in split_scores(z, minority).items() for k, v in s.items()},
+               "stroke_auroc_colour_majority_by_minority": stroke_by_minority_value(z, minority, strokes, pids)}
         rows.append(row)
         print(json.dumps(row), flush=True)
     zmax = torch.stack(zs).amax(0)

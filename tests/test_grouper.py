@@ -49,6 +49,37 @@ def test_jtt_weights_half_of_each_prompt():
     assert torch.allclose(s, torch.tensor([2.0, 2 / 3, 2 / 3, 2 / 3, 1, 1, 1]))
 
 
+def test_raking_balances_each_attribute_and_keeps_prompt_mass():
+    # prompt 0: cells (maj,maj) x4, (min,maj) x1, (maj,min) x2, (min,min) x1; prompt 1: no minority of attribute 0
+    prompt_ids = torch.tensor([0] * 8 + [1] * 4)
+    flags = torch.tensor([[0, 0]] * 4 + [[1, 0], [0, 1], [0, 1], [1, 1]] + [[0, 0], [0, 0], [0, 1], [0, 0]]).bool()
+    s = grouper.raked_sampling_weights(flags, prompt_ids).double()
+    for p, n in ((0, 8), (1, 4)):
+        sel = prompt_ids == p
+        assert s[sel].sum().item() == pytest.approx(n, rel=1e-6)
+        assert s[sel & flags[:, 1]].sum().item() == pytest.approx(n / 2, rel=1e-5)
+    assert s[:8][flags[:8, 0]].sum().item() == pytest.approx(4, rel=1e-5)
+    assert torch.allclose(s[8:], torch.tensor([2 / 3, 2 / 3, 2, 2 / 3], dtype=torch.float64), atol=1e-6)
+    # prompt 0 by hand: raking keeps the table's odds ratio (4 * 1 / (1 * 2) = 2), so the cell masses solve
+    # m00 * m11 = 2 * m10 * m01 with both marginals at 4: m10 = m01 = 4 (sqrt 2 - 1), m00 = m11 = 4 - m10
+    m = 4 * (2 ** 0.5 - 1)
+    assert s[:8].tolist() == pytest.approx([(4 - m) / 4] * 4 + [m, m / 2, m / 2, 4 - m], rel=1e-5)
+    # one attribute: exactly the JTT weights
+    assert torch.equal(grouper.raked_sampling_weights(flags[:, :1], prompt_ids),
+                       grouper.jtt_sampling_weights(flags[:, 0], prompt_ids))
+
+
+def test_oracle_groups_from_two_columns_are_cells():
+    prompt_ids = torch.tensor([0] * 8)
+    flags = torch.tensor([[0, 0]] * 4 + [[1, 0], [0, 1], [0, 1], [1, 1]]).bool()
+    g = grouper.group_from_flags(flags, prompt_ids, "invdiff-rt")
+    assert g.weights.sum(0).tolist() == [4, 1, 2, 1]  # cells 00, 10, 01, 11 in code order
+    assert g.inferred.tolist() == [False] * 4 + [True] * 4
+    assert g.sampling.sum().item() == pytest.approx(8, rel=1e-6)
+    assert g.sampling[[4, 7]].sum().item() == pytest.approx(4, rel=1e-5)  # attribute 0's minority: half
+    assert g.sampling.tolist() != grouper.group_from_flags(flags, prompt_ids, "paper").sampling.tolist()
+
+
 def test_effective_weights_hand_values():
     w = torch.tensor([[1.0, 0], [1, 0], [1, 0], [0, 1]])
     eff = grouper.effective_weights(w, torch.ones(4))

@@ -159,3 +159,24 @@ def test_per_attribute_classifier_layout(tmp_path):
         attr, cls = classifiers.load_classifier_pair(shipped, column)
         assert attr.meta["attribute"] == column and attr.meta["balanced_accuracy"] >= 0.95
         assert cls.meta["strip_colour"] == "max-min"
+
+
+def test_oracle_groups_from_both_columns_balance_each_attribute(styled):
+    """`--oracle-groups-from color,stroke`: per digit, each attribute's minority carries half the sampling mass."""
+    import torch
+
+    from invdiff_rt.method import grouper
+
+    train = read_split(styled, "train")
+    prompt_ids = torch.tensor([r.attrs["digit"] for r in train])
+    flags = grouper.hidden_minority(styled, "color,stroke", prompt_ids)
+    assert flags.shape == (N_TRAIN, 2)
+    assert flags[:, 1].tolist() == [r.attrs["minority_stroke"] for r in train]
+    g = grouper.group_from_flags(flags, prompt_ids, "invdiff-rt")
+    assert g.weights.shape == (N_TRAIN, 4) and g.inferred.tolist() == [r.attrs["minority"] for r in train]
+    s = g.sampling.double()
+    for digit in range(10):
+        sel = prompt_ids == digit
+        assert s[sel].sum().item() == pytest.approx(int(sel.sum()), rel=1e-6)
+        for a in range(2):
+            assert s[sel & flags[:, a]].sum().item() / s[sel].sum().item() == pytest.approx(0.5, abs=1e-4)

@@ -31,7 +31,8 @@ def groups(
     report_attribute: Optional[str] = typer.Option(
         None, "--report-attribute", help="Hidden column for diagnostics only (AUROC, precision/recall, weight)."),
     oracle_groups_from: Optional[str] = typer.Option(
-        None, "--oracle-groups-from", help="Build groups from this hidden column (comparison only)."),
+        None, "--oracle-groups-from", help="Build groups from this hidden column, or several: a,b "
+        "(invdiff-rt: each attribute's minority balanced on its own) (comparison only)."),
     outlier_k: float = typer.Option(3.0, "--outlier-k",
                                     help="invdiff-rt: inferred minority = per-prompt robust z above this (MADs)."),
     threads: int = typer.Option(0, "--threads", help=THREADS_HELP),
@@ -89,7 +90,8 @@ def train(
     checkpoint_every: int = typer.Option(250, "--checkpoint-every"),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT_DIR.ckpt if present."),
     oracle_groups_from: Optional[str] = typer.Option(
-        None, "--oracle-groups-from", help="Groups from this hidden column (comparison only)."),
+        None, "--oracle-groups-from", help="Groups from this hidden column, or several: a,b "
+        "(invdiff-rt: each attribute's minority balanced on its own) (comparison only)."),
     threads: int = typer.Option(0, "--threads", help=THREADS_HELP),
     t_sampling: Optional[str] = typer.Option(None, "--t-sampling", help="uniform | snr (default: the recipe's)."),
     target: Optional[str] = typer.Option(None, "--target", help="noise | posterior (default: the recipe's)."),

@@ -6,6 +6,8 @@
   i.e. above median + 3 MAD) with JTT-style sampling weights that give the inferred minority half of each prompt's
   sampling mass; two one-hot groups (0 = majority, 1 = inferred minority).
 * `erm`: one group, uniform sampling.
+* oracle groups (comparison only) from one hidden column, or from several (one group per combination of flags, and a
+  raked sampler that balances each attribute's minority on its own).
 """
 
 from __future__ import annotations
@@ -90,14 +92,33 @@ def jtt_sampling_weights(minority: torch.Tensor, prompt_ids: torch.Tensor, fract
     The prompt's total mass is kept (= its sample count), so prompt frequencies are unchanged. Prompts with no
     inferred minority (or only minority) keep uniform weights.
     """
-    s = torch.ones(minority.shape[0], dtype=torch.float32)
+    s = torch.ones(minority.shape[0], dtype=torch.float64)
+    _balance(s, minority, prompt_ids, fraction)
+    return s.float()
+
+
+def raked_sampling_weights(flags: torch.Tensor, prompt_ids: torch.Tensor, fraction: float = 0.5,
+                           passes: int = 100) -> torch.Tensor:
+    """Sampling weights that give each attribute's minority (flags [N,A]) `fraction` of every prompt's mass at once.
+
+    Raking (iterative proportional fitting): the JTT rescaling of one attribute after the other until every
+    attribute's share holds; one attribute is one pass of `jtt_sampling_weights`. Prompt masses are kept.
+    """
+    s = torch.ones(flags.shape[0], dtype=torch.float64)
+    for _ in range(passes if flags.shape[1] > 1 else 1):
+        for a in range(flags.shape[1]):
+            _balance(s, flags[:, a], prompt_ids, fraction)
+    return s.float()
+
+
+def _balance(s: torch.Tensor, minority: torch.Tensor, prompt_ids: torch.Tensor, fraction: float) -> None:
+    """Rescale s in place so that, within every prompt holding both, the minority rows carry `fraction` of its mass."""
     for p in prompt_ids.unique():
         sel = prompt_ids == p
-        n, m = int(sel.sum()), int((sel & minority).sum())
-        if 0 < m < n:
-            s[sel & minority] = fraction * n / m
-            s[sel & ~minority] = (1 - fraction) * n / (n - m)
-    return s
+        total, part = s[sel].sum(), s[sel & minority].sum()
+        if 0 < part < total:
+            s[sel & minority] *= fraction * total / part
+            s[sel & ~minority] *= (1 - fraction) * total / (total - part)
 
 
 def one_hot_groups(minority: torch.Tensor) -> torch.Tensor:
@@ -188,10 +209,21 @@ def group_robust(scores: torch.Tensor, prompt_ids: torch.Tensor, k: float = 3.0,
 
 
 def group_from_flags(minority: torch.Tensor, prompt_ids: torch.Tensor, recipe: str) -> Grouping:
-    """Oracle groups from a hidden column (comparison only): one-hot, JTT sampling for invdiff-rt."""
-    w = one_hot_groups(minority)
-    sampling = jtt_sampling_weights(minority, prompt_ids) if recipe == "invdiff-rt" else torch.ones(len(minority))
-    return Grouping(w, minority.float(), sampling, minority.clone(), {})
+    """Oracle groups from hidden columns (comparison only): minority flags [N] or [N,A] (one column per attribute).
+
+    One attribute: majority / minority. Several: one group per combination of flags that occurs (cell), and for
+    invdiff-rt the raked sampler, which gives every attribute's minority half of each prompt's mass.
+    """
+    flags = minority if minority.dim() == 2 else minority[:, None]
+    if flags.shape[1] == 1:
+        w = one_hot_groups(flags[:, 0])
+    else:
+        cells = (flags.long() * (2 ** torch.arange(flags.shape[1]))).sum(1)
+        w = torch.nn.functional.one_hot(cells.unique(return_inverse=True)[1]).float()
+    sampling = raked_sampling_weights(flags, prompt_ids) if recipe == "invdiff-rt" else torch.ones(len(flags))
+    inferred = flags.any(1)
+    return Grouping(w, inferred.float(), sampling, inferred, {"attributes": flags.shape[1]} if flags.shape[1] > 1
+                    else {})
 
 
 def group_erm(n: int) -> Grouping:
@@ -267,10 +299,12 @@ def _check_recipe(recipe: str, groups: int | None) -> int:
 
 
 def hidden_minority(data_dir: str | Path, column: str, prompt_ids: torch.Tensor) -> torch.Tensor:
-    """Per-prompt minority flags from a hidden attribute column (diagnostics and oracle only)."""
+    """Per-prompt minority flags from a hidden attribute column (diagnostics and oracle only); "a,b" gives [N,2]."""
     from ..data.folder import attribute_of, read_split
 
-    return prompt_minority(attribute_of(read_split(data_dir, "train"), column), prompt_ids)
+    records = read_split(data_dir, "train")
+    flags = [prompt_minority(attribute_of(records, c.strip()), prompt_ids) for c in column.split(",")]
+    return flags[0] if len(flags) == 1 else torch.stack(flags, dim=1)
 
 
 def _profile_grouping(model, inputs, recipe: str, groups: int, seed: int, batch_size: int, profile_config,
@@ -302,12 +336,14 @@ def infer_groups(model, data_dir: str | Path, recipe: str = "invdiff-rt", seed: 
     from .cache import base_inputs
 
     n_groups = _check_recipe(recipe, groups if oracle_column is None else None)
+    if report_attribute and "," in report_attribute:
+        raise InvdiffError(f"--report-attribute {report_attribute}: give one column (run once per attribute)")
     start = time.perf_counter()
     inputs = base_inputs(model, data_dir, batch_size=batch_size)
     if oracle_column:
         grouping = group_from_flags(hidden_minority(data_dir, oracle_column, inputs.prompt_ids), inputs.prompt_ids,
                                     recipe)
-        profile_info, n_groups = {"source": f"oracle:{oracle_column}"}, 2
+        profile_info, n_groups = {"source": f"oracle:{oracle_column}"}, grouping.weights.shape[1]
     else:
         grouping, profile_info = _profile_grouping(model, inputs, recipe, n_groups, seed, batch_size,
                                                    profile_config, show_progress, outlier_k)

@@ -111,7 +111,7 @@ def check_train_config(config: TrainConfig) -> None:
 
 
 def _resolve_grouping(groups: GroupsResult | None, inputs, data_dir, config: TrainConfig) -> tuple[Grouping, dict]:
-    """The groups this run trains with (erm: none; oracle: from the hidden column) and how they were made."""
+    """The groups this run trains with (erm: none; oracle: from the hidden column(s)) and how they were made."""
     n = inputs.latents.shape[0]
     if config.recipe == "erm":
         return group_erm(n), {"groups_source": "none", "groups_fingerprint": None}
