@@ -205,7 +205,7 @@ def attribute_values(records: Sequence[Record], column: str) -> list:
         if column not in r.attrs:
             meta = _metadata_of(r)
             have = ", ".join(sorted(r.attrs)) or "none"
-            raise InvdiffError(f'{meta}:{r.line}: missing column "{column}" (columns: {have}); name one of those columns')
+            raise InvdiffError(f'{meta}:{r.line}: missing column "{column}" (columns: {have}); name one of those')
     return sorted({r.attrs[column] for r in records}, key=lambda v: (str(type(v)), v))
 
 
