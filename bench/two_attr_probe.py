@@ -1,11 +1,11 @@
 """Why does the label-free grouper find one attribute and not the other? Per noise level t, the contrast score that
 `invdiff groups` uses (loss(x_t | prompt) / loss(x_t | empty), one antithetic pair, same generators as the grouper)
 on a fixed subset of train images: its per-prompt skewness (what picks the grouper's band) and its AUROC against
-each hidden attribute's minority. Also scores one multi-band alternative (max over levels of the per-prompt robust
-z), to size what a grouper change could gain. The stroke AUROC is also given among colour-majority rows, apart for
-the prompts whose stroke minority is thin and those whose stroke minority is thick (a score that tracked the stroke
-itself, not its rarity, would sit above 0.5 for one and below for the other). Diagnostics only: the hidden columns
-are read for the AUROC.
+each hidden attribute's minority. Also scores two multi-band alternatives (max over levels of the per-prompt robust
+z; the log contrast summed over the levels t >= 700), to size what a grouper change could gain. The stroke AUROC is
+also given among colour-majority rows, apart for the prompts whose stroke minority is thin and those whose stroke
+minority is thick (a score that tracked the stroke itself, not its rarity, would sit above 0.5 for one and below for
+the other). Diagnostics only: the hidden columns are read for the AUROC.
 
 Usage: python bench/two_attr_probe.py --model MODEL --data DIR [--n 1000] [--levels 300,500,...] [--pairs P]
        [--json OUT]
@@ -25,6 +25,7 @@ from invdiff_rt.models.loader import load_model
 
 LEVELS = (100, 200, 300, 500, 700, 850, 925, 975)
 ATTRIBUTES = ("color", "stroke")
+MULTI_LEVEL_FROM = 700  # the multi-level alternative: the log contrast summed over the levels t >= this
 
 
 def contrast_at(model, inputs, idx: torch.Tensor, t: int, seed: int, level: int, pairs: int = 1) -> torch.Tensor:
@@ -79,18 +80,24 @@ def main() -> None:
     pids = inputs.prompt_ids[idx]
     minority = {a: grouper.hidden_minority(args.data, a, inputs.prompt_ids)[idx] for a in ATTRIBUTES}
     strokes = [attribute_of(read_split(args.data, "train"), "stroke")[i] for i in idx.tolist()]
-    rows, zs = [], []
+    rows, zs, high = [], [], torch.zeros(len(idx))
     for level, t in enumerate(int(x) for x in args.levels.split(",")):
         c = contrast_at(model, inputs, idx, t, args.seed, level, args.pairs)
         z = grouper.robust_prompt_z(c, pids)
         zs.append(z)
+        high += c.clamp_min(1e-12).log() * (t >= MULTI_LEVEL_FROM)
         row = {"t": t, "skewness": round(losses.skewness(losses.per_prompt_ratio(c, pids).log()), 4),
                **{f"{a}_{k}": v for a, s in split_scores(z, minority).items() for k, v in s.items()},
                "stroke_auroc_colour_majority_by_minority": stroke_by_minority_value(z, minority, strokes, pids)}
         rows.append(row)
         print(json.dumps(row), flush=True)
     zmax = torch.stack(zs).amax(0)
-    summary = {"pairs": args.pairs, "levels": rows, "max_z_over_levels": split_scores(zmax, minority), "n": len(idx),
+    zsum = grouper.robust_prompt_z(high.exp(), pids)
+    summary = {"pairs": args.pairs, "levels": rows, "max_z_over_levels": split_scores(zmax, minority),
+               f"sum_log_contrast_from_{MULTI_LEVEL_FROM}": {
+                   **split_scores(zsum, minority),
+                   "stroke_auroc_colour_majority_by_minority": stroke_by_minority_value(zsum, minority, strokes, pids)},
+               "n": len(idx),
                "minority_size": {a: int(m.sum()) for a, m in minority.items()},
                "overlap": int((minority["color"] & minority["stroke"]).sum())}
     print(json.dumps({k: v for k, v in summary.items() if k != "levels"}))
