@@ -1,0 +1,66 @@
+"""A label-free second split for styled-digits' second attribute (a probe of a grouper design, not the default).
+
+First split: the groups of `invdiff groups` (contrast score at its band, robust z > 3). Second split, per prompt
+among the rows outside the first: robust z > K of the log contrast summed over the levels t >= 700 (one antithetic
+pair each, the probe's generators; it ranks both stroke minorities alike, `two_attr_probe.py`). The two flags go to
+the raked sampler (each split's rows half of every prompt's mass) and are written as a groups file for `invdiff
+train --groups OUT`. Label-free; the hidden columns are read only for the printed diagnostics. Note: the weight
+rule of `invdiff train` reads only the first split's detector, so the weight it records does not fit these groups.
+
+Usage: python bench/two_attr_twosplit.py --model styled-digits --data DIR --groups GROUPS --out OUT [--k 1.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from invdiff_rt.method import grouper
+from invdiff_rt.method.cache import base_inputs
+from invdiff_rt.models.loader import load_model
+from two_attr_probe import contrast_at
+
+LEVELS = (700, 800, 850, 925, 975)
+
+
+def summed_log_contrast(model, inputs) -> torch.Tensor:
+    idx = torch.arange(inputs.latents.shape[0])
+    return sum(contrast_at(model, inputs, idx, t, 0, level).clamp_min(1e-12).log() for level, t in enumerate(LEVELS))
+
+
+def second_split(score: torch.Tensor, first: torch.Tensor, prompt_ids: torch.Tensor, k: float) -> torch.Tensor:
+    """Per prompt, among the rows outside `first`: robust z of `score` above k."""
+    flags = torch.zeros_like(first)
+    for p in prompt_ids.unique():
+        rest = (prompt_ids == p) & ~first
+        x = score[rest].double()
+        median = x.median()
+        flags[rest] = (x - median) / ((x - median).abs().median() * grouper.MAD_TO_SD) > k
+    return flags
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    for flag in ("--model", "--data", "--groups", "--out"):
+        ap.add_argument(flag, required=True)
+    ap.add_argument("--k", type=float, default=1.5)
+    args = ap.parse_args()
+    model = load_model(args.model)
+    inputs = base_inputs(model, args.data)
+    result = grouper.load_groups(args.groups)
+    first, pids = result.grouping.inferred, inputs.prompt_ids
+    second = second_split(summed_log_contrast(model, inputs), first, pids, args.k)
+    split = grouper.group_from_flags(torch.stack([first, second], 1), pids, "invdiff-rt")
+    split.score = result.grouping.score
+    split.info = {**result.grouping.info, "second_split": {"score": f"sum log contrast {LEVELS}", "k": args.k}}
+    result.grouping, result.meta = split, {**result.meta, "inferred_size": int(split.inferred.sum())}
+    grouper.save_groups(result, args.out)
+    for column in ("color", "stroke"):
+        m = grouper.hidden_minority(args.data, column, pids)
+        print(f"{column}: second split holds {int((second & m).sum())} of {int(m.sum())} minority rows "
+              f"({int(second.sum())} flagged); minority sampling share {float(split.sampling[m].sum() / len(m)):.3f}")
+
+
+if __name__ == "__main__":
+    main()
