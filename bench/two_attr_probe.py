@@ -79,7 +79,8 @@ def main() -> None:
     idx = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed))[:args.n].sort().values
     pids = inputs.prompt_ids[idx]
     minority = {a: grouper.hidden_minority(args.data, a, inputs.prompt_ids)[idx] for a in ATTRIBUTES}
-    strokes = [attribute_of(read_split(args.data, "train"), "stroke")[i] for i in idx.tolist()]
+    all_strokes = attribute_of(read_split(args.data, "train"), "stroke")
+    strokes = [all_strokes[i] for i in idx.tolist()]
     rows, zs, high = [], [], torch.zeros(len(idx))
     for level, t in enumerate(int(x) for x in args.levels.split(",")):
         c = contrast_at(model, inputs, idx, t, args.seed, level, args.pairs)

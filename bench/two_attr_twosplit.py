@@ -31,12 +31,9 @@ def summed_log_contrast(model, inputs) -> torch.Tensor:
 
 def second_split(score: torch.Tensor, first: torch.Tensor, prompt_ids: torch.Tensor, k: float) -> torch.Tensor:
     """Per prompt, among the rows outside `first`: robust z of `score` above k."""
-    flags = torch.zeros_like(first)
-    for p in prompt_ids.unique():
-        rest = (prompt_ids == p) & ~first
-        x = score[rest].double()
-        median = x.median()
-        flags[rest] = (x - median) / ((x - median).abs().median() * grouper.MAD_TO_SD) > k
+    rest, flags = ~first, torch.zeros_like(first)
+    x, pids = score[rest].double(), prompt_ids[rest]
+    flags[rest] = grouper.robust_z(x, *grouper.prompt_median_mad(x, pids, int(prompt_ids.max()) + 1), pids) > k
     return flags
 
 
