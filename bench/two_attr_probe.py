@@ -5,10 +5,11 @@ each hidden attribute's minority. Also scores two multi-band alternatives (max o
 z; the log contrast summed over the levels t >= 700), to size what a grouper change could gain. The stroke AUROC is
 also given among colour-majority rows, apart for the prompts whose stroke minority is thin and those whose stroke
 minority is thick (a score that tracked the stroke itself, not its rarity, would sit above 0.5 for one and below for
-the other). Diagnostics only: the hidden columns are read for the AUROC.
+the other). `--score classifier` does all of it for the grouper's other score (loss with the prompt against every
+prompt's loss, `losses.classifier_score`). Diagnostics only: the hidden columns are read for the AUROC.
 
 Usage: python bench/two_attr_probe.py --model MODEL --data DIR [--n 1000] [--levels 300,500,...] [--pairs P]
-       [--json OUT]
+       [--score contrast|classifier] [--json OUT]
 """
 
 from __future__ import annotations
@@ -28,18 +29,24 @@ ATTRIBUTES = ("color", "stroke")
 MULTI_LEVEL_FROM = 700  # the multi-level alternative: the log contrast summed over the levels t >= this
 
 
-def contrast_at(model, inputs, idx: torch.Tensor, t: int, seed: int, level: int, pairs: int = 1) -> torch.Tensor:
-    """Mean contrast of `pairs` antithetic pairs at fixed t on the subset `idx` (pair 0: the same noise as before)."""
+def score_at(model, inputs, idx: torch.Tensor, t: int, seed: int, level: int, score: str = "contrast",
+             pairs: int = 1) -> torch.Tensor:
+    """At fixed t on the subset `idx`, over `pairs` antithetic pairs (pair 0: the same noise as before): the mean
+    contrast, or the classifier score of every prompt's mean loss (`losses.band_score`'s two scores)."""
     scheduler = losses.make_noise_scheduler(model)
     x0, pids = inputs.latents[idx], inputs.prompt_ids[idx]
     ts = torch.full((x0.shape[0],), t, dtype=torch.long)
-    total = torch.zeros(x0.shape[0])
+    total = 0
     for pair in range(pairs):
         noise = torch.randn(x0.shape, generator=losses._gen(seed, 9, level, *([pair] if pair else [])))
         for eps in (noise, -noise):
-            total += losses.denoising_losses(model.unet, scheduler, x0, inputs.text_embeddings, pids, ts, eps, 256,
-                                             uncond_embedding=inputs.uncond_embedding)
-    return total / (2 * pairs)
+            if score == "classifier":
+                total = total + losses.prompt_losses(model.unet, scheduler, x0, inputs.text_embeddings, ts, eps, 256)
+            else:
+                total = total + losses.denoising_losses(model.unet, scheduler, x0, inputs.text_embeddings, pids, ts,
+                                                        eps, 256, uncond_embedding=inputs.uncond_embedding)
+    mean = total / (2 * pairs)
+    return losses.classifier_score(mean, pids).float() if score == "classifier" else mean
 
 
 def split_scores(z: torch.Tensor, minority: dict[str, torch.Tensor], k: float = 3.0) -> dict:
@@ -71,6 +78,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--levels", default=",".join(map(str, LEVELS)))
     ap.add_argument("--pairs", type=int, default=1, help="antithetic pairs averaged per level (the grouper: 1)")
+    ap.add_argument("--score", choices=losses.SCORES, default="contrast", help="the grouper's --score")
     ap.add_argument("--json")
     args = ap.parse_args()
     model = load_model(args.model)
@@ -83,7 +91,7 @@ def main() -> None:
     strokes = [all_strokes[i] for i in idx.tolist()]
     rows, zs, high = [], [], torch.zeros(len(idx))
     for level, t in enumerate(int(x) for x in args.levels.split(",")):
-        c = contrast_at(model, inputs, idx, t, args.seed, level, args.pairs)
+        c = score_at(model, inputs, idx, t, args.seed, level, args.score, args.pairs)
         z = grouper.robust_prompt_z(c, pids)
         zs.append(z)
         high += c.clamp_min(1e-12).log() * (t >= MULTI_LEVEL_FROM)
@@ -94,8 +102,8 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     zmax = torch.stack(zs).amax(0)
     zsum = grouper.robust_prompt_z(high.exp(), pids)
-    summary = {"pairs": args.pairs, "levels": rows, "max_z_over_levels": split_scores(zmax, minority),
-               f"sum_log_contrast_from_{MULTI_LEVEL_FROM}": {
+    summary = {"score": args.score, "pairs": args.pairs, "levels": rows, "max_z_over_levels": split_scores(zmax, minority),
+               f"sum_log_{args.score}_from_{MULTI_LEVEL_FROM}": {
                    **split_scores(zsum, minority),
                    "stroke_auroc_colour_majority_by_minority": stroke_by_minority_value(zsum, minority, strokes, pids)},
                "n": len(idx),

@@ -103,6 +103,19 @@ def test_estimate_reads_a_curved_rate_off_a_quadratic_not_the_chord():
     assert cal.estimate(tried, 0.95) == 2.0  # not bracketed: the nearest end, as interpolate
 
 
+def test_detector_reuses_the_groups_band_score_classifier_or_contrast():
+    from tests.test_losses import SCHEDULER, PriorUNet
+
+    # priors x0 = -1, 0, +1 and every sample x0 = 0.5: the classifier score is 19 (own prior -1) and 19/9 (the others),
+    # the contrast (empty prompt: prior 0) 2.25 / 0.25 = 9, 1, 0.25 / 0.25 = 1 (test_losses works both out by hand)
+    text = torch.stack([torch.full((3, 5), v) for v in (-1.0, 0.0, 1.0)])
+    x0, pids = torch.full((3, 4, 2, 2), 0.5), torch.tensor([0, 1, 2])
+    for score, golden in (("classifier", [19, 19 / 9, 19 / 9]), ("contrast", [9, 1, 1])):
+        detector = cal.Detector(PriorUNet(), SCHEDULER, (900, 950), 3.0, text, torch.zeros(1, 3, 5), score=score)
+        torch.testing.assert_close(detector.log_score(x0, pids, seed=0, batch_size=2),
+                                   torch.tensor(golden, dtype=torch.float64).log(), rtol=1e-4, atol=1e-4)
+
+
 def test_recorded_weight_prefers_calibration_then_nearest_scale_then_recipe_default():
     manifest = {"recipe": "invdiff-rt", "recommended_weight": 1.0,
                 "calibration": {"by_guidance_scale": {"3": {"weight": 1.4}, "7.5": {"weight": 0.6}}}}

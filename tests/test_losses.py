@@ -72,6 +72,35 @@ def test_profile_isolates_a_planted_minority_label_free_and_is_batch_independent
     assert d["minority_effective_weight"] >= 0.45
 
 
+def test_classifier_score_hand_values():
+    # loss(own) * sum_p 1 / loss(p): 1 * (1 + 1/2) and 1 * (1/4 + 1)
+    torch.testing.assert_close(losses.classifier_score(torch.tensor([[1.0, 2.0], [4.0, 1.0]]), torch.tensor([0, 1])),
+                               torch.tensor([1.5, 1.25], dtype=torch.float64))
+
+
+def test_classifier_band_score_compares_every_prompt_by_hand():
+    # priors x0 = -1, 0, +1; every sample is x0 = 0.5, so loss(p) = c (0.5 - mu_p)^2 for one c at any t and noise:
+    # own prior -1: 2.25 (1/2.25 + 1/0.25 + 1/0.25) = 19; own prior 0 or +1: 0.25 (1/2.25 + 8) = 19/9
+    text = torch.stack([torch.full((3, 5), v) for v in (-1.0, 0.0, 1.0)])
+    inputs = losses.ScoreInputs(torch.full((6, 4, 2, 2), 0.5), torch.tensor([0, 1, 2, 0, 1, 2]), text,
+                                torch.zeros(1, 3, 5))
+    config = losses.ProfileConfig(score="classifier")
+    score = losses.band_score(PriorUNet(), SCHEDULER, inputs, (900, 950), config, seed=0, batch_size=4)
+    torch.testing.assert_close(score, torch.tensor([19, 19 / 9, 19 / 9] * 2, dtype=torch.float64), rtol=1e-4,
+                               atol=0)
+    assert losses.forward_count("invdiff-rt", 6, config, n_prompts=3) == 6 * 6 + 2 * 6 * 3
+
+
+def test_classifier_profile_isolates_a_planted_minority():
+    inputs, minority = _planted_inputs()
+    config = losses.ProfileConfig(grid=(300, 700, 950), grid_samples=100, draws=2, smooth=1, score="classifier")
+    profile = losses.band_profile(PriorUNet(), SCHEDULER, inputs, config, seed=0, batch_size=16)
+    g = grouper.group_robust(profile.score, inputs.prompt_ids)
+    d = grouper.group_diagnostics(g.score, g.inferred, g.weights, g.sampling, minority)
+    assert profile.info["score"] == "classifier"
+    assert d["auroc"] > 0.99 and d["precision"] >= 0.95 and d["recall"] > 0.9
+
+
 def test_antithetic_draws_pair_noise_and_share_timesteps():
     inputs, _ = _planted_inputs(n=40)
     shape = inputs.latents.shape

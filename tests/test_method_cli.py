@@ -93,6 +93,23 @@ def test_groups_then_train_end_to_end(setup):
 
 
 @pytest.mark.slow
+def test_groups_with_the_classifier_score(setup):
+    from invdiff_rt.method.grouper import load_groups
+
+    model, data, tmp = setup
+    prefix = tmp / "groups-classifier" / "G"
+    r = _invoke("groups", "--model", str(model), "--data", str(data), "--out", str(prefix), "--score", "classifier",
+                "--batch-size", "8", "--grid-samples", "12")
+    assert r.exit_code == 0, r.output
+    result = load_groups(prefix)
+    assert result.meta["profile"]["score"] == "classifier" and result.meta["profile"]["source"] == "inferred"
+    assert result.grouping.weights.shape == (20, 2) and result.grouping.sampling.shape == (20,)
+    r = _invoke("groups", "--model", str(model), "--data", str(data), "--out", str(tmp / "g2"), "--score", "nope")
+    assert r.exit_code != 0 and "--score 'nope': unknown; use one of contrast, classifier" in str(r.exception)
+    assert not (tmp / "g2.json").exists()
+
+
+@pytest.mark.slow
 def test_cli_errors_are_one_line(setup):
     model, data, tmp = setup
     r = _invoke("train", "--model", str(model), "--data", str(data), "--out", str(tmp / "x"), "--steps", "2")

@@ -33,6 +33,9 @@ def groups(
     oracle_groups_from: Optional[str] = typer.Option(
         None, "--oracle-groups-from", help="Build groups from this hidden column, or several: a,b "
         "(invdiff-rt: each attribute's minority balanced on its own) (comparison only)."),
+    score: str = typer.Option(
+        "contrast", "--score", help="invdiff-rt: contrast (loss with the prompt / with the empty prompt) or "
+        "classifier (loss with the prompt against every prompt's; P times the UNet calls in the band)."),
     outlier_k: float = typer.Option(3.0, "--outlier-k",
                                     help="invdiff-rt: inferred minority = per-prompt robust z above this (MADs)."),
     threads: int = typer.Option(0, "--threads", help=THREADS_HELP),
@@ -40,13 +43,15 @@ def groups(
     """Infer groups from the frozen base's per-sample denoising losses (no labels used)."""
     from ..errors import InvdiffError
     from ..method.grouper import infer_groups, save_groups
-    from ..method.losses import ProfileConfig
+    from ..method.losses import SCORES, ProfileConfig
     from ..models.loader import load_model
 
     for flag, value in (("--batch-size", batch_size), ("--draws", draws), ("--grid-samples", grid_samples)):
         if value is not None and value <= 0:
             raise InvdiffError(f"{flag} {value}: must be positive")
-    overrides = {"draws": draws, "grid_samples": grid_samples, "antithetic": antithetic}
+    if score not in SCORES:
+        raise InvdiffError(f"--score {score!r}: unknown; use one of {', '.join(SCORES)}")
+    overrides = {"draws": draws, "grid_samples": grid_samples, "antithetic": antithetic, "score": score}
     profile = ProfileConfig(**{k: v for k, v in overrides.items() if v is not None})
     _set_threads(threads)
     base = load_model(model)

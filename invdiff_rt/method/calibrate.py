@@ -59,16 +59,15 @@ class Detector:
     uncond: torch.Tensor  # [1,L,D]
     median: torch.Tensor | None = None  # [P]
     mad: torch.Tensor | None = None  # [P]
+    score: str = "contrast"  # the groups' band score (losses.SCORES)
 
     def log_score(self, latents: torch.Tensor, prompt_ids: torch.Tensor, seed: int, batch_size: int) -> torch.Tensor:
-        from .losses import _band_draw, denoising_losses
+        from .losses import ProfileConfig, ScoreInputs, band_score
 
-        total = torch.zeros(latents.shape[0], dtype=torch.float64)
-        for k in range(2):  # one antithetic pair, as the groups' default profile
-            t, noise = _band_draw(seed, k, self.band[0], self.band[1], latents.shape, True)
-            total += denoising_losses(self.unet, self.scheduler, latents, self.text, prompt_ids, t, noise,
-                                      batch_size, uncond_embedding=self.uncond).double()
-        return (total / 2).clamp_min(1e-12).log()
+        inputs = ScoreInputs(latents, prompt_ids, self.text, self.uncond)
+        config = ProfileConfig(score=self.score)  # one antithetic pair, as the groups' default profile
+        score = band_score(self.unet, self.scheduler, inputs, self.band, config, seed, batch_size)
+        return score.clamp_min(1e-12).log()
 
     def flags(self, log_score: torch.Tensor, prompt_ids: torch.Tensor) -> torch.Tensor:
         return robust_z(log_score, self.median, self.mad, prompt_ids) > self.k
@@ -83,7 +82,8 @@ def make_detector(model, inputs, groups_meta: dict) -> Detector:
                            "pass those groups (or give --adapter-weight by hand)")
     band = tuple(int(b) for b in profile["band"])
     return Detector(model.unet.eval().requires_grad_(False), make_noise_scheduler(model), band,
-                    float(profile.get("outlier_k", 3.0)), inputs.text_embeddings, inputs.uncond_embedding)
+                    float(profile.get("outlier_k", 3.0)), inputs.text_embeddings, inputs.uncond_embedding,
+                    score=profile.get("score", "contrast"))
 
 
 def reference_subset(prompt_ids: torch.Tensor, inferred: torch.Tensor, per_prompt: int,

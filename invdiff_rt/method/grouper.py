@@ -313,7 +313,10 @@ def _profile_grouping(model, inputs, recipe: str, groups: int, seed: int, batch_
 
     config = profile_config or losses.ProfileConfig()
     scheduler = losses.make_noise_scheduler(model)
-    total = losses.forward_count(recipe, inputs.latents.shape[0], config)
+    if config.score == "classifier" and len(inputs.prompts) < 2:
+        raise InvdiffError("--score classifier: the training data has a single prompt, nothing to compare it "
+                           "with; use --score contrast")
+    total = losses.forward_count(recipe, inputs.latents.shape[0], config, len(inputs.prompts))
     with losses.progress_bar(total, f"loss profile ({recipe})", show_progress) as advance:
         if recipe == "paper":
             profile = losses.paper_profile(model.unet, scheduler, inputs, seed, batch_size, advance)

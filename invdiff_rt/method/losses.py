@@ -14,6 +14,14 @@ noise direction, and the pair cancels its odd part: on colored-digits one pair s
 independent draws (and two pairs 0.994 against 0.991 for four), so a pair buys about what four independent draws did.
 The ratio is already scale-free in t, so no per-t normalisation is needed. All noise and timesteps come from seeded
 generators, so a profile does not depend on the batch size.
+
+`--score classifier` (opt-in) compares the prompt with every prompt instead of the empty one: loss(x_t | own) *
+sum_p 1 / loss(x_t | p), the inverse of the own prompt's posterior under the diffusion classifier that takes
+1 / loss as a likelihood. The empty prompt's loss also depends on the image itself (on styled-digits it ranks thin
+strokes as minority whichever stroke is rare), while the best other prompt explains a minority sample by its
+attribute (a green 2 by the green odd digits). It costs P UNet calls per sample and draw instead of 2. Measured
+(one antithetic pair in the band t = 950-999): colored-digits' colour minority at AUROC 1.000, precision 0.995,
+recall 0.946 (contrast: 0.994, 0.993, 0.727), groups in 63 s instead of 19-24 s.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ class ProfileConfig:
     draws: int = 2  # contrast evaluations per sample inside the band (one antithetic pair)
     antithetic: bool = True  # draws 2j, 2j+1 share t and use +eps / -eps (False: independent draws, for ablation)
     smooth: int = 3  # moving-average window over grid levels before the argmax
+    score: str = "contrast"  # the band's score: "contrast" (vs the empty prompt) or "classifier" (vs every prompt)
 
 
 @dataclass
@@ -129,6 +138,24 @@ def denoising_losses(unet, scheduler, latents: torch.Tensor, text_embeddings: to
     return torch.cat(map_batches(one_batch, range(0, latents.shape[0], batch_size), device))
 
 
+SCORES = ("contrast", "classifier")
+
+
+def prompt_losses(unet, scheduler, latents: torch.Tensor, text_embeddings: torch.Tensor, timesteps: torch.Tensor,
+                  noise: torch.Tensor, batch_size: int, advance: Advance | None = None) -> torch.Tensor:
+    """[N,P]: every sample's loss under every prompt, all on the same x_t."""
+    n = latents.shape[0]
+    return torch.stack([denoising_losses(unet, scheduler, latents, text_embeddings, torch.full((n,), p), timesteps,
+                                         noise, batch_size, advance) for p in range(text_embeddings.shape[0])], 1)
+
+
+def classifier_score(losses: torch.Tensor, prompt_ids: torch.Tensor) -> torch.Tensor:
+    """1 / p(own prompt | x_t) of the diffusion classifier that takes 1 / loss(x_t | p) as prompt p's likelihood:
+    loss(x_t | own) * sum_p 1 / loss(x_t | p) (>= 1; [N,P] losses -> [N])."""
+    x = losses.double().clamp_min(1e-12)
+    return x.gather(1, prompt_ids[:, None])[:, 0] * x.reciprocal().sum(1)
+
+
 def _gen(seed: int, *keys: int) -> torch.Generator:
     value = seed
     for k in keys:
@@ -202,28 +229,54 @@ def _band_draw(seed: int, k: int, lo: int, hi: int, shape: torch.Size, antitheti
 
 def band_profile(unet, scheduler, inputs, config: ProfileConfig, seed: int, batch_size: int,
                  advance: Advance | None = None) -> Profile:
-    """invdiff-rt: choose the band on the grid, then average K draws of the contrast ratio inside it."""
+    """invdiff-rt: choose the band on the grid, then average K draws of the band's score inside it."""
     skew, means = grid_curve(unet, scheduler, inputs, config, seed, batch_size, advance)
     t_star = config.grid[smoothed_argmax(skew, config.smooth)]
     lo = max(0, t_star - config.band_halfwidth)
     hi = min(NUM_TRAIN_TIMESTEPS - 1, t_star + config.band_halfwidth)
-    n = inputs.latents.shape[0]
-    total = torch.zeros(n, dtype=torch.float64)
-    for k in range(config.draws):
-        t, noise = _band_draw(seed, k, lo, hi, inputs.latents.shape, config.antithetic)
-        total += denoising_losses(unet, scheduler, inputs.latents, inputs.text_embeddings, inputs.prompt_ids, t,
-                                  noise, batch_size, advance, uncond_embedding=inputs.uncond_embedding).double()
-    info = {"score": "contrast", "grid": list(config.grid), "skewness": skew, "grid_mean_contrast": means,
+    score = band_score(unet, scheduler, inputs, (lo, hi), config, seed, batch_size, advance).float()
+    info = {"score": config.score, "grid": list(config.grid), "skewness": skew, "grid_mean_contrast": means,
             "t_star": t_star, "draws": config.draws, "antithetic": config.antithetic,
-            "grid_samples": min(config.grid_samples, n)}
-    return Profile((total / config.draws).float(), (lo, hi), info)
+            "grid_samples": min(config.grid_samples, inputs.latents.shape[0])}
+    return Profile(score, (lo, hi), info)
 
 
-def forward_count(recipe: str, n: int, config: ProfileConfig) -> int:
+@dataclass(frozen=True)
+class ScoreInputs:
+    """What a band score reads (`cache.BaseInputs` has the same fields)."""
+
+    latents: torch.Tensor  # [N,C,H,W]
+    prompt_ids: torch.Tensor  # [N]
+    text_embeddings: torch.Tensor  # [P,L,D]
+    uncond_embedding: torch.Tensor  # [1,L,D]
+
+
+def band_score(unet, scheduler, inputs, band: tuple[int, int], config: ProfileConfig, seed: int, batch_size: int,
+               advance: Advance | None = None) -> torch.Tensor:
+    """float64 [N]: the mean over the band's draws of the contrast ratio, or the classifier score of each prompt's
+    mean loss over the draws (averaging an antithetic pair's losses before the score ranks colored-digits' colour
+    minority at AUROC 0.9996, against 0.9994 for the mean of the two draws' scores)."""
+    classifier = config.score == "classifier"
+    total = 0
+    for k in range(config.draws):
+        t, noise = _band_draw(seed, k, band[0], band[1], inputs.latents.shape, config.antithetic)
+        if classifier:
+            total = total + prompt_losses(unet, scheduler, inputs.latents, inputs.text_embeddings, t, noise,
+                                          batch_size, advance).double()
+        else:
+            total = total + denoising_losses(unet, scheduler, inputs.latents, inputs.text_embeddings,
+                                             inputs.prompt_ids, t, noise, batch_size, advance,
+                                             uncond_embedding=inputs.uncond_embedding).double()
+    mean = total / config.draws
+    return classifier_score(mean, inputs.prompt_ids) if classifier else mean
+
+
+def forward_count(recipe: str, n: int, config: ProfileConfig, n_prompts: int = 1) -> int:
     """How many sample-forwards a profile takes (for the progress bar)."""
     if recipe == "paper":
         return n
-    return len(config.grid) * min(config.grid_samples, n) + config.draws * n
+    per_draw = n * (n_prompts if config.score == "classifier" else 1)
+    return len(config.grid) * min(config.grid_samples, n) + config.draws * per_draw
 
 
 @contextlib.contextmanager
