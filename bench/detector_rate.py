@@ -36,7 +36,7 @@ def main() -> None:
     model, groups = load_model(args.model), load_groups(args.groups)
     inputs, adapter = base_inputs(model, args.data), load_adapter(args.adapter, model)
     detector = calibrate.make_detector(model, inputs, groups.meta)
-    out = {"target_rate": calibrate.fit_reference(detector, inputs, groups.grouping, groups.meta, config), "rows": []}
+    out = {"target_rate": calibrate.fit_reference(detector, inputs, groups.grouping, config), "rows": []}
     n = calibrate.samples_per_prompt(config, len(inputs.prompts))
     for scale in args.guidance_scale or [3.0]:
         for w in (float(x) for x in args.weights.split(",")):

@@ -66,15 +66,21 @@ def test_rb_target_is_the_drawn_noise_at_low_t_and_masks_other_prompts():
 # ---------------------------------------------------------------- the weight search (pure)
 
 
-def test_target_rate_weighs_inferred_set_by_fraction():
+def test_target_rate_weighs_rows_as_the_groups_sampler_does():
     flag_u = torch.tensor([True, False, False, False, True, False])
     pid_u = torch.tensor([0, 0, 0, 1, 1, 1])
     inferred_u = torch.tensor([True, False, False, False, False, False])
     flag_i = torch.tensor([True, False, True])
     pid_i = torch.tensor([0, 0, 1])
-    # prompt 0: 0.5 * 1/2 + 0.5 * 0/2 = 0.25; prompt 1: 0.5 * 1 + 0.5 * 1/3
+    # the JTT sampler, inferred rows half of each prompt's mass: prompt 0: 0.5 * 1/2 + 0.5 * 0/2 = 0.25; prompt 1:
+    # 0.5 * 1 + 0.5 * 1/3
     want = (0.25 + 0.5 + 0.5 / 3) / 2
-    assert math.isclose(cal.target_rate(flag_u, pid_u, inferred_u, flag_i, pid_i, 0.5, 2), want, rel_tol=1e-9)
+    jtt = cal.target_rate(flag_u, pid_u, inferred_u, flag_i, pid_i, torch.ones(3), torch.tensor([2.0, 1.0]), 2)
+    assert math.isclose(jtt, want, rel_tol=1e-9)
+    # unequal weights inside the inferred set (the raked sampler of two splits): prompt 0: (3 * 1 + 1 * 0 + 2 * 0) / 6
+    raked = cal.target_rate(flag_u, pid_u, inferred_u, flag_i, pid_i, torch.tensor([3.0, 1.0, 1.0]),
+                            torch.tensor([2.0, 1.0]), 2)
+    assert math.isclose(raked, (0.5 + 0.5 + 0.5 / 3) / 2, rel_tol=1e-9)
 
 
 def test_search_brackets_and_interpolates_a_monotone_rate():

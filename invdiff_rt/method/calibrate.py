@@ -1,14 +1,18 @@
 """The `calibrate` stage: a label-free adapter weight, per CFG scale, recorded in adapter.json.
 
-The rule reuses the detector that found the groups. The groups' contrast score (`losses.py`: loss(x_t | prompt) /
-loss(x_t | empty) in the band the grouper chose, one antithetic pair) flags a sample as inferred minority when its
-per-prompt robust z exceeds the grouper's k. The adapter was trained on the groups' sampler, in which the inferred
-minority holds `jtt_fraction` of each prompt's mass. So:
+The rule reuses the detector that found the groups. The groups' score (`losses.py`: the contrast loss(x_t | prompt)
+/ loss(x_t | empty), or with `--score classifier` the loss against every prompt's, in the band the grouper chose,
+one antithetic pair) flags a sample as inferred minority when its per-prompt robust z exceeds the grouper's k. The
+adapter was trained on the groups' sampler (JTT: the inferred minority holds `jtt_fraction` of each prompt's mass).
+So:
 
 1. target rate r*: re-score training samples with fresh noise (a uniform subset per prompt, which also gives the
    per-prompt median and MAD, plus every inferred sample) and take the flag rate under the sampler's weights:
-   r*_p = f * (flag rate of the inferred set) + (1 - f) * (flag rate of the rest). Fresh noise makes r* count the
-   detector's own misses, just as it will miss on generated samples.
+   r*_p = (sum over the inferred rows of weight * flag + the other rows' mass * their flag rate) / the prompt's mass;
+   for JTT that is f * (flag rate of the inferred set) + (1 - f) * (flag rate of the rest). Weighing by the
+   sampler, not by f, keeps r* right for groups with a second split (bench/two_attr_twosplit.py: the first split's
+   detector rarely flags the second split's rows, and counting them at f gave r* 0.18 and w 0.68). Fresh noise
+   makes r* count the detector's own misses, just as it will miss on generated samples.
 2. r(w): sample N images per prompt at adapter weight w and the CFG scale (own seed, never the evaluation's), score
    their final latents the same way, flag rate against the same per-prompt median / MAD.
 3. w: r(w) rises with w; bracket r* on [0, max_weight] (regula falsi, a few evaluations), then read w off a
@@ -98,20 +102,23 @@ def reference_subset(prompt_ids: torch.Tensor, inferred: torch.Tensor, per_promp
 
 
 def target_rate(flag_u: torch.Tensor, pid_u: torch.Tensor, inferred_u: torch.Tensor, flag_i: torch.Tensor,
-                pid_i: torch.Tensor, fraction: float, n_prompts: int) -> float:
-    """Mean over prompts of the sampler-weighted flag rate (inferred set `fraction`, the rest 1 - fraction)."""
+                pid_i: torch.Tensor, weight_i: torch.Tensor, rest_mass: torch.Tensor, n_prompts: int) -> float:
+    """Mean over prompts of the flag rate under the groups' sampler: every inferred row at its sampling weight
+    `weight_i`, the other rows (`rest_mass[p]` in all, one weight each within a prompt under the JTT and the raked
+    samplers) at the flag rate of the uniform subset's non-inferred rows."""
     rates = []
     for p in range(n_prompts):
         rest = flag_u[(pid_u == p) & ~inferred_u].double()
-        mine = flag_i[pid_i == p].double()
-        if mine.numel() and rest.numel():
-            rates.append(fraction * mine.mean() + (1 - fraction) * rest.mean())
-        elif rest.numel() or mine.numel():
-            rates.append(torch.cat([rest, mine]).mean())
+        mine, w = flag_i[pid_i == p].double(), weight_i[pid_i == p].double()
+        if not rest.numel() and not mine.numel():
+            continue
+        mass = float(rest_mass[p]) if rest.numel() else 0.0
+        flagged = (mine * w).sum() + (mass * rest.mean() if rest.numel() else 0.0)
+        rates.append(flagged / (w.sum() + mass))
     return float(torch.stack(rates).mean())
 
 
-def fit_reference(detector: Detector, inputs, grouping, groups_meta: dict, config: CalibrateConfig) -> float:
+def fit_reference(detector: Detector, inputs, grouping, config: CalibrateConfig) -> float:
     """Set the detector's per-prompt median / MAD from re-scored training samples; return the target rate r*."""
     uniform, inferred = reference_subset(inputs.prompt_ids, grouping.inferred, config.reference_per_prompt,
                                          config.seed)
@@ -120,9 +127,11 @@ def fit_reference(detector: Detector, inputs, grouping, groups_meta: dict, confi
     n_u, n_prompts = uniform.numel(), len(inputs.prompts)
     detector.median, detector.mad = prompt_median_mad(scores[:n_u], inputs.prompt_ids[uniform], n_prompts)
     flags = detector.flags(scores, inputs.prompt_ids[rows])
-    fraction = float(groups_meta.get("grouping", {}).get("jtt_fraction", 0.5))
+    rest = ~grouping.inferred
+    rest_mass = torch.zeros(n_prompts, dtype=torch.float64).index_add_(0, inputs.prompt_ids[rest],
+                                                                       grouping.sampling[rest].double())
     return target_rate(flags[:n_u], inputs.prompt_ids[uniform], grouping.inferred[uniform], flags[n_u:],
-                       inputs.prompt_ids[inferred], fraction, n_prompts)
+                       inputs.prompt_ids[inferred], grouping.sampling[inferred], rest_mass, n_prompts)
 
 
 def sample_latents(model, adapter, prompts: list[str], per_prompt: int, seed: int, steps: int,
@@ -222,7 +231,7 @@ def calibrate(model, adapter, inputs, groups, config: CalibrateConfig = Calibrat
     """The calibration record for adapter.json: rule, target rate and, per CFG scale, the weight and its evidence."""
     start = time.perf_counter()
     detector = make_detector(model, inputs, groups.meta)
-    target = fit_reference(detector, inputs, groups.grouping, groups.meta, config)
+    target = fit_reference(detector, inputs, groups.grouping, config)
     table = {}
     for scale in config.guidance_scales:
         weight, tried = search_weight(lambda w: flag_rate(detector, model, adapter, inputs, config, scale, w),
