@@ -20,6 +20,7 @@ import argparse
 
 import torch
 
+from invdiff_rt.errors import InvdiffError
 from invdiff_rt.method import grouper
 from invdiff_rt.method.cache import base_inputs
 from invdiff_rt.models.loader import load_model
@@ -61,7 +62,10 @@ def main() -> None:
     result.grouping, result.meta = split, {**result.meta, "inferred_size": int(split.inferred.sum())}
     grouper.save_groups(result, args.out)
     for column in ("color", "stroke"):
-        m = grouper.hidden_minority(args.data, column, pids)
+        try:
+            m = grouper.hidden_minority(args.data, column, pids)
+        except InvdiffError:  # a dataset without this column (colored-digits has no stroke)
+            continue
         print(f"{column}: second split holds {int((second & m).sum())} of {int(m.sum())} minority rows "
               f"({int(second.sum())} flagged); minority sampling share {float(split.sampling[m].sum() / len(m)):.3f}")
 

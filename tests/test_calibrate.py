@@ -112,8 +112,8 @@ def test_estimate_reads_a_curved_rate_off_a_quadratic_not_the_chord():
 def test_detector_reuses_the_groups_band_score_classifier_or_contrast():
     from tests.test_losses import SCHEDULER, PriorUNet
 
-    # priors x0 = -1, 0, +1 and every sample x0 = 0.5: the classifier score is 19 (own prior -1) and 19/9 (the others),
-    # the contrast (empty prompt: prior 0) 2.25 / 0.25 = 9, 1, 0.25 / 0.25 = 1 (test_losses works both out by hand)
+    # priors x0 = -1, 0, +1 and every sample x0 = 0.5: the classifier score is 19 (own prior -1) and 19/9 (the others,
+    # test_losses works it out by hand); the contrast, the empty prompt's prior being 0: 2.25 / 0.25 = 9, then 1 and 1
     text = torch.stack([torch.full((3, 5), v) for v in (-1.0, 0.0, 1.0)])
     x0, pids = torch.full((3, 4, 2, 2), 0.5), torch.tensor([0, 1, 2])
     for score, golden in (("classifier", [19, 19 / 9, 19 / 9]), ("contrast", [9, 1, 1])):

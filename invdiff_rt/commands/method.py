@@ -152,7 +152,7 @@ def calibrate(
     seed: int = typer.Option(1000, "--seed", help="Sampling/scoring seed (keep it apart from evaluation seeds)."),
     threads: int = typer.Option(0, "--threads", help=THREADS_HELP),
 ) -> None:
-    """Pick the adapter weight without labels (the groups' contrast score on the adapter's own samples)."""
+    """Pick the adapter weight without labels (the groups' score on the adapter's own samples)."""
     from ..errors import InvdiffError
     from ..method.cache import base_inputs
     from ..method.calibrate import CalibrateConfig, calibrate_adapter, calibrates
@@ -164,7 +164,7 @@ def calibrate(
     groups = load_groups(groups_prefix)
     if not calibrates("invdiff-rt", groups):
         raise InvdiffError(f"--groups {groups_prefix}: not inferred by `invdiff groups --recipe invdiff-rt`; the "
-                           "rule reuses their contrast score")
+                           "rule reuses their score")
     _set_threads(threads)
     base = load_model(model)
     config = CalibrateConfig(guidance_scales=tuple(guidance_scale), per_prompt=per_prompt, seed=seed)

@@ -53,7 +53,8 @@ class CalibrateConfig:
 
 @dataclass
 class Detector:
-    """The groups' contrast score: band, k, and the per-prompt median / MAD of the training log score."""
+    """The groups' score (contrast or classifier): band, k, and the per-prompt median / MAD of the training log
+    score."""
 
     unet: torch.nn.Module
     scheduler: object
@@ -82,7 +83,7 @@ def make_detector(model, inputs, groups_meta: dict) -> Detector:
 
     profile = groups_meta.get("profile", {})
     if profile.get("source") != "inferred" or groups_meta.get("recipe") != "invdiff-rt":
-        raise InvdiffError("--groups: calibration reuses the contrast score of `invdiff groups --recipe invdiff-rt`; "
+        raise InvdiffError("--groups: calibration reuses the score of `invdiff groups --recipe invdiff-rt`; "
                            "pass those groups (or give --adapter-weight by hand)")
     band = tuple(int(b) for b in profile["band"])
     return Detector(model.unet.eval().requires_grad_(False), make_noise_scheduler(model), band,

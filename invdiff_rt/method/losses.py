@@ -45,7 +45,7 @@ class ProfileConfig:
     grid: tuple[int, ...] = (500, 700, 850, 925, 950, 975)  # coarse levels for the band choice
     grid_samples: int = 512  # the skewness curve is computed on a fixed random subset of this size
     band_halfwidth: int = 25
-    draws: int = 2  # contrast evaluations per sample inside the band (one antithetic pair)
+    draws: int = 2  # score evaluations per sample inside the band (one antithetic pair)
     antithetic: bool = True  # draws 2j, 2j+1 share t and use +eps / -eps (False: independent draws, for ablation)
     smooth: int = 3  # moving-average window over grid levels before the argmax
     score: str = "contrast"  # the band's score: "contrast" (vs the empty prompt) or "classifier" (vs every prompt)
