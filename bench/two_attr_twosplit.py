@@ -11,7 +11,7 @@ for `invdiff train --groups OUT`. Label-free; the hidden columns are read only f
 weight rule of `invdiff train` reads the first split's detector, with its target rate weighed by this sampler.
 
 Usage: python bench/two_attr_twosplit.py --model styled-digits --data DIR --groups GROUPS --out OUT [--k 1.5]
-       [--score contrast|classifier]
+       [--score contrast|classifier] [--pairs P]
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from two_attr_probe import score_at
 LEVELS = {"contrast": (700, 800, 850, 925, 975), "classifier": (850, 925)}
 
 
-def summed_log_score(model, inputs, score: str) -> torch.Tensor:
+def summed_log_score(model, inputs, score: str, pairs: int = 1) -> torch.Tensor:
     idx = torch.arange(inputs.latents.shape[0])
-    return sum(score_at(model, inputs, idx, t, 0, level, score).clamp_min(1e-12).log()
+    return sum(score_at(model, inputs, idx, t, 0, level, score, pairs).clamp_min(1e-12).log()
                for level, t in enumerate(LEVELS[score]))
 
 
@@ -49,16 +49,17 @@ def main() -> None:
         ap.add_argument(flag, required=True)
     ap.add_argument("--k", type=float, default=1.5)
     ap.add_argument("--score", choices=tuple(LEVELS), default="contrast")
+    ap.add_argument("--pairs", type=int, default=1, help="antithetic pairs per level of the second split's score")
     args = ap.parse_args()
     model = load_model(args.model)
     inputs = base_inputs(model, args.data)
     result = grouper.load_groups(args.groups)
     first, pids = result.grouping.inferred, inputs.prompt_ids
-    second = second_split(summed_log_score(model, inputs, args.score), first, pids, args.k)
+    second = second_split(summed_log_score(model, inputs, args.score, args.pairs), first, pids, args.k)
     split = grouper.group_from_flags(torch.stack([first, second], 1), pids, "invdiff-rt")
     split.score = result.grouping.score
     split.info = {**result.grouping.info, "second_split": {"score": f"sum log {args.score} {LEVELS[args.score]}",
-                                                      "k": args.k}}
+                                                      "k": args.k, "pairs": args.pairs}}
     result.grouping, result.meta = split, {**result.meta, "inferred_size": int(split.inferred.sum())}
     grouper.save_groups(result, args.out)
     for column in ("color", "stroke"):
