@@ -31,22 +31,15 @@ MULTI_LEVEL_FROM = 700  # the multi-level alternative: the log contrast summed o
 
 def score_at(model, inputs, idx: torch.Tensor, t: int, seed: int, level: int, score: str = "contrast",
              pairs: int = 1) -> torch.Tensor:
-    """At fixed t on the subset `idx`, over `pairs` antithetic pairs (pair 0: the same noise as before): the mean
-    contrast, or the classifier score of every prompt's mean loss (`losses.band_score`'s two scores)."""
-    scheduler = losses.make_noise_scheduler(model)
-    x0, pids = inputs.latents[idx], inputs.prompt_ids[idx]
+    """`losses.mean_score` at fixed t on the subset `idx`, over `pairs` antithetic pairs (pair 0: the same noise as
+    before): the mean contrast, or the classifier score of every prompt's mean loss."""
+    x0 = inputs.latents[idx]
     ts = torch.full((x0.shape[0],), t, dtype=torch.long)
-    total = 0
-    for pair in range(pairs):
-        noise = torch.randn(x0.shape, generator=losses._gen(seed, 9, level, *([pair] if pair else [])))
-        for eps in (noise, -noise):
-            if score == "classifier":
-                total = total + losses.prompt_losses(model.unet, scheduler, x0, inputs.text_embeddings, ts, eps, 256)
-            else:
-                total = total + losses.denoising_losses(model.unet, scheduler, x0, inputs.text_embeddings, pids, ts,
-                                                        eps, 256, uncond_embedding=inputs.uncond_embedding)
-    mean = total / (2 * pairs)
-    return losses.classifier_score(mean, pids).float() if score == "classifier" else mean
+    subset = losses.ScoreInputs(x0, inputs.prompt_ids[idx], inputs.text_embeddings, inputs.uncond_embedding)
+    noises = [torch.randn(x0.shape, generator=losses._gen(seed, 9, level, *([pair] if pair else [])))
+              for pair in range(pairs)]
+    draws = ((ts, eps) for noise in noises for eps in (noise, -noise))
+    return losses.mean_score(model.unet, losses.make_noise_scheduler(model), subset, draws, score, 256).float()
 
 
 def split_scores(z: torch.Tensor, minority: dict[str, torch.Tensor], k: float = 3.0) -> dict:
@@ -102,7 +95,8 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     zmax = torch.stack(zs).amax(0)
     zsum = grouper.robust_prompt_z(high.exp(), pids)
-    summary = {"score": args.score, "pairs": args.pairs, "levels": rows, "max_z_over_levels": split_scores(zmax, minority),
+    summary = {"score": args.score, "pairs": args.pairs, "levels": rows,
+               "max_z_over_levels": split_scores(zmax, minority),
                f"sum_log_{args.score}_from_{MULTI_LEVEL_FROM}": {
                    **split_scores(zsum, minority),
                    "stroke_auroc_colour_majority_by_minority": stroke_by_minority_value(zsum, minority, strokes, pids)},

@@ -113,9 +113,8 @@ def target_rate(flag_u: torch.Tensor, pid_u: torch.Tensor, inferred_u: torch.Ten
         mine, w = flag_i[pid_i == p].double(), weight_i[pid_i == p].double()
         if not rest.numel() and not mine.numel():
             continue
-        mass = float(rest_mass[p]) if rest.numel() else 0.0
-        flagged = (mine * w).sum() + (mass * rest.mean() if rest.numel() else 0.0)
-        rates.append(flagged / (w.sum() + mass))
+        mass, rest_rate = (float(rest_mass[p]), rest.mean()) if rest.numel() else (0.0, 0.0)
+        rates.append(((mine * w).sum() + mass * rest_rate) / (w.sum() + mass))
     return float(torch.stack(rates).mean())
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -253,13 +253,20 @@ class ScoreInputs:
 
 def band_score(unet, scheduler, inputs, band: tuple[int, int], config: ProfileConfig, seed: int, batch_size: int,
                advance: Advance | None = None) -> torch.Tensor:
-    """float64 [N]: the mean over the band's draws of the contrast ratio, or the classifier score of each prompt's
-    mean loss over the draws (averaging an antithetic pair's losses before the score ranks colored-digits' colour
-    minority at AUROC 0.9996, against 0.9994 for the mean of the two draws' scores)."""
-    classifier = config.score == "classifier"
-    total = 0
-    for k in range(config.draws):
-        t, noise = _band_draw(seed, k, band[0], band[1], inputs.latents.shape, config.antithetic)
+    """float64 [N]: the band's score over `config.draws` draws of t ~ U[band] and noise (`mean_score`)."""
+    draws = (_band_draw(seed, k, band[0], band[1], inputs.latents.shape, config.antithetic)
+             for k in range(config.draws))
+    return mean_score(unet, scheduler, inputs, draws, config.score, batch_size, advance)
+
+
+def mean_score(unet, scheduler, inputs, draws: Iterable[tuple[torch.Tensor, torch.Tensor]], score: str,
+               batch_size: int, advance: Advance | None = None) -> torch.Tensor:
+    """float64 [N] over the (timesteps, noise) draws: the mean contrast ratio, or the classifier score of each
+    prompt's mean loss (averaging an antithetic pair's losses before the score ranks colored-digits' colour minority
+    at AUROC 0.9996, against 0.9994 for the mean of the two draws' scores)."""
+    classifier = score == "classifier"
+    total, n = 0, 0
+    for t, noise in draws:
         if classifier:
             total = total + prompt_losses(unet, scheduler, inputs.latents, inputs.text_embeddings, t, noise,
                                           batch_size, advance).double()
@@ -267,7 +274,8 @@ def band_score(unet, scheduler, inputs, band: tuple[int, int], config: ProfileCo
             total = total + denoising_losses(unet, scheduler, inputs.latents, inputs.text_embeddings,
                                              inputs.prompt_ids, t, noise, batch_size, advance,
                                              uncond_embedding=inputs.uncond_embedding).double()
-    mean = total / config.draws
+        n += 1
+    mean = total / n
     return classifier_score(mean, inputs.prompt_ids) if classifier else mean
 
 
