@@ -11,7 +11,7 @@ for `invdiff train --groups OUT`. Label-free; the hidden columns are read only f
 weight rule of `invdiff train` reads the first split's detector, with its target rate weighed by this sampler.
 
 Usage: python bench/two_attr_twosplit.py --model styled-digits --data DIR --groups GROUPS --out OUT [--k 1.5]
-       [--score contrast|classifier] [--pairs P]
+       [--score contrast|classifier] [--pairs P] [--report-attribute color,stroke,background]
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ def main() -> None:
     ap.add_argument("--k", type=float, default=1.5)
     ap.add_argument("--score", choices=tuple(LEVELS), default="contrast")
     ap.add_argument("--pairs", type=int, default=1, help="antithetic pairs per level of the second split's score")
+    ap.add_argument("--report-attribute", default="color,stroke,background",
+                    help="hidden columns to print diagnostics for (those the dataset lacks are skipped)")
     args = ap.parse_args()
     model = load_model(args.model)
     inputs = base_inputs(model, args.data)
@@ -62,7 +64,7 @@ def main() -> None:
                                                       "k": args.k, "pairs": args.pairs}}
     result.grouping, result.meta = split, {**result.meta, "inferred_size": int(split.inferred.sum())}
     grouper.save_groups(result, args.out)
-    for column in ("color", "stroke"):
+    for column in args.report_attribute.split(","):
         try:
             m = grouper.hidden_minority(args.data, column, pids)
         except InvdiffError:  # a dataset without this column (colored-digits has no stroke)

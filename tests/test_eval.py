@@ -153,17 +153,17 @@ def test_reference_images_deterministic(bars):
     assert np.array_equal(a, b)
 
 
-def test_classifier_dir_resolution(bars, tmp_path):
+def test_classifier_dir_resolution(bars, tmp_path, monkeypatch):
     with pytest.raises(InvdiffError, match="--classifier: required"):
         evaluate.resolve_classifier_dir(bars, None)
     (tmp_path / "dataset.json").write_text(json.dumps({"recipe": "colored-digits"}))
-    expected = classifiers.default_classifier_dir("colored-digits")
-    if (expected / "attribute").is_dir():
-        assert evaluate.resolve_classifier_dir(tmp_path, None) == expected
-    else:
-        with pytest.raises(InvdiffError, match="no shipped classifier"):
-            evaluate.resolve_classifier_dir(tmp_path, None)
+    shipped = classifiers.default_classifier_dir("colored-digits")
+    assert (shipped / "attribute").is_dir()  # the package ships it
+    assert evaluate.resolve_classifier_dir(tmp_path, None) == shipped
     assert evaluate.resolve_classifier_dir(tmp_path, "x") == Path("x")
+    monkeypatch.setattr(evaluate, "default_classifier_dir", lambda name: tmp_path / "absent" / name)
+    with pytest.raises(InvdiffError, match="no shipped classifier for colored-digits"):
+        evaluate.resolve_classifier_dir(tmp_path, None)
 
 
 def test_classifier_must_match_attribute(trained):

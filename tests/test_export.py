@@ -264,11 +264,22 @@ def test_fp16_denoiser_keeps_cfg_combine_in_fp32(exported, tmp_path):
 
     out = export_model(exported["model_dir"], tmp_path / "fp16", exported["adapter_dir"], precision="fp16",
                        max_batch=4, components=("denoiser",))
-    graph = onnx.load(str(out / "denoiser.onnx")).graph
-    to_fp32 = [n for n in graph.node if n.op_type == "Cast" and n.attribute[0].i == TensorProto.FLOAT]
-    assert to_fp32, "no Cast-to-float32 in the fp16 graph"
-    producer = next(n for n in graph.node if "noise_pred" in n.output)
+    graph = onnx.shape_inference.infer_shapes(onnx.load(str(out / "denoiser.onnx"))).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
+    producers = {o: n for n in graph.node for o in n.output}
+    producer = producers["noise_pred"]
     assert producer.op_type == "Cast" and producer.attribute[0].i == TensorProto.FLOAT16  # combined in fp32
+    combine = producers[producer.input[0]]  # uncond + s * (cond - uncond)
+    assert combine.op_type == "Add" and all(types[i] == TensorProto.FLOAT for i in combine.input)
+    def read_as_is_or_cast(name: str) -> set[str]:
+        return {name} | {n.output[0] for n in graph.node if n.op_type == "Cast" and n.input[0] == name}
+
+    scaled = next(producers[i] for i in combine.input if producers[i].op_type == "Mul")
+    assert read_as_is_or_cast("guidance_scale") & set(scaled.input)
+    assert all(types[i] == TensorProto.FLOAT for i in scaled.input)  # the scale and the difference in fp32
+    weight = read_as_is_or_cast("adapter_weight")
+    shift = next(n for n in graph.node if n.op_type == "Mul" and weight & set(n.input))
+    assert all(types[i] == TensorProto.FLOAT for i in shift.input)  # w * delta in fp32 too
     assert {vi.name: vi.type.tensor_type.elem_type for vi in graph.input}["sample"] == TensorProto.FLOAT16
     weights = [i for i in graph.initializer if i.name.startswith("adapter.")]
     assert weights and all(i.data_type == TensorProto.FLOAT16 for i in weights)

@@ -95,10 +95,8 @@ def test_default_recipe_isolates_planted_minority():
     assert d["auroc"] > 0.95
     assert d["precision"] > 0.9 and d["recall"] > 0.5
     assert d["minority_effective_weight"] >= 0.35
-    # the paper grouper runs on the same profile; it is only required to produce valid groups
+    # the paper grouper runs on the same profile; it is only required to produce valid groups (soft weights)
     p = grouper.group_paper(losses, groups=4, seed=0, iters=100)
-    dp = grouper.group_diagnostics(p.score, p.inferred, p.weights, p.sampling, minority)
-    assert 0 <= dp["minority_effective_weight"] <= 1
     assert torch.allclose(p.weights.sum(1), torch.ones(len(losses)), atol=1e-5)
 
 

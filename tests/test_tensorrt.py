@@ -157,6 +157,28 @@ def test_refit_ingredients_make_a_new_entry_and_strip_back_to_the_base():
     assert {k: v for k, v in a.items() if k != "adapter_sha256"} == base
 
 
+def test_refit_into_cache_keys_each_adapter_once_and_chains_back(tmp_path, monkeypatch):
+    """The cache logic around TensorRT's refit (only `refit_plan` needs a GPU): one entry per (base, adapter), a
+    second refit to the same adapter is a cache hit, and refitting the refitted plan back keys on the base."""
+    calls = []
+
+    def fake_refit(engine, arrays, out):
+        calls.append((Path(engine).stem, Path(out).stem))
+        artifacts.atomic_write_bytes(out, b"refit:" + Path(out).stem.encode())
+
+    monkeypatch.setattr(te, "refit_plan", fake_refit)
+    base_ingredients = _ingredients()
+    base = _fake_plan(tmp_path, base_ingredients)
+    to_b = te.refit_into_cache(base, {}, "b" * 64, tmp_path, {"adapter": "B"})
+    assert to_b == te.plan_path(tmp_path, te.cache_key(te.refit_ingredients(base_ingredients, "b" * 64)))
+    assert te.refit_into_cache(base, {}, "b" * 64, tmp_path) == to_b and calls == [(base.stem, to_b.stem)]
+    sidecar = te.read_sidecar_for(to_b)
+    assert sidecar["refit_from"] == base.stem and sidecar["adapter"] == "B"
+    back = te.refit_into_cache(to_b, {}, "a" * 64, tmp_path)
+    assert back == te.plan_path(tmp_path, te.cache_key(te.refit_ingredients(base_ingredients, "a" * 64)))
+    assert te.read_sidecar_for(back)["refit_from"] == to_b.stem and len(calls) == 2
+
+
 def test_default_timing_cache_is_per_gpu_and_trt_version(tmp_path):
     path = te.default_timing_cache(tmp_path, GPU, "11.4.0.106")
     assert path.name == "timing-nvidia-h100-80gb-hbm3-sm90-trt11.4.0.106.cache"
@@ -348,7 +370,6 @@ def _random_adapter(unet, seed: int):
 
 def _export_denoiser(tmp_path: Path, adapter_seed: int, precision: str = "fp32", device: str = "cpu"):
     """Tiny random model -> fused denoiser ONNX through the export engineer's code; (path, spec, adapter, map)."""
-    pytest.importorskip("invdiff_rt.runtime.fused", reason="FusedDenoiser not available yet")
     from invdiff_rt.export.onnx_export import adapter_weights, component_module, export_onnx, refit_map
     from invdiff_rt.export.spec import denoiser_spec
     from invdiff_rt.models.loader import load_model

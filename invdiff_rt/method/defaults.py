@@ -1,6 +1,6 @@
 """Method defaults shared by `train`, `calibrate` and `demo` (a light module: no torch import, so `--help` stays fast).
 
-colored-digits, seed 0, N = 128, CFG 3.0 (README, debiasing table): 1,000 adapter steps calibrated on 16 samples per
+colored-digits, seed 0, N = 128, CFG 3.0 (README history in git): 1,000 adapter steps calibrated on 16 samples per
 prompt gave bias 0.117, fidelity 0.920, FID 32.2 (w 1.482); 3,000 steps gave 0.148 / 0.934 / 29.9 on 16 samples per
 prompt (w 1.454) and 0.141 / 0.937 / 29.5 on 48 (w 1.403, majority share 0.443 -> 0.467); the weight read off a
 quadratic (calibrate.estimate, w 1.394): 0.136 / 0.938 / 29.3. Three seeds: fidelity 0.920 -> 0.936 +- 0.005.

@@ -117,8 +117,8 @@ def _logits(x_t, alpha, sigma, flat, sq_norms) -> torch.Tensor:
 # Where the adapter acts (`from_t`, recorded in adapter.json; `sampling.step_weight` sets the weight to 0 below it).
 # colored-digits, inferred groups, seed-0 adapter at its calibrated w = 1.621, N = 128: active at every step, bias
 # 0.094, fidelity 0.902, FID 44.5; only at t >= 800 (the first t at 3/4 of the largest shift), bias 0.089, fidelity
-# 0.918, FID 33.3; t >= 800 with w = 1 below it: FID 39.3 (README). Below it the data's posterior under the groups'
-# sampler is the base's own: the shape forms there, and the adapter only adds its error.
+# 0.918, FID 33.3; t >= 800 with w = 1 below it: FID 39.3 (the README in git history). Below it the data's
+# posterior under the groups' sampler is the base's own: the shape forms there, and the adapter only adds its error.
 FROM_T_FRACTION = 0.75
 FROM_T_GRID_STEP = 50
 

@@ -33,7 +33,8 @@ RECIPE_DEFAULTS = {
     # lambda 0 by measurement: on colored-digits the same (contrast) groups and seed gave bias_filtered 0.531 at
     # fidelity 0.910 with lambda 0 and 0.815 at fidelity 0.580 with lambda 1 (scale-aware variance); the JTT-style
     # sampling does the debiasing. rb + snr: oracle groups at w = 1, N = 32: bias 0.506 at fidelity 0.925 against
-    # 0.662 / 0.916 for the posterior target and 0.809 / 0.967 (N = 64) for uniform-t noise (README)
+    # 0.662 / 0.916 for the posterior target and 0.809 / 0.967 (N = 64) for uniform-t noise
+    # (bench/results/debiasing.md)
     # from_t "auto": the adapter acts only from the t where the groups' reweighting moves the posterior
     # (targets.active_from_t); 0: at every step. active_only: it is trained only there too. colored-digits, seed 0,
     # N = 128, label-free weight: every step (w 1.621) bias 0.094, fidelity 0.902, FID 44.5; from t = 800
