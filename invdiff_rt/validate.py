@@ -87,6 +87,24 @@ def _variants():
     return sorted(VARIANTS)
 
 
+def _scores():
+    from .method.losses import SCORES
+
+    return SCORES
+
+
+def _targets():
+    from .method.targets import TARGETS
+
+    return TARGETS
+
+
+def _t_sampling():
+    from .method.targets import T_SAMPLING
+
+    return T_SAMPLING
+
+
 def _fixed(*values: str) -> Callable[[], Sequence[str]]:
     return lambda: values
 
@@ -134,6 +152,9 @@ RULES: dict[str, Rule] = {
     "--variant": Rule(choices=_variants),
     "groups --recipe": Rule(choices=_fixed("invdiff-rt", "paper", "erm")),  # erm: refused with a hint below
     "train --recipe": Rule(choices=_fixed("invdiff-rt", "paper", "erm")),
+    "--score": Rule(choices=_scores),
+    "--target": Rule(choices=_targets),
+    "--t-sampling": Rule(choices=_t_sampling),
     "--strip": Rule(choices=_strip_modes),
     "--refit": Rule(choices=_refit_modes),
     "data make RECIPE": Rule(choices=_recipes_data),

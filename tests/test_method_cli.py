@@ -105,7 +105,7 @@ def test_groups_with_the_classifier_score(setup):
     assert result.meta["profile"]["score"] == "classifier" and result.meta["profile"]["source"] == "inferred"
     assert result.grouping.weights.shape == (20, 2) and result.grouping.sampling.shape == (20,)
     r = _invoke("groups", "--model", str(model), "--data", str(data), "--out", str(tmp / "g2"), "--score", "nope")
-    assert r.exit_code != 0 and "--score 'nope': unknown; use one of contrast, classifier" in str(r.exception)
+    assert r.exit_code != 0 and "--score nope: unknown; choose one of contrast, classifier" in str(r.exception)
     assert not (tmp / "g2.json").exists()
 
 

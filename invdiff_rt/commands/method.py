@@ -43,14 +43,12 @@ def groups(
     """Infer groups from the frozen base's per-sample denoising losses (no labels used)."""
     from ..errors import InvdiffError
     from ..method.grouper import infer_groups, save_groups
-    from ..method.losses import SCORES, ProfileConfig
+    from ..method.losses import ProfileConfig
     from ..models.loader import load_model
 
     for flag, value in (("--batch-size", batch_size), ("--draws", draws), ("--grid-samples", grid_samples)):
         if value is not None and value <= 0:
             raise InvdiffError(f"{flag} {value}: must be positive")
-    if score not in SCORES:
-        raise InvdiffError(f"--score {score!r}: unknown; use one of {', '.join(SCORES)}")
     overrides = {"draws": draws, "grid_samples": grid_samples, "antithetic": antithetic, "score": score}
     profile = ProfileConfig(**{k: v for k, v in overrides.items() if v is not None})
     _set_threads(threads)
@@ -99,7 +97,7 @@ def train(
         "(invdiff-rt: each attribute's minority balanced on its own) (comparison only)."),
     threads: int = typer.Option(0, "--threads", help=THREADS_HELP),
     t_sampling: Optional[str] = typer.Option(None, "--t-sampling", help="uniform | snr (default: the recipe's)."),
-    target: Optional[str] = typer.Option(None, "--target", help="noise | posterior (default: the recipe's)."),
+    target: Optional[str] = typer.Option(None, "--target", help="noise | posterior | rb (default: the recipe's)."),
     eps_base_input: Optional[bool] = typer.Option(None, "--eps-base-input/--no-eps-base-input",
                                                   help="The adapter reads the base's prediction (default: recipe's)."),
     from_t: Optional[str] = typer.Option(None, "--from-t", help="First timestep the adapter acts at when sampling: "

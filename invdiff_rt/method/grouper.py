@@ -2,9 +2,9 @@
 
 * `paper`: the published EIIL-style soft grouper: W [N,G] ~ U(0,1), Adam lr 0.01, 500 full-batch steps maximising
   the std of the soft group-mean losses, rows clipped at 0 and renormalised after every step.
-* `invdiff-rt`: a per-prompt robust outlier split (score = per-prompt robust z of the log loss; minority = z > 3,
-  i.e. above median + 3 MAD) with JTT-style sampling weights that give the inferred minority half of each prompt's
-  sampling mass; two one-hot groups (0 = majority, 1 = inferred minority).
+* `invdiff-rt`: a per-prompt robust outlier split (score = per-prompt robust z of the log loss, z = (x - median) /
+  (1.4826 MAD); minority = z > 3) with JTT-style sampling weights that give the inferred minority half of each
+  prompt's sampling mass; two one-hot groups (0 = majority, 1 = inferred minority).
 * `erm`: one group, uniform sampling.
 * oracle groups (comparison only) from one hidden column, or from several (one group per combination of flags, and a
   raked sampler that balances each attribute's minority on its own).
