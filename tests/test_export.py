@@ -271,6 +271,7 @@ def test_fp16_denoiser_keeps_cfg_combine_in_fp32(exported, tmp_path):
     assert producer.op_type == "Cast" and producer.attribute[0].i == TensorProto.FLOAT16  # combined in fp32
     combine = producers[producer.input[0]]  # uncond + s * (cond - uncond)
     assert combine.op_type == "Add" and all(types[i] == TensorProto.FLOAT for i in combine.input)
+
     def read_as_is_or_cast(name: str) -> set[str]:
         return {name} | {n.output[0] for n in graph.node if n.op_type == "Cast" and n.input[0] == name}
 

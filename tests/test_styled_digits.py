@@ -78,7 +78,8 @@ def test_attributes_are_independent_given_the_digit(styled):
     """Per digit, the colour and stroke minority flags are independent: the chi-square statistics of the ten
     per-digit 2x2 tables sum below chi2(10)'s 0.9999 quantile (at these biases a digit where the two never
     co-occur adds about 30 on its own, one where the stroke minority is always the colour minority about 165,
-    and ten independent digits about 10 in all); pooled over digits (identical marginals) the joint rate is the product."""
+    and ten independent digits about 10 in all); pooled over digits (identical marginals) the joint rate is the
+    product of the two."""
     train = read_split(styled, "train")
     c = np.array([r.attrs["minority_color"] for r in train])
     s = np.array([r.attrs["minority_stroke"] for r in train])
