@@ -23,6 +23,7 @@ import types
 
 import torch
 
+from invdiff_rt import artifacts
 from invdiff_rt.errors import InvdiffError
 from invdiff_rt.method import grouper
 from invdiff_rt.method.adapter import load_adapter, read_adapter_manifest
@@ -97,8 +98,7 @@ def main() -> None:
     result["config"] = {**vars(args), "weight": weight, "sizes": {k: int(v.sum()) for k, v in sets.items()}}
     print(json.dumps(result, indent=1))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        artifacts.atomic_write_json(args.json, result)
 
 
 if __name__ == "__main__":
