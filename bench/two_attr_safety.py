@@ -24,14 +24,13 @@ import types
 import torch
 
 from invdiff_rt import artifacts
-from invdiff_rt.errors import InvdiffError
 from invdiff_rt.method import grouper
 from invdiff_rt.method.adapter import load_adapter, read_adapter_manifest
 from invdiff_rt.method.cache import base_inputs
 from invdiff_rt.method.calibrate import recorded_weight
 from invdiff_rt.models.loader import load_model
 from two_attr_probe import score_at
-from two_attr_twosplit import second_split, summed_log_score
+from two_attr_twosplit import present_minorities, second_split, summed_log_score
 
 
 class AdaptedUNet(torch.nn.Module):
@@ -47,27 +46,25 @@ class AdaptedUNet(torch.nn.Module):
                                                                              eps))
 
 
-def excess(log_score: torch.Tensor, rows: torch.Tensor, rest: torch.Tensor, prompt_ids: torch.Tensor) -> float:
-    """Median over `rows` of the log score above its prompt's median over `rest`."""
-    centred = log_score.clone()
+def centred(log_score: torch.Tensor, rest: torch.Tensor, prompt_ids: torch.Tensor) -> torch.Tensor:
+    """The log score minus its prompt's median over the `rest` rows."""
+    out = log_score.clone()
     for p in prompt_ids.unique():
         in_p = prompt_ids == p
-        centred[in_p] -= log_score[in_p & rest].median()
-    return float(centred[rows].median()) if rows.any() else float("nan")
+        out[in_p] -= log_score[in_p & rest].median()
+    return out
 
 
 def excesses(log_score: torch.Tensor, sets: dict[str, torch.Tensor], rest, prompt_ids) -> dict[str, float]:
-    return {name: excess(log_score, rows, rest, prompt_ids) for name, rows in sets.items()}
+    """Per set of rows: the median of their log score above their prompt's median over `rest`."""
+    c = centred(log_score, rest, prompt_ids)
+    return {name: float(c[rows].median()) if rows.any() else float("nan") for name, rows in sets.items()}
 
 
 def hidden_sets(data: str, columns: str, second: torch.Tensor, prompt_ids: torch.Tensor) -> dict[str, torch.Tensor]:
     """The second split's rows, broken down by each hidden column's minority (diagnostics only)."""
     sets = {}
-    for column in columns.split(","):
-        try:
-            m = grouper.hidden_minority(data, column, prompt_ids)
-        except InvdiffError:  # a dataset without this column
-            continue
+    for column, m in present_minorities(data, columns, prompt_ids).items():
         sets[f"second & {column} minority"], sets[f"second & not {column} minority"] = second & m, second & ~m
     return sets
 

@@ -43,6 +43,17 @@ def second_split(score: torch.Tensor, first: torch.Tensor, prompt_ids: torch.Ten
     return flags
 
 
+def present_minorities(data: str, columns: str, prompt_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-prompt minority flags of each of the comma-separated hidden columns the dataset has (diagnostics only)."""
+    flags = {}
+    for column in columns.split(","):
+        try:
+            flags[column] = grouper.hidden_minority(data, column, prompt_ids)
+        except InvdiffError:  # a dataset without this column (colored-digits has no stroke)
+            continue
+    return flags
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     for flag in ("--model", "--data", "--groups", "--out"):
@@ -64,11 +75,7 @@ def main() -> None:
                                                       "k": args.k, "pairs": args.pairs}}
     result.grouping, result.meta = split, {**result.meta, "inferred_size": int(split.inferred.sum())}
     grouper.save_groups(result, args.out)
-    for column in args.report_attribute.split(","):
-        try:
-            m = grouper.hidden_minority(args.data, column, pids)
-        except InvdiffError:  # a dataset without this column (colored-digits has no stroke)
-            continue
+    for column, m in present_minorities(args.data, args.report_attribute, pids).items():
         print(f"{column}: second split holds {int((second & m).sum())} of {int(m.sum())} minority rows "
               f"({int(second.sum())} flagged); minority sampling share {float(split.sampling[m].sum() / len(m)):.3f}")
 
