@@ -19,8 +19,8 @@ import json
 
 def main() -> None:
     from invdiff_rt.eval.evaluate import evaluate
-    from invdiff_rt.method import calibrate
-    from invdiff_rt.method.adapter import load_adapter
+    from invdiff_rt.method import calibrate, splits
+    from invdiff_rt.method.adapter import load_adapter, read_adapter_manifest
     from invdiff_rt.method.cache import base_inputs
     from invdiff_rt.method.grouper import load_groups
     from invdiff_rt.models.loader import load_model
@@ -36,7 +36,8 @@ def main() -> None:
     model, groups = load_model(args.model), load_groups(args.groups)
     inputs, adapter = base_inputs(model, args.data), load_adapter(args.adapter, model)
     detector = calibrate.make_detector(model, inputs, groups.meta)
-    out = {"target_rate": calibrate.fit_reference(detector, inputs, groups.grouping, config), "rows": []}
+    trained = splits.as_trained(groups, read_adapter_manifest(args.adapter), inputs.prompt_ids)  # + a second split
+    out = {"target_rate": calibrate.fit_reference(detector, inputs, trained.grouping, config), "rows": []}
     n = calibrate.samples_per_prompt(config, len(inputs.prompts))
     for scale in args.guidance_scale or [3.0]:
         for w in (float(x) for x in args.weights.split(",")):

@@ -1,4 +1,5 @@
-"""Is a second split a second attribute? A label-free test, probed (not part of `invdiff groups`).
+"""Is a second split a second attribute? The first probe of the label-free test (classifier score, this script's
+own second split); the test `invdiff train` runs is `invdiff_rt/method/splits.py` (`bench/split_test.py`).
 
 A second split of the grouper's score (`two_attr_twosplit.py`) finds the second attribute's minority on
 styled-digits, but on shapes-habitats it holds more of the first attribute's minority, which the raked sampler then
@@ -19,12 +20,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import types
 
 import torch
 
 from invdiff_rt import artifacts
-from invdiff_rt.method import grouper
+from invdiff_rt.method import grouper, splits
 from invdiff_rt.method.adapter import load_adapter, read_adapter_manifest
 from invdiff_rt.method.cache import base_inputs
 from invdiff_rt.method.calibrate import recorded_weight
@@ -33,32 +33,10 @@ from two_attr_probe import score_at
 from two_attr_twosplit import present_minorities, second_split, summed_log_score
 
 
-class AdaptedUNet(torch.nn.Module):
-    """The frozen UNet with the adapter's shift added, called as the loss code calls a UNet (`.sample`)."""
-
-    def __init__(self, unet, adapter, weight: float):
-        super().__init__()
-        self.unet, self.adapter, self.weight = unet, adapter, weight
-
-    def forward(self, sample, timestep, encoder_hidden_states):
-        eps = self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states).sample
-        return types.SimpleNamespace(sample=eps + self.weight * self.adapter(sample, timestep, encoder_hidden_states,
-                                                                             eps))
-
-
-def centred(log_score: torch.Tensor, rest: torch.Tensor, prompt_ids: torch.Tensor) -> torch.Tensor:
-    """The log score minus its prompt's median over the `rest` rows."""
-    out = log_score.clone()
-    for p in prompt_ids.unique():
-        in_p = prompt_ids == p
-        out[in_p] -= log_score[in_p & rest].median()
-    return out
-
-
 def excesses(log_score: torch.Tensor, sets: dict[str, torch.Tensor], rest, prompt_ids) -> dict[str, float]:
-    """Per set of rows: the median of their log score above their prompt's median over `rest`."""
-    c = centred(log_score, rest, prompt_ids)
-    return {name: float(c[rows].median()) if rows.any() else float("nan") for name, rows in sets.items()}
+    """Per set of rows: the median of their log score above their prompt's median over `rest` (`splits.excess`)."""
+    return {name: splits.excess(log_score, rows, rest, prompt_ids) if rows.any() else float("nan")
+            for name, rows in sets.items()}
 
 
 def hidden_sets(data: str, columns: str, second: torch.Tensor, prompt_ids: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -85,7 +63,7 @@ def main() -> None:
     second = second_split(summed_log_score(model, inputs, "classifier"), first, pids, args.k)
     weight = args.weight if args.weight is not None else recorded_weight(read_adapter_manifest(args.adapter), 3.0)[0]
     adapted = copy.copy(model)
-    adapted.unet = AdaptedUNet(model.unet, load_adapter(args.adapter, model), weight)
+    adapted.unet = splits.ShiftedUNet(model.unet, load_adapter(args.adapter, model), weight)
     idx, rest = torch.arange(len(pids)), ~(first | second)
     sets = {"first": first, "second": second, **hidden_sets(args.data, args.report_attribute, second, pids)}
     scores = {name: score_at(m, inputs, idx, args.level, 0, 0, "classifier").clamp_min(1e-12).log()

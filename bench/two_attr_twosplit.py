@@ -21,7 +21,7 @@ import argparse
 import torch
 
 from invdiff_rt.errors import InvdiffError
-from invdiff_rt.method import grouper
+from invdiff_rt.method import grouper, splits
 from invdiff_rt.method.cache import base_inputs
 from invdiff_rt.models.loader import load_model
 from two_attr_probe import score_at
@@ -36,11 +36,8 @@ def summed_log_score(model, inputs, score: str, pairs: int = 1) -> torch.Tensor:
 
 
 def second_split(score: torch.Tensor, first: torch.Tensor, prompt_ids: torch.Tensor, k: float) -> torch.Tensor:
-    """Per prompt, among the rows outside `first`: robust z of `score` above k."""
-    rest, flags = ~first, torch.zeros_like(first)
-    x, pids = score[rest].double(), prompt_ids[rest]
-    flags[rest] = grouper.robust_z(x, *grouper.prompt_median_mad(x, pids, int(prompt_ids.max()) + 1), pids) > k
-    return flags
+    """Per prompt, among the rows outside `first`: robust z of `score` above k (`splits.candidate_split`)."""
+    return splits.candidate_split(score, first, prompt_ids, k)
 
 
 def present_minorities(data: str, columns: str, prompt_ids: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -71,9 +68,11 @@ def main() -> None:
     second = second_split(summed_log_score(model, inputs, args.score, args.pairs), first, pids, args.k)
     split = grouper.group_from_flags(torch.stack([first, second], 1), pids, "invdiff-rt")
     split.score = result.grouping.score
-    split.info = {**result.grouping.info, "second_split": {"score": f"sum log {args.score} {LEVELS[args.score]}",
-                                                      "k": args.k, "pairs": args.pairs}}
-    result.grouping, result.meta = split, {**result.meta, "inferred_size": int(split.inferred.sum())}
+    first_info = {k: v for k, v in result.grouping.info.items() if k != "candidate"}  # this file has no candidate
+    split.info = {**first_info, "second_split": {"score": f"sum log {args.score} {LEVELS[args.score]}",
+                                                 "k": args.k, "pairs": args.pairs}}
+    result.grouping = split
+    result.meta = {**result.meta, "inferred_size": int(split.inferred.sum()), "grouping": split.info}
     grouper.save_groups(result, args.out)
     for column, m in present_minorities(args.data, args.report_attribute, pids).items():
         print(f"{column}: second split holds {int((second & m).sum())} of {int(m.sum())} minority rows "

@@ -83,13 +83,22 @@ def _groups(folder: Path, model, data: str, cfg: DemoConfig) -> dict:
     return {"prefix": str(folder / "groups"), "fingerprint": result.fingerprint, "meta": read_json(meta)}
 
 
+def _candidate_settings() -> dict:
+    """How the groups stage finds a candidate second split: part of its key, so a change regroups."""
+    from .method import splits
+
+    return {"levels": list(splits.CANDIDATE_LEVELS), "k": splits.CANDIDATE_K}
+
+
 def _recipe_defaults() -> dict:
-    """The default recipe's settings and the weight rule: part of the adapter stage's key, so a changed recipe
-    retrains and a changed rule recalibrates."""
+    """The default recipe's settings, the weight rule and the second-split test's settings: part of the adapter
+    stage's key, so a changed recipe retrains and a changed rule recalibrates."""
     from .method.calibrate import RULE
     from .method.train import RECIPE_DEFAULTS
 
-    return {**RECIPE_DEFAULTS["invdiff-rt"], "weight_rule": RULE}
+    from .method import splits
+
+    return {**RECIPE_DEFAULTS["invdiff-rt"], "weight_rule": RULE, "split_test": splits.TEST_SETTINGS}
 
 
 def _adapter(folder: Path, model, data: str, groups_prefix: str, cfg: DemoConfig) -> dict:
@@ -177,7 +186,8 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), console: Console |
     model = load_model(cfg.model)
     data = stages.run("data", {"recipe": BENCHMARK, "seed": cfg.seed}, lambda f: _data(f, cfg))
     base = {"model": model.fingerprint, "data": data["fingerprint"]}
-    groups = stages.run("groups", {**base, "seed": cfg.seed}, lambda f: _groups(f, model, data["path"], cfg))
+    groups = stages.run("groups", {**base, "seed": cfg.seed, "candidate": _candidate_settings()},
+                        lambda f: _groups(f, model, data["path"], cfg))
     adapter = stages.run("adapter", {**base, "groups": groups["fingerprint"], "steps": cfg.train_steps,
                                      "calibrate_per_prompt": cfg.calibrate_per_prompt,
                                      "seed": cfg.seed, "recipe": _recipe_defaults()},
@@ -276,6 +286,8 @@ def bias_chart(path: Path, before: dict, after: dict) -> Path:
 
 def write_report(out: Path, cfg: DemoConfig, data, groups, adapter, generated, before, after, bench,
                  timings, weight: tuple[float, str] = (1.0, "")) -> Path:
+    from .method.splits import describe
+
     bias_chart(out / "bias_per_prompt.png", before, after)
     diag = groups["meta"].get("diagnostics", {})
     lines = [f"# invdiff demo report ({BENCHMARK})", "",
@@ -288,6 +300,7 @@ def write_report(out: Path, cfg: DemoConfig, data, groups, adapter, generated, b
               "Base samples (rows = prompts):", "", "![base](eval-base/grid.png)", "",
               "Debiased samples:", "", "![debiased](eval-debiased/grid.png)", "",
               "## Groups (label-free)", "", f"Diagnostics (hidden column `{ATTRIBUTE}`, never an input): `{diag}`", "",
+              f"Second split: {describe(adapter['manifest'].get('second_split'))}.", "",
               "## Runtime", "", "| backend | batch | step ms p50 | images/s | x eager | adapter overhead |",
               "|---|---|---|---|---|---|"]
     lines += [f"| {r['backend']} | {r['batch_size']} | {_fmt(r.get('step_ms_p50'))} | {_fmt(r.get('images_per_s'))} "

@@ -176,7 +176,7 @@ def trained(tmp_path_factory):
                           outlier_k=1.0)
     save_groups(groups, tmp / "G")
     out = train_adapter(model, data, groups, tmp / "adapter",
-                        TrainConfig(steps=20, batch_size=4, show_progress=False, calibrate=False))
+                        TrainConfig(steps=20, batch_size=4, show_progress=False, calibrate=False, second_split=False))
     yield model, data, groups, out
     if before is None:
         os.environ.pop("INVDIFF_CACHE_DIR", None)

@@ -21,6 +21,10 @@ def test_demo_end_to_end_smoke_and_stage_reuse(tmp_path, tiny_model_dir):
     assert "| bias ↓ |" in text and "| onnxruntime | 1 |" in text
     weight = json.loads((out / "adapter" / "adapter" / "adapter.json").read_text())["calibration"]
     assert f"Adapter weight **{weight['by_guidance_scale']['3']['weight']:g}**: calibrated label-free" in text
+    from invdiff_rt.method.splits import describe
+
+    manifest = json.loads((out / "adapter" / "adapter" / "adapter.json").read_text())
+    assert f"Second split: {describe(manifest['second_split'])}." in text  # the test's verdict, or "no candidate"
     for name in ("bias_per_prompt.png", "eval-base/grid.png", "eval-debiased/grid.png", "bench/latency.png",
                  "bench/bench.json", "eval-debiased/eval.json"):
         assert (out / name).stat().st_size > 0, name

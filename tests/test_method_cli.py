@@ -178,3 +178,80 @@ def test_two_process_accelerate_cpu_run(setup):
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((out / "adapter.json").read_text())
     assert manifest["num_processes"] == 2 and manifest["recipe"] == "erm" and manifest["lambda"] == 0.0
+
+
+@pytest.mark.slow
+def test_second_split_is_tested_after_training_and_a_resumed_fine_tune_replays_it(setup, monkeypatch):
+    from safetensors.torch import load_file
+
+    from invdiff_rt.method import splits, train
+    from invdiff_rt.method.grouper import load_groups
+    from invdiff_rt.models.loader import load_model
+
+    model_dir, data, tmp = setup
+    prefix = tmp / "groups-split" / "G"
+    r = _invoke("groups", "--model", str(model_dir), "--data", str(data), "--out", str(prefix), "--batch-size", "8",
+                "--grid-samples", "12")
+    assert r.exit_code == 0, r.output
+    groups = load_groups(prefix)
+    candidate = groups.grouping.candidate
+    assert candidate is not None and candidate.any(), "the tiny model must give the test something to test"
+    assert not (candidate & groups.grouping.inferred).any()
+    assert groups.meta["grouping"]["candidate"] == {"levels": list(splits.CANDIDATE_LEVELS), "k": 1.5,
+                                                    "size": int(candidate.sum())}
+    model = load_model(model_dir)
+    seen = {}
+    real_draw = train.draw_batch
+
+    def record(inputs, grouping, scheduler, config, rank, step, posterior=None):
+        seen[step] = grouping.sampling.clone()
+        return real_draw(inputs, grouping, scheduler, config, rank, step, posterior)
+
+    def batches_drawn(first_split: range, both_splits: range) -> bool:
+        raked = splits.with_second_split(groups.grouping, torch.arange(20) // 10).sampling
+        return (sorted(seen) == list(first_split) + list(both_splits)
+                and all(torch.equal(seen[s], groups.grouping.sampling) for s in first_split)
+                and all(torch.equal(seen[s], raked) for s in both_splits))
+
+    monkeypatch.setattr(train, "draw_batch", record)
+    monkeypatch.setattr(splits.AttributeTest, "second_attribute", property(lambda self: True))  # whatever the ratio
+    cfg = train.TrainConfig(steps=10, batch_size=4, checkpoint_every=4, show_progress=False, calibrate=False)
+    straight = train.train_adapter(model, data, groups, tmp / "split-straight", cfg)
+    manifest = json.loads((straight / "adapter.json").read_text())
+    test = manifest["second_split"]
+    assert test["second_attribute"] and test["candidate_size"] == int(candidate.sum()) and test["rows"] == 20
+    assert test["finetune_steps"] == manifest["finetune_steps"] == 3
+    assert batches_drawn(range(10), range(10, 13))  # the fine-tune's batches (seeds 10-12) come from both splits
+    # a crash in the fine-tune resumes from the checkpoint written after the test, which is read, not re-run
+    real_step = train._train_step
+
+    def crash_at_11(accelerator, run, config, step, first, prepared):
+        if step == 11:
+            raise KeyboardInterrupt
+        return real_step(accelerator, run, config, step, first, prepared)
+
+    monkeypatch.setattr(train, "_train_step", crash_at_11)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_adapter(model, data, groups, tmp / "split-resumed", cfg)
+    assert not (tmp / "split-resumed").exists()
+    monkeypatch.setattr(train, "_train_step", real_step)
+    monkeypatch.setattr(splits, "attribute_test", None)
+    seen.clear()
+    resumed = train.train_adapter(model, data, groups, tmp / "split-resumed", dataclasses_replace(cfg, resume=True))
+    manifest = json.loads((resumed / "adapter.json").read_text())
+    assert manifest["resumed_from_step"] == 10 and manifest["second_split"] == test
+    assert batches_drawn(range(0), range(10, 13))
+    a, b = load_file(str(straight / "adapter.safetensors")), load_file(str(resumed / "adapter.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    monkeypatch.undo()
+    # "more of the first": the test is recorded, nothing is fine-tuned: the weights are those of a run without it
+    monkeypatch.setattr(splits.AttributeTest, "second_attribute", property(lambda self: False))
+    off = train.train_adapter(model, data, groups, tmp / "split-off", cfg)
+    record_off = json.loads((off / "adapter.json").read_text())["second_split"]
+    assert not record_off["second_attribute"] and record_off["finetune_steps"] == 0
+    assert record_off["excess_second"] == test["excess_second"]
+    plain = train.train_adapter(model, data, groups, tmp / "split-none", dataclasses_replace(cfg, second_split=False))
+    assert json.loads((plain / "adapter.json").read_text())["second_split"] is None
+    c = load_file(str(plain / "adapter.safetensors"))
+    assert all(torch.equal(load_file(str(off / "adapter.safetensors"))[k], c[k]) for k in c)
+    assert any(not torch.equal(a[k], c[k]) for k in c)  # the fine-tune moved the weights

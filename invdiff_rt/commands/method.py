@@ -38,6 +38,9 @@ def groups(
         "classifier (loss with the prompt against every prompt's; P times the UNet calls in the band)."),
     outlier_k: float = typer.Option(3.0, "--outlier-k",
                                     help="invdiff-rt: inferred minority = per-prompt robust z above this (MADs)."),
+    second_split: bool = typer.Option(True, "--second-split/--no-second-split",
+                                      help="invdiff-rt: also record a candidate second split (a second attribute's "
+                                      "minority), which `invdiff train` tests (default: on)."),
     threads: int = typer.Option(0, "--threads", help=THREADS_HELP),
 ) -> None:
     """Infer groups from the frozen base's per-sample denoising losses (no labels used)."""
@@ -49,7 +52,8 @@ def groups(
     for flag, value in (("--batch-size", batch_size), ("--draws", draws), ("--grid-samples", grid_samples)):
         if value is not None and value <= 0:
             raise InvdiffError(f"{flag} {value}: must be positive")
-    overrides = {"draws": draws, "grid_samples": grid_samples, "antithetic": antithetic, "score": score}
+    overrides = {"draws": draws, "grid_samples": grid_samples, "antithetic": antithetic, "score": score,
+                 "second_split": second_split}
     profile = ProfileConfig(**{k: v for k, v in overrides.items() if v is not None})
     _set_threads(threads)
     base = load_model(model)
@@ -70,12 +74,17 @@ def _print_groups(meta: dict) -> None:
                   + ", ".join(f"{s:.1f}" for s in meta["group_sizes"]) + f"; inferred set {meta['inferred_size']}"
                   + (f"; band t={profile['band'][0]}-{profile['band'][1]}" if "band" in profile else "")
                   + f"; {meta['seconds']:.1f} s")
+    if "candidate" in meta.get("grouping", {}):
+        console.print(f"candidate second split: {meta['grouping']['candidate']['size']} rows (`invdiff train` tests "
+                      "whether they carry a second attribute)")
     if "diagnostics" in meta:
         d = meta["diagnostics"]
         console.print(f"diagnostics vs hidden column '{d['attribute']}' (never an input): AUROC {d['auroc']:.3f}, "
                       f"precision {d['precision']:.3f}, recall {d['recall']:.3f} "
                       f"({d['inferred_size']} inferred / {d['minority_size']} true minority), "
-                      f"minority effective weight {d['minority_effective_weight']:.3f}")
+                      f"minority effective weight {d['minority_effective_weight']:.3f}"
+                      + (f"; the candidate second split holds {d['candidate_minority']} of the true minority"
+                         if "candidate_minority" in d else ""))
 
 
 def train(
@@ -105,6 +114,9 @@ def train(
                                          "step; paper, erm)."),
     active_only: Optional[bool] = typer.Option(None, "--active-only/--all-t", help="Train only at the t the adapter "
                                                "acts at (t >= from t) (default: the recipe's)."),
+    second_split: bool = typer.Option(True, "--second-split/--no-second-split",
+                                      help="invdiff-rt: test the groups' candidate second split after training and "
+                                      "fine-tune on it when it is a second attribute (default: on)."),
 ) -> None:
     """Train the guidance adapter on the frozen base with the invariance objective (Accelerate-ready)."""
     from ..errors import InvdiffError
@@ -114,11 +126,11 @@ def train(
 
     if checkpoint_every <= 0:
         raise InvdiffError(f"--checkpoint-every {checkpoint_every}: must be positive")
+    optional = (("t_sampling", t_sampling), ("target", target), ("eps_base_input", eps_base_input),
+                ("active_only", active_only), ("from_t", _from_t_option(from_t)))
     config = TrainConfig(recipe=recipe, lam=lam, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
                          checkpoint_every=checkpoint_every, resume=resume, oracle_column=oracle_groups_from,
-                         **{k: v for k, v in (("t_sampling", t_sampling), ("target", target),
-                                                 ("eps_base_input", eps_base_input), ("active_only", active_only),
-                                                 ("from_t", _from_t_option(from_t))) if v is not None})
+                         second_split=second_split, **{k: v for k, v in optional if v is not None})
     check_train_config(config)
     _set_threads(threads)
     group_result = None
@@ -126,11 +138,21 @@ def train(
         group_result = load_groups(groups_prefix)
     path = train_adapter(load_model(model), data, group_result, out, config)
     typer.echo(f"adapter written to {path}")
+    _print_split_test(path)
     from ..method.calibrate import resolve_weight
     from ..runtime.defaults import DEFAULT_GUIDANCE
 
     weight, how = resolve_weight(None, DEFAULT_GUIDANCE, adapter_dir=path)
     typer.echo(f"adapter weight at CFG {DEFAULT_GUIDANCE:g}: {weight:g} ({how})")
+
+
+def _print_split_test(adapter_dir: Path) -> None:
+    from ..method.adapter import read_adapter_manifest
+    from ..method.splits import describe
+
+    test = read_adapter_manifest(adapter_dir).get("second_split")
+    if test:
+        typer.echo(describe(test))
 
 
 def _from_t_option(text: str | None) -> int | str | None:

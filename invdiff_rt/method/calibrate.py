@@ -294,9 +294,11 @@ def calibrate_adapter(model, adapter_dir, inputs, groups, config: CalibrateConfi
     from .. import artifacts
     from .adapter import MANIFEST_NAME, load_adapter, read_adapter_manifest
 
+    from .splits import as_trained
+
     adapter = load_adapter(adapter_dir, model)
-    record = calibrate(model, adapter, inputs, groups, config)
     manifest = read_adapter_manifest(adapter_dir)
+    record = calibrate(model, adapter, inputs, as_trained(groups, manifest, inputs.prompt_ids), config)
     previous = manifest.get("calibration") or {}
     same = (previous.get("rule"), previous.get("target_rate")) == (record["rule"], record["target_rate"])
     old = previous.get("by_guidance_scale", {}) if same else {}

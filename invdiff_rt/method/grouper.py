@@ -4,7 +4,8 @@
   the std of the soft group-mean losses, rows clipped at 0 and renormalised after every step.
 * `invdiff-rt`: a per-prompt robust outlier split (score = per-prompt robust z of the log loss, z = (x - median) /
   (1.4826 MAD); minority = z > 3) with JTT-style sampling weights that give the inferred minority half of each
-  prompt's sampling mass; two one-hot groups (0 = majority, 1 = inferred minority).
+  prompt's sampling mass; two one-hot groups (0 = majority, 1 = inferred minority). It also records a candidate
+  second split (`splits.py`: a second attribute's minority), which `invdiff train` tests and may add.
 * `erm`: one group, uniform sampling.
 * oracle groups (comparison only) from one hidden column, or from several (one group per combination of flags, and a
   raked sampler that balances each attribute's minority on its own).
@@ -190,6 +191,7 @@ class Grouping:
     sampling: torch.Tensor
     inferred: torch.Tensor
     info: dict = field(default_factory=dict)
+    candidate: torch.Tensor | None = None  # bool [N]: a candidate second split (splits.py), or None
 
 
 def group_paper(losses: torch.Tensor, groups: int, seed: int, iters: int = 500) -> Grouping:
@@ -255,11 +257,14 @@ class GroupsResult:
 
 
 def save_groups(result: GroupsResult, prefix: str | Path) -> tuple[Path, Path]:
-    """Write PREFIX.safetensors (weights, score, sampling, inferred) then PREFIX.json (which hashes the former)."""
+    """Write PREFIX.safetensors (weights, score, sampling, inferred, and the candidate second split when there is
+    one) then PREFIX.json (which hashes the former)."""
     weights_path, json_path = groups_paths(prefix)
     g = result.grouping
     tensors = {"weights": g.weights.float(), "score": g.score.float(), "sampling_weights": g.sampling.float(),
                "inferred": g.inferred.to(torch.uint8)}
+    if g.candidate is not None:
+        tensors["candidate"] = g.candidate.to(torch.uint8)
     artifacts.atomic_save_safetensors(tensors, weights_path, metadata={"format": GROUPS_FORMAT})
     sha = artifacts.sha256_file(weights_path)
     meta = {**result.meta, "format": GROUPS_FORMAT, "tensors_sha256": sha, "versions": artifacts.package_versions()}
@@ -281,7 +286,9 @@ def load_groups(prefix: str | Path) -> GroupsResult:
     if not weights_path.exists() or artifacts.sha256_file(weights_path) != meta.get("tensors_sha256"):
         raise InvdiffError(f"{weights_path}: missing or does not match {json_path.name}; rerun `invdiff groups`")
     t = load_file(str(weights_path))
-    g = Grouping(t["weights"], t["score"], t["sampling_weights"], t["inferred"].bool(), meta.get("grouping", {}))
+    candidate = t["candidate"].bool() if "candidate" in t else None
+    g = Grouping(t["weights"], t["score"], t["sampling_weights"], t["inferred"].bool(), meta.get("grouping", {}),
+                 candidate)
     return GroupsResult(g, meta)
 
 
@@ -320,13 +327,23 @@ def _profile_grouping(model, inputs, recipe: str, groups: int, seed: int, batch_
     with losses.progress_bar(total, f"loss profile ({recipe})", show_progress) as advance:
         if recipe == "paper":
             profile = losses.paper_profile(model.unet, scheduler, inputs, seed, batch_size, advance)
+            grouping = group_paper(profile.score, groups, seed)
         else:
             profile = losses.band_profile(model.unet, scheduler, inputs, config, seed, batch_size, advance)
-    if recipe == "paper":
-        grouping = group_paper(profile.score, groups, seed)
-    else:
-        grouping = group_robust(profile.score, inputs.prompt_ids, k=outlier_k)
+            grouping = group_robust(profile.score, inputs.prompt_ids, k=outlier_k)
+            if config.second_split:
+                grouping.candidate, grouping.info["candidate"] = candidate_split(model, scheduler, inputs, grouping,
+                                                                               seed, batch_size, advance)
     return grouping, {"band": list(profile.band), "outlier_k": outlier_k, **profile.info}
+
+
+def candidate_split(model, scheduler, inputs, grouping: Grouping, seed: int, batch_size: int, advance):
+    """The candidate second split (`splits.py`) and how it was made."""
+    from . import splits
+
+    score = splits.candidate_score(model.unet, scheduler, inputs, seed, batch_size, advance)
+    candidate = splits.candidate_split(score, grouping.inferred, inputs.prompt_ids)
+    return candidate, {"levels": list(splits.CANDIDATE_LEVELS), "k": splits.CANDIDATE_K, "size": int(candidate.sum())}
 
 
 def infer_groups(model, data_dir: str | Path, recipe: str = "invdiff-rt", seed: int = 0, groups: int | None = None,
@@ -360,4 +377,6 @@ def infer_groups(model, data_dir: str | Path, recipe: str = "invdiff-rt", seed: 
         minority = hidden_minority(data_dir, report_attribute, inputs.prompt_ids)
         meta["diagnostics"] = {"attribute": report_attribute, **group_diagnostics(
             grouping.score, grouping.inferred, grouping.weights, grouping.sampling, minority)}
+        if grouping.candidate is not None:
+            meta["diagnostics"]["candidate_minority"] = int((grouping.candidate & minority).sum())
     return GroupsResult(grouping, meta)

@@ -49,6 +49,7 @@ class ProfileConfig:
     antithetic: bool = True  # draws 2j, 2j+1 share t and use +eps / -eps (False: independent draws, for ablation)
     smooth: int = 3  # moving-average window over grid levels before the argmax
     score: str = "contrast"  # the band's score: "contrast" (vs the empty prompt) or "classifier" (vs every prompt)
+    second_split: bool = True  # invdiff-rt: also record a candidate second split (splits.py)
 
 
 @dataclass
@@ -283,8 +284,11 @@ def forward_count(recipe: str, n: int, config: ProfileConfig, n_prompts: int = 1
     """How many sample-forwards a profile takes (for the progress bar)."""
     if recipe == "paper":
         return n
+    from .splits import CANDIDATE_LEVELS
+
     per_draw = n * (n_prompts if config.score == "classifier" else 1)
-    return len(config.grid) * min(config.grid_samples, n) + config.draws * per_draw
+    candidate = 2 * len(CANDIDATE_LEVELS) * n if config.second_split else 0
+    return len(config.grid) * min(config.grid_samples, n) + config.draws * per_draw + candidate
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ from .adapter import GuidanceAdapter, config_for_unet, parameter_count, save_ada
 from .defaults import ADAPTER_STEPS, CALIBRATION_PER_PROMPT
 from .grouper import Grouping, GroupsResult, group_erm, group_from_flags, hidden_minority
 from .losses import _gen, denoising_target, make_noise_scheduler, progress_bar, target_from_eps
+from . import splits
 from .objective import invariance_objective, per_sample_loss
 from .targets import (FROM_T_FRACTION, POSTERIOR_TARGETS, T_SAMPLING, TARGETS, Posterior, active_from_t,
                       draw_timesteps, timestep_probs)
@@ -73,6 +74,7 @@ class TrainConfig:
     calibrate: bool = True  # invdiff-rt with inferred groups: pick the weight label-free (calibrate.py)
     calibrate_scales: tuple[float, ...] = (3.0,)  # CFG scales the weight is calibrated for
     calibrate_per_prompt: int = CALIBRATION_PER_PROMPT  # generated samples per prompt at each tried weight
+    second_split: bool = True  # invdiff-rt: test the groups' candidate second split after training (splits.py)
 
     def __post_init__(self) -> None:
         defaults = {**RECIPE_DEFAULTS["paper"], **RECIPE_DEFAULTS.get(self.recipe, {})}
@@ -224,24 +226,29 @@ def checkpoint_dir(out_dir: Path) -> Path:
 
 
 def _run_key(config: TrainConfig, meta: dict) -> str:
+    """What a checkpoint must match to be resumed: the config, the run's inputs, and the second-split test's
+    settings where it applies (a checkpoint written after the test holds its verdict)."""
     fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("resume", "show_progress")}
-    return artifacts.sha256_json({"config": fields, **meta})
+    split = splits.TEST_SETTINGS if _tests_split(config) else None
+    return artifacts.sha256_json({"config": fields, **meta, **({"split_test": split} if split else {})})
 
 
-def save_checkpoint(path: Path, step: int, key: str, adapter, optimizer, lr_scheduler) -> None:
+def save_checkpoint(path: Path, step: int, key: str, adapter, optimizer, lr_scheduler,
+                    split_test: dict | None = None) -> None:
     checkpoint.save_checkpoint(path, {"adapter": adapter}, optimizer, step,
-                               {"key": key, "lr_scheduler": lr_scheduler.state_dict()})
+                               {"key": key, "lr_scheduler": lr_scheduler.state_dict(), "split_test": split_test})
 
 
-def load_checkpoint(path: Path, key: str, adapter, optimizer, lr_scheduler) -> int:
-    """Restore adapter/optimizer/scheduler; returns the step to continue from (0 when there is nothing)."""
+def load_checkpoint(path: Path, key: str, adapter, optimizer, lr_scheduler) -> tuple[int, dict | None]:
+    """Restore adapter/optimizer/scheduler; returns the step to continue from (0 when there is nothing) and the
+    second-split test's record when the run had made it."""
     if not checkpoint.has_checkpoint(path):
-        return 0
+        return 0, None
     if checkpoint.read_checkpoint_meta(path).get("key") != key:
         raise InvdiffError(f"{path}: checkpoint was made with other settings/inputs; delete it or drop --resume")
     meta = checkpoint.load_checkpoint(path, {"adapter": adapter}, optimizer)
     lr_scheduler.load_state_dict(meta["lr_scheduler"])
-    return int(meta["step"])
+    return int(meta["step"]), meta.get("split_test")
 
 
 # ------------------------------------------------------------------------------------------- the loop
@@ -284,6 +291,7 @@ class _Run:
     posterior: Posterior | None  # the posterior and rb targets' tables, built once
     key: str
     ckpt: Path
+    split_test: dict | None = None  # the second-split test's record, once made (splits.py)
 
 
 def _train_step(accelerator, run: _Run, config: TrainConfig, step: int, first: bool,
@@ -305,34 +313,87 @@ def _train_step(accelerator, run: _Run, config: TrainConfig, step: int, first: b
     return {"loss": loss, "mean": mean, "penalty": penalty}
 
 
-def _prepared_steps(accelerator, run: _Run, config: TrainConfig, start_step: int):
-    """(step, (batch, frozen UNet prediction)) for every step from `start_step`, the predictions made a chunk of
-    steps at a time (as many steps as torch has CPU threads; one on a GPU)."""
+def _prepared_steps(accelerator, run: _Run, config: TrainConfig, start_step: int, stop_step: int):
+    """(step, (batch, frozen UNet prediction)) for every step in [start_step, stop_step), the predictions made a
+    chunk of steps at a time (as many steps as torch has CPU threads; one on a GPU)."""
     device = accelerator.device
     chunk = torch.get_num_threads() if torch.device(device).type == "cpu" else 1
-    for first in range(start_step, config.steps, chunk):
-        steps = range(first, min(first + chunk, config.steps))
+    for first in range(start_step, stop_step, chunk):
+        steps = range(first, min(first + chunk, stop_step))
         batches = [draw_batch(run.inputs, run.grouping, run.noise_scheduler, config, accelerator.process_index, s,
                               run.posterior) for s in steps]
         eps = base_predictions(run.unet, batches, device) if config.eps_base_input else [None] * len(batches)
         yield from zip(steps, zip(batches, eps))
 
 
-def _loop(accelerator, run: _Run, config: TrainConfig, start_step: int) -> dict:
+def _loop(accelerator, run: _Run, config: TrainConfig, start_step: int, stop_step: int, advance,
+          checkpoints: bool = True) -> dict:
     last: dict = {}
+    for step, prepared in _prepared_steps(accelerator, run, config, start_step, stop_step):
+        last = _train_step(accelerator, run, config, step, step == start_step, prepared)
+        advance(1, loss=last["loss"], mean=last["mean"], var=last["penalty"], lr=run.lr_scheduler.get_last_lr()[0])
+        if checkpoints and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+            _save_run(accelerator, run, step + 1)
+    return last
+
+
+def _save_run(accelerator, run: _Run, step: int) -> None:
+    if accelerator.is_main_process:
+        save_checkpoint(run.ckpt, step, run.key, accelerator.unwrap_model(run.adapter), run.optimizer,
+                        run.lr_scheduler, run.split_test)
+    accelerator.wait_for_everyone()
+
+
+def _train(accelerator, run: _Run, config: TrainConfig, start_step: int) -> dict:
+    """The training steps; where the groups carry a candidate second split, the trained adapter tests it and, when it
+    is a second attribute, is fine-tuned with both splits balanced (splits.py)."""
     show = config.show_progress and accelerator.is_main_process
     with progress_bar(config.steps, f"train adapter ({config.recipe})", show) as advance:
         advance(start_step)
-        for step, prepared in _prepared_steps(accelerator, run, config, start_step):
-            last = _train_step(accelerator, run, config, step, step == start_step, prepared)
-            advance(1, loss=last["loss"], mean=last["mean"], var=last["penalty"],
-                    lr=run.lr_scheduler.get_last_lr()[0])
-            if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
-                if accelerator.is_main_process:
-                    save_checkpoint(run.ckpt, step + 1, run.key, accelerator.unwrap_model(run.adapter),
-                                    run.optimizer, run.lr_scheduler)
-                accelerator.wait_for_everyone()
-    return last
+        last = _loop(accelerator, run, config, start_step, config.steps, advance)
+    if not (_tests_split(config) and splits.has_candidate(run.grouping)):
+        return last
+    if run.split_test is None:  # a run resumed after the test has it from its checkpoint
+        run.split_test = _split_test(accelerator, run, config)
+        if run.split_test["second_attribute"]:
+            _save_run(accelerator, run, config.steps)  # a crash in the fine-tune resumes from here
+    return _finetune(accelerator, run, config, show) if run.split_test["second_attribute"] else last
+
+
+def _tests_split(config: TrainConfig) -> bool:
+    return config.second_split and config.recipe == "invdiff-rt" and not config.oracle_column
+
+
+def _split_test(accelerator, run: _Run, config: TrainConfig) -> dict:
+    """The second-split test on the trained adapter (splits.attribute_test), as adapter.json records it; run by the
+    main process and shared, so that every process fine-tunes or none does."""
+    record = [None]
+    if accelerator.is_main_process:
+        adapter = accelerator.unwrap_model(run.adapter)
+        result = splits.attribute_test(run.unet, adapter, run.noise_scheduler, run.inputs, run.grouping.inferred,
+                                       run.grouping.candidate, splits.TEST_WEIGHT, config.seed, splits.SCORE_BATCH)
+        record[0] = {**result.record(), "weight": splits.TEST_WEIGHT,
+                     "candidate_size": int(run.grouping.candidate.sum()),
+                     "finetune_steps": splits.finetune_steps(config.steps) if result.second_attribute else 0}
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(record)
+    return record[0]
+
+
+def _finetune(accelerator, run: _Run, config: TrainConfig, show: bool) -> dict:
+    """`splits.finetune_steps` more steps (steps S.. of the batch seeds) on both splits' raked sampler, with a fresh
+    optimizer and LR schedule; no checkpoints (a crash resumes from the end of the first run)."""
+    steps = run.split_test["finetune_steps"]
+    run.grouping = splits.with_second_split(run.grouping, run.inputs.prompt_ids)
+    if run.posterior is not None:
+        run.posterior = Posterior.build(run.inputs.latents, run.inputs.prompt_ids, run.grouping.sampling)
+    optimizer, run.lr_scheduler = _make_optimizer(accelerator.unwrap_model(run.adapter),
+                                                  dataclasses.replace(config, steps=steps))
+    run.optimizer = accelerator.prepare(optimizer)
+    with progress_bar(steps, "fine-tune adapter (second split)", show) as advance:
+        return _loop(accelerator, run, config, config.steps, config.steps + steps, advance, checkpoints=False)
 
 
 def _calibrate(model, out_dir: Path, inputs, groups, config: TrainConfig) -> None:
@@ -364,14 +425,17 @@ def train_adapter(model, data_dir: str | Path, groups: GroupsResult | None, out_
     adapter = GuidanceAdapter(config_for_unet(unet, use_eps_base=config.eps_base_input))
     optimizer, lr_scheduler = _make_optimizer(adapter, config)
     key, ckpt = _run_key(config, meta), checkpoint_dir(out_dir)
-    start_step = load_checkpoint(ckpt, key, adapter, optimizer, lr_scheduler) if config.resume else 0
+    start_step, split_test = (load_checkpoint(ckpt, key, adapter, optimizer, lr_scheduler) if config.resume
+                              else (0, None))
     adapter, optimizer = accelerator.prepare(adapter, optimizer)  # the LR schedule is stepped by hand, once a step
     posterior = (Posterior.build(inputs.latents, inputs.prompt_ids, grouping.sampling)
                  if config.target in POSTERIOR_TARGETS else None)
-    run = _Run(unet, adapter, optimizer, lr_scheduler, noise_scheduler, inputs, grouping, posterior, key, ckpt)
-    last = _loop(accelerator, run, config, start_step)
+    run = _Run(unet, adapter, optimizer, lr_scheduler, noise_scheduler, inputs, grouping, posterior, key, ckpt,
+               split_test)
+    last = _train(accelerator, run, config, start_step)
     if accelerator.is_main_process:
         meta.update(num_processes=accelerator.num_processes, resumed_from_step=start_step, final=last,
+                    second_split=run.split_test, finetune_steps=(run.split_test or {}).get("finetune_steps", 0),
                     base_parameter_count=parameter_count(unet),
                     recommended_weight=RECIPE_DEFAULTS[config.recipe]["recommended_weight"],
                     training_seconds=round(time.perf_counter() - start, 2))

@@ -1,0 +1,187 @@
+"""A second split: the minority of a second spurious attribute, found without labels, kept only when it is one.
+
+One robust-z split of the groups' score finds the attribute the frozen model ranks first (colour on styled-digits)
+and hardly the next one (stroke: AUROC 0.74). Two label-free steps add the second attribute's minority:
+
+1. `invdiff groups` (the *candidate*): per prompt, among the rows outside the first split, robust z > 1.5 of the log
+   contrast summed over `CANDIDATE_LEVELS` (one antithetic pair each). Summed over t >= 700 the contrast ranks both
+   of styled-digits' stroke minorities (thick and thin) alike, where the first split's band (t ~ 975) sees only the
+   thin ones (bench/results/debiasing.md, *Two spurious attributes*).
+2. `invdiff train` (the *test*): a candidate is not always a second attribute. Where there is none it holds more of
+   the first attribute's minority (shapes-habitats) or rows atypical in the first attribute (colored-digits), and
+   balancing it as a second attribute counts the first one twice (the bias reverses). So the adapter trained on the
+   first split is asked how much of the candidate's excess score it removes, relative to the first split's
+   (`attribute_test`): rows atypical in the first attribute lose part of their excess with it (ratio 0.42 on
+   colored-digits), rows of another attribute do not, or gain (-0.25 on styled-digits, whose stroke minorities the
+   colour shift makes more atypical). Below `TEST_THRESHOLD` the candidate becomes the second split and the adapter
+   is fine-tuned with both splits balanced by the raked sampler (`grouper.raked_sampling_weights`); above it the
+   adapter is the one-split adapter, bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from dataclasses import dataclass
+
+import torch
+
+from .grouper import prompt_median_mad, robust_z
+from .losses import Advance, ScoreInputs, _gen, mean_score
+
+CANDIDATE_LEVELS = (700, 800, 850, 925, 975)  # t of the candidate's summed log contrast
+CANDIDATE_K = 1.5  # robust z cut of the candidate among the rows outside the first split
+SCORE_BATCH = 256  # UNet batch of the test's scoring (as `invdiff groups --batch-size`)
+TEST_LEVEL = 975  # t of the test's score
+TEST_WEIGHT = 1.35  # the adapter weight the test scores at (before calibration; the calibrated weights of the
+# default recipe are 1.27-1.37 on colored-digits, shapes-habitats and styled-digits)
+TEST_THRESHOLD = 0.1  # the candidate is a second attribute when the adapter removes less than this share of its
+# excess, relative to the first split's
+
+
+def level_draws(shape: torch.Size, t: int, seed: int, level: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One antithetic pair at fixed t: [(t, +noise), (t, -noise)], seeded by (seed, level)."""
+    noise = torch.randn(shape, generator=_gen(seed, 9, level))
+    ts = torch.full((shape[0],), t, dtype=torch.long)
+    return [(ts, noise), (ts, -noise)]
+
+
+def log_score_at(unet, scheduler, inputs: ScoreInputs, t: int, seed: int, level: int, score: str,
+                 batch_size: int, advance: Advance | None = None) -> torch.Tensor:
+    """float64 [N]: the log of `losses.mean_score` at fixed t over one antithetic pair."""
+    draws = level_draws(inputs.latents.shape, t, seed, level)
+    return mean_score(unet, scheduler, inputs, draws, score, batch_size, advance).clamp_min(1e-12).log()
+
+
+def candidate_score(unet, scheduler, inputs: ScoreInputs, seed: int, batch_size: int,
+                    advance: Advance | None = None) -> torch.Tensor:
+    """float64 [N]: the log contrast summed over `CANDIDATE_LEVELS`."""
+    return sum(log_score_at(unet, scheduler, inputs, t, seed, level, "contrast", batch_size, advance)
+               for level, t in enumerate(CANDIDATE_LEVELS))
+
+
+def candidate_split(score: torch.Tensor, first: torch.Tensor, prompt_ids: torch.Tensor,
+                    k: float = CANDIDATE_K) -> torch.Tensor:
+    """bool [N]: per prompt, among the rows outside `first`, robust z of `score` above k."""
+    rest, flags = ~first, torch.zeros_like(first)
+    x, pids = score[rest].double(), prompt_ids[rest]
+    flags[rest] = robust_z(x, *prompt_median_mad(x, pids, int(prompt_ids.max()) + 1), pids) > k
+    return flags
+
+
+def excess(log_score: torch.Tensor, rows: torch.Tensor, rest: torch.Tensor, prompt_ids: torch.Tensor) -> float:
+    """The median over `rows` of the log score above its prompt's median over the `rest` rows (rows of a prompt
+    without `rest` rows are left out; nan when none is left)."""
+    centred = torch.full_like(log_score, float("nan"))
+    for p in prompt_ids.unique():
+        in_p = prompt_ids == p
+        if (in_p & rest).any():
+            centred[in_p] = log_score[in_p] - log_score[in_p & rest].median()
+    return float(centred[rows].nanmedian()) if rows.any() else float("nan")
+
+
+class ShiftedUNet(torch.nn.Module):
+    """The frozen UNet plus `weight` times an adapter's shift, called as the loss code calls a UNet (`.sample`)."""
+
+    def __init__(self, unet, adapter, weight: float):
+        super().__init__()
+        self.unet, self.adapter, self.weight = unet, adapter, weight
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        eps = self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states).sample
+        shift = self.adapter(sample, timestep.float(), encoder_hidden_states, eps)
+        return types.SimpleNamespace(sample=eps + self.weight * shift)
+
+
+@dataclass(frozen=True)
+class AttributeTest:
+    first_excess: tuple[float, float]  # the first split's excess log contrast, base and adapted
+    second_excess: tuple[float, float]  # the candidate's
+    rows: int  # rows scored
+
+    @property
+    def removed(self) -> tuple[float, float]:
+        """The share of each split's excess the adapter removed (nan where the base shows no excess)."""
+        return tuple(1 - adapted / base if base > 0 else float("nan") for base, adapted in
+                     (self.first_excess, self.second_excess))
+
+    @property
+    def ratio(self) -> float:
+        """The candidate's removed share over the first split's; nan when either is undefined or the adapter
+        removed none of the first split's excess (then it says nothing about the candidate)."""
+        first, second = self.removed
+        return second / first if first > 0 and math.isfinite(second) else float("nan")
+
+    @property
+    def second_attribute(self) -> bool:
+        return math.isfinite(self.ratio) and self.ratio < TEST_THRESHOLD
+
+    def record(self) -> dict:
+        return {"level": TEST_LEVEL, "threshold": TEST_THRESHOLD, "rows": self.rows,
+                "excess_first": [_finite(x, 5) for x in self.first_excess],
+                "excess_second": [_finite(x, 5) for x in self.second_excess],
+                "removed": [_finite(x, 4) for x in self.removed], "ratio": _finite(self.ratio, 4),
+                "second_attribute": self.second_attribute}
+
+
+def _finite(x: float, digits: int) -> float | None:
+    """JSON-safe: None for nan / inf."""
+    return round(x, digits) if math.isfinite(x) else None
+
+
+def attribute_test(unet, adapter, scheduler, inputs: ScoreInputs, first: torch.Tensor, second: torch.Tensor,
+                   weight: float, seed: int, batch_size: int) -> AttributeTest:
+    """How much of each split's excess log contrast (at `TEST_LEVEL`, the same x_t for both models) the adapter at
+    `weight` removes; every training row is scored."""
+    rest = ~(first | second)
+    with torch.no_grad():
+        scores = [log_score_at(u, scheduler, inputs, TEST_LEVEL, seed, 0, "contrast", batch_size)
+                  for u in (unet, ShiftedUNet(unet, adapter, weight))]
+    return AttributeTest(tuple(excess(x, first, rest, inputs.prompt_ids) for x in scores),
+                      tuple(excess(x, second, rest, inputs.prompt_ids) for x in scores), len(first))
+
+
+FINETUNE_FRACTION = 0.3  # fine-tune steps with both splits, as a fraction of the adapter's training steps
+TEST_SETTINGS = {"level": TEST_LEVEL, "threshold": TEST_THRESHOLD, "weight": TEST_WEIGHT,
+                 "finetune_fraction": FINETUNE_FRACTION}
+
+
+def has_candidate(grouping) -> bool:
+    return grouping.candidate is not None and bool(grouping.candidate.any())
+
+
+def finetune_steps(steps: int) -> int:
+    return max(1, int(steps * FINETUNE_FRACTION))
+
+
+def with_second_split(grouping, prompt_ids: torch.Tensor):
+    """The grouping with its candidate as a second split: one group per combination of the two flags, the raked
+    sampler (each split's rows half of every prompt's mass: the splits are disjoint, so the rows in neither keep
+    almost none of it, ~0.3 %); the first split's score is kept (the weight rule's detector)."""
+    from .grouper import Grouping, group_from_flags
+
+    two = group_from_flags(torch.stack([grouping.inferred, grouping.candidate], 1), prompt_ids, "invdiff-rt")
+    return Grouping(two.weights, grouping.score, two.sampling, two.inferred, {**grouping.info, "second_split": True})
+
+
+def describe(test: dict | None) -> str:
+    """One line on what the test decided (adapter.json's `second_split`), for the CLI and the demo report."""
+    if not test:
+        return "no candidate second split was tested"
+    ratio = "an undefined share (no excess to remove)" if test["ratio"] is None else f"{test['ratio']:.2f}"
+    verdict = (f"a second attribute: fine-tuned {test['finetune_steps']} steps with both splits balanced"
+               if test["second_attribute"] else "more of the first attribute: not added")
+    return (f"candidate second split ({test['candidate_size']} rows): the trained adapter at w {test['weight']:g} "
+            f"removed {ratio} of its excess score relative to the first split's (threshold {test['threshold']:g}) "
+            f"-> {verdict}")
+
+
+def as_trained(groups, manifest: dict, prompt_ids: torch.Tensor):
+    """The groups an adapter was trained on: with the candidate as a second split when its test added it
+    (adapter.json `second_split`), so that calibrating it again weighs the same sampler."""
+    from .grouper import GroupsResult
+
+    test = manifest.get("second_split") or {}
+    if not test.get("second_attribute") or groups is None or groups.grouping.candidate is None:
+        return groups
+    return GroupsResult(with_second_split(groups.grouping, prompt_ids), groups.meta)

@@ -1,0 +1,95 @@
+"""The second split (method/splits.py): the candidate, the test's arithmetic, and the sampler it switches to."""
+
+import math
+
+import pytest
+import torch
+
+from invdiff_rt.method import grouper, splits
+
+
+def test_candidate_is_a_robust_z_cut_among_the_rows_outside_the_first_split():
+    # prompt 0: rest scores 0..9 (torch's lower median 4, MAD 2 -> sd 2.9652): 9 is z 1.686 > 1.5, 8 is z 1.349
+    score = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 100.0, 3, 3, 3, 3], dtype=torch.float64)
+    pids = torch.tensor([0] * 11 + [1] * 4)
+    first = torch.zeros(15, dtype=torch.bool)
+    first[10] = True  # the first split's row is not a candidate however high it scores, nor counted in the median
+    flags = splits.candidate_split(score, first, pids, k=1.5)
+    assert flags.nonzero().flatten().tolist() == [9]  # prompt 1: every row at its median, z 0
+    assert splits.candidate_split(score, first, pids, k=1.3).nonzero().flatten().tolist() == [8, 9]
+
+
+def test_excess_is_the_median_above_the_rest_median_per_prompt():
+    log_score = torch.tensor([1.0, 2.0, 3.0, 10.0, 0.0, 1.0, 2.0, 5.0, 7.0])
+    pids = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2])
+    rows = torch.tensor([0, 0, 0, 1, 0, 0, 0, 1, 1], dtype=torch.bool)
+    rest = ~rows
+    # prompt 0: rest median 2 -> row 3 is +8; prompt 1: rest median 1 -> row 7 is +4; prompt 2 has no rest rows and
+    # is left out; median of (8, 4) = 4 (torch takes the lower of the two middle values)
+    assert splits.excess(log_score, rows, rest, pids) == 4.0
+    assert math.isnan(splits.excess(log_score, pids == 2, pids != 2, pids))
+
+
+def test_result_ratio_and_verdict_hand_values():
+    r = splits.AttributeTest(first_excess=(0.5, 0.05), second_excess=(0.2, 0.22), rows=10)
+    assert r.removed == pytest.approx((0.9, -0.1))
+    assert r.ratio == pytest.approx(-0.1 / 0.9) and r.second_attribute
+    assert r.record()["ratio"] == -0.1111 and r.record()["second_attribute"] is True
+    r = splits.AttributeTest(first_excess=(0.5, 0.0), second_excess=(0.2, 0.1), rows=10)
+    assert r.ratio == pytest.approx(0.5) and not r.second_attribute
+    for first, second in (((0.5, 0.5), (0.2, 0.0)),  # the adapter removed none of the first split's excess
+                          ((0.5, 0.1), (-0.01, 0.3)),  # the candidate shows no excess under the base
+                          ((0.5, 0.1), (float("nan"), 0.3))):  # no excess could be measured
+        undecided = splits.AttributeTest(first, second, rows=10)
+        assert math.isnan(undecided.ratio) and not undecided.second_attribute
+        assert undecided.record()["ratio"] is None
+
+
+def test_with_second_split_rakes_both_splits():
+    pids = torch.arange(40) // 20
+    first, second = torch.zeros(40, dtype=torch.bool), torch.zeros(40, dtype=torch.bool)
+    first[[0, 1, 20]], second[[2, 3, 4, 21, 22]] = True, True
+    g = grouper.group_robust(torch.rand(40), pids)
+    g.inferred, g.candidate = first, second
+    two = splits.with_second_split(g, pids)
+    for rows in (first, second):
+        for p in (0, 1):
+            share = two.sampling[rows & (pids == p)].sum() / two.sampling[pids == p].sum()
+            assert float(share) == pytest.approx(0.5, abs=0.01)  # disjoint splits: the rows in neither -> 0
+    assert torch.equal(two.inferred, first | second) and two.score is g.score and two.candidate is None
+    assert two.weights.shape == (40, 3)  # cells: neither, first, second
+
+
+def test_candidate_presence_and_finetune_steps():
+    g = grouper.group_robust(torch.rand(40), torch.arange(40) // 20)
+    assert not splits.has_candidate(g)
+    g.candidate = torch.zeros(40, dtype=torch.bool)
+    assert not splits.has_candidate(g)  # an empty candidate: nothing to test
+    g.candidate[3] = True
+    assert splits.has_candidate(g)
+    assert splits.finetune_steps(5000) == 1500 and splits.finetune_steps(2) == 1
+
+
+def test_describe_says_what_was_decided():
+    test = {"candidate_size": 423, "weight": 1.35, "ratio": -0.245, "threshold": 0.1, "second_attribute": True,
+            "finetune_steps": 1500}
+    assert splits.describe(test) == ("candidate second split (423 rows): the trained adapter at w 1.35 removed -0.24 "
+                                     "of its excess score relative to the first split's (threshold 0.1) -> a second "
+                                     "attribute: fine-tuned 1500 steps with both splits balanced")
+    assert splits.describe({**test, "ratio": None, "second_attribute": False}).endswith(
+        "removed an undefined share (no excess to remove) of its excess score relative to the first split's "
+        "(threshold 0.1) -> more of the first attribute: not added")
+    assert splits.describe(None) == "no candidate second split was tested"
+
+
+def test_as_trained_adds_the_second_split_only_when_the_test_did():
+    pids = torch.arange(40) // 20
+    g = grouper.group_robust(torch.rand(40), pids)
+    g.candidate = torch.zeros(40, dtype=torch.bool)
+    g.candidate[[5, 6, 25]] = True
+    groups = grouper.GroupsResult(g, {"recipe": "invdiff-rt"})
+    assert splits.as_trained(groups, {}, pids) is groups
+    assert splits.as_trained(groups, {"second_split": {"second_attribute": False}}, pids) is groups
+    two = splits.as_trained(groups, {"second_split": {"second_attribute": True}}, pids)
+    assert two.meta is groups.meta
+    assert torch.equal(two.grouping.sampling, splits.with_second_split(g, pids).sampling)
