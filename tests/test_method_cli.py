@@ -140,22 +140,29 @@ def test_crash_leaves_no_adapter_and_resume_is_exact(setup, monkeypatch):
     manifest = json.loads((straight / "adapter.json").read_text())
     assert manifest["groups_source"] == "oracle:color" and manifest["variance"] == "raw"
 
-    real_step = train._train_step
-
-    def crash_at_3(accelerator, run, config, step, first, prepared):
-        if step == 3:
-            raise KeyboardInterrupt
-        return real_step(accelerator, run, config, step, first, prepared)
-
-    monkeypatch.setattr(train, "_train_step", crash_at_3)
-    with pytest.raises(KeyboardInterrupt):
-        train.train_adapter(model, data, None, tmp / "resumed", cfg)
+    crash_at(monkeypatch, 3, lambda: train.train_adapter(model, data, None, tmp / "resumed", cfg))
     assert not (tmp / "resumed").exists() and (tmp / "resumed.ckpt" / "state.json").exists()
-    monkeypatch.setattr(train, "_train_step", real_step)
     resumed = train.train_adapter(model, data, None, tmp / "resumed", dataclasses_replace(cfg, resume=True))
     assert json.loads((resumed / "adapter.json").read_text())["resumed_from_step"] == 2
     a, b = load_file(str(straight / "adapter.safetensors")), load_file(str(resumed / "adapter.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def crash_at(monkeypatch, crash_step: int, run) -> None:
+    """Run `run()` with a training step that raises KeyboardInterrupt at `crash_step`; the real step after."""
+    from invdiff_rt.method import train
+
+    real_step = train._train_step
+
+    def crashing(accelerator, run_, config, step, first, prepared):
+        if step == crash_step:
+            raise KeyboardInterrupt
+        return real_step(accelerator, run_, config, step, first, prepared)
+
+    monkeypatch.setattr(train, "_train_step", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(train, "_train_step", real_step)
 
 
 def dataclasses_replace(obj, **changes):
@@ -223,18 +230,8 @@ def test_second_split_is_tested_after_training_and_a_resumed_fine_tune_replays_i
     assert test["finetune_steps"] == manifest["finetune_steps"] == 3
     assert batches_drawn(range(10), range(10, 13))  # the fine-tune's batches (seeds 10-12) come from both splits
     # a crash in the fine-tune resumes from the checkpoint written after the test, which is read, not re-run
-    real_step = train._train_step
-
-    def crash_at_11(accelerator, run, config, step, first, prepared):
-        if step == 11:
-            raise KeyboardInterrupt
-        return real_step(accelerator, run, config, step, first, prepared)
-
-    monkeypatch.setattr(train, "_train_step", crash_at_11)
-    with pytest.raises(KeyboardInterrupt):
-        train.train_adapter(model, data, groups, tmp / "split-resumed", cfg)
+    crash_at(monkeypatch, 11, lambda: train.train_adapter(model, data, groups, tmp / "split-resumed", cfg))
     assert not (tmp / "split-resumed").exists()
-    monkeypatch.setattr(train, "_train_step", real_step)
     monkeypatch.setattr(splits, "attribute_test", None)
     seen.clear()
     resumed = train.train_adapter(model, data, groups, tmp / "split-resumed", dataclasses_replace(cfg, resume=True))
