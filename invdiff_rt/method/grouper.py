@@ -332,12 +332,12 @@ def _profile_grouping(model, inputs, recipe: str, groups: int, seed: int, batch_
             profile = losses.band_profile(model.unet, scheduler, inputs, config, seed, batch_size, advance)
             grouping = group_robust(profile.score, inputs.prompt_ids, k=outlier_k)
             if config.second_split:
-                grouping.candidate, grouping.info["candidate"] = candidate_split(model, scheduler, inputs, grouping,
-                                                                               seed, batch_size, advance)
+                grouping.candidate, grouping.info["candidate"] = _candidate_of(model, scheduler, inputs, grouping,
+                                                                             seed, batch_size, advance)
     return grouping, {"band": list(profile.band), "outlier_k": outlier_k, **profile.info}
 
 
-def candidate_split(model, scheduler, inputs, grouping: Grouping, seed: int, batch_size: int, advance):
+def _candidate_of(model, scheduler, inputs, grouping: Grouping, seed: int, batch_size: int, advance):
     """The candidate second split (`splits.py`) and how it was made."""
     from . import splits
 
