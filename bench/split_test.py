@@ -39,7 +39,7 @@ def main() -> None:
     for w in (float(x) for x in args.weights.split(",")):
         result = splits.attribute_test(model.unet, adapter, scheduler, inputs, g.inferred, g.candidate, w, args.seed,
                                        splits.SCORE_BATCH)
-        records.append({"weight": w, **result.record()})
+        records.append(result.record())
         print(json.dumps(records[-1]), flush=True)
     if args.json:
         artifacts.atomic_write_json(args.json, {"config": vars(args), "records": records})

@@ -35,8 +35,7 @@ from two_attr_twosplit import present_minorities, second_split, summed_log_score
 
 def excesses(log_score: torch.Tensor, sets: dict[str, torch.Tensor], rest, prompt_ids) -> dict[str, float]:
     """Per set of rows: the median of their log score above their prompt's median over `rest` (`splits.excess`)."""
-    return {name: splits.excess(log_score, rows, rest, prompt_ids) if rows.any() else float("nan")
-            for name, rows in sets.items()}
+    return {name: splits.excess(log_score, rows, rest, prompt_ids) for name, rows in sets.items()}
 
 
 def hidden_sets(data: str, columns: str, second: torch.Tensor, prompt_ids: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -83,13 +83,6 @@ def _groups(folder: Path, model, data: str, cfg: DemoConfig) -> dict:
     return {"prefix": str(folder / "groups"), "fingerprint": result.fingerprint, "meta": read_json(meta)}
 
 
-def _candidate_settings() -> dict:
-    """How the groups stage finds a candidate second split: part of its key, so a change regroups."""
-    from .method import splits
-
-    return {"levels": list(splits.CANDIDATE_LEVELS), "k": splits.CANDIDATE_K}
-
-
 def _recipe_defaults() -> dict:
     """The default recipe's settings, the weight rule and the second-split test's settings: part of the adapter
     stage's key, so a changed recipe retrains and a changed rule recalibrates."""
@@ -179,6 +172,7 @@ def _bench(folder: Path, export: dict, model_dir: str, adapter_dir: str, cfg: De
 
 
 def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), console: Console | None = None) -> Path:
+    from .method.splits import CANDIDATE_SETTINGS  # in the groups stage's key: a changed candidate rule regroups
     from .models.loader import load_model
 
     out, console = Path(out), console or Console()
@@ -186,7 +180,7 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), console: Console |
     model = load_model(cfg.model)
     data = stages.run("data", {"recipe": BENCHMARK, "seed": cfg.seed}, lambda f: _data(f, cfg))
     base = {"model": model.fingerprint, "data": data["fingerprint"]}
-    groups = stages.run("groups", {**base, "seed": cfg.seed, "candidate": _candidate_settings()},
+    groups = stages.run("groups", {**base, "seed": cfg.seed, "candidate": CANDIDATE_SETTINGS},
                         lambda f: _groups(f, model, data["path"], cfg))
     adapter = stages.run("adapter", {**base, "groups": groups["fingerprint"], "steps": cfg.train_steps,
                                      "calibrate_per_prompt": cfg.calibrate_per_prompt,

@@ -35,6 +35,7 @@ def test_result_ratio_and_verdict_hand_values():
     assert r.removed == pytest.approx((0.9, -0.1))
     assert r.ratio == pytest.approx(-0.1 / 0.9) and r.second_attribute
     assert r.record()["ratio"] == -0.1111 and r.record()["second_attribute"] is True
+    assert r.record()["weight"] == splits.TEST_WEIGHT == 1.35
     r = splits.AttributeTest(first_excess=(0.5, 0.0), second_excess=(0.2, 0.1), rows=10)
     assert r.ratio == pytest.approx(0.5) and not r.second_attribute
     for first, second in (((0.5, 0.5), (0.2, 0.0)),  # the adapter removed none of the first split's excess

@@ -343,7 +343,7 @@ def _candidate_of(model, scheduler, inputs, grouping: Grouping, seed: int, batch
 
     score = splits.candidate_score(model.unet, scheduler, inputs, seed, batch_size, advance)
     candidate = splits.candidate_split(score, grouping.inferred, inputs.prompt_ids)
-    return candidate, {"levels": list(splits.CANDIDATE_LEVELS), "k": splits.CANDIDATE_K, "size": int(candidate.sum())}
+    return candidate, {**splits.CANDIDATE_SETTINGS, "size": int(candidate.sum())}
 
 
 def infer_groups(model, data_dir: str | Path, recipe: str = "invdiff-rt", seed: int = 0, groups: int | None = None,

@@ -31,6 +31,7 @@ from .losses import Advance, ScoreInputs, _gen, mean_score
 
 CANDIDATE_LEVELS = (700, 800, 850, 925, 975)  # t of the candidate's summed log contrast
 CANDIDATE_K = 1.5  # robust z cut of the candidate among the rows outside the first split
+CANDIDATE_SETTINGS = {"levels": list(CANDIDATE_LEVELS), "k": CANDIDATE_K}  # recorded with the groups, in the demo key
 SCORE_BATCH = 256  # UNet batch of the test's scoring (as `invdiff groups --batch-size`)
 TEST_LEVEL = 975  # t of the test's score
 TEST_WEIGHT = 1.35  # the adapter weight the test scores at (before calibration; the calibrated weights of the
@@ -98,6 +99,7 @@ class AttributeTest:
     first_excess: tuple[float, float]  # the first split's excess log contrast, base and adapted
     second_excess: tuple[float, float]  # the candidate's
     rows: int  # rows scored
+    weight: float = TEST_WEIGHT  # the adapter weight it scored at
 
     @property
     def removed(self) -> tuple[float, float]:
@@ -117,7 +119,7 @@ class AttributeTest:
         return math.isfinite(self.ratio) and self.ratio < TEST_THRESHOLD
 
     def record(self) -> dict:
-        return {"level": TEST_LEVEL, "threshold": TEST_THRESHOLD, "rows": self.rows,
+        return {"level": TEST_LEVEL, "threshold": TEST_THRESHOLD, "weight": self.weight, "rows": self.rows,
                 "excess_first": [_finite(x, 5) for x in self.first_excess],
                 "excess_second": [_finite(x, 5) for x in self.second_excess],
                 "removed": [_finite(x, 4) for x in self.removed], "ratio": _finite(self.ratio, 4),
@@ -138,7 +140,7 @@ def attribute_test(unet, adapter, scheduler, inputs: ScoreInputs, first: torch.T
         scores = [log_score_at(u, scheduler, inputs, TEST_LEVEL, seed, 0, "contrast", batch_size)
                   for u in (unet, ShiftedUNet(unet, adapter, weight))]
     return AttributeTest(tuple(excess(x, first, rest, inputs.prompt_ids) for x in scores),
-                      tuple(excess(x, second, rest, inputs.prompt_ids) for x in scores), len(first))
+                         tuple(excess(x, second, rest, inputs.prompt_ids) for x in scores), len(first), weight)
 
 
 FINETUNE_FRACTION = 0.3  # fine-tune steps with both splits, as a fraction of the adapter's training steps

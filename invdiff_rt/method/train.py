@@ -372,8 +372,7 @@ def _split_test(accelerator, run: _Run, config: TrainConfig) -> dict:
         adapter = accelerator.unwrap_model(run.adapter)
         result = splits.attribute_test(run.unet, adapter, run.noise_scheduler, run.inputs, run.grouping.inferred,
                                        run.grouping.candidate, splits.TEST_WEIGHT, config.seed, splits.SCORE_BATCH)
-        record[0] = {**result.record(), "weight": splits.TEST_WEIGHT,
-                     "candidate_size": int(run.grouping.candidate.sum()),
+        record[0] = {**result.record(), "candidate_size": int(run.grouping.candidate.sum()),
                      "finetune_steps": splits.finetune_steps(config.steps) if result.second_attribute else 0}
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
