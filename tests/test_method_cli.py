@@ -204,7 +204,7 @@ def test_second_split_is_tested_after_training_and_a_resumed_fine_tune_replays_i
     candidate = groups.grouping.candidate
     assert candidate is not None and candidate.any(), "the tiny model must give the test something to test"
     assert not (candidate & groups.grouping.inferred).any()
-    assert groups.meta["grouping"]["candidate"] == {"levels": list(splits.CANDIDATE_LEVELS), "k": 1.5,
+    assert groups.meta["grouping"]["candidate"] == {"levels": list(splits.CANDIDATE_LEVELS), "band": True, "k": 1.5,
                                                     "size": int(candidate.sum())}
     model = load_model(model_dir)
     seen = {}

@@ -19,6 +19,22 @@ def test_candidate_is_a_robust_z_cut_among_the_rows_outside_the_first_split():
     assert splits.candidate_split(score, first, pids, k=1.3).nonzero().flatten().tolist() == [8, 9]
 
 
+def test_candidate_score_sums_its_levels_and_the_log_of_the_first_splits_band_score(monkeypatch):
+    calls = []
+
+    def level(unet, scheduler, inputs, t, seed, key, score, batch_size, advance=None):
+        calls.append((t, key, score))
+        return torch.full((3,), float(t), dtype=torch.float64)
+
+    monkeypatch.setattr(splits, "log_score_at", level)
+    band = torch.tensor([1.0, math.e, math.e ** 2])  # float32, as the profile stores it
+    score = splits.candidate_score(None, None, None, band, seed=0, batch_size=8)
+    # one pair per level, each level's noise keyed by its index (the draws of the five-level candidate's first four)
+    assert calls == [(700, 0, "contrast"), (800, 1, "contrast"), (850, 2, "contrast"), (925, 3, "contrast")]
+    assert score.dtype == torch.float64
+    assert score.tolist() == pytest.approx([3275.0, 3276.0, 3277.0])
+
+
 def test_excess_is_the_median_above_the_rest_median_per_prompt():
     log_score = torch.tensor([1.0, 2.0, 3.0, 10.0, 0.0, 1.0, 2.0, 5.0, 7.0])
     pids = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2])

@@ -3,10 +3,12 @@
 One robust-z split of the groups' score finds the attribute the frozen model ranks first (colour on styled-digits)
 and hardly the next one (stroke: AUROC 0.74). Two label-free steps add the second attribute's minority:
 
-1. `invdiff groups` (the *candidate*): per prompt, among the rows outside the first split, robust z > 1.5 of the log
-   contrast summed over `CANDIDATE_LEVELS` (one antithetic pair each). Summed over t >= 700 the contrast ranks both
-   of styled-digits' stroke minorities (thick and thin) alike, where the first split's band (t ~ 975) sees only the
-   thin ones (bench/results/debiasing.md, *Two spurious attributes*).
+1. `invdiff groups` (the *candidate*): per prompt, among the rows outside the first split, robust z > `CANDIDATE_K`
+   of the log contrast summed over t >= 700: one antithetic pair at each of `CANDIDATE_LEVELS` plus the first
+   split's own band score (its pair at t ~ 975, already drawn: reusing it in place of a pair of its own at t = 975
+   keeps the candidate's AUROC and the test's verdicts, and saves a fifth of the candidate's time). Summed over
+   t >= 700 the contrast ranks both of styled-digits' stroke minorities (thick and thin), where the first split's
+   band sees only the thin ones (bench/results/debiasing.md, *Two spurious attributes*, *A cheaper candidate*).
 2. `invdiff train` (the *test*): a candidate is not always a second attribute. Where there is none it holds more of
    the first attribute's minority (shapes-habitats) or rows atypical in the first attribute (colored-digits), and
    balancing it as a second attribute counts the first one twice (the bias reverses). So the adapter trained on the
@@ -29,9 +31,10 @@ import torch
 from .grouper import prompt_median_mad, robust_z
 from .losses import Advance, ScoreInputs, _gen, mean_score
 
-CANDIDATE_LEVELS = (700, 800, 850, 925, 975)  # t of the candidate's summed log contrast
+CANDIDATE_LEVELS = (700, 800, 850, 925)  # t of the candidate's summed log contrast, besides the first split's band
 CANDIDATE_K = 1.5  # robust z cut of the candidate among the rows outside the first split
-CANDIDATE_SETTINGS = {"levels": list(CANDIDATE_LEVELS), "k": CANDIDATE_K}  # recorded with the groups, in the demo key
+CANDIDATE_SETTINGS = {"levels": list(CANDIDATE_LEVELS), "band": True, "k": CANDIDATE_K}  # recorded with the groups,
+# in the demo key
 SCORE_BATCH = 256  # UNet batch of the test's scoring (as `invdiff groups --batch-size`)
 TEST_LEVEL = 975  # t of the test's score
 TEST_WEIGHT = 1.35  # the adapter weight the test scores at (before calibration; the calibrated weights of the
@@ -54,11 +57,12 @@ def log_score_at(unet, scheduler, inputs: ScoreInputs, t: int, seed: int, level:
     return mean_score(unet, scheduler, inputs, draws, score, batch_size, advance).clamp_min(1e-12).log()
 
 
-def candidate_score(unet, scheduler, inputs: ScoreInputs, seed: int, batch_size: int,
+def candidate_score(unet, scheduler, inputs: ScoreInputs, band_score: torch.Tensor, seed: int, batch_size: int,
                     advance: Advance | None = None) -> torch.Tensor:
-    """float64 [N]: the log contrast summed over `CANDIDATE_LEVELS`."""
-    return sum(log_score_at(unet, scheduler, inputs, t, seed, level, "contrast", batch_size, advance)
-               for level, t in enumerate(CANDIDATE_LEVELS))
+    """float64 [N]: the log contrast summed over `CANDIDATE_LEVELS` and the first split's band score."""
+    return band_score.double().clamp_min(1e-12).log() + sum(
+        log_score_at(unet, scheduler, inputs, t, seed, level, "contrast", batch_size, advance)
+        for level, t in enumerate(CANDIDATE_LEVELS))
 
 
 def candidate_split(score: torch.Tensor, first: torch.Tensor, prompt_ids: torch.Tensor,
