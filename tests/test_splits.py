@@ -35,6 +35,32 @@ def test_candidate_score_sums_its_levels_and_the_log_of_the_first_splits_band_sc
     assert score.tolist() == pytest.approx([3275.0, 3276.0, 3277.0])
 
 
+def test_candidates_top_level_is_the_bands_contrast_score_reused_or_drawn_again(monkeypatch):
+    from types import SimpleNamespace
+
+    from invdiff_rt.method import losses
+
+    seen = {}
+
+    def band_score(unet, scheduler, inputs, band, config, seed, batch_size, advance=None):
+        seen["drawn"] = (band, config.score)
+        return torch.full((4,), 2.0, dtype=torch.float64)
+
+    def candidate_score(unet, scheduler, inputs, band, seed, batch_size, advance=None):
+        seen["top"] = band.tolist()
+        return torch.zeros(4, dtype=torch.float64)
+
+    monkeypatch.setattr(losses, "band_score", band_score)
+    monkeypatch.setattr(splits, "candidate_score", candidate_score)
+    profile, model = losses.Profile(torch.full((4,), 5.0), (950, 999)), SimpleNamespace(unet=None)
+    inputs = SimpleNamespace(prompt_ids=torch.zeros(4, dtype=torch.long))
+    args = (model, None, inputs, grouper.group_erm(4), profile)
+    grouper._candidate_of(*args, losses.ProfileConfig(), 0, 8, None)  # contrast groups: their own score, reused
+    assert seen == {"top": [5.0] * 4}
+    grouper._candidate_of(*args, losses.ProfileConfig(score="classifier"), 0, 8, None)  # not a contrast: drawn
+    assert seen == {"top": [2.0] * 4, "drawn": ((950, 999), "contrast")}
+
+
 def test_excess_is_the_median_above_the_rest_median_per_prompt():
     log_score = torch.tensor([1.0, 2.0, 3.0, 10.0, 0.0, 1.0, 2.0, 5.0, 7.0])
     pids = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2])

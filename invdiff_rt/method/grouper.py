@@ -333,16 +333,22 @@ def _profile_grouping(model, inputs, recipe: str, groups: int, seed: int, batch_
             grouping = group_robust(profile.score, inputs.prompt_ids, k=outlier_k)
             if config.second_split:
                 grouping.candidate, grouping.info["candidate"] = _candidate_of(model, scheduler, inputs, grouping,
-                                                                             profile.score, seed, batch_size, advance)
+                                                                             profile, config, seed, batch_size,
+                                                                             advance)
     return grouping, {"band": list(profile.band), "outlier_k": outlier_k, **profile.info}
 
 
-def _candidate_of(model, scheduler, inputs, grouping: Grouping, band_score: torch.Tensor, seed: int, batch_size: int,
+def _candidate_of(model, scheduler, inputs, grouping: Grouping, profile, config, seed: int, batch_size: int,
                   advance):
-    """The candidate second split (`splits.py`; it reuses the first split's band score) and how it was made."""
-    from . import splits
+    """The candidate second split (`splits.py`) and how it was made. Its top level is the band's contrast score:
+    the profile's own score, unless the groups used the classifier score (then drawn again, as the contrast)."""
+    from dataclasses import replace
 
-    score = splits.candidate_score(model.unet, scheduler, inputs, band_score, seed, batch_size, advance)
+    from . import losses, splits
+
+    band = profile.score if config.score == "contrast" else losses.band_score(
+        model.unet, scheduler, inputs, profile.band, replace(config, score="contrast"), seed, batch_size, advance)
+    score = splits.candidate_score(model.unet, scheduler, inputs, band, seed, batch_size, advance)
     candidate = splits.candidate_split(score, grouping.inferred, inputs.prompt_ids)
     return candidate, {**splits.CANDIDATE_SETTINGS, "size": int(candidate.sum())}
 

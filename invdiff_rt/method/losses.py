@@ -287,7 +287,8 @@ def forward_count(recipe: str, n: int, config: ProfileConfig, n_prompts: int = 1
     from .splits import CANDIDATE_LEVELS
 
     per_draw = n * (n_prompts if config.score == "classifier" else 1)
-    candidate = 2 * len(CANDIDATE_LEVELS) * n if config.second_split else 0
+    band_again = config.draws if config.score == "classifier" else 0  # the candidate's contrast band score
+    candidate = (2 * len(CANDIDATE_LEVELS) + band_again) * n if config.second_split else 0
     return len(config.grid) * min(config.grid_samples, n) + config.draws * per_draw + candidate
 
 
