@@ -28,14 +28,16 @@ from invdiff_rt.models.loader import load_model
 LEVELS = "600,700,750,800,850,900,925,950,975,999"
 
 
-def level_scores(model, inputs, band: tuple[int, int], levels: list[int], seed: int) -> dict[str, torch.Tensor]:
-    """float64 [N] per level ("t700", ...) and "band" (the log of the first split's band score)."""
+def level_scores(model, inputs, profile: dict, levels: list[int], seed: int) -> dict[str, torch.Tensor]:
+    """float64 [N] per level ("t700", ...) and "band" (the log of the first split's band score, drawn as the groups
+    drew it: `profile` is the groups manifest's)."""
     scheduler = losses.make_noise_scheduler(model)
     keys = {t: splits.CANDIDATE_LEVELS.index(t) if t in splits.CANDIDATE_LEVELS else 100 + t for t in levels}
     with torch.no_grad():
         scores = {f"t{t}": splits.log_score_at(model.unet, scheduler, inputs, t, seed, keys[t], "contrast",
                                                 splits.SCORE_BATCH) for t in levels}
-        scores["band"] = losses.band_score(model.unet, scheduler, inputs, band, losses.ProfileConfig(), seed,
+        config = losses.ProfileConfig(draws=profile["draws"], antithetic=profile["antithetic"])
+        scores["band"] = losses.band_score(model.unet, scheduler, inputs, tuple(profile["band"]), config, seed,
                                            splits.SCORE_BATCH).clamp_min(1e-12).log()
     return scores
 
@@ -55,15 +57,15 @@ def main() -> None:
     for flag in ("--model", "--data", "--groups", "--attribute"):
         ap.add_argument(flag, required=True)
     ap.add_argument("--levels", default=LEVELS)
-    ap.add_argument("--seed", type=int, default=0, help="the groups' seed (the candidate's noise seed)")
+    ap.add_argument("--seed", type=int, default=None, help="noise seed (default: the groups' seed, as the candidate)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     model = load_model(args.model)
     inputs, result = base_inputs(model, args.data), grouper.load_groups(args.groups)
     first, pids = result.grouping.inferred, inputs.prompt_ids
     minority = grouper.hidden_minority(args.data, args.attribute, pids)
-    band = tuple(result.meta["profile"]["band"])
-    scores = level_scores(model, inputs, band, [int(t) for t in args.levels.split(",")], args.seed)
+    seed = result.meta["seed"] if args.seed is None else args.seed
+    scores = level_scores(model, inputs, result.meta["profile"], [int(t) for t in args.levels.split(",")], seed)
     if all(f"t{t}" in scores for t in splits.CANDIDATE_LEVELS):  # the candidate's own score
         scores["candidate"] = scores["band"] + sum(scores[f"t{t}"] for t in splits.CANDIDATE_LEVELS)
     report = {"minority_outside_first": int((minority & ~first).sum()), "levels": {}}

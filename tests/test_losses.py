@@ -88,7 +88,9 @@ def test_classifier_band_score_compares_every_prompt_by_hand():
     score = losses.band_score(PriorUNet(), SCHEDULER, inputs, (900, 950), config, seed=0, batch_size=4)
     torch.testing.assert_close(score, torch.tensor([19, 19 / 9, 19 / 9] * 2, dtype=torch.float64), rtol=1e-4,
                                atol=0)
-    assert losses.forward_count("invdiff-rt", 6, config, n_prompts=3) == 6 * 6 + 2 * 6 * 3 + (2 * 4 + 2) * 6  # + candidate
+    # + the candidate: 4 levels x 1 pair, and the band's contrast drawn again (the band's score is the classifier's)
+    assert losses.forward_count("invdiff-rt", 6, config, n_prompts=3) == 6 * 6 + 2 * 6 * 3 + (2 * 4 + 2) * 6
+    assert losses.forward_count("invdiff-rt", 6, losses.ProfileConfig()) == 6 * 6 + 2 * 6 + 2 * 4 * 6  # band reused
     no_candidate = losses.ProfileConfig(score="classifier", second_split=False)
     assert losses.forward_count("invdiff-rt", 6, no_candidate, n_prompts=3) == 6 * 6 + 2 * 6 * 3
 

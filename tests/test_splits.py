@@ -43,7 +43,7 @@ def test_candidates_top_level_is_the_bands_contrast_score_reused_or_drawn_again(
     seen = {}
 
     def band_score(unet, scheduler, inputs, band, config, seed, batch_size, advance=None):
-        seen["drawn"] = (band, config.score)
+        seen["drawn"] = (band, config.score, config.draws, config.antithetic, seed)
         return torch.full((4,), 2.0, dtype=torch.float64)
 
     def candidate_score(unet, scheduler, inputs, band, seed, batch_size, advance=None):
@@ -55,10 +55,11 @@ def test_candidates_top_level_is_the_bands_contrast_score_reused_or_drawn_again(
     profile, model = losses.Profile(torch.full((4,), 5.0), (950, 999)), SimpleNamespace(unet=None)
     inputs = SimpleNamespace(prompt_ids=torch.zeros(4, dtype=torch.long))
     args = (model, None, inputs, grouper.group_erm(4), profile)
-    grouper._candidate_of(*args, losses.ProfileConfig(), 0, 8, None)  # contrast groups: their own score, reused
+    grouper._candidate_of(*args, losses.ProfileConfig(), 7, 8, None)  # contrast groups: their own score, reused
     assert seen == {"top": [5.0] * 4}
-    grouper._candidate_of(*args, losses.ProfileConfig(score="classifier"), 0, 8, None)  # not a contrast: drawn
-    assert seen == {"top": [2.0] * 4, "drawn": ((950, 999), "contrast")}
+    classifier = losses.ProfileConfig(score="classifier", draws=4, antithetic=False)  # not a contrast: drawn again,
+    grouper._candidate_of(*args, classifier, 7, 8, None)  # on the band's own draws
+    assert seen == {"top": [2.0] * 4, "drawn": ((950, 999), "contrast", 4, False, 7)}
 
 
 def test_excess_is_the_median_above_the_rest_median_per_prompt():
