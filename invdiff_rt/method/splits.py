@@ -7,9 +7,10 @@ and hardly the next one (stroke: AUROC 0.74). Two label-free steps add the secon
    of the log contrast summed over t >= 700: one antithetic pair at each of `CANDIDATE_LEVELS` plus the first
    split's own band score (its pair in the band, t ~ 975 on every dataset here; already drawn: reusing it in place
    of a pair of its own at t = 975 kept the stroke rows it finds on styled-digits (158 against 162) and the test's
-   verdicts, and saves a fifth of the candidate's time; groups made with `--score classifier` draw the band's contrast again). Summed over
-   t >= 700 the contrast ranks both of styled-digits' stroke minorities (thick and thin), where the first split's
-   band sees only the thin ones (bench/results/debiasing.md, *Two spurious attributes*, *A cheaper candidate*).
+   verdicts, and saves a fifth of the candidate's time; groups made with `--score classifier` draw the band's
+   contrast again). Summed over t >= 700 the contrast ranks both of styled-digits' stroke minorities (thick and
+   thin), where the first split's band sees only the thin ones (bench/results/debiasing.md, *Two spurious
+   attributes*, *A cheaper candidate*).
 2. `invdiff train` (the *test*): a candidate is not always a second attribute. Where there is none it holds more of
    the first attribute's minority (shapes-habitats) or rows atypical in the first attribute (colored-digits), and
    balancing it as a second attribute counts the first one twice (the bias reverses). So the adapter trained on the
