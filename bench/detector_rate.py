@@ -4,8 +4,9 @@ The label-free weight rule (`invdiff_rt/method/calibrate.py`) matches the flag r
 target r* computed on training images. If the detector flags generated minority samples at another rate than
 training ones, the rule over- or undershoots the balance. Per CFG scale and weight this prints the flag rate r(w)
 (label-free, the calibration's own samples and seed) and, from the hidden attribute (diagnosis only, `invdiff eval`
-on the same seed and count), the minority share, so that r(w) / share is the detector's rate on generated minority
-samples (nearly exact where the share is near 1).
+on the same seed and count: the same even-indexed samples; the calibration's odd ones start from their neighbours'
+negated noise), the minority share, so that r(w) / share is the detector's rate on generated minority samples
+(nearly exact where the share is near 1).
 
 Usage: python bench/detector_rate.py --model M --data DIR --groups PREFIX --adapter DIR --attribute A
        [--guidance-scale 3.0 --guidance-scale 7.5] [--weights 3,4] [--json OUT]

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .artifacts import atomic_write_json, atomic_write_text, read_json, sha256_json
-from .method.defaults import ADAPTER_STEPS, CALIBRATION_PER_PROMPT
+from .method.defaults import ADAPTER_STEPS, CALIBRATION_PAIRS, CALIBRATION_PER_PROMPT
 
 BENCHMARK = "colored-digits"
 ATTRIBUTE = "color"
@@ -91,7 +91,9 @@ def _recipe_defaults() -> dict:
 
     from .method import splits
 
-    return {**RECIPE_DEFAULTS["invdiff-rt"], "weight_rule": RULE, "split_test": splits.TEST_SETTINGS}
+    return {**RECIPE_DEFAULTS["invdiff-rt"], "weight_rule": RULE,
+            "weight_rule_samples": {"pairs": CALIBRATION_PAIRS, "paired": True},
+            "split_test": splits.TEST_SETTINGS}
 
 
 def _adapter(folder: Path, model, data: str, groups_prefix: str, cfg: DemoConfig) -> dict:

@@ -126,6 +126,7 @@ RULES: dict[str, Rule] = {
     "--n-test": Rule(min=1),
     "--groups": Rule(min=2),
     "--draws": Rule(min=1),
+    "--pairs": Rule(min=1),
     "--grid-samples": Rule(min=1),
     "--checkpoint-every": Rule(min=1),
     "--train-steps": Rule(min=1),

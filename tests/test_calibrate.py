@@ -117,9 +117,68 @@ def test_detector_reuses_the_groups_band_score_classifier_or_contrast():
     text = torch.stack([torch.full((3, 5), v) for v in (-1.0, 0.0, 1.0)])
     x0, pids = torch.full((3, 4, 2, 2), 0.5), torch.tensor([0, 1, 2])
     for score, golden in (("classifier", [19, 19 / 9, 19 / 9]), ("contrast", [9, 1, 1])):
-        detector = cal.Detector(PriorUNet(), SCHEDULER, (900, 950), 3.0, text, torch.zeros(1, 3, 5), score=score)
-        torch.testing.assert_close(detector.log_score(x0, pids, seed=0, batch_size=2),
+        detector = cal.Detector(PriorUNet(), SCHEDULER, (900, 950), 3.0, text, torch.zeros(1, 3, 5), score=score,
+                                pairs=1)
+        torch.testing.assert_close(detector.log_score(x0, pids, seed=0, batch_size=2)[0],
                                    torch.tensor(golden, dtype=torch.float64).log(), rtol=1e-4, atol=1e-4)
+
+
+def test_calibration_samples_start_in_antithetic_pairs():
+    from invdiff_rt.runtime.sampling import initial_latents
+
+    shape = (4, 2, 2)
+    x0, x2 = initial_latents(3, "a", 0, shape), initial_latents(3, "a", 2, shape)
+    assert torch.equal(cal.antithetic_latents(3, "a", 0, shape), x0)
+    assert torch.equal(cal.antithetic_latents(3, "a", 1, shape), -x0)  # the pair's second sample: negated
+    assert torch.equal(cal.antithetic_latents(3, "a", 2, shape), x2) and not torch.equal(x2, x0)
+    assert torch.equal(cal.antithetic_latents(3, "a", 3, shape), -x2)
+
+
+def test_detector_scores_each_pair_with_its_own_seed(monkeypatch):
+    from invdiff_rt.method import losses
+
+    seen = []
+    monkeypatch.setattr(losses, "band_score", lambda unet, sched, inputs, band, config, seed, batch_size:
+                        seen.append((config.draws, config.score, band, seed)) or torch.ones(2, dtype=torch.float64))
+    detector = cal.Detector(None, None, (900, 950), 3.0, torch.zeros(2, 3, 5), torch.zeros(1, 3, 5), pairs=3)
+    scores = detector.log_score(torch.zeros(2, 4, 2, 2), torch.tensor([0, 1]), seed=7, batch_size=2)
+    assert scores.shape == (3, 2)
+    assert seen == [(2, "contrast", (900, 950), s) for s in (7, 7 + cal.PAIR_SEED_STEP, 7 + 2 * cal.PAIR_SEED_STEP)]
+    assert cal.pair_seed(1000, 0) == 1000  # pair 0: the single pair of the rule before, same draws
+    assert cal.CalibrateConfig().pairs == 4 and cal.Detector(None, None, (0, 1), 3.0, None, None).pairs == 4
+
+
+def test_detector_flag_is_the_share_of_pairs_over_k():
+    detector = cal.Detector(None, None, (900, 950), 3.0, None, None, pairs=2)
+    pids = torch.tensor([0, 0, 0, 1])
+    reference = torch.tensor([[0.0, 1.0, 2.0, 10.0], [1.0, 2.0, 3.0, 10.0]], dtype=torch.float64)
+    detector.fit(reference, pids, 2)  # prompt 0: median 1 (pair 0) and 2 (pair 1), MAD 1; prompt 1: MAD 0
+    assert detector.median.tolist() == [[1.0, 10.0], [2.0, 10.0]] and detector.mad.tolist() == [[1.0, 0.0], [1.0, 0.0]]
+    # k = 3 robust-z units = 3 * 1.4826 * MAD = 4.45 above the pair's median: 6 is over it in pair 0 (z 3.37) and
+    # not in pair 1 (z 2.70); 9 only in pair 1; prompt 1's rows sit on its median
+    scores = torch.tensor([[6.0, 0.0, 0.0, 10.0], [6.0, 0.0, 9.0, 10.0]], dtype=torch.float64)
+    assert detector.flags(scores, pids).tolist() == [0.5, 0.0, 0.5, 0.0]
+
+
+def test_a_calibration_with_other_pairs_replaces_the_recorded_table(tmp_path, monkeypatch):
+    """Weights of another CFG scale are kept only when they came from the same rule, target rate and pairs."""
+    from invdiff_rt.artifacts import atomic_write_json
+    from invdiff_rt.method import adapter as adapter_mod
+    from invdiff_rt.method import splits
+
+    new = {"rule": cal.RULE, "target_rate": 0.5, "pairs": 4, "paired": True,
+           "by_guidance_scale": {"3": {"weight": 1.3}}}
+    monkeypatch.setattr(adapter_mod, "load_adapter", lambda folder, model: None)
+    monkeypatch.setattr(splits, "as_trained", lambda groups, manifest, prompt_ids: groups)
+    monkeypatch.setattr(cal, "calibrate", lambda *args: json.loads(json.dumps(new)))
+    inputs = type("Inputs", (), {"prompt_ids": None})()
+    for old_pairs, scales in ((1, ["3"]), (4, ["3", "7.5"])):
+        old = {**new, "pairs": old_pairs, "by_guidance_scale": {"7.5": {"weight": 1.1}}}
+        atomic_write_json(tmp_path / "adapter.json", {"format": adapter_mod.FORMAT, "calibration": old})
+        record = cal.calibrate_adapter(None, tmp_path, inputs, None)
+        assert sorted(record["by_guidance_scale"]) == scales
+        saved = json.loads((tmp_path / "adapter.json").read_text())["calibration"]
+        assert saved["pairs"] == 4 and sorted(saved["by_guidance_scale"]) == scales
 
 
 def test_recorded_weight_prefers_calibration_then_nearest_scale_then_recipe_default():
@@ -201,6 +260,9 @@ def test_calibration_samples_do_not_depend_on_how_they_are_chunked(trained):
     assert whole.shape == (10, *model.latent_shape) and torch.isfinite(whole).all()
     assert (whole[0] - whole[1]).abs().max() > 0.1  # distinct samples: a reordering would show
     assert (chunked - whole).abs().max() <= 1e-5 * whole.abs().max(), (chunked - whole).abs().max()
+    independent = cal.sample_latents(*args, batch_size=10, paired=False)
+    assert (independent[0] - whole[0]).abs().max() <= 1e-5  # an even index starts where the sampler starts
+    assert (independent[1] - whole[1]).abs().max() > 0.1  # an odd one from its neighbour's negated start
 
 
 @pytest.mark.slow
@@ -221,10 +283,10 @@ def test_calibrate_on_tiny_model_golden(trained):
     assert again["by_guidance_scale"] == record["by_guidance_scale"]  # deterministic
 
 
-# (target rate, weight) on the tiny random model: its samples are noise to the contrast score, so every weight is
-# flagged at 0.5 > r* and the search brackets with w = 0 (the rule's lower end)
-GOLDEN = (0.1875, 0.0)
-GOLDEN_TRIED = [[0.0, 0.5], [1.0, 0.5]]
+# (target rate, weight) on the tiny random model (detector pairs 4, paired samples): its samples are noise to the
+# contrast score, so every weight is flagged at 0.44-0.5 > r* and the search brackets with w = 0 (the rule's lower end)
+GOLDEN = (0.375, 0.0)
+GOLDEN_TRIED = [[0.0, 0.5], [1.0, 0.4375]]
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from ..method.defaults import ADAPTER_STEPS, CALIBRATION_PER_PROMPT
+from ..method.defaults import ADAPTER_STEPS, CALIBRATION_PAIRS, CALIBRATION_PER_PROMPT
 
 THREADS_HELP = "torch CPU threads (0 = torch default; 1 is far faster on a busy machine)."
 RECIPE_HELP = "invdiff-rt (default: robust split + JTT sampler) | paper (soft grouper, faithful) | erm (control)"
@@ -169,6 +169,8 @@ def calibrate(
                                                "(repeatable; each gets its own weight)."),
     per_prompt: int = typer.Option(CALIBRATION_PER_PROMPT, "--per-prompt",
                                    help="Samples per prompt at each tried weight."),
+    pairs: int = typer.Option(CALIBRATION_PAIRS, "--pairs", help="The detector's antithetic pairs per sample, each "
+                              "flagging on its own (more pairs: a weight less tied to --seed)."),
     seed: int = typer.Option(1000, "--seed", help="Sampling/scoring seed (keep it apart from evaluation seeds)."),
     threads: int = typer.Option(0, "--threads", help=THREADS_HELP),
 ) -> None:
@@ -187,7 +189,7 @@ def calibrate(
                            "rule reuses their score")
     _set_threads(threads)
     base = load_model(model)
-    config = CalibrateConfig(guidance_scales=tuple(guidance_scale), per_prompt=per_prompt, seed=seed)
+    config = CalibrateConfig(guidance_scales=tuple(guidance_scale), per_prompt=per_prompt, pairs=pairs, seed=seed)
     record = calibrate_adapter(base, adapter, base_inputs(base, data), groups, config)
     for scale, row in record["by_guidance_scale"].items():
         tried = ", ".join(f"w={w:g}: {r:.3f}" for w, r in row["tried"])

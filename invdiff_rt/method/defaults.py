@@ -10,3 +10,4 @@ CFG 7.5 (its weight calibrated there), FID lower at both; training plus calibrat
 
 ADAPTER_STEPS = 5000  # invdiff-rt recipe: adapter training steps
 CALIBRATION_PER_PROMPT = 48  # label-free weight rule: generated samples per prompt at each tried weight
+CALIBRATION_PAIRS = 4  # ... and the detector's antithetic pairs per sample, each flagging on its own (calibrate.py)
