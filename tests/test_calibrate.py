@@ -281,12 +281,22 @@ def test_calibrate_on_tiny_model_golden(trained):
     assert saved["calibration"]["by_guidance_scale"]["3"]["weight"] == row["weight"]
     again = cal.calibrate_adapter(model, out, base_inputs(model, data), groups, config)
     assert again["by_guidance_scale"] == record["by_guidance_scale"]  # deterministic
+    from dataclasses import replace
+
+    from invdiff_rt.method.adapter import load_adapter
+
+    before = cal.calibrate(model, load_adapter(out, model), base_inputs(model, data), groups,
+                           replace(config, pairs=1, paired=False))
+    row = before["by_guidance_scale"]["3"]
+    assert (before["target_rate"], row["weight"], row["tried"]) == GOLDEN_ONE_PAIR
 
 
 # (target rate, weight) on the tiny random model (detector pairs 4, paired samples): its samples are noise to the
-# contrast score, so every weight is flagged at 0.44-0.5 > r* and the search brackets with w = 0 (the rule's lower end)
+# contrast score, so every weight is flagged at 0.44-0.5 > r* and the search brackets with w = 0 (the lower end);
+# with one pair and independent samples, the rule before 2026-12-05, the golden values it had then
 GOLDEN = (0.375, 0.0)
 GOLDEN_TRIED = [[0.0, 0.5], [1.0, 0.4375]]
+GOLDEN_ONE_PAIR = (0.1875, 0.0, [[0.0, 0.5], [1.0, 0.5]])
 
 
 @pytest.mark.slow

@@ -22,13 +22,14 @@ So:
 The weight is an estimate from random samples; two of its noise sources are cut without moving what it estimates.
 The detector scores each sample with `pairs` = 4 independent antithetic pairs, each with its own per-prompt median
 / MAD, and a sample's flag is the share of its pairs over k: each pair is the groups' one-pair detector, so the
-expected flag rates, r* and r(w), are that detector's (`pairs=1` and independent samples give the rule before
-2026-12-05, bit for bit), with less of its scoring noise. And the generated samples start in antithetic pairs (`antithetic_latents`). On the
-colored-digits demo's adapter over six calibration seeds (bench/calibration_noise.py,
+expected flag rates, r* and r(w), are that detector's (`pairs=1` with independent samples gives the rule before
+2026-12-05, bit for bit), with less of its scoring noise. And the generated samples start in antithetic pairs
+(`antithetic_latents`). On the colored-digits demo's adapter over six calibration seeds (bench/calibration_noise.py,
 bench/results/calibration_noise.json): the rule before w 1.361 +- 0.111 (1.267-1.534), now 1.340 +- 0.023
 (1.315-1.369), 50 s a calibration against 40 s. Averaging the score over 8 draws instead (one flag per sample, on a
 less noisy score) also cut the noise (1.333 +- 0.035) but moved the z > k cut's operating point: on
-shapes-habitats it chose w 1.58-1.62 and reversed the bias.
+shapes-habitats it chose w 1.58-1.62 and reversed the bias. The kept rule overshoots the balance there too, less
+(w 1.49, majority share 0.39: README, known gaps).
 
 Nothing here reads an attribute column. Adapters trained without inferred groups (erm, paper, oracle) have no
 detector to reuse; `recorded_weight` falls back to the recipe's `recommended_weight` for them.
@@ -108,7 +109,8 @@ class Detector:
 
 def pair_seed(seed: int, pair: int) -> int:
     """The scoring seed of the detector's pair `pair`: pair 0 keeps `seed` (the single pair the rule drew until
-    2026-12-05, so `pairs=1` gives that rule's weights), the others step away from every seed the rule uses."""
+    2026-12-05: `pairs=1` with independent samples gives its weights), the others step away from every seed the
+    rule uses."""
     return seed + PAIR_SEED_STEP * pair
 
 
