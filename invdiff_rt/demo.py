@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .artifacts import atomic_write_json, atomic_write_text, read_json, sha256_json
-from .method.defaults import ADAPTER_STEPS, CALIBRATION_PAIRS, CALIBRATION_PER_PROMPT
+from .method.defaults import ADAPTER_STEPS, CALIBRATION_PER_PROMPT
 
 BENCHMARK = "colored-digits"
 ATTRIBUTE = "color"
@@ -86,13 +86,13 @@ def _groups(folder: Path, model, data: str, cfg: DemoConfig) -> dict:
 def _recipe_defaults() -> dict:
     """The default recipe's settings, the weight rule and the second-split test's settings: part of the adapter
     stage's key, so a changed recipe retrains and a changed rule recalibrates."""
-    from .method.calibrate import RULE
+    from .method.calibrate import RULE, CalibrateConfig
     from .method.train import RECIPE_DEFAULTS
 
     from .method import splits
 
     return {**RECIPE_DEFAULTS["invdiff-rt"], "weight_rule": RULE,
-            "weight_rule_samples": {"pairs": CALIBRATION_PAIRS, "paired": True},
+            "weight_rule_samples": {"pairs": CalibrateConfig.pairs, "paired": CalibrateConfig.paired},
             "split_test": splits.TEST_SETTINGS}
 
 

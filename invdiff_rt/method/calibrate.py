@@ -117,7 +117,7 @@ def pair_seed(seed: int, pair: int) -> int:
 PAIR_SEED_STEP = 100_003
 
 
-def make_detector(model, inputs, groups_meta: dict, pairs: int = CALIBRATION_PAIRS) -> Detector:
+def make_detector(model, inputs, groups_meta: dict, pairs: int) -> Detector:
     from .losses import make_noise_scheduler
 
     profile = groups_meta.get("profile", {})
@@ -224,7 +224,7 @@ def flag_rate(detector: Detector, model, adapter, inputs, config: CalibrateConfi
                              guidance_scale, weight, config.batch_size, config.paired)
     pids = torch.arange(len(inputs.prompts)).repeat_interleave(n)
     scores = detector.log_score(latents, pids, config.seed + 1, config.batch_size)
-    return float(detector.flags(scores, pids).double().mean())
+    return float(detector.flags(scores, pids).mean())
 
 
 def next_weight(tried: list[tuple[float, float]], target: float, max_weight: float) -> float | None:
