@@ -36,7 +36,7 @@ def main() -> None:
     config = calibrate.CalibrateConfig()
     model, groups = load_model(args.model), load_groups(args.groups)
     inputs, adapter = base_inputs(model, args.data), load_adapter(args.adapter, model)
-    detector = calibrate.make_detector(model, inputs, groups.meta, config.pairs)
+    detector = calibrate.make_detector(model, inputs, groups.meta, config)
     trained = splits.as_trained(groups, read_adapter_manifest(args.adapter), inputs.prompt_ids)  # + a second split
     out = {"target_rate": calibrate.fit_reference(detector, inputs, trained.grouping, config), "rows": []}
     n = calibrate.samples_per_prompt(config, len(inputs.prompts))

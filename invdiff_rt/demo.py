@@ -92,7 +92,9 @@ def _recipe_defaults() -> dict:
     from .method import splits
 
     return {**RECIPE_DEFAULTS["invdiff-rt"], "weight_rule": RULE,
-            "weight_rule_samples": {"pairs": CalibrateConfig.pairs, "paired": CalibrateConfig.paired},
+            "weight_rule_samples": {"pairs": CalibrateConfig.pairs, "paired": CalibrateConfig.paired,
+                                    "flag_width": CalibrateConfig.flag_width,
+                                    "inferred_scorings": CalibrateConfig.inferred_scorings},
             "split_test": splits.TEST_SETTINGS}
 
 

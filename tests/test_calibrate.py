@@ -148,32 +148,45 @@ def test_detector_scores_each_pair_with_its_own_seed(monkeypatch):
     assert cal.CalibrateConfig().pairs == 4 and cal.Detector(None, None, (0, 1), 3.0, None, None).pairs == 4
 
 
-def test_detector_flag_is_the_share_of_pairs_over_k():
+def test_detector_flag_is_the_mean_step_of_its_pairs_against_one_pooled_cut():
     detector = cal.Detector(None, None, (900, 950), 3.0, None, None, pairs=2)
     pids = torch.tensor([0, 0, 0, 1])
     reference = torch.tensor([[0.0, 1.0, 2.0, 10.0], [1.0, 2.0, 3.0, 10.0]], dtype=torch.float64)
-    detector.fit(reference, pids, 2)  # prompt 0: median 1 (pair 0) and 2 (pair 1), MAD 1; prompt 1: MAD 0
-    assert detector.median.tolist() == [[1.0, 10.0], [2.0, 10.0]] and detector.mad.tolist() == [[1.0, 0.0], [1.0, 0.0]]
-    # k = 3 robust-z units = 3 * 1.4826 * MAD = 4.45 above the pair's median: 6 is over it in pair 0 (z 3.37) and
-    # not in pair 1 (z 2.70); 9 only in pair 1; prompt 1's rows sit on its median
-    scores = torch.tensor([[6.0, 0.0, 0.0, 10.0], [6.0, 0.0, 9.0, 10.0]], dtype=torch.float64)
+    detector.fit(reference, pids, 2)  # prompt 0: median 1 (pair 0) and 2 (pair 1), MAD 1 in both; prompt 1: MAD 0
+    assert detector.median.tolist() == [1.5, 10.0] and detector.mad.tolist() == [1.0, 0.0]  # each pair's, averaged
+    # k = 3 robust-z units = 3 * 1.4826 * MAD = 4.45 above the median 1.5: 6 is over it (z 3.035), 5 is not
+    # (z 2.361), 9 is (z 5.059); prompt 1's rows sit on its median
+    scores = torch.tensor([[6.0, 0.0, 0.0, 10.0], [5.0, 0.0, 9.0, 10.0]], dtype=torch.float64)
     assert detector.flags(scores, pids).tolist() == [0.5, 0.0, 0.5, 0.0]
+    detector.width = 0.5  # the logistic step: sigmoid((z - 3) / 0.5) per pair, then the mean
+    step = [1 / (1 + math.exp(-(z - 3.0) / 0.5)) for z in (4.5 / 1.4826, 3.5 / 1.4826, -1.5 / 1.4826, 7.5 / 1.4826)]
+    soft = detector.flags(scores, pids)
+    assert soft[:3].tolist() == pytest.approx([(step[0] + step[1]) / 2, step[2], (step[2] + step[3]) / 2], abs=1e-6)
+    assert soft[3] == pytest.approx(1 / (1 + math.exp(6.0)), abs=1e-9)  # z 0: sigmoid(-3 / 0.5)
 
 
-def test_a_calibration_with_other_pairs_replaces_the_recorded_table(tmp_path, monkeypatch):
-    """Weights of another CFG scale are kept only when they came from the same rule, target rate and pairs."""
+def test_reference_pairs_give_the_inferred_rows_enough_scorings():
+    config = cal.CalibrateConfig(pairs=4, inferred_scorings=240)
+    assert [cal.reference_pairs(config, n) for n in (30, 98, 4, 0)] == [8, 4, 16, 4]
+    assert cal.reference_pairs(cal.CalibrateConfig(pairs=1, inferred_scorings=0), 30) == 1  # the rule before
+    assert cal.reference_pairs(cal.CalibrateConfig(pairs=20), 30) == 20  # never fewer than the samples get
+
+
+def test_a_calibration_with_other_rule_settings_replaces_the_recorded_table(tmp_path, monkeypatch):
+    """Weights of another CFG scale are kept only when they came from the same rule, target rate, pairs and flag."""
     from invdiff_rt.artifacts import atomic_write_json
     from invdiff_rt.method import adapter as adapter_mod
     from invdiff_rt.method import splits
 
-    new = {"rule": cal.RULE, "target_rate": 0.5, "pairs": 4, "paired": True,
+    new = {"rule": cal.RULE, "target_rate": 0.5, "pairs": 4, "reference_pairs": 8, "flag_width": 0.5, "paired": True,
            "by_guidance_scale": {"3": {"weight": 1.3}}}
     monkeypatch.setattr(adapter_mod, "load_adapter", lambda folder, model: None)
     monkeypatch.setattr(splits, "as_trained", lambda groups, manifest, prompt_ids: groups)
     monkeypatch.setattr(cal, "calibrate", lambda *args: json.loads(json.dumps(new)))
     inputs = type("Inputs", (), {"prompt_ids": None})()
-    for old_pairs, scales in ((1, ["3"]), (4, ["3", "7.5"])):
-        old = {**new, "pairs": old_pairs, "by_guidance_scale": {"7.5": {"weight": 1.1}}}
+    for change, scales in (({"pairs": 1}, ["3"]), ({"flag_width": 0.0}, ["3"]), ({"reference_pairs": 4}, ["3"]),
+                           ({}, ["3", "7.5"])):
+        old = {**new, **change, "by_guidance_scale": {"7.5": {"weight": 1.1}}}
         atomic_write_json(tmp_path / "adapter.json", {"format": adapter_mod.FORMAT, "calibration": old})
         record = cal.calibrate_adapter(None, tmp_path, inputs, None)
         assert sorted(record["by_guidance_scale"]) == scales
@@ -286,16 +299,17 @@ def test_calibrate_on_tiny_model_golden(trained):
     from invdiff_rt.method.adapter import load_adapter
 
     before = cal.calibrate(model, load_adapter(out, model), base_inputs(model, data), groups,
-                           replace(config, pairs=1, paired=False))
+                           replace(config, pairs=1, paired=False, flag_width=0.0, inferred_scorings=0))
     row = before["by_guidance_scale"]["3"]
     assert (before["target_rate"], row["weight"], row["tried"]) == GOLDEN_ONE_PAIR
 
 
-# (target rate, weight) on the tiny random model (detector pairs 4, paired samples): its samples are noise to the
-# contrast score, so every weight is flagged at 0.44-0.5 > r* and the search brackets with w = 0 (the lower end);
-# with one pair and independent samples, the rule before 2026-12-05, the golden values it had then
-GOLDEN = (0.375, 0.0)
-GOLDEN_TRIED = [[0.0, 0.5], [1.0, 0.4375]]
+# (target rate, weight) on the tiny random model (the default rule: 4 pairs a sample, the reference's raised for its
+# few inferred rows, the logistic flag, paired samples): its samples are noise to the contrast score, so every
+# weight is flagged at 0.33-0.39 > r* and the search brackets with w = 0 (the lower end); with one pair, the hard
+# cut and independent samples, the rule before 2026-12-05, the golden values it had then
+GOLDEN = (0.3032, 0.0)
+GOLDEN_TRIED = [[0.0, 0.3912], [1.0, 0.3281]]
 GOLDEN_ONE_PAIR = (0.1875, 0.0, [[0.0, 0.5], [1.0, 0.5]])
 
 

@@ -169,8 +169,9 @@ def calibrate(
                                                "(repeatable; each gets its own weight)."),
     per_prompt: int = typer.Option(CALIBRATION_PER_PROMPT, "--per-prompt",
                                    help="Samples per prompt at each tried weight."),
-    pairs: int = typer.Option(CALIBRATION_PAIRS, "--pairs", help="The detector's antithetic pairs per sample, each "
-                              "flagging on its own (more pairs: a weight less tied to --seed)."),
+    pairs: int = typer.Option(CALIBRATION_PAIRS, "--pairs", help="The detector's antithetic pairs per generated "
+                              "sample (more pairs: a weight less tied to --seed; the reference's are raised for "
+                              "few inferred rows)."),
     seed: int = typer.Option(1000, "--seed", help="Sampling/scoring seed (keep it apart from evaluation seeds)."),
     threads: int = typer.Option(0, "--threads", help=THREADS_HELP),
 ) -> None:

@@ -2,9 +2,9 @@
 
 The rule reuses the detector that found the groups. The groups' score (`losses.py`: the contrast loss(x_t | prompt)
 / loss(x_t | empty), or with `--score classifier` the loss against every prompt's, in the band the grouper chose,
-one antithetic pair) flags a sample as inferred minority when its per-prompt robust z exceeds the grouper's k. The
-adapter was trained on the groups' sampler (JTT: the inferred minority holds `jtt_fraction` of each prompt's mass).
-So:
+one antithetic pair) flags a sample as inferred minority when its per-prompt robust z exceeds the grouper's k
+(here a logistic step at k, below). The adapter was trained on the groups' sampler (JTT: the inferred minority
+holds `jtt_fraction` of each prompt's mass). So:
 
 1. target rate r*: re-score training samples with fresh noise (a uniform subset per prompt, which also gives the
    per-prompt median and MAD, plus every inferred sample) and take the flag rate under the sampler's weights:
@@ -19,17 +19,21 @@ So:
    quadratic through the tried weights (r(w) is curved: concave on colored-digits, convex on shapes-habitats, and a
    chord between two of them misses the crossing by up to 0.04 in w), or off the chord when fewer than three.
 
-The weight is an estimate from random samples; two of its noise sources are cut without moving what it estimates.
-The detector scores each sample with `pairs` = 4 independent antithetic pairs, each with its own per-prompt median
-/ MAD, and a sample's flag is the share of its pairs over k: each pair is the groups' one-pair detector, so the
-expected flag rates, r* and r(w), are that detector's (`pairs=1` with independent samples gives the rule before
-2026-12-05, bit for bit), with less of its scoring noise. And the generated samples start in antithetic pairs
-(`antithetic_latents`). On the colored-digits demo's adapter over six calibration seeds (bench/calibration_noise.py,
-bench/results/calibration_noise.json): the rule before w 1.361 +- 0.111 (1.267-1.534), now 1.340 +- 0.023
-(1.315-1.369), 50 s a calibration against 40 s. Averaging the score over 8 draws instead (one flag per sample, on a
-less noisy score) also cut the noise (1.333 +- 0.035) but moved the z > k cut's operating point: on
-shapes-habitats it chose w 1.58-1.62 and reversed the bias. The kept rule overshoots the balance there too, less
-(w 1.49, majority share 0.39: README, known gaps).
+The weight is an estimate from random samples; three of its noise sources are cut without moving what it
+estimates much. The detector scores each generated sample with `pairs` = 4 independent antithetic pairs (each the
+groups' one-pair detector) and the reference rows with more when the inferred rows are few (`reference_pairs`:
+shapes-habitats' 30 get 8, colored-digits' 98 keep 4); every pair is read against one per-prompt median / MAD (each
+pair's fit, averaged), so r* and r(w) share their cut whatever their pairs; and a pair's flag is a logistic step
+of its robust z at k of width 0.5 (`flag_width`; 0: the hard cut z > k), so a score near the cut counts by how
+near it is. The generated samples start in antithetic pairs (`antithetic_latents`). One pair, the hard cut and
+independent samples give the rule before 2026-12-05 bit for bit. Measured over calibration seeds
+(bench/calibration_noise.py, bench/results/calibration_flag_step.json): on shapes-habitats, where r* rests on 30
+rows, w 1.387 +- 0.020 over six seeds (4 pairs each with its own fit and the hard cut, 2026-12-05: 1.479 / 1.515 /
+1.252 / 1.436); on colored-digits, where the samples' own noise dominates, 1.347 +- 0.029 (then 1.340 +- 0.023;
+the rule before: 1.361 +- 0.111), 47-48 s a calibration. Averaging the score over 8 draws instead (one flag per
+sample, on a less noisy score) moved the z > k cut's operating point: on shapes-habitats it chose w 1.58-1.62 and
+reversed the bias. The rule still overshoots the balance there (majority share 0.41-0.43): the adapter's
+minority samples are flagged less often than the inferred rows r* counts (README, known gaps).
 
 Nothing here reads an attribute column. Adapters trained without inferred groups (erm, paper, oracle) have no
 detector to reuse; `recorded_weight` falls back to the recipe's `recommended_weight` for them.
@@ -44,7 +48,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InvdiffError
-from .defaults import CALIBRATION_PAIRS, CALIBRATION_PER_PROMPT
+from .defaults import (CALIBRATION_FLAG_WIDTH, CALIBRATION_INFERRED_SCORINGS, CALIBRATION_PAIRS,
+                       CALIBRATION_PER_PROMPT)
 from .grouper import prompt_median_mad, robust_z
 
 RULE = "contrast-flag-rate"
@@ -54,7 +59,9 @@ RULE = "contrast-flag-rate"
 class CalibrateConfig:
     guidance_scales: tuple[float, ...] = (3.0,)
     per_prompt: int = CALIBRATION_PER_PROMPT  # generated samples per prompt at each tried weight
-    pairs: int = CALIBRATION_PAIRS  # the detector's antithetic pairs per sample, each flagging on its own
+    pairs: int = CALIBRATION_PAIRS  # the detector's antithetic pairs per generated sample
+    inferred_scorings: int = CALIBRATION_INFERRED_SCORINGS  # the reference's pairs: see reference_pairs
+    flag_width: float = CALIBRATION_FLAG_WIDTH  # a pair's flag: sigmoid((z - k) / width); 0: the hard cut z > k
     paired: bool = True  # generated samples start in antithetic pairs (antithetic_latents; False: independent)
     min_samples: int = 480  # ... raised so that every tried weight sees at least this many (few-prompt datasets)
     reference_per_prompt: int = 64  # uniform training subset per prompt (median / MAD and the majority's rate)
@@ -68,8 +75,9 @@ class CalibrateConfig:
 @dataclass
 class Detector:
     """The groups' score (contrast or classifier): band, k, and the per-prompt median / MAD of the training log
-    score, for each of `pairs` independent antithetic pairs (the groups' detector is one of them: pair 0 draws
-    what one pair drew before). A sample's flag is the mean of its pairs' flags."""
+    score (each the mean over the reference's pairs of that pair's fit: one cut for every number of pairs). A
+    sample is scored with `pairs` independent antithetic pairs (pair 0 draws what the groups' one pair drew before);
+    its flag is the mean of its pairs' flags, each a step of its robust z at k (`step`)."""
 
     unet: torch.nn.Module
     scheduler: object
@@ -77,15 +85,18 @@ class Detector:
     k: float
     text: torch.Tensor  # [P,L,D]
     uncond: torch.Tensor  # [1,L,D]
-    median: torch.Tensor | None = None  # [pairs, P]
-    mad: torch.Tensor | None = None  # [pairs, P]
+    median: torch.Tensor | None = None  # [P]
+    mad: torch.Tensor | None = None  # [P]
     score: str = "contrast"  # the groups' band score (losses.SCORES)
     pairs: int = CALIBRATION_PAIRS
+    width: float = 0.0  # the flag's step width in robust-z units (0: the hard cut z > k)
 
-    def log_score(self, latents: torch.Tensor, prompt_ids: torch.Tensor, seed: int, batch_size: int) -> torch.Tensor:
-        """[pairs, N]: each pair's log score (pair j draws with `pair_seed(seed, j)`)."""
+    def log_score(self, latents: torch.Tensor, prompt_ids: torch.Tensor, seed: int, batch_size: int,
+                  pairs: int | None = None) -> torch.Tensor:
+        """[pairs, N]: each pair's log score (pair j draws with `pair_seed(seed, j)`; `pairs` defaults to the
+        detector's)."""
         return torch.stack([self.pair_log_score(latents, prompt_ids, pair_seed(seed, j), batch_size)
-                            for j in range(self.pairs)])
+                            for j in range(pairs or self.pairs)])
 
     def pair_log_score(self, latents: torch.Tensor, prompt_ids: torch.Tensor, seed: int,
                        batch_size: int) -> torch.Tensor:
@@ -97,14 +108,19 @@ class Detector:
         return score.clamp_min(1e-12).log()
 
     def fit(self, log_score: torch.Tensor, prompt_ids: torch.Tensor, n_prompts: int) -> None:
-        """Each pair's per-prompt median and MAD from reference rows' `log_score` [pairs, N]."""
+        """The per-prompt median and MAD from reference rows' `log_score` [pairs, N]: each pair's, averaged."""
         fits = [prompt_median_mad(row, prompt_ids, n_prompts) for row in log_score]
-        self.median, self.mad = torch.stack([m for m, _ in fits]), torch.stack([d for _, d in fits])
+        self.median = torch.stack([m for m, _ in fits]).mean(0)
+        self.mad = torch.stack([d for _, d in fits]).mean(0)
 
     def flags(self, log_score: torch.Tensor, prompt_ids: torch.Tensor) -> torch.Tensor:
-        """float64 [N] in [0, 1]: the share of a sample's pairs whose robust z exceeds k."""
-        return torch.stack([robust_z(row, med, mad, prompt_ids) > self.k
-                            for row, med, mad in zip(log_score, self.median, self.mad)]).double().mean(0)
+        """float64 [N] in [0, 1]: the mean over a sample's pairs of the step of their robust z."""
+        return torch.stack([self.step(robust_z(row, self.median, self.mad, prompt_ids)) for row in log_score]).mean(0)
+
+    def step(self, z: torch.Tensor) -> torch.Tensor:
+        """A pair's flag: z > k, or with a width the logistic step sigmoid((z - k) / width) (float64)."""
+        z = z.double()
+        return (z > self.k).double() if self.width <= 0 else torch.sigmoid((z - self.k) / self.width)
 
 
 def pair_seed(seed: int, pair: int) -> int:
@@ -117,7 +133,7 @@ def pair_seed(seed: int, pair: int) -> int:
 PAIR_SEED_STEP = 100_003
 
 
-def make_detector(model, inputs, groups_meta: dict, pairs: int) -> Detector:
+def make_detector(model, inputs, groups_meta: dict, config: "CalibrateConfig") -> Detector:
     from .losses import make_noise_scheduler
 
     profile = groups_meta.get("profile", {})
@@ -127,7 +143,7 @@ def make_detector(model, inputs, groups_meta: dict, pairs: int) -> Detector:
     band = tuple(int(b) for b in profile["band"])
     return Detector(model.unet.eval().requires_grad_(False), make_noise_scheduler(model), band,
                     float(profile.get("outlier_k", 3.0)), inputs.text_embeddings, inputs.uncond_embedding,
-                    score=profile.get("score", "contrast"), pairs=pairs)
+                    score=profile.get("score", "contrast"), pairs=config.pairs, width=config.flag_width)
 
 
 def reference_subset(prompt_ids: torch.Tensor, inferred: torch.Tensor, per_prompt: int,
@@ -157,12 +173,24 @@ def target_rate(flag_u: torch.Tensor, pid_u: torch.Tensor, inferred_u: torch.Ten
     return float(torch.stack(rates).mean())
 
 
+def reference_pairs(config: CalibrateConfig, n_inferred: int) -> int:
+    """The reference's detector pairs: `pairs`, raised until the inferred rows get `inferred_scorings` scorings in
+    all (at most MAX_REFERENCE_PAIRS). r* is mostly the inferred rows' flag rate, and they are few (shapes-habitats:
+    30, 4 of them for one prompt; colored-digits 98), so their scoring noise moved w more than the samples' did."""
+    needed = -(-config.inferred_scorings // n_inferred) if n_inferred else 0
+    return max(config.pairs, min(needed, MAX_REFERENCE_PAIRS))
+
+
+MAX_REFERENCE_PAIRS = 16
+
+
 def fit_reference(detector: Detector, inputs, grouping, config: CalibrateConfig) -> float:
     """Set the detector's per-prompt median / MAD from re-scored training samples; return the target rate r*."""
     uniform, inferred = reference_subset(inputs.prompt_ids, grouping.inferred, config.reference_per_prompt,
                                          config.seed)
     rows = torch.cat([uniform, inferred])
-    scores = detector.log_score(inputs.latents[rows], inputs.prompt_ids[rows], config.seed, config.batch_size)
+    scores = detector.log_score(inputs.latents[rows], inputs.prompt_ids[rows], config.seed, config.batch_size,
+                                reference_pairs(config, inferred.numel()))
     n_u, n_prompts = uniform.numel(), len(inputs.prompts)
     detector.fit(scores[:, :n_u], inputs.prompt_ids[uniform], n_prompts)
     flags = detector.flags(scores, inputs.prompt_ids[rows])
@@ -282,7 +310,7 @@ def search_weight(rate, target: float, config: CalibrateConfig) -> tuple[float, 
 def calibrate(model, adapter, inputs, groups, config: CalibrateConfig = CalibrateConfig()) -> dict:
     """The calibration record for adapter.json: rule, target rate and, per CFG scale, the weight and its evidence."""
     start = time.perf_counter()
-    detector = make_detector(model, inputs, groups.meta, config.pairs)
+    detector = make_detector(model, inputs, groups.meta, config)
     target = fit_reference(detector, inputs, groups.grouping, config)
     table = {}
     for scale in config.guidance_scales:
@@ -291,7 +319,8 @@ def calibrate(model, adapter, inputs, groups, config: CalibrateConfig = Calibrat
         table[f"{scale:g}"] = {"weight": weight, "tried": [[w, round(r, 4)] for w, r in tried]}
     return {"rule": RULE, "target_rate": round(target, 4), "by_guidance_scale": table,
             "per_prompt": samples_per_prompt(config, len(inputs.prompts)), "pairs": config.pairs,
-            "paired": config.paired, "seed": config.seed, "steps": config.steps,
+            "reference_pairs": reference_pairs(config, int(groups.grouping.inferred.sum())),
+            "flag_width": config.flag_width, "paired": config.paired, "seed": config.seed, "steps": config.steps,
             "seconds": round(time.perf_counter() - start, 2)}
 
 
@@ -353,7 +382,7 @@ def calibrate_adapter(model, adapter_dir, inputs, groups, config: CalibrateConfi
     manifest = read_adapter_manifest(adapter_dir)
     record = calibrate(model, adapter, inputs, as_trained(groups, manifest, inputs.prompt_ids), config)
     previous = manifest.get("calibration") or {}
-    keys = ("rule", "target_rate", "pairs", "paired")
+    keys = ("rule", "target_rate", "pairs", "reference_pairs", "flag_width", "paired")
     same = all(previous.get(k) == record[k] for k in keys)
     old = previous.get("by_guidance_scale", {}) if same else {}
     record["by_guidance_scale"] = {**old, **record["by_guidance_scale"]}
