@@ -133,7 +133,7 @@ def pair_seed(seed: int, pair: int) -> int:
 PAIR_SEED_STEP = 100_003
 
 
-def make_detector(model, inputs, groups_meta: dict, config: "CalibrateConfig") -> Detector:
+def make_detector(model, inputs, groups_meta: dict, config: CalibrateConfig) -> Detector:
     from .losses import make_noise_scheduler
 
     profile = groups_meta.get("profile", {})
