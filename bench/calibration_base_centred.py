@@ -20,10 +20,11 @@ import json
 
 
 def centred_flag_rate(calibrate, base_median: dict):
-    """`calibrate.flag_rate` with the detector's median swapped for the base samples' (computed once a CFG scale)."""
-    import torch
+    """`calibrate.flag_rate` with the detector's median swapped for the base samples' (computed once a CFG scale, by
+    `Detector.fit` on a copy of the detector: each pair's per-prompt median, averaged)."""
+    from dataclasses import replace
 
-    from invdiff_rt.method.grouper import prompt_median_mad
+    import torch
 
     plain = calibrate.flag_rate
 
@@ -33,8 +34,9 @@ def centred_flag_rate(calibrate, base_median: dict):
             latents = calibrate.sample_latents(model, adapter, inputs.prompts, n, config.seed, config.steps, scale,
                                                0.0, config.batch_size, config.paired)
             pids = torch.arange(n_prompts).repeat_interleave(n)
-            scores = detector.log_score(latents, pids, config.seed + 1, config.batch_size)
-            base_median[scale] = torch.stack([prompt_median_mad(r, pids, n_prompts)[0] for r in scores]).mean(0)
+            base = replace(detector)
+            base.fit(detector.log_score(latents, pids, config.seed + 1, config.batch_size), pids, n_prompts)
+            base_median[scale] = base.median
         trained, detector.median = detector.median, base_median[scale]
         try:
             return plain(detector, model, adapter, inputs, config, scale, weight)
