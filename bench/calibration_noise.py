@@ -2,14 +2,16 @@
 
 Runs the whole rule (`invdiff_rt/method/calibrate.py`: the reference, then r(w) on the adapter's own samples) once
 per calibration seed and variant and prints each weight, then per variant the mean, sd and range over the seeds.
-A variant is PAIRS:SAMPLES[:WIDTH[:SCORINGS]]: the detector's antithetic pairs per generated sample (a sample's
-flag is the mean of its pairs'), whether the generated samples start in antithetic pairs (paired) or not
-(independent), the flag's step width (0: the hard cut z > k) and the inferred rows' scorings that set the
-reference's pairs (0: PAIRS); WIDTH and SCORINGS default to the rule's. `4:paired` is the default rule;
-`1:independent:0:0` the rule before 2026-12-05 (the same weights bit for bit).
+A variant is PAIRS:SAMPLES[:WIDTH[:SCORINGS[:CENTRE]]]: the detector's antithetic pairs per generated sample (a
+sample's flag is the mean of its pairs'), whether the generated samples start in antithetic pairs (paired) or not
+(independent), the flag's step width (0: the hard cut z > k), the inferred rows' scorings that set the reference's
+pairs (0: PAIRS) and where the generated samples' cut is centred (base or training); WIDTH, SCORINGS and CENTRE
+default to the rule's. `4:paired` is the default rule; `4:paired:0.5:240:training` the rule of 2026-12-05 (sixteenth
+session); `1:independent:0:0:training` the rule before 2026-12-05 (the same weights bit for bit).
 
 Usage: python bench/calibration_noise.py --model M --data DIR --groups PREFIX --adapter DIR
-       [--seeds 1000,2000,3000,4000,5000,6000] [--variants 1:independent:0:0,4:paired] [--guidance-scale 3.0] [--json OUT]
+       [--seeds 1000,2000,3000,4000,5000,6000] [--variants 1:independent:0:0:training,4:paired]
+       [--guidance-scale 3.0] [--json OUT]
 """
 
 from __future__ import annotations
@@ -24,13 +26,14 @@ def variant_config(variant: str, seed: int, scale: float):
     from invdiff_rt.method.calibrate import CalibrateConfig
 
     pairs, samples, *rest = variant.split(":")
-    if samples not in ("paired", "independent") or len(rest) > 2:
-        raise SystemExit(f"--variants {variant}: write PAIRS:paired|independent[:WIDTH[:SCORINGS]]")
-    width, scorings = (rest + [None, None])[:2]
+    if samples not in ("paired", "independent") or len(rest) > 3:
+        raise SystemExit(f"--variants {variant}: write PAIRS:paired|independent[:WIDTH[:SCORINGS[:CENTRE]]]")
+    width, scorings, centre = (rest + [None, None, None])[:3]
     default = CalibrateConfig()
     return CalibrateConfig(guidance_scales=(scale,), pairs=int(pairs), paired=samples == "paired", seed=seed,
                            flag_width=default.flag_width if width is None else float(width),
-                           inferred_scorings=default.inferred_scorings if scorings is None else int(scorings))
+                           inferred_scorings=default.inferred_scorings if scorings is None else int(scorings),
+                           centre=centre or default.centre)
 
 
 def summary(rows: list[dict]) -> dict:
@@ -54,7 +57,7 @@ def main() -> None:
     for flag in ("--model", "--data", "--groups", "--adapter"):
         ap.add_argument(flag, required=True)
     ap.add_argument("--seeds", default="1000,2000,3000,4000,5000,6000")
-    ap.add_argument("--variants", default="1:independent:0:0,4:paired")
+    ap.add_argument("--variants", default="1:independent:0:0:training,4:paired")
     ap.add_argument("--guidance-scale", type=float, default=3.0)
     ap.add_argument("--json")
     args = ap.parse_args()

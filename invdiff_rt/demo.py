@@ -94,7 +94,8 @@ def _recipe_defaults() -> dict:
     return {**RECIPE_DEFAULTS["invdiff-rt"], "weight_rule": RULE,
             "weight_rule_samples": {"pairs": CalibrateConfig.pairs, "paired": CalibrateConfig.paired,
                                     "flag_width": CalibrateConfig.flag_width,
-                                    "inferred_scorings": CalibrateConfig.inferred_scorings},
+                                    "inferred_scorings": CalibrateConfig.inferred_scorings,
+                                    "centre": CalibrateConfig.centre},
             "split_test": splits.TEST_SETTINGS}
 
 

@@ -105,6 +105,12 @@ def _t_sampling():
     return T_SAMPLING
 
 
+def _centres():
+    from .method.calibrate import CENTRES
+
+    return CENTRES
+
+
 def _fixed(*values: str) -> Callable[[], Sequence[str]]:
     return lambda: values
 
@@ -158,6 +164,7 @@ RULES: dict[str, Rule] = {
     "--t-sampling": Rule(choices=_t_sampling),
     "--strip": Rule(choices=_strip_modes),
     "--refit": Rule(choices=_refit_modes),
+    "--centre": Rule(choices=_centres),
     "data make RECIPE": Rule(choices=_recipes_data),
     "--model": Rule(path="model"),
     "--data": Rule(path="dir"),

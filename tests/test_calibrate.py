@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -165,6 +166,42 @@ def test_detector_flag_is_the_mean_step_of_its_pairs_against_one_pooled_cut():
     assert soft[3] == pytest.approx(1 / (1 + math.exp(6.0)), abs=1e-9)  # z 0: sigmoid(-3 / 0.5)
 
 
+def test_centred_cut_takes_the_base_samples_median_and_keeps_the_training_mad():
+    detector = cal.Detector(None, None, (900, 950), 3.0, None, None, pairs=2)
+    pids = torch.tensor([0, 0, 0, 1])
+    detector.fit(torch.tensor([[0.0, 1.0, 2.0, 10.0], [1.0, 2.0, 3.0, 10.0]], dtype=torch.float64), pids, 2)
+    base = torch.tensor([[-3.0, -2.0, -1.0, 4.0], [-2.0, -1.0, 0.0, 6.0]], dtype=torch.float64)
+    cut = cal.centred(detector, base, pids, 2)
+    assert cut.median.tolist() == [-1.5, 5.0] and cut.mad.tolist() == [1.0, 0.0]  # medians -2 / -1 and 4 / 6
+    assert detector.median.tolist() == [1.5, 10.0]  # the training cut itself is untouched
+    # 2.95 is 4.45 (k = 3 robust-z units of MAD 1) above the base centre -1.5: flagged; 2.9 is not
+    assert cut.flags(torch.tensor([[2.95, 2.9, 0.0, 5.0]], dtype=torch.float64), pids).tolist() == [1.0, 0.0, 0.0, 0.0]
+
+
+def test_scale_weight_reads_every_weight_against_the_cut_of_the_w0_samples(monkeypatch):
+    """centre "base": the samples at w = 0 are drawn once, set the cut, and give r(0); "training": the rows' cut."""
+    pids = torch.zeros(4, dtype=torch.long)
+    drawn = []
+
+    def scores(detector, model, adapter, inputs, config, scale, w):  # w = 0: log scores 0..3; each w shifts them
+        drawn.append(w)
+        return torch.tensor([[0.0, 1.0, 2.0, 3.0]], dtype=torch.float64) + 2.0 * w, pids
+
+    monkeypatch.setattr(cal, "sample_scores", scores)
+    detector = cal.Detector(None, None, (900, 950), 1.0, None, None, pairs=1)
+    detector.median, detector.mad = torch.tensor([10.0], dtype=torch.float64), torch.tensor([1.0], dtype=torch.float64)
+    inputs = type("Inputs", (), {"prompts": ["p"]})()
+    config = cal.CalibrateConfig(flag_width=0.0, max_evals=3)
+    # base centre 1.5 (median of 0..3), cut at 1.5 + 1.4826 = 2.98: r(0) = 1/4, r(1) = 3/4 (scores 2..5)
+    # and the search: w = 1 over r* 0.5, then w = 0 (no new draw), then the chord's 0.5 (scores 1..4: 2 of 4)
+    assert cal.scale_weight(detector, None, None, inputs, 0.5, config, 3.0) == \
+        (0.5, [(0.0, 0.25), (0.5, 0.5), (1.0, 0.75)])
+    assert drawn == [0.0, 1.0, 0.5]
+    drawn.clear()  # the training cut (median 10, cut 11.48): nothing over it up to w = 4, the search's top
+    weight, tried = cal.scale_weight(detector, None, None, inputs, 0.5, replace(config, centre="training"), 3.0)
+    assert (weight, tried, drawn) == (4.0, [(1.0, 0.0), (2.0, 0.0), (4.0, 0.0)], [1.0, 2.0, 4.0])
+
+
 def test_reference_pairs_give_the_inferred_rows_enough_scorings():
     config = cal.CalibrateConfig(pairs=4, inferred_scorings=240)
     assert [cal.reference_pairs(config, n) for n in (30, 98, 4, 0)] == [8, 4, 16, 4]
@@ -178,14 +215,14 @@ def test_a_calibration_with_other_rule_settings_replaces_the_recorded_table(tmp_
     from invdiff_rt.method import adapter as adapter_mod
     from invdiff_rt.method import splits
 
-    new = {"rule": cal.RULE, "target_rate": 0.5, "pairs": 4, "reference_pairs": 8, "flag_width": 0.5, "paired": True,
-           "by_guidance_scale": {"3": {"weight": 1.3}}}
+    new = {"rule": cal.RULE, "target_rate": 0.5, "pairs": 4, "reference_pairs": 8, "flag_width": 0.5, "centre": "base",
+           "paired": True, "by_guidance_scale": {"3": {"weight": 1.3}}}
     monkeypatch.setattr(adapter_mod, "load_adapter", lambda folder, model: None)
     monkeypatch.setattr(splits, "as_trained", lambda groups, manifest, prompt_ids: groups)
     monkeypatch.setattr(cal, "calibrate", lambda *args: json.loads(json.dumps(new)))
     inputs = type("Inputs", (), {"prompt_ids": None})()
     for change, scales in (({"pairs": 1}, ["3"]), ({"flag_width": 0.0}, ["3"]), ({"reference_pairs": 4}, ["3"]),
-                           ({}, ["3", "7.5"])):
+                           ({"centre": "training"}, ["3"]), ({}, ["3", "7.5"])):
         old = {**new, **change, "by_guidance_scale": {"7.5": {"weight": 1.1}}}
         atomic_write_json(tmp_path / "adapter.json", {"format": adapter_mod.FORMAT, "calibration": old})
         record = cal.calibrate_adapter(None, tmp_path, inputs, None)
@@ -294,22 +331,28 @@ def test_calibrate_on_tiny_model_golden(trained):
     assert saved["calibration"]["by_guidance_scale"]["3"]["weight"] == row["weight"]
     again = cal.calibrate_adapter(model, out, base_inputs(model, data), groups, config)
     assert again["by_guidance_scale"] == record["by_guidance_scale"]  # deterministic
-    from dataclasses import replace
-
     from invdiff_rt.method.adapter import load_adapter
 
-    before = cal.calibrate(model, load_adapter(out, model), base_inputs(model, data), groups,
-                           replace(config, pairs=1, paired=False, flag_width=0.0, inferred_scorings=0))
+    adapter, inputs = load_adapter(out, model), base_inputs(model, data)
+    training = cal.calibrate(model, adapter, inputs, groups, replace(config, centre="training"))
+    row = training["by_guidance_scale"]["3"]
+    assert (training["target_rate"], row["weight"], row["tried"]) == GOLDEN_TRAINING_CUT
+    before = cal.calibrate(model, adapter, inputs, groups,
+                           replace(config, pairs=1, paired=False, flag_width=0.0, inferred_scorings=0,
+                                   centre="training"))
     row = before["by_guidance_scale"]["3"]
     assert (before["target_rate"], row["weight"], row["tried"]) == GOLDEN_ONE_PAIR
 
 
 # (target rate, weight) on the tiny random model (the default rule: 4 pairs a sample, the reference's raised for its
-# few inferred rows, the logistic flag, paired samples): its samples are noise to the contrast score, so every
-# weight is flagged at 0.33-0.39 > r* and the search brackets with w = 0 (the lower end); with one pair, the hard
-# cut and independent samples, the rule before 2026-12-05, the golden values it had then
-GOLDEN = (0.3032, 0.0)
-GOLDEN_TRIED = [[0.0, 0.3912], [1.0, 0.3281]]
+# few inferred rows, the logistic flag, paired samples, the cut centred on the base model's samples): its samples are
+# noise to the contrast score and the adapter's are flagged less the more it weighs (0.11 at w = 1, 0.06 at w = 4),
+# all under r*, so the search ends at max_weight; against the training rows' cut (the rule of 2026-12-05) every
+# weight is flagged over r* and the search ends at w = 0; with one pair, the hard cut and independent samples, the
+# rule before 2026-12-05, the golden values it had then
+GOLDEN = (0.3032, 4.0)
+GOLDEN_TRIED = [[1.0, 0.1075], [2.0, 0.0809], [4.0, 0.0598]]
+GOLDEN_TRAINING_CUT = (0.3032, 0.0, [[0.0, 0.3912], [1.0, 0.3281]])
 GOLDEN_ONE_PAIR = (0.1875, 0.0, [[0.0, 0.5], [1.0, 0.5]])
 
 

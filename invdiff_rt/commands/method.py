@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from ..method.defaults import ADAPTER_STEPS, CALIBRATION_PAIRS, CALIBRATION_PER_PROMPT
+from ..method.defaults import ADAPTER_STEPS, CALIBRATION_CENTRE, CALIBRATION_PAIRS, CALIBRATION_PER_PROMPT
 
 THREADS_HELP = "torch CPU threads (0 = torch default; 1 is far faster on a busy machine)."
 RECIPE_HELP = "invdiff-rt (default: robust split + JTT sampler) | paper (soft grouper, faithful) | erm (control)"
@@ -172,6 +172,9 @@ def calibrate(
     pairs: int = typer.Option(CALIBRATION_PAIRS, "--pairs", help="The detector's antithetic pairs per generated "
                               "sample (more pairs: a weight less tied to --seed; the reference's are raised for "
                               "few inferred rows)."),
+    centre: str = typer.Option(CALIBRATION_CENTRE, "--centre", help="Where the generated samples' cut is centred: "
+                               "base (the base model's own samples at w = 0) or training (the training rows', the "
+                               "rule before 2026-12-05)."),
     seed: int = typer.Option(1000, "--seed", help="Sampling/scoring seed (keep it apart from evaluation seeds)."),
     threads: int = typer.Option(0, "--threads", help=THREADS_HELP),
 ) -> None:
@@ -190,7 +193,8 @@ def calibrate(
                            "rule reuses their score")
     _set_threads(threads)
     base = load_model(model)
-    config = CalibrateConfig(guidance_scales=tuple(guidance_scale), per_prompt=per_prompt, pairs=pairs, seed=seed)
+    config = CalibrateConfig(guidance_scales=tuple(guidance_scale), per_prompt=per_prompt, pairs=pairs,
+                             centre=centre, seed=seed)
     record = calibrate_adapter(base, adapter, base_inputs(base, data), groups, config)
     for scale, row in record["by_guidance_scale"].items():
         tried = ", ".join(f"w={w:g}: {r:.3f}" for w, r in row["tried"])

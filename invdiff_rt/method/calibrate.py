@@ -14,7 +14,12 @@ holds `jtt_fraction` of each prompt's mass). So:
    detector rarely flags the second split's rows, and counting them at f gave r* 0.18 and w 0.68). Fresh noise
    makes r* count the detector's own misses, just as it will miss on generated samples.
 2. r(w): sample N images per prompt at adapter weight w and the CFG scale (own seed, never the evaluation's), score
-   their final latents the same way, flag rate against the same per-prompt median / MAD.
+   their final latents the same way, flag rate against a cut centred on the base model's own samples: the
+   per-prompt median of the samples at w = 0 (same seed and count), with the training rows' MAD and k (`centred`).
+   The base model's samples score lower than training images (shapes-habitats: its minority at w = 0 is flagged at
+   0.05 against the training cut, the training minority at 0.13-0.17), so read against the training rows' cut the
+   adapter's minority samples were flagged less often than the inferred rows r* counts, and the rule overshot the
+   balance (shapes-habitats majority share 0.41-0.43; `centre="training"`, the rule of 2026-12-05).
 3. w: r(w) rises with w; bracket r* on [0, max_weight] (regula falsi, a few evaluations), then read w off a
    quadratic through the tried weights (r(w) is curved: concave on colored-digits, convex on shapes-habitats, and a
    chord between two of them misses the crossing by up to 0.04 in w), or off the chord when fewer than three.
@@ -25,15 +30,15 @@ groups' one-pair detector) and the reference rows with more when the inferred ro
 shapes-habitats' 30 get 8, colored-digits' 98 keep 4); every pair is read against one per-prompt median / MAD (each
 pair's fit, averaged), so r* and r(w) share their cut whatever their pairs; and a pair's flag is a logistic step
 of its robust z at k of width 0.5 (`flag_width`; 0: the hard cut z > k), so a score near the cut counts by how
-near it is. The generated samples start in antithetic pairs (`antithetic_latents`). One pair, the hard cut and
-independent samples give the rule before 2026-12-05 bit for bit. Measured over calibration seeds
-(bench/calibration_noise.py, bench/results/calibration_flag_step.json): on shapes-habitats, where r* rests on 30
-rows, w 1.387 +- 0.020 over six seeds (4 pairs each with its own fit and the hard cut, 2026-12-05: 1.479 / 1.515 /
-1.252 / 1.436); on colored-digits, where the samples' own noise dominates, 1.347 +- 0.029 (then 1.340 +- 0.023;
-the rule before: 1.361 +- 0.111), 47-48 s a calibration. Averaging the score over 8 draws instead (one flag per
-sample, on a less noisy score) moved the z > k cut's operating point: on shapes-habitats it chose w 1.58-1.62 and
-reversed the bias. The rule still overshoots the balance there (majority share 0.41-0.43): the adapter's
-minority samples are flagged less often than the inferred rows r* counts (README, known gaps).
+near it is. The generated samples start in antithetic pairs (`antithetic_latents`). One pair, the hard cut,
+independent samples and the training rows' cut give the rule before 2026-12-05 bit for bit. Measured
+(bench/results/calibration_flag_step.json, calibration_base_centred.json, debiasing.md): with the training cut,
+shapes-habitats w 1.387 +- 0.020 over six calibration seeds, colored-digits 1.347 +- 0.029 (the rule before:
+1.361 +- 0.111); with the base centre, the same adapters' weights fall by 0.04-0.08 (shapes-habitats 1.337,
+cut -90.9 +- 3.4 % instead of -82.5 +- 2.5 %; colored-digits 1.265, every prompt's majority share 0.39-0.66;
+styled-digits 1.217, stroke -52.5 +- 1.0 % instead of -51.1 +- 1.7 %), for one more sampling pass a CFG scale
+(55-66 s a calibration instead of 43-54 s). Averaging the score over 8 draws instead (one flag per sample, on a less noisy
+score) moved the z > k cut's operating point: on shapes-habitats it chose w 1.58-1.62 and reversed the bias.
 
 Nothing here reads an attribute column. Adapters trained without inferred groups (erm, paper, oracle) have no
 detector to reuse; `recorded_weight` falls back to the recipe's `recommended_weight` for them.
@@ -42,17 +47,19 @@ detector to reuse; `recorded_weight` falls back to the recipe's `recommended_wei
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, replace
+from functools import lru_cache
 from pathlib import Path
-from dataclasses import dataclass
 
 import torch
 
 from ..errors import InvdiffError
-from .defaults import (CALIBRATION_FLAG_WIDTH, CALIBRATION_INFERRED_SCORINGS, CALIBRATION_PAIRS,
-                       CALIBRATION_PER_PROMPT)
+from .defaults import (CALIBRATION_CENTRE, CALIBRATION_FLAG_WIDTH, CALIBRATION_INFERRED_SCORINGS,
+                       CALIBRATION_PAIRS, CALIBRATION_PER_PROMPT)
 from .grouper import prompt_median_mad, robust_z
 
 RULE = "contrast-flag-rate"
+CENTRES = ("base", "training")  # where the generated samples' cut is centred: the base model's samples, the rows'
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,7 @@ class CalibrateConfig:
     pairs: int = CALIBRATION_PAIRS  # the detector's antithetic pairs per generated sample
     inferred_scorings: int = CALIBRATION_INFERRED_SCORINGS  # the reference's pairs: see reference_pairs
     flag_width: float = CALIBRATION_FLAG_WIDTH  # a pair's flag: sigmoid((z - k) / width); 0: the hard cut z > k
+    centre: str = CALIBRATION_CENTRE  # the generated samples' cut: CENTRES (scale_weight)
     paired: bool = True  # generated samples start in antithetic pairs (antithetic_latents; False: independent)
     min_samples: int = 480  # ... raised so that every tried weight sees at least this many (few-prompt datasets)
     reference_per_prompt: int = 64  # uniform training subset per prompt (median / MAD and the majority's rate)
@@ -245,14 +253,39 @@ def samples_per_prompt(config: CalibrateConfig, n_prompts: int) -> int:
     return max(config.per_prompt, -(-config.min_samples // max(n_prompts, 1)))
 
 
-def flag_rate(detector: Detector, model, adapter, inputs, config: CalibrateConfig, guidance_scale: float,
-              weight: float) -> float:
+def sample_scores(detector: Detector, model, adapter, inputs, config: CalibrateConfig, guidance_scale: float,
+                  weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log score [pairs, N], prompt ids [N]) of the adapter's samples at `weight` and the CFG scale."""
     n = samples_per_prompt(config, len(inputs.prompts))
     latents = sample_latents(model, adapter, inputs.prompts, n, config.seed, config.steps,
                              guidance_scale, weight, config.batch_size, config.paired)
     pids = torch.arange(len(inputs.prompts)).repeat_interleave(n)
-    scores = detector.log_score(latents, pids, config.seed + 1, config.batch_size)
-    return float(detector.flags(scores, pids).mean())
+    return detector.log_score(latents, pids, config.seed + 1, config.batch_size), pids
+
+
+def flag_rate(detector: Detector, model, adapter, inputs, config: CalibrateConfig, guidance_scale: float,
+              weight: float) -> float:
+    return float(detector.flags(*sample_scores(detector, model, adapter, inputs, config, guidance_scale,
+                                                weight)).mean())
+
+
+def centred(detector: Detector, log_score: torch.Tensor, prompt_ids: torch.Tensor, n_prompts: int) -> Detector:
+    """The detector with its per-prompt median moved to that of `log_score` (the base model's own samples: each
+    pair's median, averaged, as `Detector.fit`); the training rows' MAD, k and flag step kept."""
+    base = replace(detector)
+    base.fit(log_score, prompt_ids, n_prompts)
+    return replace(detector, median=base.median)
+
+
+def scale_weight(detector: Detector, model, adapter, inputs, target: float, config: CalibrateConfig,
+                 guidance_scale: float) -> tuple[float, list[tuple[float, float]]]:
+    """`search_weight` at one CFG scale. With `centre` "base" the generated samples are read against the cut
+    `centred` on the samples at w = 0 (the same draws, so r(0) costs nothing more); with "training", against the
+    training rows' cut."""
+    draw = lru_cache(maxsize=None)(lambda w: sample_scores(detector, model, adapter, inputs, config,
+                                                           guidance_scale, w))
+    cut = centred(detector, *draw(0.0), len(inputs.prompts)) if config.centre == "base" else detector
+    return search_weight(lambda w: float(cut.flags(*draw(w)).mean()), target, config)
 
 
 def next_weight(tried: list[tuple[float, float]], target: float, max_weight: float) -> float | None:
@@ -314,14 +347,13 @@ def calibrate(model, adapter, inputs, groups, config: CalibrateConfig = Calibrat
     target = fit_reference(detector, inputs, groups.grouping, config)
     table = {}
     for scale in config.guidance_scales:
-        weight, tried = search_weight(lambda w: flag_rate(detector, model, adapter, inputs, config, scale, w),
-                                      target, config)
+        weight, tried = scale_weight(detector, model, adapter, inputs, target, config, scale)
         table[f"{scale:g}"] = {"weight": weight, "tried": [[w, round(r, 4)] for w, r in tried]}
     return {"rule": RULE, "target_rate": round(target, 4), "by_guidance_scale": table,
             "per_prompt": samples_per_prompt(config, len(inputs.prompts)), "pairs": config.pairs,
             "reference_pairs": reference_pairs(config, int(groups.grouping.inferred.sum())),
-            "flag_width": config.flag_width, "paired": config.paired, "seed": config.seed, "steps": config.steps,
-            "seconds": round(time.perf_counter() - start, 2)}
+            "flag_width": config.flag_width, "centre": config.centre, "paired": config.paired, "seed": config.seed,
+            "steps": config.steps, "seconds": round(time.perf_counter() - start, 2)}
 
 
 def recorded_weight(manifest: dict, guidance_scale: float) -> tuple[float, str]:
@@ -382,7 +414,7 @@ def calibrate_adapter(model, adapter_dir, inputs, groups, config: CalibrateConfi
     manifest = read_adapter_manifest(adapter_dir)
     record = calibrate(model, adapter, inputs, as_trained(groups, manifest, inputs.prompt_ids), config)
     previous = manifest.get("calibration") or {}
-    keys = ("rule", "target_rate", "pairs", "reference_pairs", "flag_width", "paired")
+    keys = ("rule", "target_rate", "pairs", "reference_pairs", "flag_width", "centre", "paired")
     same = all(previous.get(k) == record[k] for k in keys)
     old = previous.get("by_guidance_scale", {}) if same else {}
     record["by_guidance_scale"] = {**old, **record["by_guidance_scale"]}

@@ -13,3 +13,4 @@ CALIBRATION_PER_PROMPT = 48  # label-free weight rule: generated samples per pro
 CALIBRATION_PAIRS = 4  # ... and the detector's antithetic pairs per generated sample (calibrate.py)
 CALIBRATION_INFERRED_SCORINGS = 240  # ... the reference's pairs: raised to give its inferred rows this many scorings
 CALIBRATION_FLAG_WIDTH = 0.5  # ... a pair's flag: the logistic step sigmoid((z - k) / width) of its robust z
+CALIBRATION_CENTRE = "base"  # ... the generated samples' cut centred on the base model's own samples (or "training")
