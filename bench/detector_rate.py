@@ -6,7 +6,9 @@ training ones, the rule over- or undershoots the balance. Per CFG scale and weig
 (label-free, the calibration's own samples and seed) and, from the hidden attribute (diagnosis only, `invdiff eval`
 on the same seed and count: the same even-indexed samples; the calibration's odd ones start from their neighbours'
 negated noise), the minority share, so that r(w) / share is the detector's rate on generated minority samples
-(nearly exact where the share is near 1).
+(nearly exact where the share is near 1). r(w) here is read against the training rows' cut (`calibrate.flag_rate`,
+the rule's `centre="training"`), as the results were measured; the default rule centres the cut on the base
+model's own samples (`calibrate.scale_weight`).
 
 Usage: python bench/detector_rate.py --model M --data DIR --groups PREFIX --adapter DIR --attribute A
        [--guidance-scale 3.0 --guidance-scale 7.5] [--weights 3,4] [--json OUT]

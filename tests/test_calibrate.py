@@ -254,6 +254,21 @@ def test_resolve_weight_says_where_the_weight_and_the_active_timesteps_come_from
     assert cal.resolve_weight(None, 3.0) == (1.0, "no adapter (the weight has no effect)")
 
 
+def test_a_weight_at_the_search_end_comes_with_a_warning():
+    """Tried rates on both sides of r*: no note; all under it (the search's top) or all over (w = 0): a warning."""
+    def manifest(tried):
+        return {"calibration": {"target_rate": 0.3, "by_guidance_scale": {"3": {"weight": tried[-1][0],
+                                                                               "tried": tried}}}}
+
+    w, how = cal.recorded_weight(manifest([[1.0, 0.2], [1.5, 0.35]]), 3.0)
+    assert how == f"calibrated label-free (rule {cal.RULE}, adapter.json)"
+    w, how = cal.recorded_weight(manifest([[1.0, 0.11], [2.0, 0.08], [4.0, 0.06]]), 3.0)
+    assert w == 4.0 and "WARNING: the flag rate stayed under the target 0.3 at every tried weight" in how
+    assert "pass --adapter-weight" in how
+    assert "stayed over the target" in cal.recorded_weight(manifest([[0.0, 0.39], [1.0, 0.33]]), 3.0)[1]
+    assert cal.unbracketed_note({"by_guidance_scale": {"3": {"weight": 1.4}}}, "3") == ""  # nothing to judge by
+
+
 def test_recorded_weight_of_an_uncalibrated_adapter_in_an_export_manifest():
     # an export records `calibration: None` for a paper-recipe adapter (bench/real_scale.sh's generate crashed on it)
     w, how = cal.recorded_weight({"recipe": "paper", "recommended_weight": 1.6, "calibration": None}, 3.0)
@@ -327,6 +342,7 @@ def test_calibrate_on_tiny_model_golden(trained):
     assert any(w == 1.0 for w, _ in row["tried"])  # the search starts at the trained weight
     assert (record["target_rate"], row["weight"]) == pytest.approx(GOLDEN, abs=1e-3), (record, row)
     assert row["tried"] == GOLDEN_TRIED
+    assert "stayed under the target" in cal.unbracketed_note(record, "3")  # the tiny model's samples never reach r*
     saved = json.loads((out / "adapter.json").read_text())
     assert saved["calibration"]["by_guidance_scale"]["3"]["weight"] == row["weight"]
     again = cal.calibrate_adapter(model, out, base_inputs(model, data), groups, config)

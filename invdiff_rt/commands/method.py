@@ -181,7 +181,7 @@ def calibrate(
     """Pick the adapter weight without labels (the groups' score on the adapter's own samples)."""
     from ..errors import InvdiffError
     from ..method.cache import base_inputs
-    from ..method.calibrate import CalibrateConfig, calibrate_adapter, calibrates
+    from ..method.calibrate import CalibrateConfig, calibrate_adapter, calibrates, unbracketed_note
     from ..method.grouper import load_groups
     from ..models.loader import load_model
 
@@ -198,7 +198,8 @@ def calibrate(
     record = calibrate_adapter(base, adapter, base_inputs(base, data), groups, config)
     for scale, row in record["by_guidance_scale"].items():
         tried = ", ".join(f"w={w:g}: {r:.3f}" for w, r in row["tried"])
-        typer.echo(f"CFG {scale}: weight {row['weight']:g} (flag rate target {record['target_rate']:.3f}; {tried})")
+        typer.echo(f"CFG {scale}: weight {row['weight']:g} (flag rate target {record['target_rate']:.3f}; {tried})"
+                   + unbracketed_note(record, scale))
     typer.echo(f"recorded in {adapter / 'adapter.json'} ({record['seconds']:.1f} s)")
 
 

@@ -265,6 +265,7 @@ def sample_scores(detector: Detector, model, adapter, inputs, config: CalibrateC
 
 def flag_rate(detector: Detector, model, adapter, inputs, config: CalibrateConfig, guidance_scale: float,
               weight: float) -> float:
+    """r(w) against the detector's own cut (the training rows': bench/detector_rate.py's diagnosis)."""
     return float(detector.flags(*sample_scores(detector, model, adapter, inputs, config, guidance_scale,
                                                 weight)).mean())
 
@@ -364,10 +365,21 @@ def recorded_weight(manifest: dict, guidance_scale: float) -> tuple[float, str]:
         w = float(table[scale]["weight"])
         how = "calibrated label-free" + ("" if abs(float(scale) - guidance_scale) < 1e-6 else
                                          f" at the nearest calibrated CFG scale {scale}, not {guidance_scale:g}")
-        return w, f"{how} (rule {RULE}, adapter.json)"
+        return w, f"{how} (rule {RULE}, adapter.json)" + unbracketed_note(manifest["calibration"], scale)
     w = manifest.get("recommended_weight")
     w = 1.0 if w is None else float(w)
     return w, f"the recipe's recorded default (not calibrated; recipe {manifest.get('recipe', '?')})"
+
+
+def unbracketed_note(record: dict, scale: str) -> str:
+    """'' when the tried weights' flag rates straddle the target; else a warning: the weight is the search's end."""
+    rates = [r for _, r in record["by_guidance_scale"][scale].get("tried", [])]
+    target = record.get("target_rate")
+    if target is None or not rates or (min(rates) < target <= max(rates)):
+        return ""
+    side = "over" if min(rates) >= target else "under"
+    return (f"; WARNING: the flag rate stayed {side} the target {target:g} at every tried weight, so the weight is "
+            "the search's end: check the groups, or pass --adapter-weight")
 
 
 def resolve_weight(adapter_weight: float | None, guidance_scale: float, adapter_dir=None,
