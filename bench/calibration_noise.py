@@ -6,7 +6,7 @@ A variant is PAIRS:SAMPLES[:WIDTH[:SCORINGS[:CENTRE]]]: the detector's antitheti
 sample's flag is the mean of its pairs'), whether the generated samples start in antithetic pairs (paired) or not
 (independent), the flag's step width (0: the hard cut z > k), the inferred rows' scorings that set the reference's
 pairs (0: PAIRS) and where the generated samples' cut is centred (base or training); WIDTH, SCORINGS and CENTRE
-default to the rule's. `4:paired` is the default rule; `4:paired:0.5:240:training` the rule of 2026-12-05 (sixteenth
+default to the rule's. `4:paired` is the default rule; `4:paired:0.5:240:training` the training-cut rule (sixteenth
 session); `1:independent:0:0:training` the rule before 2026-12-05 (the same weights bit for bit).
 
 Usage: python bench/calibration_noise.py --model M --data DIR --groups PREFIX --adapter DIR

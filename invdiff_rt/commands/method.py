@@ -174,7 +174,7 @@ def calibrate(
                               "few inferred rows)."),
     centre: str = typer.Option(CALIBRATION_CENTRE, "--centre", help="Where the generated samples' cut is centred: "
                                "base (the base model's own samples at w = 0) or training (the training rows', the "
-                               "rule before 2026-12-05)."),
+                               "rule before the base centre)."),
     seed: int = typer.Option(1000, "--seed", help="Sampling/scoring seed (keep it apart from evaluation seeds)."),
     threads: int = typer.Option(0, "--threads", help=THREADS_HELP),
 ) -> None:

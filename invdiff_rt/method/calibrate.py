@@ -19,7 +19,7 @@ holds `jtt_fraction` of each prompt's mass). So:
    The base model's samples score lower than training images (shapes-habitats: its minority at w = 0 is flagged at
    0.05 against the training cut, the training minority at 0.13-0.17), so read against the training rows' cut the
    adapter's minority samples were flagged less often than the inferred rows r* counts, and the rule overshot the
-   balance (shapes-habitats majority share 0.41-0.43; `centre="training"`, the rule of 2026-12-05).
+   balance (shapes-habitats majority share 0.41-0.43; `centre="training"`, the rule before the base centre).
 3. w: r(w) rises with w; bracket r* on [0, max_weight] (regula falsi, a few evaluations), then read w off a
    quadratic through the tried weights (r(w) is curved: concave on colored-digits, convex on shapes-habitats, and a
    chord between two of them misses the crossing by up to 0.04 in w), or off the chord when fewer than three.
@@ -34,10 +34,10 @@ near it is. The generated samples start in antithetic pairs (`antithetic_latents
 independent samples and the training rows' cut give the rule before 2026-12-05 bit for bit. Measured
 (bench/results/calibration_flag_step.json, calibration_base_centred.json, debiasing.md): with the training cut,
 shapes-habitats w 1.387 +- 0.020 over six calibration seeds, colored-digits 1.347 +- 0.029 (the rule before:
-1.361 +- 0.111); with the base centre, the same adapters' weights fall by 0.04-0.08 (shapes-habitats 1.337,
+1.361 +- 0.111); with the base centre, the same adapters' weights fall by 0.04-0.09 at CFG 3 and 0.14 at CFG 7.5 (shapes-habitats 1.337,
 cut -90.9 +- 3.4 % instead of -82.5 +- 2.5 %; colored-digits 1.265, every prompt's majority share 0.39-0.66;
 styled-digits 1.217, stroke -52.5 +- 1.0 % instead of -51.1 +- 1.7 %), for one more sampling pass a CFG scale
-(55-66 s a calibration instead of 43-54 s). Averaging the score over 8 draws instead (one flag per sample, on a less noisy
+(54-68 s a calibration instead of 43-54 s). Averaging the score over 8 draws instead (one flag per sample, on a less noisy
 score) moved the z > k cut's operating point: on shapes-habitats it chose w 1.58-1.62 and reversed the bias.
 
 Nothing here reads an attribute column. Adapters trained without inferred groups (erm, paper, oracle) have no
