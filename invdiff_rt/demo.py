@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .artifacts import atomic_write_json, atomic_write_text, read_json, sha256_json
-from .method.defaults import ADAPTER_STEPS, CALIBRATION_PER_PROMPT
+from .method.defaults import ADAPTER_STEPS, CALIBRATION_MIN_SAMPLES, CALIBRATION_PER_PROMPT
 
 BENCHMARK = "colored-digits"
 ATTRIBUTE = "color"
@@ -32,6 +32,7 @@ class DemoConfig:
     generate_per_prompt: int = 4  # images per prompt written by `generate`
     train_steps: int = ADAPTER_STEPS  # the invdiff-rt recipe's default (README, debiasing table)
     calibrate_per_prompt: int = CALIBRATION_PER_PROMPT  # samples per prompt per tried weight of the weight rule
+    calibrate_min_samples: int = CALIBRATION_MIN_SAMPLES  # ... raised to reach this many in all
     seed: int = 0
     bench_batch_sizes: tuple[int, ...] = (1, 8)
     bench_steps: int = 10
@@ -106,7 +107,8 @@ def _adapter(folder: Path, model, data: str, groups_prefix: str, cfg: DemoConfig
 
     out = train_adapter(model, data, load_groups(groups_prefix), folder / "adapter",
                         TrainConfig(steps=cfg.train_steps, seed=cfg.seed,
-                                    calibrate_per_prompt=cfg.calibrate_per_prompt))
+                                    calibrate_per_prompt=cfg.calibrate_per_prompt,
+                                    calibrate_min_samples=cfg.calibrate_min_samples))
     return {"path": str(out), "fingerprint": adapter_fingerprint(out), "manifest": read_adapter_manifest(out)}
 
 
@@ -189,6 +191,7 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), console: Console |
                         lambda f: _groups(f, model, data["path"], cfg))
     adapter = stages.run("adapter", {**base, "groups": groups["fingerprint"], "steps": cfg.train_steps,
                                      "calibrate_per_prompt": cfg.calibrate_per_prompt,
+                                     "calibrate_min_samples": cfg.calibrate_min_samples,
                                      "seed": cfg.seed, "recipe": _recipe_defaults()},
                          lambda f: _adapter(f, model, data["path"], groups["prefix"], cfg))
     from .method.calibrate import resolve_weight

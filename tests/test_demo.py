@@ -14,7 +14,7 @@ def test_demo_end_to_end_smoke_and_stage_reuse(tmp_path, tiny_model_dir):
 
     cfg = DemoConfig(model=str(tiny_model_dir), per_prompt=2, generate_per_prompt=1, train_steps=2,
                      bench_batch_sizes=(1,), bench_steps=2, bench_repeats=1, threads=1,
-                     calibrate_per_prompt=2)
+                     calibrate_per_prompt=2, calibrate_min_samples=0)
     out = tmp_path / "demo"
     report = run_demo(out, cfg, console=Console(quiet=True))
     text = report.read_text()

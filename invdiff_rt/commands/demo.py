@@ -13,7 +13,8 @@ from ..method.defaults import ADAPTER_STEPS
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Output folder (stages are reused on rerun)."),
     per_prompt: Optional[int] = typer.Option(None, "--per-prompt", help="Evaluation images per prompt (default 32)."),
-    train_steps: Optional[int] = typer.Option(None, "--train-steps", help=f"Adapter training steps (default {ADAPTER_STEPS})."),
+    train_steps: Optional[int] = typer.Option(None, "--train-steps",
+                                              help=f"Adapter training steps (default {ADAPTER_STEPS})."),
     seed: int = typer.Option(0, "--seed"),
     threads: int = typer.Option(0, "--threads", help="CPU threads for torch / ONNX Runtime (0 = default)."),
 ) -> None:

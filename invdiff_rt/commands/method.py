@@ -7,7 +7,8 @@ from typing import List, Optional
 
 import typer
 
-from ..method.defaults import ADAPTER_STEPS, CALIBRATION_CENTRE, CALIBRATION_PAIRS, CALIBRATION_PER_PROMPT
+from ..method.defaults import (ADAPTER_STEPS, CALIBRATION_CENTRE, CALIBRATION_MIN_SAMPLES, CALIBRATION_PAIRS,
+                               CALIBRATION_PER_PROMPT)
 
 THREADS_HELP = "torch CPU threads (0 = torch default; 1 is far faster on a busy machine)."
 RECIPE_HELP = "invdiff-rt (default: robust split + JTT sampler) | paper (soft grouper, faithful) | erm (control)"
@@ -117,6 +118,12 @@ def train(
     second_split: bool = typer.Option(True, "--second-split/--no-second-split",
                                       help="invdiff-rt: test the groups' candidate second split after training and "
                                       "fine-tune on it when it is a second attribute (default: on)."),
+    calibrate_per_prompt: int = typer.Option(CALIBRATION_PER_PROMPT, "--calibrate-per-prompt",
+                                             help="invdiff-rt: the weight rule's samples per prompt at each tried "
+                                             "weight (`invdiff calibrate --per-prompt`)."),
+    calibrate_min_samples: int = typer.Option(CALIBRATION_MIN_SAMPLES, "--calibrate-min-samples",
+                                              help="... raised to reach this many in all (`invdiff calibrate "
+                                              "--min-samples`)."),
 ) -> None:
     """Train the guidance adapter on the frozen base with the invariance objective (Accelerate-ready)."""
     from ..errors import InvdiffError
@@ -130,7 +137,8 @@ def train(
                 ("active_only", active_only), ("from_t", _from_t_option(from_t)))
     config = TrainConfig(recipe=recipe, lam=lam, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
                          checkpoint_every=checkpoint_every, resume=resume, oracle_column=oracle_groups_from,
-                         second_split=second_split, **{k: v for k, v in optional if v is not None})
+                         second_split=second_split, calibrate_per_prompt=calibrate_per_prompt,
+                         calibrate_min_samples=calibrate_min_samples, **{k: v for k, v in optional if v is not None})
     check_train_config(config)
     _set_threads(threads)
     group_result = None
@@ -169,6 +177,8 @@ def calibrate(
                                                "(repeatable; each gets its own weight)."),
     per_prompt: int = typer.Option(CALIBRATION_PER_PROMPT, "--per-prompt",
                                    help="Samples per prompt at each tried weight."),
+    min_samples: int = typer.Option(CALIBRATION_MIN_SAMPLES, "--min-samples",
+                                    help="... raised to reach this many in all (few-prompt datasets)."),
     pairs: int = typer.Option(CALIBRATION_PAIRS, "--pairs", help="The detector's antithetic pairs per generated "
                               "sample (more pairs: a weight less tied to --seed; the reference's are raised for "
                               "few inferred rows)."),
@@ -193,8 +203,8 @@ def calibrate(
                            "rule reuses their score")
     _set_threads(threads)
     base = load_model(model)
-    config = CalibrateConfig(guidance_scales=tuple(guidance_scale), per_prompt=per_prompt, pairs=pairs,
-                             centre=centre, seed=seed)
+    config = CalibrateConfig(guidance_scales=tuple(guidance_scale), per_prompt=per_prompt,
+                             min_samples=min_samples, pairs=pairs, centre=centre, seed=seed)
     record = calibrate_adapter(base, adapter, base_inputs(base, data), groups, config)
     for scale, row in record["by_guidance_scale"].items():
         tried = ", ".join(f"w={w:g}: {r:.3f}" for w, r in row["tried"])

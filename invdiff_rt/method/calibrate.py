@@ -34,11 +34,11 @@ near it is. The generated samples start in antithetic pairs (`antithetic_latents
 independent samples and the training rows' cut give the rule before 2026-12-05 bit for bit. Measured
 (bench/results/calibration_flag_step.json, calibration_base_centred.json, debiasing.md): with the training cut,
 shapes-habitats w 1.387 +- 0.020 over six calibration seeds, colored-digits 1.347 +- 0.029 (the rule before:
-1.361 +- 0.111); with the base centre, the same adapters' weights fall by 0.04-0.09 at CFG 3 and 0.14 at CFG 7.5 (shapes-habitats 1.337,
-cut -90.9 +- 3.4 % instead of -82.5 +- 2.5 %; colored-digits 1.265, every prompt's majority share 0.39-0.66;
-styled-digits 1.217, stroke -52.5 +- 1.0 % instead of -51.1 +- 1.7 %), for one more sampling pass a CFG scale
-(54-68 s a calibration instead of 43-54 s). Averaging the score over 8 draws instead (one flag per sample, on a less noisy
-score) moved the z > k cut's operating point: on shapes-habitats it chose w 1.58-1.62 and reversed the bias.
+1.361 +- 0.111); with the base centre, the same adapters' weights fall by 0.04-0.09 at CFG 3 and 0.14 at CFG
+7.5 (shapes-habitats 1.337, cut -90.9 +- 3.4 % instead of -82.5 +- 2.5 %; colored-digits 1.265, every prompt's
+majority share 0.39-0.66; styled-digits 1.217, stroke -52.5 +- 1.0 % instead of -51.1 +- 1.7 %), for one more
+sampling pass a CFG scale (54-68 s a calibration instead of 43-54 s). Averaging the score over 8 draws instead (one
+flag per sample, on a less noisy score) moved the z > k cut's operating point: on shapes-habitats it chose w 1.58-1.62 and reversed the bias.
 
 Nothing here reads an attribute column. Adapters trained without inferred groups (erm, paper, oracle) have no
 detector to reuse; `recorded_weight` falls back to the recipe's `recommended_weight` for them.
@@ -55,7 +55,7 @@ import torch
 
 from ..errors import InvdiffError
 from .defaults import (CALIBRATION_CENTRE, CALIBRATION_FLAG_WIDTH, CALIBRATION_INFERRED_SCORINGS,
-                       CALIBRATION_PAIRS, CALIBRATION_PER_PROMPT)
+                       CALIBRATION_MIN_SAMPLES, CALIBRATION_PAIRS, CALIBRATION_PER_PROMPT)
 from .grouper import prompt_median_mad, robust_z
 
 RULE = "contrast-flag-rate"
@@ -71,7 +71,7 @@ class CalibrateConfig:
     flag_width: float = CALIBRATION_FLAG_WIDTH  # a pair's flag: sigmoid((z - k) / width); 0: the hard cut z > k
     centre: str = CALIBRATION_CENTRE  # the generated samples' cut: CENTRES (scale_weight)
     paired: bool = True  # generated samples start in antithetic pairs (antithetic_latents; False: independent)
-    min_samples: int = 480  # ... raised so that every tried weight sees at least this many (few-prompt datasets)
+    min_samples: int = CALIBRATION_MIN_SAMPLES  # ... raised so that every tried weight sees this many in all
     reference_per_prompt: int = 64  # uniform training subset per prompt (median / MAD and the majority's rate)
     steps: int = 25  # DDIM steps of the calibration samples
     seed: int = 1000  # sampling and scoring seed (the evaluation uses its own)

@@ -10,6 +10,7 @@ CFG 7.5 (its weight calibrated there), FID lower at both; training plus calibrat
 
 ADAPTER_STEPS = 5000  # invdiff-rt recipe: adapter training steps
 CALIBRATION_PER_PROMPT = 48  # label-free weight rule: generated samples per prompt at each tried weight
+CALIBRATION_MIN_SAMPLES = 480  # ... raised to reach this many in all at each tried weight (few-prompt datasets)
 CALIBRATION_PAIRS = 4  # ... and the detector's antithetic pairs per generated sample (calibrate.py)
 CALIBRATION_INFERRED_SCORINGS = 240  # ... the reference's pairs: raised to give its inferred rows this many scorings
 CALIBRATION_FLAG_WIDTH = 0.5  # ... a pair's flag: the logistic step sigmoid((z - k) / width) of its robust z

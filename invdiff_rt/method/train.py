@@ -20,7 +20,7 @@ from ..models import checkpoint
 from ..errors import InvdiffError
 from ..parallel import map_batches, one_torch_thread
 from .adapter import GuidanceAdapter, config_for_unet, parameter_count, save_adapter
-from .defaults import ADAPTER_STEPS, CALIBRATION_PER_PROMPT
+from .defaults import ADAPTER_STEPS, CALIBRATION_MIN_SAMPLES, CALIBRATION_PER_PROMPT
 from .grouper import Grouping, GroupsResult, group_erm, group_from_flags, hidden_minority
 from .losses import _gen, denoising_target, make_noise_scheduler, progress_bar, target_from_eps
 from . import splits
@@ -74,6 +74,7 @@ class TrainConfig:
     calibrate: bool = True  # invdiff-rt with inferred groups: pick the weight label-free (calibrate.py)
     calibrate_scales: tuple[float, ...] = (3.0,)  # CFG scales the weight is calibrated for
     calibrate_per_prompt: int = CALIBRATION_PER_PROMPT  # generated samples per prompt at each tried weight
+    calibrate_min_samples: int = CALIBRATION_MIN_SAMPLES  # ... raised to reach this many in all
     second_split: bool = True  # invdiff-rt: test the groups' candidate second split after training (splits.py)
 
     def __post_init__(self) -> None:
@@ -400,7 +401,8 @@ def _calibrate(model, out_dir: Path, inputs, groups, config: TrainConfig) -> Non
 
     if config.calibrate and not config.oracle_column and calibrates(config.recipe, groups):
         calibrate_adapter(model, out_dir, inputs, groups, CalibrateConfig(guidance_scales=config.calibrate_scales,
-                                                                          per_prompt=config.calibrate_per_prompt))
+                                                                          per_prompt=config.calibrate_per_prompt,
+                                                                          min_samples=config.calibrate_min_samples))
 
 
 def train_adapter(model, data_dir: str | Path, groups: GroupsResult | None, out_dir: str | Path,
