@@ -38,7 +38,8 @@ shapes-habitats w 1.387 +- 0.020 over six calibration seeds, colored-digits 1.34
 7.5 (shapes-habitats 1.337, cut -90.9 +- 3.4 % instead of -82.5 +- 2.5 %; colored-digits 1.265, every prompt's
 majority share 0.39-0.66; styled-digits 1.217, stroke -52.5 +- 1.0 % instead of -51.1 +- 1.7 %), for one more
 sampling pass a CFG scale (54-68 s a calibration instead of 43-54 s). Averaging the score over 8 draws instead (one
-flag per sample, on a less noisy score) moved the z > k cut's operating point: on shapes-habitats it chose w 1.58-1.62 and reversed the bias.
+flag per sample, on a less noisy score) moved the z > k cut's operating point: on shapes-habitats it chose w
+1.58-1.62 and reversed the bias.
 
 Nothing here reads an attribute column. Adapters trained without inferred groups (erm, paper, oracle) have no
 detector to reuse; `recorded_weight` falls back to the recipe's `recommended_weight` for them.
