@@ -210,19 +210,21 @@ def test_reference_pairs_give_the_inferred_rows_enough_scorings():
 
 
 def test_a_calibration_with_other_rule_settings_replaces_the_recorded_table(tmp_path, monkeypatch):
-    """Weights of another CFG scale are kept only when they came from the same rule, target rate, pairs and flag."""
+    """Weights of another CFG scale are kept only when they came from the same rule, target rate, pairs, flag,
+    samples, seed and sampling steps (the record's fields describe every scale in its table)."""
     from invdiff_rt.artifacts import atomic_write_json
     from invdiff_rt.method import adapter as adapter_mod
     from invdiff_rt.method import splits
 
     new = {"rule": cal.RULE, "target_rate": 0.5, "pairs": 4, "reference_pairs": 8, "flag_width": 0.5, "centre": "base",
-           "paired": True, "by_guidance_scale": {"3": {"weight": 1.3}}}
+           "paired": True, "per_prompt": 48, "seed": 1000, "steps": 25, "by_guidance_scale": {"3": {"weight": 1.3}}}
     monkeypatch.setattr(adapter_mod, "load_adapter", lambda folder, model: None)
     monkeypatch.setattr(splits, "as_trained", lambda groups, manifest, prompt_ids: groups)
     monkeypatch.setattr(cal, "calibrate", lambda *args: json.loads(json.dumps(new)))
     inputs = type("Inputs", (), {"prompt_ids": None})()
     for change, scales in (({"pairs": 1}, ["3"]), ({"flag_width": 0.0}, ["3"]), ({"reference_pairs": 4}, ["3"]),
-                           ({"centre": "training"}, ["3"]), ({}, ["3", "7.5"])):
+                           ({"centre": "training"}, ["3"]), ({"per_prompt": 8}, ["3"]), ({"seed": 1}, ["3"]),
+                           ({"steps": 20}, ["3"]), ({}, ["3", "7.5"])):
         old = {**new, **change, "by_guidance_scale": {"7.5": {"weight": 1.1}}}
         atomic_write_json(tmp_path / "adapter.json", {"format": adapter_mod.FORMAT, "calibration": old})
         record = cal.calibrate_adapter(None, tmp_path, inputs, None)

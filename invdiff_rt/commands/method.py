@@ -195,8 +195,6 @@ def calibrate(
     from ..method.grouper import load_groups
     from ..models.loader import load_model
 
-    if per_prompt <= 0:
-        raise InvdiffError(f"--per-prompt {per_prompt}: must be positive")
     groups = load_groups(groups_prefix)
     if not calibrates("invdiff-rt", groups):
         raise InvdiffError(f"--groups {groups_prefix}: not inferred by `invdiff groups --recipe invdiff-rt`; the "
