@@ -427,8 +427,7 @@ def calibrate_adapter(model, adapter_dir, inputs, groups, config: CalibrateConfi
     manifest = read_adapter_manifest(adapter_dir)
     record = calibrate(model, adapter, inputs, as_trained(groups, manifest, inputs.prompt_ids), config)
     previous = manifest.get("calibration") or {}
-    keys = ("rule", "target_rate", "pairs", "reference_pairs", "flag_width", "centre", "paired", "per_prompt", "seed",
-            "steps")  # the record's fields describe every scale in its table
+    keys = record.keys() - {"by_guidance_scale", "seconds"}  # the record's fields describe every scale in its table
     same = all(previous.get(k) == record[k] for k in keys)
     old = previous.get("by_guidance_scale", {}) if same else {}
     record["by_guidance_scale"] = {**old, **record["by_guidance_scale"]}
