@@ -1,9 +1,12 @@
-"""Torch's CPU thread pool: one thread for a block of tiny ops, or independent batches in single-threaded workers."""
+"""Torch's CPU thread pool: one thread for a block of tiny ops, or independent batches in single-threaded workers
+(all at once, or computed ahead of a consumer)."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, TypeVar
+from collections import deque
+from itertools import islice
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import torch
 
@@ -31,3 +34,22 @@ def map_batches(fn: Callable[[int], T], starts: range, device: torch.device | st
 
     with one_torch_thread() as threads, ThreadPoolExecutor(min(threads, len(starts))) as pool:
         return list(pool.map(fn, starts))
+
+
+def map_ahead(fn: Callable[[int], T], items: Iterable[int], device: torch.device | str = "cpu") -> Iterator[T]:
+    """fn over the items, in order, computed ahead of the consumer. On a CPU in as many single-threaded workers as
+    torch has threads, up to two items a worker ahead, while the consumer also runs on one thread (the thread
+    setting is process-wide), so what either computes does not depend on the number of cores; restored when the
+    iteration ends. Elsewhere one item at a time, when asked."""
+    if torch.device(device).type != "cpu":
+        yield from map(fn, items)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    items = iter(items)
+    with one_torch_thread() as threads, ThreadPoolExecutor(threads) as pool:
+        pending = deque(pool.submit(fn, i) for i in islice(items, 2 * threads))
+        while pending:
+            done = pending.popleft()
+            pending.extend(pool.submit(fn, i) for i in islice(items, 1))
+            yield done.result()

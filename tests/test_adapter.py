@@ -142,31 +142,6 @@ def test_batches_keep_index_and_group_rows_together_per_rank():
     assert int(b0.timestep.min()) < 800 and TrainConfig().t_start == 0  # "auto" unresolved: every t
 
 
-def test_base_predictions_chunked_equal_one_by_one_on_one_thread(unet):
-    """The frozen UNet's predictions for a chunk of steps (side by side in 1-thread workers) equal each step's
-    prediction alone on one thread, bit for bit, and torch's thread count is restored: chunking cannot change a
-    resumed run."""
-    from diffusers import DDPMScheduler
-
-    from invdiff_rt.method.grouper import group_erm
-    from invdiff_rt.method.train import TrainConfig, base_prediction, base_predictions, draw_batch
-
-    before = torch.get_num_threads()
-    batches = [draw_batch(_tiny_inputs(), group_erm(12), DDPMScheduler(), TrainConfig(batch_size=4), 0, s)
-               for s in range(3)]
-    try:
-        torch.set_num_threads(1)
-        alone = [base_prediction(unet, b, "cpu") for b in batches]
-        torch.set_num_threads(2)
-        chunked = base_predictions(unet, batches, "cpu")
-        single = base_predictions(unet, batches[2:], "cpu")
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)
-    assert all(torch.equal(a, c) for a, c in zip(alone, chunked)) and torch.equal(single[0], alone[2])
-    assert alone[0].shape == (4, 4, 8, 8) and not torch.equal(alone[0], alone[1])
-
-
 def test_weight_zero_reproduces_base_through_fused_denoiser(unet):
     from invdiff_rt.runtime.fused import FusedDenoiser
 

@@ -148,6 +148,31 @@ def test_crash_leaves_no_adapter_and_resume_is_exact(setup, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_trained_adapter_does_not_depend_on_the_thread_count(setup):
+    """The steps' batches and frozen predictions are made ahead in 1-thread workers while the adapter trains on one
+    thread (`parallel.map_ahead`): two threads and one give the same adapter, bit for bit, and the thread setting
+    is restored."""
+    from safetensors.torch import load_file
+
+    from invdiff_rt.method import train
+    from invdiff_rt.models.loader import load_model
+
+    model_dir, data, tmp = setup
+    model, before = load_model(model_dir), torch.get_num_threads()
+    cfg = train.TrainConfig(oracle_column="color", steps=6, batch_size=4, show_progress=False)
+    try:
+        runs = {}
+        for n in (2, 1):
+            torch.set_num_threads(n)
+            runs[n] = load_file(str(train.train_adapter(model, data, None, tmp / f"threads{n}", cfg) /
+                                    "adapter.safetensors"))
+            assert torch.get_num_threads() == n
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(runs[2][k], runs[1][k]) for k in runs[1])
+    assert any(runs[1][k].abs().max() > 0 for k in runs[1] if "conv_out" in k)  # it trained: the zero-init moved
+
+
 def crash_at(monkeypatch, crash_step: int, run) -> None:
     """Run `run()` with a training step that raises KeyboardInterrupt at `crash_step`; the real step after."""
     from invdiff_rt.method import train

@@ -1,11 +1,12 @@
-"""map_batches: order kept, exceptions surface, torch's thread setting restored, sequential on one thread."""
+"""map_batches and map_ahead: order kept, exceptions surface, torch's thread setting restored, sequential on one
+thread (map_batches) or off the CPU."""
 
 import threading
 
 import pytest
 import torch
 
-from invdiff_rt.parallel import map_batches
+from invdiff_rt.parallel import map_ahead, map_batches
 
 
 @pytest.fixture
@@ -50,3 +51,40 @@ def test_single_thread_or_single_batch_runs_in_the_caller(threads):
     threads(2)
     assert map_batches(lambda s: threading.get_ident() == caller, range(0, 3, 3)) == [True]
     assert map_batches(lambda s: threading.get_ident() == caller, range(0, 6, 3), device="meta") == [True, True]
+
+
+def test_map_ahead_runs_ahead_in_workers_while_the_consumer_runs_on_one_thread(threads):
+    threads(2)
+    caller, second_started, overlapped, seen = threading.get_ident(), threading.Event(), [], []
+
+    def fn(i: int) -> tuple[int, bool, int]:
+        if i == 1:
+            second_started.set()
+        if i == 0:  # the second item starts while the first is still running
+            overlapped.append(second_started.wait(timeout=30))
+        return i * 10, threading.get_ident() == caller, torch.get_num_threads()
+
+    for value, in_caller, inner in map_ahead(fn, range(7)):
+        seen.append((value, in_caller, inner, torch.get_num_threads()))
+    assert [v for v, *_ in seen] == list(range(0, 70, 10)) and overlapped == [True]  # in order, side by side
+    assert {tuple(rest) for _, *rest in seen} == {(False, 1, 1)}  # in workers; workers and consumer on 1 thread
+    assert torch.get_num_threads() == 2
+
+
+def test_map_ahead_surfaces_errors_and_restores_threads_when_left_early(threads):
+    threads(2)
+
+    def fn(i: int) -> int:
+        if i == 3:
+            raise ValueError("bad item 3")
+        return i
+
+    with pytest.raises(ValueError, match="bad item 3"):
+        list(map_ahead(fn, range(6)))
+    assert torch.get_num_threads() == 2
+    items = map_ahead(fn, range(2))
+    assert next(items) == 0 and torch.get_num_threads() == 1  # the consumer runs on one thread meanwhile
+    items.close()
+    assert torch.get_num_threads() == 2
+    caller = threading.get_ident()
+    assert list(map_ahead(lambda i: threading.get_ident() == caller, range(3), device="meta")) == [True] * 3
