@@ -315,8 +315,8 @@ def _prepared_steps(accelerator, run: _Run, config: TrainConfig, steps: range):
     """(batch, frozen UNet prediction) for every step of `steps`, in order. Neither depends on the adapter, so on a
     CPU they are made ahead in single-threaded workers while the adapter trains on one thread
     (`parallel.map_ahead`): every step is computed alike however many cores there are, and a resumed run replays
-    an uninterrupted one exactly. On 2 cores 25 % faster than making a chunk of steps side by side, then training
-    on it with both threads (colored-digits, 300 steps: 13.4-14.7 s against 17.0-19.1 s)."""
+    an uninterrupted one exactly. On 2 cores 17-25 % less time than making a chunk of steps side by side, then
+    training on it with both threads (colored-digits, 2,000 steps, interleaved: bench/results/train_loop.json)."""
     rank, device = accelerator.process_index, accelerator.device
     return map_ahead(lambda s: _prepared(run, config, rank, s, device), steps, device)
 
