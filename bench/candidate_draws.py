@@ -25,14 +25,7 @@ from invdiff_rt.method import grouper, losses, splits
 from invdiff_rt.method.cache import base_inputs
 from invdiff_rt.models.loader import load_model
 
-
-def band_log_score(model, inputs, profile: dict, seed: int) -> torch.Tensor:
-    """float64 [N]: the log of the first split's band score, drawn as the groups drew it (`profile`: the groups
-    manifest's)."""
-    config = losses.ProfileConfig(draws=profile["draws"], antithetic=profile["antithetic"])
-    with torch.no_grad():
-        return losses.band_score(model.unet, losses.make_noise_scheduler(model), inputs, tuple(profile["band"]),
-                                 config, seed, splits.SCORE_BATCH).clamp_min(1e-12).log()
+from candidate_levels import band_log_score  # bench/: the first split's band score, drawn as the groups drew it
 
 
 def level_halves(model, inputs, seed: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:

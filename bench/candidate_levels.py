@@ -28,18 +28,23 @@ from invdiff_rt.models.loader import load_model
 LEVELS = "600,700,750,800,850,900,925,950,975,999"
 
 
+def band_log_score(model, inputs, profile: dict, seed: int) -> torch.Tensor:
+    """float64 [N]: the log of the first split's band score, drawn as the groups drew it (`profile` is the groups
+    manifest's)."""
+    config = losses.ProfileConfig(draws=profile["draws"], antithetic=profile["antithetic"])
+    with torch.no_grad():
+        return losses.band_score(model.unet, losses.make_noise_scheduler(model), inputs, tuple(profile["band"]),
+                                 config, seed, splits.SCORE_BATCH).clamp_min(1e-12).log()
+
+
 def level_scores(model, inputs, profile: dict, levels: list[int], seed: int) -> dict[str, torch.Tensor]:
-    """float64 [N] per level ("t700", ...) and "band" (the log of the first split's band score, drawn as the groups
-    drew it: `profile` is the groups manifest's)."""
+    """float64 [N] per level ("t700", ...) and "band" (`band_log_score`)."""
     scheduler = losses.make_noise_scheduler(model)
     keys = {t: splits.CANDIDATE_LEVELS.index(t) if t in splits.CANDIDATE_LEVELS else 100 + t for t in levels}
     with torch.no_grad():
         scores = {f"t{t}": splits.log_score_at(model.unet, scheduler, inputs, t, seed, keys[t], "contrast",
                                                 splits.SCORE_BATCH) for t in levels}
-        config = losses.ProfileConfig(draws=profile["draws"], antithetic=profile["antithetic"])
-        scores["band"] = losses.band_score(model.unet, scheduler, inputs, tuple(profile["band"]), config, seed,
-                                           splits.SCORE_BATCH).clamp_min(1e-12).log()
-    return scores
+    return {**scores, "band": band_log_score(model, inputs, profile, seed)}
 
 
 def ranking(score: torch.Tensor, minority: torch.Tensor, rest: torch.Tensor, prompt_ids: torch.Tensor,

@@ -20,6 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from invdiff_rt import artifacts  # the parent only writes the result; each run imports its own tree's package
+
 RUN = """
 import hashlib, sys, time
 import invdiff_rt
@@ -65,9 +67,7 @@ def main() -> None:
     if args.json:
         record = {"config": vars(args), "machine": f"{platform.node()} {os.cpu_count()} cores", "rows": rows,
                   "median_seconds": medians}
-        tmp = Path(f"{args.json}.tmp")
-        tmp.write_text(json.dumps(record, indent=1))
-        os.replace(tmp, args.json)  # never a half-written result
+        artifacts.atomic_write_json(args.json, record)
 
 
 if __name__ == "__main__":
