@@ -16,7 +16,7 @@ import math
 import os
 import typing
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -30,15 +30,17 @@ DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)  # reporte
 
 @dataclass(frozen=True)
 class Rule:
-    """Constraints of one flag. `above` is an exclusive lower bound; `choices` is called lazily (no heavy import
+    """Constraints of one flag. `above` / `below` are exclusive bounds; `choices` is called lazily (no heavy import
     unless the flag is given); `path` is one of INPUT_KINDS or OUTPUT_KINDS; `comma`: a comma-separated list."""
 
     min: float | None = None
     max: float | None = None
     above: float | None = None
+    below: float | None = None
     choices: Callable[[], Sequence[str]] | None = None
     path: str | None = None
     comma: bool = False
+    note: str = ""  # why the bounds, appended to a range error
 
 
 def _schedulers():
@@ -115,9 +117,16 @@ def _fixed(*values: str) -> Callable[[], Sequence[str]]:
     return lambda: values
 
 
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+SAMPLING_STEPS = Rule(min=1, max=1000, note="a scheduler samples at most the model's 1000 training timesteps")
+
 # Keys: "--flag" for every command, or "command --flag" (command path joined by spaces) to override it.
 RULES: dict[str, Rule] = {
     "--steps": Rule(min=1),
+    "generate --steps": SAMPLING_STEPS,
+    "eval --steps": SAMPLING_STEPS,
+    "bench --steps": SAMPLING_STEPS,
+    "check --steps": SAMPLING_STEPS,
     "--vae-steps": Rule(min=1),
     "--seed": Rule(min=0),
     "--num": Rule(min=1),
@@ -126,9 +135,9 @@ RULES: dict[str, Rule] = {
     "--calibrate-min-samples": Rule(min=0),
     "--min-samples": Rule(min=0),
     "--batch-size": Rule(min=1),
-    "--threads": Rule(min=0),
-    "generate --threads": Rule(min=1),
-    "bench --threads": Rule(min=1),
+    "--threads": Rule(min=0, max=CORES, note="the cores this process may use"),
+    "generate --threads": Rule(min=1, max=CORES, note="the cores this process may use"),
+    "bench --threads": Rule(min=1, max=CORES, note="the cores this process may use"),
     "--epochs": Rule(min=1),
     "--size": Rule(min=8, max=1024),
     "--n-train": Rule(min=1),
@@ -141,12 +150,15 @@ RULES: dict[str, Rule] = {
     "--train-steps": Rule(min=1),
     "--warmup": Rule(min=0),
     "--repeats": Rule(min=1),
-    "--opset": Rule(min=18),
+    "--opset": Rule(min=18, max=25, note="the opsets the pinned exporter writes a valid graph for"),  # 26 fails
+    # the checker (GroupNormalization); 25 runs on ONNX Runtime 1.32 and OpenVINO 2026.4 (checked 2026-12-06)
     "--max-batch": Rule(min=1),
     "--bias": Rule(min=0.0, max=1.0),
     "--guidance-scale": Rule(min=0.0),
     "--adapter-weight": Rule(min=0.0),
     "--lr": Rule(above=0.0),
+    "--ema-decay": Rule(min=0.0, below=1.0, note="the share of the average kept at each step; 1 would keep the "
+                        "initial weights"),
     "--lambda": Rule(min=0.0),
     "--outlier-k": Rule(above=0.0),
     "--scheduler": Rule(choices=_schedulers),
@@ -253,8 +265,7 @@ def rule_for(command: str, param: Param) -> Rule:
     rule = RULES.get(f"{command} {param.flag}") or RULES.get(param.flag) or _default_rule(param.type)
     low, high = getattr(param.info, "min", None), getattr(param.info, "max", None)
     if low is not None or high is not None:
-        rule = Rule(min=low if low is not None else rule.min, max=high if high is not None else rule.max,
-                    above=rule.above, choices=rule.choices, path=rule.path, comma=rule.comma)
+        rule = replace(rule, min=rule.min if low is None else low, max=rule.max if high is None else high)
     return rule
 
 
@@ -303,12 +314,15 @@ def check_value(param: Param, rule: Rule, value: Any) -> None:
 def _check_number(flag: str, rule: Rule, value) -> None:
     if isinstance(value, float) and not math.isfinite(value):
         raise InvdiffError(f"{flag} {value}: not a finite number; pass a finite value")
+    note = f" ({rule.note})" if rule.note else ""
     if rule.min is not None and value < rule.min:
-        raise InvdiffError(f"{flag} {value}: must be at least {_num(rule.min)}")
+        raise InvdiffError(f"{flag} {value}: must be at least {_num(rule.min)}{note}")
     if rule.above is not None and value <= rule.above:
-        raise InvdiffError(f"{flag} {value}: must be greater than {_num(rule.above)}")
+        raise InvdiffError(f"{flag} {value}: must be greater than {_num(rule.above)}{note}")
     if rule.max is not None and value > rule.max:
-        raise InvdiffError(f"{flag} {value}: must be at most {_num(rule.max)}")
+        raise InvdiffError(f"{flag} {value}: must be at most {_num(rule.max)}{note}")
+    if rule.below is not None and value >= rule.below:
+        raise InvdiffError(f"{flag} {value}: must be less than {_num(rule.below)}{note}")
 
 
 def _num(x: float) -> str:

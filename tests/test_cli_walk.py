@@ -18,8 +18,8 @@ import typer
 
 from invdiff_rt import cli, validate
 
-INT_VALUES = ("abc", "1.5", "nan", "0", "-1")
-FLOAT_VALUES = ("abc", "nan", "inf", "-inf", "0", "-1")
+INT_VALUES = ("abc", "1.5", "nan", "0", "-1", "100000")
+FLOAT_VALUES = ("abc", "nan", "inf", "-inf", "0", "-1", "1e9")
 TEXT_VALUES = ("", "   ", "bogus")
 PATH_VALUES = ("", "missing/none", "afile.txt", "adir", "afile.txt/below")
 LIST_VALUES = ("", "   ", "bogus", "0", "1,,2", "1,-1")
@@ -65,7 +65,7 @@ def _number_ok(rule: validate.Rule, raw: str) -> bool:
 
 def _in_range(rule: validate.Rule, value: float) -> bool:
     return not ((rule.min is not None and value < rule.min) or (rule.above is not None and value <= rule.above)
-                or (rule.max is not None and value > rule.max))
+                or (rule.max is not None and value > rule.max) or (rule.below is not None and value >= rule.below))
 
 
 def is_bad(command: str, param: validate.Param, raw: str) -> bool:
