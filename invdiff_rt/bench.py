@@ -527,7 +527,7 @@ def build_engines(export_dirs, engines_dir: str, log: Callable[[str], None]) -> 
     """Build (or reuse from the cache) the TensorRT engines of each export folder."""
     from .export import tensorrt as trt_export
 
-    trt_export.require_tensorrt("bench --backends tensorrt")
+    trt_export.require_tensorrt("invdiff bench --backends tensorrt")
     for export_dir in export_dirs:
         for name, plan, reused in trt_export.build_export(export_dir, engines_dir, trt_export.BuildOptions()):
             log(f"tensorrt {name}: {'cached' if reused else 'built'} {plan}")

@@ -482,8 +482,19 @@ def _data_make_combos(values: dict[str, Any]) -> None:
         raise InvdiffError(f"{', '.join(given)}: only for shapes-habitats; drop the flag for {values.get('recipe')}")
 
 
+def _tensorrt_combos(values: dict[str, Any]) -> None:
+    """TensorRT asked for where it is not installed: the install hint before anything loads."""
+    flag = "--backend" if "backend" in values else "--backends"
+    if "tensorrt" in [b.strip() for b in (values.get(flag.lstrip("-")) or "").split(",")]:
+        from .export.tensorrt import require_tensorrt
+
+        require_tensorrt(f"{flag} tensorrt")
+
+
 COMBOS: dict[str, tuple[Callable[[dict], None], ...]] = {
-    "generate": (_generate_combos,),
+    "generate": (_tensorrt_combos, _generate_combos),
+    "check": (_tensorrt_combos,),
+    "bench": (_tensorrt_combos,),
     "export": (_export_combos,),
     "train": (_train_combos,),
     "groups": (_groups_combos,),

@@ -325,11 +325,26 @@ def test_cli_without_tensorrt_prints_one_line_and_exits_2(tmp_path, argv):
     assert sorted(tmp_path.rglob("*")) == before  # nothing written
 
 
+@pytest.mark.skipif(_tensorrt_installed(), reason="TensorRT is installed here")
+@pytest.mark.parametrize("argv, flag", [
+    (["generate", "--export", "export/none", "--backend", "tensorrt", "--prompt", "x", "--out", "images"], "--backend"),
+    (["check", "--model", "colored-digits", "--export", "export/none", "--backends", "torch,tensorrt"], "--backends"),
+    (["bench", "--export", "export/none", "--backends", "tensorrt", "--json", "bench.json"], "--backends")])
+def test_tensorrt_backend_without_tensorrt_is_refused_before_anything_loads(tmp_path, argv, flag):
+    (tmp_path / "export/none").mkdir(parents=True)
+    proc = subprocess.run([sys.executable, "-m", "invdiff_rt.cli", *argv], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: {flag} tensorrt: TensorRT is not installed; install the [trt] "
+                                                "extra on a machine with an NVIDIA GPU (pip install 'invdiff-rt[trt]')"]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["export", "none"]  # no model loaded, nothing written
+
+
 def test_require_tensorrt_message_names_the_command():
     if _tensorrt_installed():
         pytest.skip("TensorRT is installed here")
     with pytest.raises(InvdiffError, match=r"^invdiff refit: TensorRT is not installed; install the \[trt\] extra"):
-        te.require_tensorrt("refit")
+        te.require_tensorrt("invdiff refit")
 
 
 def test_export_manifest_errors_are_one_line(tmp_path):
@@ -350,7 +365,9 @@ def test_trt_runtime_without_tensorrt_is_a_one_line_error(tmp_path):
         pytest.skip("TensorRT is installed here")
     from invdiff_rt.runtime.backends.tensorrt_backend import load
 
-    with pytest.raises(InvdiffError, match="TensorRT is not installed"):
+    # named as the backend, not as one command: generate, eval, check and bench all load it
+    with pytest.raises(InvdiffError, match=r"^the tensorrt backend \(--backend/--backends tensorrt\): TensorRT is not "
+                                           r"installed; install the \[trt\] extra"):
         load(tmp_path, tmp_path / "engines")
 
 

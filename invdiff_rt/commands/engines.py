@@ -37,7 +37,7 @@ def build(
     if plan:
         _print_plan(console, trt_export.build_plan(onnx, options, component))
         return
-    trt_export.require_tensorrt("build")
+    trt_export.require_tensorrt("invdiff build")
     for name, plan, reused in trt_export.build_export(onnx, out, options, components=component):
         console.print(f"{name}: {'cached' if reused else 'built'} {plan}", highlight=False)
 
@@ -63,6 +63,6 @@ def refit(
 
     from ..export import tensorrt as trt_export
 
-    trt_export.require_tensorrt("refit")
+    trt_export.require_tensorrt("invdiff refit")
     plan = trt_export.refit_export_engine(engine, adapter, export_dir=onnx, out_dir=out)
     Console().print(f"refitted {engine.name} with {adapter}: {plan}", highlight=False)

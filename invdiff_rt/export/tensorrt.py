@@ -37,15 +37,16 @@ from ..errors import InvdiffError
 COMPONENTS = ("denoiser", "text_encoder", "vae_decoder")
 REFIT_MODES = ("individual", "none")
 KEY_LENGTH = 32
+BACKEND_USER = "the tensorrt backend (--backend/--backends tensorrt)"  # generate, eval, check and bench load it
 
 
-def require_tensorrt(command: str):
-    """Import TensorRT or raise the one-line install hint."""
+def require_tensorrt(who: str):
+    """Import TensorRT or raise the one-line install hint, naming `who` needs it ("invdiff build", ...)."""
     try:
         import tensorrt as trt
     except ImportError as e:  # PyPI's wheel stubs and missing libs both end up here
         raise InvdiffError(
-            f"invdiff {command}: TensorRT is not installed; install the [trt] extra on a machine with an NVIDIA GPU "
+            f"{who}: TensorRT is not installed; install the [trt] extra on a machine with an NVIDIA GPU "
             "(pip install 'invdiff-rt[trt]')"
         ) from e
     return trt
@@ -237,7 +238,7 @@ def build_engine(
 
 def _build_or_reuse(onnx_path: Path, profile, cache_dir: Path, options: BuildOptions,
                     refit_weights: tuple[str, ...], component: str) -> tuple[Path, bool]:
-    trt = require_tensorrt("build")
+    trt = require_tensorrt("invdiff build")
     from polygraphy.backend.trt import engine_from_network, save_engine
 
     gpu = gpu_identity()
@@ -264,7 +265,7 @@ def _build_or_reuse(onnx_path: Path, profile, cache_dir: Path, options: BuildOpt
 
 def load_engine(plan: str | Path):
     """Deserialize a verified plan (sidecar checked first: a stale plan is never handed to TensorRT)."""
-    require_tensorrt("generate")
+    require_tensorrt(BACKEND_USER)
     from polygraphy.backend.trt import engine_from_bytes
     from polygraphy.backend.common import bytes_from_path
 
@@ -327,7 +328,7 @@ def _to_numpy(tensor) -> np.ndarray:
 
 def refit_plan(plan: str | Path, arrays: Mapping[str, np.ndarray], out_plan: str | Path) -> Path:
     """Refit every given weight of `plan` and save the result to `out_plan` atomically."""
-    trt = require_tensorrt("refit")
+    trt = require_tensorrt("invdiff refit")
     from polygraphy.backend.trt import bytes_from_engine, engine_from_bytes, util as trt_util
     from polygraphy.backend.common import bytes_from_path
 

@@ -127,7 +127,7 @@ class TrtRuntime:
                     adapter_dir: str | Path | None = None) -> "TrtRuntime":
         """Load the cached engines of an export folder (the denoiser refitted with `adapter_dir` when given); a
         missing or stale engine is an error, never loaded."""
-        trt = trt_export.require_tensorrt("generate --backend tensorrt")
+        trt = trt_export.require_tensorrt(trt_export.BACKEND_USER)
         export_dir = Path(export_dir)
         manifest = trt_export.read_export_manifest(export_dir)
         plans = trt_export.engine_plans(export_dir, engines_dir, trt.__version__, trt_export.gpu_identity(),
