@@ -119,8 +119,10 @@ def load_model(name_or_path: str | Path, device: str | torch.device = "cpu",
     """Load tokenizer, text encoder, VAE, UNet and scheduler config; everything frozen and in eval mode."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
+    from transformers.utils import logging as transformers_logging
 
     path = resolve_model(name_or_path)
+    transformers_logging.disable_progress_bar()  # its "Loading weights" bar on stderr, before a one-line error too
     try:
         tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
         text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=dtype)
