@@ -5,7 +5,7 @@ import torch
 
 from invdiff_rt.errors import InvdiffError
 from invdiff_rt.models.checkpoint import load_checkpoint, save_checkpoint
-from invdiff_rt.models.loader import load_model, model_fingerprint, resolve_model
+from invdiff_rt.models.loader import load_model, model_fingerprint, resolve_model, tokenize
 from invdiff_rt.models.tokenizer import build_tokenizer
 
 
@@ -30,6 +30,17 @@ def test_random_model_round_trip_through_loader(tiny_model_dir, tiny_model):
     assert img.shape == (2, 3, 32, 32) and 0 <= img.min() and img.max() <= 1
     assert not any(p.requires_grad for p in m.unet.parameters())
     assert m.fingerprint == model_fingerprint(tiny_model_dir) and len(m.fingerprint) == 64
+
+
+def test_a_prompt_longer_than_the_text_encoder_reads_is_truncated_with_one_note(tiny_model, caplog):
+    limit = tiny_model.tokenizer.model_max_length  # 16 in the tiny model (77 in SD)
+    long = "a photo of the digit 4 " * limit
+    with caplog.at_level("WARNING"):
+        ids = tokenize(tiny_model.tokenizer, ["a photo of the digit 4", long])
+        again = tokenize(tiny_model.tokenizer, [long], return_tensors="np")  # a later batch: no second note
+    assert ids.shape == (2, limit) and again.shape == (1, limit) and (ids[1].numpy() == again[0]).all()
+    notes = [r.getMessage() for r in caplog.records]
+    assert len(notes) == 1 and f"has {6 * limit + 2} tokens; the text encoder reads the first {limit}" in notes[0]
 
 
 def test_stable_diffusion_pipeline_loads_the_same_directory(tiny_model_dir):

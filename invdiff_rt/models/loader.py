@@ -3,9 +3,11 @@ and for the embedded mini-SD models that ship inside the package (addressable by
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -82,9 +84,7 @@ class LatentDiffusionModel:
         return float(self.vae.config.scaling_factor)
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        tok = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt")
-        return tok.input_ids
+        return tokenize(self.tokenizer, prompts)
 
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
@@ -112,6 +112,28 @@ class LatentDiffusionModel:
         for m in (self.text_encoder, self.vae, self.unet):
             m.eval().requires_grad_(False)
         return self
+
+
+_NOTED_LONG: set[str] = set()  # prompts already reported as truncated (encode_text runs once per batch)
+
+
+def tokenize(tokenizer, prompts: Sequence[str], return_tensors: str = "pt"):
+    """Token ids [B, model_max_length], padded; a longer prompt is truncated (CLIP reads 77 tokens in SD), with one
+    note on stderr per prompt, as diffusers' pipelines warn. Every backend encodes its prompts through here."""
+    _note_truncated(tokenizer, prompts)
+    return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors=return_tensors).input_ids
+
+
+def _note_truncated(tokenizer, prompts: Sequence[str]) -> None:
+    limit = tokenizer.model_max_length
+    for prompt in dict.fromkeys(p for p in prompts if p not in _NOTED_LONG):
+        n = len(tokenizer(prompt, verbose=False).input_ids)  # verbose: no warning of its own
+        if n > limit:
+            _NOTED_LONG.add(prompt)
+            shown = prompt if len(prompt) <= 40 else prompt[:40] + "..."
+            logging.getLogger(__name__).warning(f"note: prompt {shown!r} has {n} tokens; the text encoder reads the "
+                                                f"first {limit}, the rest is ignored")
 
 
 def load_model(name_or_path: str | Path, device: str | torch.device = "cpu",

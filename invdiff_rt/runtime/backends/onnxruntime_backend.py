@@ -18,6 +18,7 @@ from ...errors import InvdiffError
 from ...export.gate import cpu_model_source
 from ...export.manifest import adapter_from_t, component_spec, read_manifest
 from ...export.onnx_export import external_data_path
+from ...models.loader import tokenize
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -129,9 +130,7 @@ class ExportRuntime:
         return self.components[name]
 
     def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
-        ids = self.tokenizer(list(prompts), padding="max_length", truncation=True,
-                             max_length=self.tokenizer.model_max_length, return_tensors="np").input_ids
-        return self._component("text_encoder")(input_ids=ids)
+        return self._component("text_encoder")(input_ids=tokenize(self.tokenizer, prompts, return_tensors="np"))
 
     def denoise_step(self, sample, timestep, text_embeddings, guidance_scale: float, adapter_weight: float):
         timestep = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1).expand(sample.shape[0])

@@ -12,6 +12,7 @@ from typing import Any, Mapping, Sequence
 from ...errors import InvdiffError
 from ...export import tensorrt as trt_export
 from ...export.manifest import adapter_from_t
+from ...models.loader import tokenize
 
 
 def _torch_dtype(trt, dtype):
@@ -158,8 +159,7 @@ class TrtRuntime:
     def encode_text(self, prompts: Sequence[str]):
         if self.tokenizer is None:
             raise InvdiffError("export folder: no tokenizer/ inside it; re-run `invdiff export`")
-        ids = self.tokenizer(list(prompts), padding="max_length", truncation=True,
-                             max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
+        ids = tokenize(self.tokenizer, prompts)
         return _only(self.runners["text_encoder"]({"input_ids": ids.to(self.device)})).clone()
 
     def decode(self, latents):
