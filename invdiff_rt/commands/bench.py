@@ -26,8 +26,8 @@ def bench(
     backends: str = typer.Option("torch,onnxruntime", "--backends", help="Comma-separated: torch, onnxruntime, "
                                  "openvino, tensorrt (the eager baseline always runs)."),
     peers: Optional[str] = typer.Option(None, "--peers", help="Comma-separated peers timed alongside: optimum-ort, openvino "
-                              "(needs the [peers] extra; skipped with one line without it)."),
-    peers_python: Optional[Path] = typer.Option(None, "--peers-python", help="Python of a venv with the [peers] "
+                              "(needs the \\[peers] extra; skipped with one line without it)."),
+    peers_python: Optional[Path] = typer.Option(None, "--peers-python", help="Python of a venv with the \\[peers] "
                                                 "extra, for the peer workers (default: this one)."),
     rounds: int = typer.Option(5, "--rounds", help="Interleaved rounds; ratios are medians over rounds."),
     eager: bool = typer.Option(True, "--eager/--no-eager", help="Time the diffusers-style eager baseline too."),
