@@ -73,6 +73,8 @@ def test_export_sizes_from_flags():
         resolution.export_sizes(base, "300", "768")
     with pytest.raises(InvdiffError, match="--min-size 768x768: larger than --max-size"):
         resolution.export_sizes(base, "768", "512")
+    with pytest.raises(InvdiffError, match="^--sizes 512x300: not a multiple of 64"):  # the flag given, not --min-size
+        resolution.export_sizes(base, sizes="512x512,512x300")
 
 
 def test_spec_symbolic_sizes_profile_and_round_trip():

@@ -117,8 +117,8 @@ def export_sizes(limits: SizeLimits, min_size: str | None = None, max_size: str 
         opt = limits.default if _le(lo, limits.default) and _le(limits.default, hi) else lo
     else:
         return None
-    for flag, size in (("--min-size", lo), ("--max-size", hi)):
-        check_size(limits, *size, flag=flag)
+    for flag, size in zip(("--sizes", "--sizes") if sizes else ("--min-size", "--max-size"), (lo, hi)):
+        check_size(limits, *size, flag=flag)  # the flag the user gave
     if not _le(lo, hi):
         raise InvdiffError(f"--min-size {_fmt(lo)}: larger than --max-size {_fmt(hi)}; swap them")
     return (lo, opt, hi)
