@@ -180,17 +180,23 @@ def read_jsonl(path: str | Path) -> list[dict]:
             out.append(json.loads(line))
         except json.JSONDecodeError as e:
             raise InvdiffError(f"{path}:{i}: not valid JSON ({e.msg}); delete the line or the file and rerun") from e
+        if not isinstance(out[-1], dict):
+            raise InvdiffError(f"{path}:{i}: not a JSON object; delete the line or the file and rerun")
     return out
 
 
-def read_json(path: str | Path, what: str = "file") -> dict:
+def read_json(path: str | Path, what: str = "file", fix: str = "regenerate it") -> dict:
+    """A JSON object (every manifest and record is one), or a one-line error naming the file and `fix`."""
     path = Path(path)
     if not path.exists():
         raise InvdiffError(f"{path}: {what} not found")
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise InvdiffError(f"{path}: {what} is not valid JSON (line {e.lineno}: {e.msg}); regenerate it") from e
+        raise InvdiffError(f"{path}: {what} is not valid JSON (line {e.lineno}: {e.msg}); {fix}") from e
+    if not isinstance(data, dict):
+        raise InvdiffError(f"{path}: {what} is not a JSON object (got {type(data).__name__}); {fix}")
+    return data
 
 
 _VERSIONED = ("invdiff-rt", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu",

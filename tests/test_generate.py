@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import os
 import signal
 import subprocess
@@ -145,6 +147,28 @@ def test_changed_settings_refused_unless_overwrite(loaded, tmp_path):
     redone = _run(loaded, out, num=1, steps=3, overwrite=True)
     assert redone.written == 2
     assert {r["settings"]["steps"] for r in read_jsonl(out / gen.MANIFEST)} == {3}
+
+
+@pytest.mark.parametrize("damage", [b"{bad", b"[1]"])
+def test_a_damaged_run_file_is_refused_unless_overwrite(loaded, tmp_path, damage):
+    out = tmp_path / "out"
+    _run(loaded, out, num=1)
+    (out / gen.RUN_FILE).write_bytes(damage)
+    with pytest.raises(InvdiffError, match=r"run.json: run settings is not (valid JSON|a JSON object).*; use a new "
+                                           r"--out or pass --overwrite$"):
+        _run(loaded, out, num=1)
+    again = _run(loaded, out, num=1, overwrite=True)  # replaced; the images of the same settings are kept
+    assert (again.written, again.skipped) == (0, 2)
+    assert json.loads((out / gen.RUN_FILE).read_text())["settings"] == gen.read_settings(out)
+
+
+def test_manifest_lines_must_be_json_objects(tmp_path):
+    path = tmp_path / "manifest.jsonl"
+    path.write_text('{"file": "a.png"}\n{"file": "b.png"')  # a torn tail from a killed writer: ignored
+    assert read_jsonl(path) == [{"file": "a.png"}]
+    path.write_text('{"file": "a.png"}\n[1]\n')  # valid JSON, not an object: was a TypeError in its readers
+    with pytest.raises(InvdiffError, match=r"manifest.jsonl:2: not a JSON object; delete the line or the file"):
+        read_jsonl(path)
 
 
 def test_grid_per_prompt_has_expected_size(loaded, tmp_path):

@@ -71,6 +71,17 @@ def test_a_refused_adapter_is_the_only_stderr_line(tiny_model_dir, tmp_path, mon
     assert not (tmp_path / "out").exists()
 
 
+def test_a_manifest_that_is_not_a_json_object_is_one_line(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from invdiff_rt.method.adapter import AdapterConfig, GuidanceAdapter, save_adapter
+
+    adapter = GuidanceAdapter(AdapterConfig(cross_attention_dim=16, width=8, depth=1, time_dim=16))
+    save_adapter(adapter, tmp_path / "ad", {"base_fingerprint": "a" * 64, "recipe": "erm", "lambda": 0.0})
+    (tmp_path / "ad" / "adapter.json").write_text("[1, 2]\n")  # valid JSON, not an object: was an AttributeError
+    code, err = _cli(monkeypatch, capsys, *_generate(tiny_model_dir, tmp_path / "out", "--adapter", tmp_path / "ad"))
+    assert code == 2 and "adapter.json: adapter manifest is not a JSON object (got list); regenerate it" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_unknown_scheduler_leaves_no_run_json(tiny_model_dir, tmp_path, monkeypatch, capsys):
     code, err = _cli(monkeypatch, capsys, *_generate(tiny_model_dir, tmp_path / "out", "--scheduler", "bogus"))
     assert code == 2 and "--scheduler bogus" in err and "ddim" in err

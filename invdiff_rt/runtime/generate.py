@@ -146,7 +146,7 @@ def check_run_file(out_dir: Path, settings: dict, overwrite: bool = False) -> bo
     path = out_dir / RUN_FILE
     existed = path.exists()
     if existed:
-        old = read_json(path, "run settings").get("settings", {})
+        old = _old_settings(path, overwrite)
         if old == settings:
             return False
         if not overwrite:
@@ -154,6 +154,16 @@ def check_run_file(out_dir: Path, settings: dict, overwrite: bool = False) -> bo
                                f"use a new --out or pass --overwrite")
     atomic_write_json(path, {"settings": settings, "versions": package_versions()})
     return existed
+
+
+def _old_settings(path: Path, overwrite: bool) -> dict | None:
+    """The recorded settings; a damaged run.json is replaced under --overwrite (None), else a one-line error."""
+    try:
+        return read_json(path, "run settings", fix="use a new --out or pass --overwrite").get("settings", {})
+    except InvdiffError:
+        if overwrite:
+            return None
+        raise
 
 
 def _diff(old: dict, new: dict) -> str:
@@ -167,7 +177,11 @@ def _short(value) -> str:
 
 
 def read_settings(out_dir: Path) -> dict:
-    return read_json(out_dir / RUN_FILE, "run settings (write it by running `invdiff generate` first)")["settings"]
+    path = out_dir / RUN_FILE
+    settings = read_json(path, "run settings (write it by running `invdiff generate` first)").get("settings")
+    if not isinstance(settings, dict):
+        raise InvdiffError(f"{path}: no settings recorded; rerun the `invdiff generate` command that made {out_dir}")
+    return settings
 
 
 # ---------------------------------------------------------------- manifests
