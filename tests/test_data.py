@@ -239,6 +239,11 @@ def test_cli_make_and_info(tmp_path):
     result = runner.invoke(app, ["data", "make", "colored-digits", "--out", str(tmp_path / "x"), "--n-train", "5"])
     assert isinstance(result.exception, InvdiffError) and "--n-train" in str(result.exception)
     assert not (tmp_path / "x").exists()
+    (out / "dataset.json").write_text("{}\n")  # a manifest without the attribute: was a KeyError
+    result = runner.invoke(app, ["data", "info", str(out)])
+    assert isinstance(result.exception, InvdiffError)
+    assert str(result.exception) == (f"--attribute: {out / 'dataset.json'} records no attribute; pass one of: "
+                                     "background, fill, minority, shape")
 
 
 def test_console_entry_exit_code_and_one_line_error(tmp_path):

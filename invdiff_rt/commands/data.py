@@ -53,12 +53,15 @@ def _default_attribute(root: Path, records) -> str:
     from ..artifacts import read_json
     from ..errors import InvdiffError
 
-    if (root / "dataset.json").is_file():
-        return read_json(root / "dataset.json", "dataset manifest")["attribute"]
+    manifest = root / "dataset.json"
+    recorded = read_json(manifest, "dataset manifest").get("attribute") if manifest.is_file() else None
+    if isinstance(recorded, str):
+        return recorded
     columns = sorted({k for r in records for k in r.attrs})
     if len(columns) == 1:
         return columns[0]
-    raise InvdiffError(f"--attribute: {root} has no dataset.json; pass one of: {', '.join(columns) or 'no columns'}")
+    why = f"{manifest} records no attribute" if manifest.is_file() else f"{root} has no dataset.json"
+    raise InvdiffError(f"--attribute: {why}; pass one of: {', '.join(columns) or 'no columns'}")
 
 
 def _print_info(root: Path, attribute: Optional[str]) -> None:
