@@ -62,6 +62,11 @@ def test_save_load_round_trip_and_fingerprint_mismatch(tmp_path):
     assert len(adapter_fingerprint(out)) == 64
     with pytest.raises(InvdiffError, match=r"adapter.json: trained for base aaaaaaaaaaaa, got bbbbbbbbbbbb; retrain"):
         load_adapter(out, SimpleNamespace(fingerprint="b" * 64))
+    edited = {k: v for k, v in manifest.items() if k != "weights_sha256"}  # hand-edited: was a KeyError
+    (out / "adapter.json").write_text(json.dumps(edited))
+    with pytest.raises(InvdiffError, match=r"adapter.json: adapter manifest without weights_sha256; retrain"):
+        load_adapter(out, SimpleNamespace(fingerprint="a" * 64))
+    (out / "adapter.json").write_text(json.dumps(manifest))
     (out / "adapter.safetensors").write_bytes(b"corrupt")
     with pytest.raises(InvdiffError, match="adapter.safetensors"):
         load_adapter(out, SimpleNamespace(fingerprint="a" * 64))

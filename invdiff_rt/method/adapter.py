@@ -131,6 +131,10 @@ def read_adapter_manifest(adapter_dir: str | Path) -> dict:
     if manifest.get("format") != FORMAT:
         raise InvdiffError(f"{adapter_dir / MANIFEST_NAME}: not an invdiff-rt adapter manifest; "
                            "point to a directory written by `invdiff train`")
+    missing = [key for key in ("base_fingerprint", "weights_sha256", "config") if key not in manifest]
+    if missing:
+        raise InvdiffError(f"{adapter_dir / MANIFEST_NAME}: adapter manifest without {', '.join(missing)}; "
+                           "retrain with `invdiff train`")
     return manifest
 
 
