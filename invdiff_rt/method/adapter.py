@@ -125,13 +125,16 @@ def save_adapter(adapter: GuidanceAdapter, out_dir: str | Path, meta: dict) -> P
     return Path(out_dir)
 
 
-def read_adapter_manifest(adapter_dir: str | Path) -> dict:
+IDENTITY = ("base_fingerprint", "weights_sha256", "config")  # the fields that loading or fingerprinting it reads
+
+
+def read_adapter_manifest(adapter_dir: str | Path, require: tuple[str, ...] = ()) -> dict:
     adapter_dir = Path(adapter_dir)
     manifest = artifacts.read_json(adapter_dir / MANIFEST_NAME, "adapter manifest")
     if manifest.get("format") != FORMAT:
         raise InvdiffError(f"{adapter_dir / MANIFEST_NAME}: not an invdiff-rt adapter manifest; "
                            "point to a directory written by `invdiff train`")
-    missing = [key for key in ("base_fingerprint", "weights_sha256", "config") if key not in manifest]
+    missing = [key for key in require if key not in manifest]
     if missing:
         raise InvdiffError(f"{adapter_dir / MANIFEST_NAME}: adapter manifest without {', '.join(missing)}; "
                            "retrain with `invdiff train`")
@@ -141,7 +144,7 @@ def read_adapter_manifest(adapter_dir: str | Path) -> dict:
 def load_adapter(adapter_dir: str | Path, model) -> GuidanceAdapter:
     """Load a trained adapter for `model` (eval mode, frozen); refuses an adapter trained for another base."""
     adapter_dir = Path(adapter_dir)
-    manifest = read_adapter_manifest(adapter_dir)
+    manifest = read_adapter_manifest(adapter_dir, IDENTITY)
     trained, got = manifest.get("base_fingerprint", ""), model.fingerprint
     if trained != got:
         raise InvdiffError(f"{adapter_dir / MANIFEST_NAME}: trained for base {trained[:12]}, got {got[:12]}; "
@@ -160,6 +163,6 @@ def load_adapter(adapter_dir: str | Path, model) -> GuidanceAdapter:
 
 def adapter_fingerprint(adapter_dir: str | Path) -> str:
     """Identity of a trained adapter: its weights and architecture (not its timing fields)."""
-    manifest = read_adapter_manifest(adapter_dir)
+    manifest = read_adapter_manifest(adapter_dir, IDENTITY)
     return artifacts.sha256_json({"weights": manifest["weights_sha256"], "config": manifest["config"],
                                   "base": manifest.get("base_fingerprint")})
