@@ -60,22 +60,24 @@ def test_steps_zero_is_refused_before_run_json(tiny_model_dir, tmp_path, monkeyp
     assert not (tmp_path / "out").exists()
 
 
-def test_a_refused_adapter_is_the_only_stderr_line(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    """The model loads before the adapter is checked; the loading progress bar of transformers stays off stderr."""
+def _foreign_adapter(folder: Path) -> Path:
+    """A tiny adapter saved for another base (fingerprint aaaa...)."""
     from invdiff_rt.method.adapter import AdapterConfig, GuidanceAdapter, save_adapter
 
     adapter = GuidanceAdapter(AdapterConfig(cross_attention_dim=16, width=8, depth=1, time_dim=16))
-    save_adapter(adapter, tmp_path / "ad", {"base_fingerprint": "a" * 64, "recipe": "erm", "lambda": 0.0})
+    return save_adapter(adapter, folder, {"base_fingerprint": "a" * 64, "recipe": "erm", "lambda": 0.0})
+
+
+def test_a_refused_adapter_is_the_only_stderr_line(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """The model loads before the adapter is checked; the loading progress bar of transformers stays off stderr."""
+    _foreign_adapter(tmp_path / "ad")
     code, err = _cli(monkeypatch, capsys, *_generate(tiny_model_dir, tmp_path / "out", "--adapter", tmp_path / "ad"))
     assert code == 2 and "trained for base aaaaaaaaaaaa" in err
     assert not (tmp_path / "out").exists()
 
 
 def test_a_manifest_that_is_not_a_json_object_is_one_line(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    from invdiff_rt.method.adapter import AdapterConfig, GuidanceAdapter, save_adapter
-
-    adapter = GuidanceAdapter(AdapterConfig(cross_attention_dim=16, width=8, depth=1, time_dim=16))
-    save_adapter(adapter, tmp_path / "ad", {"base_fingerprint": "a" * 64, "recipe": "erm", "lambda": 0.0})
+    _foreign_adapter(tmp_path / "ad")
     (tmp_path / "ad" / "adapter.json").write_text("[1, 2]\n")  # valid JSON, not an object: was an AttributeError
     code, err = _cli(monkeypatch, capsys, *_generate(tiny_model_dir, tmp_path / "out", "--adapter", tmp_path / "ad"))
     assert code == 2 and "adapter.json: adapter manifest is not a JSON object (got list); regenerate it" in err
