@@ -114,7 +114,7 @@ class LatentDiffusionModel:
         return self
 
 
-_NOTED_LONG: set[str] = set()  # prompts already reported as truncated (encode_text runs once per batch)
+_CHECKED: set[str] = set()  # prompts whose length was checked (encode_text runs once per batch: each is read once)
 
 
 def tokenize(tokenizer, prompts: Sequence[str], return_tensors: str = "pt"):
@@ -127,10 +127,10 @@ def tokenize(tokenizer, prompts: Sequence[str], return_tensors: str = "pt"):
 
 def _note_truncated(tokenizer, prompts: Sequence[str]) -> None:
     limit = tokenizer.model_max_length
-    for prompt in dict.fromkeys(p for p in prompts if p not in _NOTED_LONG):
+    for prompt in dict.fromkeys(p for p in prompts if p not in _CHECKED):
+        _CHECKED.add(prompt)
         n = len(tokenizer(prompt, verbose=False).input_ids)  # verbose: no warning of its own
         if n > limit:
-            _NOTED_LONG.add(prompt)
             shown = prompt if len(prompt) <= 40 else prompt[:40] + "..."
             logging.getLogger(__name__).warning(f"note: prompt {shown!r} has {n} tokens; the text encoder reads the "
                                                 f"first {limit}, the rest is ignored")
