@@ -120,6 +120,10 @@ def _fixed(*values: str) -> Callable[[], Sequence[str]]:
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 SAMPLING_STEPS = Rule(min=1, max=1000, note="a scheduler samples at most the model's 1000 training timesteps")
 
+
+def _threads(low: int) -> Rule:
+    return Rule(min=low, max=CORES, note="the cores this process may use")
+
 # Keys: "--flag" for every command, or "command --flag" (command path joined by spaces) to override it.
 RULES: dict[str, Rule] = {
     "--steps": Rule(min=1),
@@ -135,9 +139,9 @@ RULES: dict[str, Rule] = {
     "--calibrate-min-samples": Rule(min=0),
     "--min-samples": Rule(min=0),
     "--batch-size": Rule(min=1),
-    "--threads": Rule(min=0, max=CORES, note="the cores this process may use"),
-    "generate --threads": Rule(min=1, max=CORES, note="the cores this process may use"),
-    "bench --threads": Rule(min=1, max=CORES, note="the cores this process may use"),
+    "--threads": _threads(0),
+    "generate --threads": _threads(1),
+    "bench --threads": _threads(1),
     "--epochs": Rule(min=1),
     "--size": Rule(min=8, max=1024),
     "--n-train": Rule(min=1),
