@@ -66,6 +66,13 @@ def test_read_prompts_skips_blank_and_comments(tmp_path):
     assert gen.read_prompts(path) == ["a cat", "a dog"]
 
 
+def test_read_prompts_from_a_windows_editor(tmp_path):
+    """A UTF-8 byte-order mark and CRLF line ends (Notepad's UTF-8) are not part of the prompts."""
+    path = tmp_path / "p.txt"
+    path.write_bytes("\ufeffa cat\r\na caf\u00e9\r\n".encode("utf-8"))
+    assert gen.read_prompts(path) == ["a cat", "a caf\u00e9"]
+
+
 @pytest.mark.parametrize("content", [None, "", "# only a comment\n\n"])
 def test_read_prompts_missing_or_empty_names_file(tmp_path, content):
     path = tmp_path / "p.txt"

@@ -205,6 +205,14 @@ def test_metadata_not_utf8_and_blank_text(tmp_path):
         read_split(root)
 
 
+def test_metadata_with_a_byte_order_mark_reads(tmp_path):
+    root = _dataset(tmp_path / "d", [{"file_name": "a.png", "text": PROMPT}], {"a.png": Image.new("RGB", (8, 8))})
+    meta = root / "train" / "metadata.jsonl"
+    meta.write_bytes(b"\xef\xbb\xbf" + meta.read_bytes().replace(b"\n", b"\r\n"))
+    [record] = read_split(root)
+    assert record.text == PROMPT and record.file.name == "a.png"
+
+
 def test_other_modes_convert_to_rgb_and_sizes_resize(tmp_path, caplog):
     grey16 = Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16))
     assert grey16.mode in ("I;16", "I")

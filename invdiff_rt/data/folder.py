@@ -87,14 +87,15 @@ def read_split(root: str | Path, split: str = "train") -> list[Record]:
 
 
 def read_text_lines(path: Path, flag: str = "") -> list[str]:
-    """The lines of a UTF-8 text file; a byte sequence that is not UTF-8 is an error naming its line."""
+    """The lines of a UTF-8 text file (a leading byte-order mark, as Windows editors write, is dropped; any line
+    ending); a byte sequence that is not UTF-8 is an error naming its line."""
     where = f"{flag} {path}" if flag else str(path)
     try:
         data = path.read_bytes()
     except OSError as e:
         raise InvdiffError(f"{where}: unreadable ({e.strerror}); check the file") from e
     try:
-        return data.decode("utf-8").splitlines()
+        return data.decode("utf-8-sig").splitlines()
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
         raise InvdiffError(f"{where}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save it as UTF-8") from None
