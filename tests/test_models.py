@@ -5,7 +5,7 @@ import torch
 
 from invdiff_rt.errors import InvdiffError
 from invdiff_rt.models.checkpoint import load_checkpoint, save_checkpoint
-from invdiff_rt.models.loader import load_model, model_fingerprint, resolve_model, tokenize
+from invdiff_rt.models.loader import load_model, model_fingerprint, resolve_model, tokenize, weights_variant
 from invdiff_rt.models.tokenizer import build_tokenizer
 
 
@@ -51,6 +51,33 @@ def test_stable_diffusion_pipeline_loads_the_same_directory(tiny_model_dir):
     out = pipe("a photo of the digit 3", num_inference_steps=2, height=32, width=32, output_type="np",
                generator=torch.Generator().manual_seed(0))
     assert out.images.shape == (1, 32, 32, 3)
+
+
+def test_a_model_with_only_fp16_variant_weights_loads_the_same(tmp_path, tiny_model_dir, tiny_model):
+    """Hugging Face repositories ship SD's weights as `*.fp16.safetensors` too; a folder with only those loads."""
+    import shutil
+
+    variant = shutil.copytree(tiny_model_dir, tmp_path / "m")
+    for weights in [*variant.glob("*/diffusion_pytorch_model.safetensors"), *variant.glob("*/model.safetensors")]:
+        weights.rename(weights.with_suffix(".fp16.safetensors"))
+    assert weights_variant(variant / "unet") == "fp16" and weights_variant(variant / "text_encoder") == "fp16"
+    m = load_model(variant)
+    x, t, emb = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), tiny_model.encode_text(["a", ""])
+    assert torch.equal(m.unet(x, t, encoder_hidden_states=emb).sample,
+                       tiny_model.unet(x, t, encoder_hidden_states=emb).sample)
+    assert torch.equal(m.encode_text(["a photo of the digit 3"]), tiny_model.encode_text(["a photo of the digit 3"]))
+
+
+@pytest.mark.parametrize("names, variant", [
+    (["config.json", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"], None),
+    (["config.json", "diffusion_pytorch_model-00001-of-00002.safetensors"], None),
+    (["config.json", "diffusion_pytorch_model.fp16-00001-of-00002.safetensors"], "fp16"),
+    (["config.json", "model.bf16.safetensors"], "bf16"),
+    (["config.json"], None)])
+def test_weights_variant(tmp_path, names, variant):
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    assert weights_variant(tmp_path) == variant
 
 
 def test_resolve_model_errors(tmp_path):

@@ -4,6 +4,7 @@ and for the embedded mini-SD models that ship inside the package (addressable by
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -17,6 +18,8 @@ from ..errors import InvdiffError
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "models"
 BUILTIN_MODELS = ("colored-digits", "shapes-habitats", "styled-digits")
 _COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+_PLAIN = re.compile(r"(diffusion_pytorch_model|model)(-\d+-of-\d+)?\.(safetensors|bin)")
+_VARIANT = re.compile(r"(diffusion_pytorch_model|model)\.(\w+?)(-\d+-of-\d+)?\.(safetensors|bin)")
 
 
 def resolve_model(name_or_path: str | Path) -> Path:
@@ -36,6 +39,16 @@ def resolve_model(name_or_path: str | Path) -> Path:
     if missing:
         raise InvdiffError(f"--model {path}: missing component folder(s) {', '.join(missing)}")
     return path
+
+
+def weights_variant(folder: Path) -> str | None:
+    """The variant of a component's weights when it ships only a variant (`model.fp16.safetensors`, as Hugging Face
+    repositories offer SD in fp16), which `from_pretrained(variant=...)` reads; None for plain weights."""
+    names = [p.name for p in folder.iterdir()]
+    if any(_PLAIN.fullmatch(n) for n in names):
+        return None
+    found = sorted({m.group(2) for m in map(_VARIANT.fullmatch, names) if m})
+    return found[0] if found else None
 
 
 def model_fingerprint(path: Path) -> str:
@@ -147,9 +160,10 @@ def load_model(name_or_path: str | Path, device: str | torch.device = "cpu",
     transformers_logging.disable_progress_bar()  # its "Loading weights" bar on stderr, before a one-line error too
     try:
         tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype)
-        unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=dtype)
+        text_encoder, vae, unet = (cls.from_pretrained(path / name, torch_dtype=dtype,
+                                                       variant=weights_variant(path / name))
+                                   for cls, name in ((CLIPTextModel, "text_encoder"), (AutoencoderKL, "vae"),
+                                                     (UNet2DConditionModel, "unet")))
     except (OSError, ValueError) as e:
         raise InvdiffError(f"--model {path}: cannot load ({str(e).splitlines()[0]})") from e
     scheduler_config = read_json(path / "scheduler" / "scheduler_config.json", "scheduler config")
