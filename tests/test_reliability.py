@@ -115,6 +115,22 @@ def test_prompts_file_not_utf8_names_file_and_line(tiny_model_dir, tmp_path, mon
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("edit, key", [({"addition_embed_type": "text_time"}, "addition_embed_type"),
+                                       ({"in_channels": 9}, "in_channels"),
+                                       ({"class_embed_type": "projection"}, "class_embed_type"),
+                                       ({"num_class_embeds": 1000}, "num_class_embeds")])
+def test_a_model_that_is_not_text_to_image_is_one_line(tiny_model_dir, tmp_path, monkeypatch, capsys, edit, key):
+    """SDXL, inpainting, unCLIP and upscaler UNets load but need inputs the pipeline does not give: refused up front."""
+    import shutil
+
+    model = shutil.copytree(tiny_model_dir, tmp_path / "m")
+    config = model / "unet" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), **edit}))
+    code, err = _cli(monkeypatch, capsys, *_generate(model, tmp_path / "out"))
+    assert code == 2 and f"unet/config.json has {key}" in err and "text-to-image SD 1.x/2.x" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_out_below_a_regular_file(tiny_model_dir, tmp_path, monkeypatch, capsys):
     (tmp_path / "afile").write_text("x")
     code, err = _cli(monkeypatch, capsys, *_generate(tiny_model_dir, tmp_path / "afile" / "out"))

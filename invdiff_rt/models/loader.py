@@ -18,6 +18,7 @@ from ..errors import InvdiffError
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "models"
 BUILTIN_MODELS = ("colored-digits", "shapes-habitats", "styled-digits")
 _COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+_EXTRA_CONDITIONING = ("addition_embed_type", "class_embed_type", "num_class_embeds")
 _PLAIN = re.compile(r"(diffusion_pytorch_model|model)(-\d+-of-\d+)?\.(safetensors|bin)")
 _VARIANT = re.compile(r"(diffusion_pytorch_model|model)\.(\w+?)(-\d+-of-\d+)?\.(safetensors|bin)")
 
@@ -38,7 +39,20 @@ def resolve_model(name_or_path: str | Path) -> Path:
     missing = [c for c in _COMPONENTS if not (path / c).is_dir()]
     if missing:
         raise InvdiffError(f"--model {path}: missing component folder(s) {', '.join(missing)}")
+    _check_text_to_image(path)
     return path
+
+
+def _check_text_to_image(path: Path) -> None:
+    """Refuse, before any weight loads, a UNet that needs more than (latents, t, text): SDXL's added conditioning,
+    an upscaler's or unCLIP's class embedding, an inpainting or depth model's extra input channels."""
+    config = read_json(path / "unet" / "config.json", "UNet config", "use the model's unet/config.json")
+    why = next((key for key in _EXTRA_CONDITIONING if config.get(key)), None)
+    if why is None and config.get("in_channels", 4) != config.get("out_channels", 4):
+        why = "in_channels"
+    if why:
+        raise InvdiffError(f"--model {path}: unet/config.json has {why} {config[why]!r}; invdiff runs text-to-image "
+                           f"SD 1.x/2.x UNets (not SDXL, upscaling, inpainting or depth models)")
 
 
 def weights_variant(folder: Path) -> str | None:
