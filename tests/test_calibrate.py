@@ -11,6 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from invdiff_rt.errors import InvdiffError
 from invdiff_rt.method import calibrate as cal
 from invdiff_rt.method.targets import Posterior, timestep_probs
 
@@ -221,6 +222,7 @@ def test_a_calibration_with_other_rule_settings_replaces_the_recorded_table(tmp_
     monkeypatch.setattr(adapter_mod, "load_adapter", lambda folder, model: None)
     monkeypatch.setattr(splits, "as_trained", lambda groups, manifest, prompt_ids: groups)
     monkeypatch.setattr(cal, "calibrate", lambda *args: json.loads(json.dumps(new)))
+    monkeypatch.setattr(cal, "check_groups_match", lambda groups, inputs: None)
     inputs = type("Inputs", (), {"prompt_ids": None})()
     for change, scales in (({"pairs": 1}, ["3"]), ({"flag_width": 0.0}, ["3"]), ({"reference_pairs": 4}, ["3"]),
                            ({"centre": "training"}, ["3"]), ({"per_prompt": 8}, ["3"]), ({"seed": 1}, ["3"]),
@@ -434,3 +436,40 @@ def test_active_from_t_is_where_the_groups_reweighting_moves_the_posterior():
     assert from_t == 450  # golden: the shift peaks at t = 500 (0.077 rms), 3/4 of it is first reached at 450
     assert profile["250"] == 0.0 and profile["500"] == pytest.approx(0.0775, abs=1e-3)
     assert active_from_t(sched, latents, prompt_ids, torch.full((16,), 1 / 16))[0] == 0  # no reweighting: every t
+
+
+def _groups_of(fingerprint: str, rows: int = 4):
+    from types import SimpleNamespace
+
+    weights = torch.zeros(rows, 2)
+    return SimpleNamespace(fingerprint=fingerprint, grouping=SimpleNamespace(weights=weights),
+                           meta={"fingerprint": fingerprint, "data_fingerprint": "d" * 64, "base_fingerprint": "b" * 64})
+
+
+@pytest.mark.parametrize("manifest, message", [
+    ({"recipe": "erm", "groups_source": "none"}, "--adapter A: trained with recipe erm on groups none"),
+    ({"recipe": "paper", "groups_source": "inferred", "groups_fingerprint": "f" * 64}, "with recipe paper"),
+    ({"recipe": "invdiff-rt", "groups_source": "oracle:color"}, "on groups oracle:color"),
+    ({"recipe": "invdiff-rt", "groups_source": "inferred", "groups_fingerprint": "e" * 64},
+     "--groups G: the adapter was trained on other groups (eeeeeeeeeeee, these are ffffffffffff)")])
+def test_calibrate_refuses_an_adapter_the_rule_does_not_apply_to(manifest, message):
+    """The weight would be recorded for an erm/paper/oracle adapter, or from groups it was not trained on."""
+    with pytest.raises(InvdiffError) as e:
+        cal.check_calibratable(manifest, _groups_of("f" * 64), "A", "G")
+    assert message in str(e.value) and "\n" not in str(e.value)
+    cal.check_calibratable({"recipe": "invdiff-rt", "groups_source": "inferred", "groups_fingerprint": "f" * 64},
+                           _groups_of("f" * 64), "A", "G")
+
+
+def test_groups_of_another_dataset_are_refused():
+    from types import SimpleNamespace
+
+    from invdiff_rt.method.grouper import check_groups_match
+
+    inputs = SimpleNamespace(data_fingerprint="c" * 64, base_fingerprint="b" * 64, latents=torch.zeros(4, 1))
+    with pytest.raises(InvdiffError, match=r"--groups: made for --data dddddddddddd, got cccccccccccc"):
+        check_groups_match(_groups_of("f" * 64), inputs)
+    inputs.data_fingerprint = "d" * 64
+    check_groups_match(_groups_of("f" * 64), inputs)
+    with pytest.raises(InvdiffError, match="row count does not match"):
+        check_groups_match(_groups_of("f" * 64, rows=3), inputs)

@@ -118,10 +118,10 @@ def test_cli_errors_are_one_line(setup):
     assert "--recipe erm: needs no groups" in str(r.exception)
     r = _invoke("train", "--model", str(model), "--data", str(data), "--out", str(tmp / "x"), "--recipe", "nope")
     assert "--recipe nope: unknown" in str(r.exception)
-    for bad in ("soon", "-5"):
+    for bad in ("soon", "-5", "1000"):  # 1000: no training timestep is drawn there, the adapter would never act
         r = _invoke("train", "--model", str(model), "--data", str(data), "--out", str(tmp / "x"), "--recipe", "erm",
                     "--from-t", bad)
-        assert f"--from-t {bad}: give a timestep >= 0 (0: every step) or auto" in str(r.exception)
+        assert f"--from-t {bad}: give a timestep in 0..999 (0: every step) or auto" in str(r.exception)
     assert not (tmp / "x").exists()
 
 

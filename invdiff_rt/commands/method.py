@@ -191,7 +191,9 @@ def calibrate(
     """Pick the adapter weight without labels (the groups' score on the adapter's own samples)."""
     from ..errors import InvdiffError
     from ..method.cache import base_inputs
-    from ..method.calibrate import CalibrateConfig, calibrate_adapter, calibrates, unbracketed_note
+    from ..method.adapter import read_adapter_manifest
+    from ..method.calibrate import (CalibrateConfig, calibrate_adapter, calibrates, check_calibratable,
+                                    unbracketed_note)
     from ..method.grouper import load_groups
     from ..models.loader import load_model
 
@@ -199,6 +201,7 @@ def calibrate(
     if not calibrates("invdiff-rt", groups):
         raise InvdiffError(f"--groups {groups_prefix}: not inferred by `invdiff groups --recipe invdiff-rt`; the "
                            "rule reuses their score")
+    check_calibratable(read_adapter_manifest(adapter), groups, adapter, groups_prefix)
     _set_threads(threads)
     base = load_model(model)
     config = CalibrateConfig(guidance_scales=tuple(guidance_scale), per_prompt=per_prompt,

@@ -57,7 +57,7 @@ import torch
 from ..errors import InvdiffError
 from .defaults import (CALIBRATION_CENTRE, CALIBRATION_FLAG_WIDTH, CALIBRATION_INFERRED_SCORINGS,
                        CALIBRATION_MIN_SAMPLES, CALIBRATION_PAIRS, CALIBRATION_PER_PROMPT)
-from .grouper import prompt_median_mad, robust_z
+from .grouper import check_groups_match, prompt_median_mad, robust_z
 
 RULE = "contrast-flag-rate"
 CENTRES = ("base", "training")  # where the generated samples' cut is centred: the base model's samples, the rows'
@@ -416,6 +416,19 @@ def calibrates(recipe: str, groups) -> bool:
         meta.get("profile", {}).get("source") == "inferred"
 
 
+def check_calibratable(manifest: dict, groups, adapter_dir, groups_prefix) -> None:
+    """`invdiff calibrate`'s inputs fit: an invdiff-rt adapter trained on inferred groups, these groups (the rule
+    reads their detector and target rate); else one line naming the flag."""
+    recipe, source = manifest.get("recipe"), manifest.get("groups_source")
+    if recipe != "invdiff-rt" or source != "inferred":
+        raise InvdiffError(f"--adapter {adapter_dir}: trained with recipe {recipe} on groups {source}; the label-free "
+                           "weight is for invdiff-rt adapters on inferred groups (give others --adapter-weight)")
+    if manifest.get("groups_fingerprint") != groups.fingerprint:
+        raise InvdiffError(f"--groups {groups_prefix}: the adapter was trained on other groups "
+                           f"({str(manifest.get('groups_fingerprint'))[:12]}, these are {groups.fingerprint[:12]}); "
+                           "pass the groups it was trained with")
+
+
 def calibrate_adapter(model, adapter_dir, inputs, groups, config: CalibrateConfig = CalibrateConfig()) -> dict:
     """Calibrate the adapter in `adapter_dir` and record the result in its adapter.json (atomically)."""
     from .. import artifacts
@@ -425,6 +438,7 @@ def calibrate_adapter(model, adapter_dir, inputs, groups, config: CalibrateConfi
 
     adapter = load_adapter(adapter_dir, model)
     manifest = read_adapter_manifest(adapter_dir)
+    check_groups_match(groups, inputs)
     record = calibrate(model, adapter, inputs, as_trained(groups, manifest, inputs.prompt_ids), config)
     previous = manifest.get("calibration") or {}
     keys = record.keys() - {"by_guidance_scale", "seconds"}  # the record's fields describe every scale in its table

@@ -292,6 +292,19 @@ def load_groups(prefix: str | Path) -> GroupsResult:
     return GroupsResult(g, meta)
 
 
+def check_groups_match(groups: GroupsResult, inputs) -> None:
+    """The groups were inferred on this dataset with this base (`invdiff train` and `invdiff calibrate` read them
+    row by row)."""
+    for key, have in (("data_fingerprint", inputs.data_fingerprint), ("base_fingerprint", inputs.base_fingerprint)):
+        made = groups.meta.get(key, "")
+        if made != have:
+            what = "--data" if key.startswith("data") else "--model"
+            raise InvdiffError(f"--groups: made for {what} {made[:12]}, got {have[:12]}; rerun `invdiff groups` "
+                               f"with this {what}")
+    if groups.grouping.weights.shape[0] != inputs.latents.shape[0]:
+        raise InvdiffError("--groups: row count does not match the dataset; rerun `invdiff groups`")
+
+
 def _check_recipe(recipe: str, groups: int | None) -> int:
     if recipe == "erm":
         raise InvdiffError("--recipe erm: needs no groups; run `invdiff train --recipe erm` directly")

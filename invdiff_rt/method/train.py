@@ -22,8 +22,9 @@ from ..errors import InvdiffError
 from ..parallel import map_ahead
 from .adapter import GuidanceAdapter, config_for_unet, parameter_count, save_adapter
 from .defaults import ADAPTER_STEPS, CALIBRATION_MIN_SAMPLES, CALIBRATION_PER_PROMPT
-from .grouper import Grouping, GroupsResult, group_erm, group_from_flags, hidden_minority
-from .losses import _gen, denoising_target, make_noise_scheduler, progress_bar, target_from_eps
+from .grouper import Grouping, GroupsResult, check_groups_match, group_erm, group_from_flags, hidden_minority
+from .losses import (NUM_TRAIN_TIMESTEPS, _gen, denoising_target, make_noise_scheduler, progress_bar,
+                     target_from_eps)
 from . import splits
 from .objective import invariance_objective, per_sample_loss
 from .targets import (FROM_T_FRACTION, POSTERIOR_TARGETS, T_SAMPLING, TARGETS, Posterior, active_from_t,
@@ -108,8 +109,9 @@ def check_train_config(config: TrainConfig) -> None:
     if not config.eps_base_input and config.target != "posterior":
         raise InvdiffError(f"--no-eps-base-input: target {config.target} needs the base prediction; use --target "
                            "posterior or drop --no-eps-base-input")
-    if config.from_t != "auto" and not (isinstance(config.from_t, int) and config.from_t >= 0):
-        raise InvdiffError(f"--from-t {config.from_t}: give a timestep >= 0 (0: every step) or auto")
+    if config.from_t != "auto" and not (isinstance(config.from_t, int) and 0 <= config.from_t < NUM_TRAIN_TIMESTEPS):
+        raise InvdiffError(f"--from-t {config.from_t}: give a timestep in 0..{NUM_TRAIN_TIMESTEPS - 1} (0: every "
+                           "step) or auto")
     for flag, value, allowed in (("--t-sampling", config.t_sampling, T_SAMPLING), ("--target", config.target, TARGETS)):
         if value not in allowed:
             raise InvdiffError(f"{flag} {value}: unknown; use one of {', '.join(allowed)}")
@@ -127,20 +129,9 @@ def _resolve_grouping(groups: GroupsResult | None, inputs, data_dir, config: Tra
     if groups is None:
         raise InvdiffError(f"--groups: recipe {config.recipe} needs groups; run `invdiff groups` first "
                            "(or use --recipe erm / --oracle-groups-from COLUMN)")
-    _check_groups_match(groups, inputs)
+    check_groups_match(groups, inputs)
     return groups.grouping, {"groups_source": groups.meta.get("profile", {}).get("source", "inferred"),
                              "groups_fingerprint": groups.fingerprint, "groups_recipe": groups.meta.get("recipe")}
-
-
-def _check_groups_match(groups: GroupsResult, inputs) -> None:
-    for key, have in (("data_fingerprint", inputs.data_fingerprint), ("base_fingerprint", inputs.base_fingerprint)):
-        made = groups.meta.get(key, "")
-        if made != have:
-            what = "--data" if key.startswith("data") else "--model"
-            raise InvdiffError(f"--groups: made for {what} {made[:12]}, got {have[:12]}; rerun `invdiff groups` "
-                               f"with this {what}")
-    if groups.grouping.weights.shape[0] != inputs.latents.shape[0]:
-        raise InvdiffError("--groups: row count does not match the dataset; rerun `invdiff groups`")
 
 
 @dataclass
