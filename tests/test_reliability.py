@@ -131,6 +131,23 @@ def test_a_model_that_is_not_text_to_image_is_one_line(tiny_model_dir, tmp_path,
     assert not (tmp_path / "out").exists()
 
 
+def test_a_no_cfg_export_samples_at_scale_1_and_refuses_another(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """A --no-cfg export has no unconditional half: --guidance-scale 7.5 was recorded in run.json but not applied."""
+    from invdiff_rt.cli import app
+    from typer.testing import CliRunner
+
+    export = tmp_path / "e"
+    r = CliRunner().invoke(app, ["export", "--model", str(tiny_model_dir), "--out", str(export), "--no-cfg"])
+    assert r.exit_code == 0, r.output
+    argv = ["generate", "--export", export, "--backend", "onnxruntime", "--prompt", PROMPT, "--num", "1", "--steps",
+            "2"]
+    code, err = _cli(monkeypatch, capsys, *argv, "--out", tmp_path / "a", "--guidance-scale", "7.5")
+    assert code == 2 and "--guidance-scale 7.5:" in err and "--no-cfg" in err and not (tmp_path / "a").exists()
+    r = CliRunner().invoke(app, [*map(str, argv), "--out", str(tmp_path / "b")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "b" / "run.json").read_text())["settings"]["guidance_scale"] == 1.0
+
+
 def test_out_below_a_regular_file(tiny_model_dir, tmp_path, monkeypatch, capsys):
     (tmp_path / "afile").write_text("x")
     code, err = _cli(monkeypatch, capsys, *_generate(tiny_model_dir, tmp_path / "afile" / "out"))

@@ -26,7 +26,8 @@ def generate(
     batch_size: int = typer.Option(8, "--batch-size", help="Images per denoising batch (does not change images)."),
     seed: int = typer.Option(0, "--seed", help="Seed: image (prompt, index) depends only on it."),
     steps: int = typer.Option(25, "--steps", help="Denoising steps."),
-    guidance_scale: float = typer.Option(DEFAULT_GUIDANCE, "--guidance-scale", help="Classifier-free guidance scale."),
+    guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", help="Classifier-free guidance scale "
+                                                   f"(default: {DEFAULT_GUIDANCE:g}; 1 for a --no-cfg export)."),
     adapter_weight: Optional[float] = typer.Option(
         None, "--adapter-weight", help="Weight of the debiasing adapter (default: the weight recorded with it)."),
     backend: str = typer.Option("auto", "--backend",
@@ -52,6 +53,7 @@ def generate(
     from ..method.calibrate import resolve_weight
 
     prompts = _prompts(prompt, prompts_file)
+    guidance_scale = gen.guidance_for(guidance_scale, export)
     adapter_weight, how = resolve_weight(adapter_weight, guidance_scale, adapter, export)
     console = Console()
     if adapter is not None or export is not None:

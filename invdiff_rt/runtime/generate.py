@@ -443,6 +443,19 @@ def check_export_adapter(adapter, export, backend: str) -> None:
                            f"backend here is {backend})")
 
 
+def guidance_for(scale: float | None, export) -> float:
+    """--guidance-scale, or its default: 3.0, or 1 for an export made with --no-cfg (no unconditional half, so it
+    cannot guide: another scale there would be recorded but not applied, and is refused)."""
+    from ..export.manifest import read_manifest
+    from .defaults import DEFAULT_GUIDANCE
+
+    cfg = export is None or read_manifest(export, verify=False).get("cfg", True)
+    if scale is not None and not cfg and scale != 1:
+        raise InvdiffError(f"--guidance-scale {scale:g}: {export} was exported with --no-cfg and samples at scale 1 "
+                           "only; drop --guidance-scale, or export without --no-cfg")
+    return scale if scale is not None else DEFAULT_GUIDANCE if cfg else 1.0
+
+
 def _export_fingerprint(export_dir: Path) -> str:
     """Hash of the export's recorded file hashes (its ONNX graphs and weights), not of its timestamps."""
     from ..artifacts import sha256_json
