@@ -129,6 +129,7 @@ def test_cli_errors_are_one_line(setup):
 def test_crash_leaves_no_adapter_and_resume_is_exact(setup, monkeypatch):
     from safetensors.torch import load_file
 
+    from invdiff_rt.errors import InvdiffError
     from invdiff_rt.method import train
     from invdiff_rt.models.loader import load_model
 
@@ -142,7 +143,14 @@ def test_crash_leaves_no_adapter_and_resume_is_exact(setup, monkeypatch):
 
     crash_at(monkeypatch, 3, lambda: train.train_adapter(model, data, None, tmp / "resumed", cfg))
     assert not (tmp / "resumed").exists() and (tmp / "resumed.ckpt" / "state.json").exists()
-    resumed = train.train_adapter(model, data, None, tmp / "resumed", dataclasses_replace(cfg, resume=True))
+    real_key = train._run_key
+    monkeypatch.setattr(train, "_run_key", lambda config, meta, processes: real_key(config, meta, 2))
+    with pytest.raises(InvdiffError, match="checkpoint was made with other settings"):  # another process count
+        train.train_adapter(model, data, None, tmp / "resumed", dataclasses_replace(cfg, resume=True))
+    monkeypatch.setattr(train, "_run_key", real_key)
+    # what does not shape the steps may change on resume
+    resumed = train.train_adapter(model, data, None, tmp / "resumed",
+                                  dataclasses_replace(cfg, resume=True, checkpoint_every=3, calibrate_per_prompt=2))
     assert json.loads((resumed / "adapter.json").read_text())["resumed_from_step"] == 2
     a, b = load_file(str(straight / "adapter.safetensors")), load_file(str(resumed / "adapter.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)

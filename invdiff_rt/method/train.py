@@ -208,12 +208,18 @@ def checkpoint_dir(out_dir: Path) -> Path:
     return out_dir.with_name(out_dir.name + ".ckpt")
 
 
-def _run_key(config: TrainConfig, meta: dict) -> str:
-    """What a checkpoint must match to be resumed: the config, the run's inputs, and the second-split test's
-    settings where it applies (a checkpoint written after the test holds its verdict)."""
-    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("resume", "show_progress")}
+_NOT_IN_KEY = ("resume", "show_progress", "checkpoint_every", "calibrate", "calibrate_scales", "calibrate_per_prompt",
+               "calibrate_min_samples")  # they do not change the steps: a resume may change them
+
+
+def _run_key(config: TrainConfig, meta: dict, processes: int) -> str:
+    """What a checkpoint must match to be resumed: the settings that shape the steps, the run's inputs, the number
+    of processes (each draws its own batch) and the second-split test's settings where it applies (a checkpoint
+    written after the test holds its verdict)."""
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_IN_KEY}
     split = splits.TEST_SETTINGS if _tests_split(config) else None
-    return artifacts.sha256_json({"config": fields, **meta, **({"split_test": split} if split else {})})
+    return artifacts.sha256_json({"config": fields, **meta, "processes": processes,
+                                  **({"split_test": split} if split else {})})
 
 
 def save_checkpoint(path: Path, step: int, key: str, adapter, optimizer, lr_scheduler,
@@ -412,7 +418,7 @@ def train_adapter(model, data_dir: str | Path, groups: GroupsResult | None, out_
     torch.manual_seed(config.seed)
     adapter = GuidanceAdapter(config_for_unet(unet, use_eps_base=config.eps_base_input))
     optimizer, lr_scheduler = _make_optimizer(adapter, config)
-    key, ckpt = _run_key(config, meta), checkpoint_dir(out_dir)
+    key, ckpt = _run_key(config, meta, accelerator.num_processes), checkpoint_dir(out_dir)
     start_step, split_test = (load_checkpoint(ckpt, key, adapter, optimizer, lr_scheduler) if config.resume
                               else (0, None))
     adapter, optimizer = accelerator.prepare(adapter, optimizer)  # the LR schedule is stepped by hand, once a step
