@@ -285,3 +285,22 @@ def test_second_split_is_tested_after_training_and_a_resumed_fine_tune_replays_i
     c = load_file(str(plain / "adapter.safetensors"))
     assert all(torch.equal(load_file(str(off / "adapter.safetensors"))[k], c[k]) for k in c)
     assert any(not torch.equal(a[k], c[k]) for k in c)  # the fine-tune moved the weights
+
+
+@pytest.mark.slow
+def test_groups_bytes_do_not_depend_on_who_filled_the_latent_cache(setup, tmp_path, monkeypatch):
+    """The VAE's latents are cached by the first command that needs them; their batches are fixed by the image size
+    (`cache.ENCODE_PIXELS`), so `groups --batch-size 8` on a cold cache and on one filled by `groups --batch-size
+    256` write the same groups (the encoder rounds differently at other batch sizes: 1e-7 in the latents)."""
+    model, data, _ = setup
+
+    def groups(cache: str, batch: str) -> str:
+        monkeypatch.setenv("INVDIFF_CACHE_DIR", str(tmp_path / cache))
+        r = _invoke("groups", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "g"),
+                    "--batch-size", batch, "--draws", "2", "--grid-samples", "12")
+        assert r.exit_code == 0, r.output
+        return json.loads((tmp_path / "g.json").read_text())["tensors_sha256"]
+
+    cold = groups("cold", "8")
+    groups("filled", "256")
+    assert groups("filled", "8") == cold

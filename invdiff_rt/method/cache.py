@@ -52,12 +52,19 @@ def _load(path: Path, base_fp: str, data_fp: str) -> BaseInputs | None:
         return None
 
 
+ENCODE_PIXELS = 256 * 32 * 32  # images per VAE batch x their pixels: 256 at the mini models' 32 px, 1 at SD's 512
+
+
 @torch.no_grad()
-def _encode_latents(model, records, batch_size: int) -> torch.Tensor:
+def _encode_latents(model, records) -> torch.Tensor:
+    """The VAE's latents of the records, in batches fixed by the image size alone (`ENCODE_PIXELS`): a batch's
+    kernels round differently at another batch size, and the cached latents must not depend on which command made
+    them (the groups' bytes follow them)."""
     from ..data.folder import load_images
     from ..parallel import map_batches
 
     size = _encode_size(model, records)
+    batch_size = max(1, ENCODE_PIXELS // (size * size))
 
     def one_batch(start: int) -> torch.Tensor:
         images = load_images(records[start:start + batch_size], size=size)
@@ -79,7 +86,7 @@ def _encode_size(model, records) -> int:
     return width if fits else model.image_size
 
 
-def _compute(model, records, batch_size: int, data_fp: str) -> BaseInputs:
+def _compute(model, records, data_fp: str) -> BaseInputs:
     from ..data.folder import prompts_of
 
     prompts = prompts_of(records)
@@ -87,11 +94,11 @@ def _compute(model, records, batch_size: int, data_fp: str) -> BaseInputs:
     prompt_ids = torch.tensor([index[r.text] for r in records], dtype=torch.long)
     text = model.encode_text(prompts).float().cpu()
     uncond = model.encode_text([""]).float().cpu()
-    return BaseInputs(_encode_latents(model, records, batch_size), prompt_ids, prompts, text, uncond, data_fp,
+    return BaseInputs(_encode_latents(model, records), prompt_ids, prompts, text, uncond, data_fp,
                       model.fingerprint)
 
 
-def base_inputs(model, data_dir: str | Path, split: str = "train", batch_size: int = 256) -> BaseInputs:
+def base_inputs(model, data_dir: str | Path, split: str = "train") -> BaseInputs:
     """Latents, prompt ids and text embeddings of a split, from the cache when the fingerprints match."""
     from ..data.folder import data_fingerprint, read_split
 
@@ -101,7 +108,7 @@ def base_inputs(model, data_dir: str | Path, split: str = "train", batch_size: i
     cached = _load(path, model.fingerprint, data_fp) if path.exists() else None
     if cached is not None and cached.latents.shape[0] == len(records):
         return cached
-    inputs = _compute(model, records, batch_size, data_fp)
+    inputs = _compute(model, records, data_fp)
     tensors = {"latents": inputs.latents, "prompt_ids": inputs.prompt_ids, "text_embeddings": inputs.text_embeddings,
                "uncond_embedding": inputs.uncond_embedding}
     artifacts.atomic_save_safetensors(tensors, path, metadata={"prompts": json.dumps(inputs.prompts),

@@ -379,7 +379,7 @@ def infer_groups(model, data_dir: str | Path, recipe: str = "invdiff-rt", seed: 
     if report_attribute and "," in report_attribute:
         raise InvdiffError(f"--report-attribute {report_attribute}: give one column (run once per attribute)")
     start = time.perf_counter()
-    inputs = base_inputs(model, data_dir, batch_size=batch_size)
+    inputs = base_inputs(model, data_dir)
     if oracle_column:
         grouping = group_from_flags(hidden_minority(data_dir, oracle_column, inputs.prompt_ids), inputs.prompt_ids,
                                     recipe)
