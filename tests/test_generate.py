@@ -141,6 +141,26 @@ def test_resume_skips_finished_and_redoes_broken(loaded, tmp_path, monkeypatch):
     assert len(read_jsonl(out / gen.MANIFEST)) == 6
 
 
+def test_images_deleted_by_hand_leave_the_manifest_and_grids(loaded, tmp_path, monkeypatch, capsys):
+    """A PNG deleted after its run, then a rerun with a smaller --num (or `--merge`): the merged manifest and the
+    grids hold the images that exist (the grid raised FileNotFoundError on the missing one)."""
+    from invdiff_rt import cli
+
+    out = tmp_path / "out"
+    _run(loaded, out, num=3)
+    (out / gen.Job(PROMPTS[0], 2).file).unlink()
+    again = _run(loaded, out, num=2)
+    assert (again.written, again.skipped) == (0, 4)
+    listed = sorted((r["prompt"], r["index"]) for r in read_jsonl(out / gen.MANIFEST))
+    assert listed == sorted([(p, i) for p in PROMPTS for i in range(3) if (p, i) != (PROMPTS[0], 2)])
+    assert Image.open(out / gen.prompt_slug(PROMPTS[0]) / gen.GRID).size == (64, 32)  # 2 images, not 3
+    (out / gen.Job(PROMPTS[1], 0).file).unlink()
+    monkeypatch.setattr(sys, "argv", ["invdiff", "generate", "--out", str(out), "--merge"])
+    cli.main()
+    assert "merged 4 images" in capsys.readouterr().out
+    assert len(read_jsonl(out / gen.MANIFEST)) == 4
+
+
 def test_changed_settings_refused_unless_overwrite(loaded, tmp_path):
     out = tmp_path / "out"
     _run(loaded, out, num=1)
@@ -155,13 +175,13 @@ def test_changed_settings_refused_unless_overwrite(loaded, tmp_path):
     assert {r["settings"]["steps"] for r in read_jsonl(out / gen.MANIFEST)} == {3}
 
 
-@pytest.mark.parametrize("damage", [b"{bad", b"[1]"])
+@pytest.mark.parametrize("damage", [b"{bad", b"[1]", b'{"settings": null}'])
 def test_a_damaged_run_file_is_refused_unless_overwrite(loaded, tmp_path, damage):
     out = tmp_path / "out"
     _run(loaded, out, num=1)
     (out / gen.RUN_FILE).write_bytes(damage)
-    with pytest.raises(InvdiffError, match=r"run.json: run settings is not (valid JSON|a JSON object).*; use a new "
-                                           r"--out or pass --overwrite$"):
+    with pytest.raises(InvdiffError, match=r"run.json: run settings (is|are) not (valid JSON|a JSON object).*; use a "
+                                           r"new --out or pass --overwrite$"):
         _run(loaded, out, num=1)
     again = _run(loaded, out, num=1, overwrite=True)  # replaced; the images of the same settings are kept
     assert (again.written, again.skipped) == (0, 2)

@@ -84,7 +84,7 @@ def _merge(out: Path, grid: bool) -> None:
     from ..runtime import generate as gen
 
     settings = gen.read_settings(out)
-    records = gen.load_records(out, settings)
+    records = gen.finished_records(out, settings)
     gen.remove_stale_tmp(out, [gen.MANIFEST, *(f"{gen.prompt_slug(p)}/{gen.GRID}" for p, _ in records)])
     path = gen.merge_manifests(out, settings)
     grids = gen.write_grids(out, records) if grid else []

@@ -157,9 +157,14 @@ def check_run_file(out_dir: Path, settings: dict, overwrite: bool = False) -> bo
 
 
 def _old_settings(path: Path, overwrite: bool) -> dict | None:
-    """The recorded settings; a damaged run.json is replaced under --overwrite (None), else a one-line error."""
+    """The recorded settings; a damaged run.json (no settings object) is replaced under --overwrite (None), else a
+    one-line error."""
+    fix = "use a new --out or pass --overwrite"
     try:
-        return read_json(path, "run settings", fix="use a new --out or pass --overwrite").get("settings", {})
+        settings = read_json(path, "run settings", fix=fix).get("settings", {})
+        if not isinstance(settings, dict):
+            raise InvdiffError(f"{path}: run settings are not a JSON object (got {type(settings).__name__}); {fix}")
+        return settings
     except InvdiffError:
         if overwrite:
             return None
@@ -202,6 +207,12 @@ def load_records(out_dir: Path, settings: dict) -> dict[tuple[str, int], dict]:
     return records
 
 
+def finished_records(out_dir: Path, settings: dict) -> dict[tuple[str, int], dict]:
+    """`load_records` less the records whose PNG is missing or changed since (deleted or edited by hand): what the
+    merged manifest lists and the grids show."""
+    return {key: rec for key, rec in load_records(out_dir, settings).items() if _finished(out_dir, rec)}
+
+
 def pending(jobs: Sequence[Job], out_dir: Path, settings: dict,
             records: Mapping[tuple[str, int], dict] | None = None) -> list[Job]:
     """Jobs without a finished image: no manifest line, or the PNG is missing or its sha256 differs."""
@@ -220,7 +231,7 @@ def merge_manifests(out_dir: Path, settings: dict | None = None) -> Path:
     """Write the sorted union of all manifest files (current settings only) to DIR/manifest.jsonl."""
     out_dir = Path(out_dir)
     settings = read_settings(out_dir) if settings is None else settings
-    records = load_records(out_dir, settings)
+    records = finished_records(out_dir, settings)
     lines = [json.dumps(records[k], sort_keys=True, default=str) + "\n" for k in sorted(records)]
     return atomic_write_text(out_dir / MANIFEST, "".join(lines))
 
@@ -329,7 +340,7 @@ def _prepare_part(part: Path, settings_changed: bool) -> None:
 
 def _finish(result: GenerationResult, jobs: Sequence[Job], settings: dict, grid: bool) -> None:
     """If every planned job is finished (over all ranks), write the merged manifest and the grids."""
-    records = load_records(result.out_dir, settings)
+    records = finished_records(result.out_dir, settings)
     if any(job.key not in records for job in jobs):
         return  # other ranks still running: the last one to finish merges
     result.manifest = merge_manifests(result.out_dir, settings)
