@@ -161,6 +161,17 @@ def test_images_deleted_by_hand_leave_the_manifest_and_grids(loaded, tmp_path, m
     assert len(read_jsonl(out / gen.MANIFEST)) == 4
 
 
+def test_the_model_size_given_explicitly_resumes_the_same_folder(model_dir, tmp_path):
+    """--height/--width equal to the model's own size change no pixel, so they are not a new setting; another size
+    is (it was refused as 'latent_shape None -> [4, 8, 8]' for the default size too)."""
+    args = dict(model=model_dir, backend="torch", **FAST, num=1, batch_size=2)
+    first = gen.generate(PROMPTS, tmp_path / "out", **args)
+    again = gen.generate(PROMPTS, tmp_path / "out", height=32, width=32, **args)
+    assert (first.written, again.written, again.skipped) == (2, 0, 2)
+    with pytest.raises(InvdiffError, match=r"latent_shape None -> \[4, 12, 8\]"):
+        gen.generate(PROMPTS, tmp_path / "out", height=48, width=32, **args)
+
+
 def test_changed_settings_refused_unless_overwrite(loaded, tmp_path):
     out = tmp_path / "out"
     _run(loaded, out, num=1)

@@ -403,7 +403,7 @@ def generate(prompts: Sequence[str], out_dir: str | Path, *, model: str | Path |
     runtime, name, fingerprints = load_generation_runtime(model=model, adapter=adapter, export=export,
                                                           backend=backend, precision=precision, threads=threads,
                                                           engines=engines)
-    if shape is not None:
+    if shape is not None and tuple(shape) != tuple(runtime.latent_shape):  # the default size, given: as if not
         runtime.latent_shape = shape
         kwargs["latent_shape"] = list(shape)  # recorded in run.json: it changes the pixels
     return run_generation(runtime, prompts, out_dir, backend=name, fingerprints=fingerprints, **kwargs)
