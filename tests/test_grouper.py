@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -40,6 +42,18 @@ def test_robust_z_hand_values():
     # median 4, |x-4| = 3,2,0,4,16 -> MAD 3
     expected = (torch.tensor([1.0, 2, 4, 8, 20]) - 4) / (3 * grouper.MAD_TO_SD)
     assert torch.allclose(z, expected)
+
+
+def test_a_prompt_without_spread_has_no_outlier():
+    """Prompt 1 has two rows: its median is the lower one and its MAD 0, which made the other row z ~ 1e10, always
+    in the minority (and a calibration cut of width 0); now neither row of it is an outlier, prompt 0 as before."""
+    scores = torch.tensor([1.0, 2.0, 4.0, 8.0, 20.0, 3.0, 9.0]).exp()
+    ids = torch.tensor([0, 0, 0, 0, 0, 1, 1])
+    z = grouper.robust_prompt_z(scores, ids)
+    assert torch.equal(z[5:], torch.zeros(2)) and z[4] == pytest.approx(16 / (3 * grouper.MAD_TO_SD))
+    assert grouper.outlier_split(z).tolist() == [False, False, False, False, True, False, False]
+    median, mad = grouper.prompt_median_mad(torch.tensor([5.0, 5.0, 5.0, 1.0]), torch.tensor([0, 0, 0, 1]), 3)
+    assert median.tolist() == [5.0, 1.0, 0.0] and mad.tolist() == [math.inf, math.inf, 1.0]
 
 
 def test_jtt_weights_half_of_each_prompt():

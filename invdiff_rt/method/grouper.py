@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,13 +64,15 @@ def _fit(losses: torch.Tensor, w: torch.Tensor, opt: torch.optim.Optimizer, iter
 
 
 def prompt_median_mad(x: torch.Tensor, prompt_ids: torch.Tensor, n_prompts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-prompt median and MAD of x [N] (float64 [n_prompts]; prompts without samples: 0 and 1)."""
+    """Per-prompt median and MAD of x [N] (float64 [n_prompts]; prompts without samples: 0 and 1). A prompt with no
+    spread (MAD 0: one or two rows, or ties) gets MAD inf, so none of its rows is an outlier (with two rows the
+    median is the lower one and the other one's z was about 1e10)."""
     median, mad = torch.zeros(n_prompts, dtype=torch.float64), torch.ones(n_prompts, dtype=torch.float64)
     for p in prompt_ids.unique().tolist():
         values = x[prompt_ids == p]
         median[p] = values.median()
         mad[p] = (values - median[p]).abs().median()
-    return median, mad
+    return median, mad.masked_fill(mad == 0, math.inf)
 
 
 def robust_z(x: torch.Tensor, median: torch.Tensor, mad: torch.Tensor, prompt_ids: torch.Tensor) -> torch.Tensor:
