@@ -89,6 +89,18 @@ def test_check_cli_writes_json_and_passes(exported, tmp_path):
     assert all(r["backend"] == "onnxruntime" for r in report["rows"])
 
 
+def test_check_gives_a_torch_candidate_its_own_modules(exported):
+    """Building a torch candidate moves and casts its modules in place (torch-cuda: fp16 on the GPU); the CPU fp32
+    reference must keep its own (a bf16 cast stands in for the GPU here)."""
+    from invdiff_rt.commands.export import _runtimes
+
+    reference, [candidate], _ = _runtimes(str(exported["model_dir"]), exported["adapter_dir"], exported["out"],
+                                          ["torch"])
+    candidate.fused.to(torch.bfloat16)
+    assert {p.dtype for p in reference.fused.parameters()} == {torch.float32}
+    assert candidate.fused.adapter is not reference.fused.adapter
+
+
 def test_check_cli_refuses_missing_adapter(exported):
     from invdiff_rt.cli import app
 

@@ -146,6 +146,11 @@ def test_a_no_cfg_export_samples_at_scale_1_and_refuses_another(tiny_model_dir, 
     r = CliRunner().invoke(app, [*map(str, argv), "--out", str(tmp_path / "b")])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "b" / "run.json").read_text())["settings"]["guidance_scale"] == 1.0
+    # the torch reference and a torch candidate of `check` run the no-CFG step too (the candidate ran the CFG one:
+    # a shape error)
+    r = CliRunner().invoke(app, ["check", "--model", str(tiny_model_dir), "--export", str(export), "--backends",
+                                 "torch,onnxruntime,torch", "--batch-sizes", "1", "--steps", "2"])
+    assert r.exit_code == 0, r.output
 
 
 def test_out_below_a_regular_file(tiny_model_dir, tmp_path, monkeypatch, capsys):

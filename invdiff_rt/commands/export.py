@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Optional
 
@@ -107,9 +108,15 @@ def _runtimes(model_dir: str, adapter_dir, export_dir: Path, names: list[str]):
         raise InvdiffError(f"--export {export_dir}: exported from another base model than --model {model_dir}; "
                            "pass the model it was exported from")
     adapter = _matching_adapter(adapter_dir, manifest, model)
-    reference = TorchRuntime(model, adapter, device="cpu", cfg=bool(manifest.get("cfg", True)))
-    candidates = [load_runtime(resolve_backend(n), model=model, adapter=adapter, export_dir=export_dir,
-                               precision=manifest.get("precision", "fp32")) for n in names]
+    cfg = bool(manifest.get("cfg", True))
+    reference = TorchRuntime(model, adapter, device="cpu", cfg=cfg)
+    candidates = []
+    for backend in map(resolve_backend, names):
+        # a torch candidate moves and casts the modules it gets in place (torch-cuda: to the GPU in fp16): its own
+        # copies, so that the CPU reference stays what it is
+        own = (copy.deepcopy(model), copy.deepcopy(adapter)) if backend.startswith("torch") else (model, adapter)
+        candidates.append(load_runtime(backend, model=own[0], adapter=own[1], export_dir=export_dir,
+                                       precision=manifest.get("precision", "fp32"), cfg=cfg))
     return reference, candidates, manifest
 
 

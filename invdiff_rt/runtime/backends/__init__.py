@@ -82,9 +82,11 @@ def _export_precision(export_dir) -> str:
 
 
 def load_runtime(backend: str, *, model=None, adapter=None, export_dir=None, precision: str = "fp32",
-                 threads: int | None = None, spinning: bool = True, engines_dir=None, refit_adapter=None):
-    """A `Runtime` for `backend` (already resolved). ONNX/TensorRT need `export_dir`; torch needs `model`.
-    `refit_adapter` (TensorRT): the adapter folder `invdiff refit` put into the denoiser engine."""
+                 threads: int | None = None, spinning: bool = True, engines_dir=None, refit_adapter=None,
+                 cfg: bool = True):
+    """A `Runtime` for `backend` (already resolved). ONNX/TensorRT need `export_dir`; torch needs `model` (and `cfg`:
+    False for the --no-cfg step; an export's runtime reads it from the export). `refit_adapter` (TensorRT): the
+    adapter folder `invdiff refit` put into the denoiser engine."""
     backend = resolve_backend(backend, export_dir, model)
     if backend in NEEDS_EXPORT and export_dir is None:
         raise InvdiffError(f"--backend {backend}: needs an export folder; pass --export (from `invdiff export`)")
@@ -100,10 +102,10 @@ def load_runtime(backend: str, *, model=None, adapter=None, export_dir=None, pre
         from .onnxruntime_backend import OrtRuntime
 
         return OrtRuntime(export_dir, cuda=backend == "onnxruntime-cuda", threads=threads, spinning=spinning)
-    return _torch_runtime(backend, model, adapter, precision, threads)
+    return _torch_runtime(backend, model, adapter, precision, threads, cfg)
 
 
-def _torch_runtime(backend: str, model, adapter, precision: str, threads: int | None):
+def _torch_runtime(backend: str, model, adapter, precision: str, threads: int | None, cfg: bool):
     import torch
 
     if model is None:
@@ -116,5 +118,5 @@ def _torch_runtime(backend: str, model, adapter, precision: str, threads: int | 
         if not _cuda():
             raise InvdiffError("--backend torch-cuda: no CUDA GPU visible; use --backend torch")
         dtype = torch.float16 if precision == "fp16" else torch.float32
-        return TorchRuntime(model, adapter, device="cuda", dtype=dtype)
-    return TorchRuntime(model, adapter, device="cpu")
+        return TorchRuntime(model, adapter, device="cuda", dtype=dtype, cfg=cfg)
+    return TorchRuntime(model, adapter, device="cpu", cfg=cfg)
