@@ -120,6 +120,21 @@ def test_cuda_binding_batch_comes_from_the_spec():
     assert _batch_of(text_encoder_spec(_fake_model()), {"input_ids": torch.zeros(5, 16)}) == 5
 
 
+def test_the_cuda_session_runs_on_this_ranks_gpu(monkeypatch, tmp_path):
+    """Under torchrun `generate` makes GPU LOCAL_RANK current; the CUDA EP session and its binding use it (they used
+    GPU 0 on every rank). No GPU here: the session is recorded, not made."""
+    import onnxruntime as ort
+
+    from invdiff_rt.runtime.backends import onnxruntime_backend as ob
+
+    made = []
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [ob.CUDA, ob.CPU])
+    monkeypatch.setattr(ort, "InferenceSession", lambda source, sess_options, providers: made.append(providers))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    ob.make_session(tmp_path / "denoiser.onnx", cuda=True)
+    assert made == [[(ob.CUDA, {"device_id": 1}), ob.CPU]]
+
+
 @pytest.mark.slow
 def test_check_cli_exits_1_on_a_failed_threshold(exported, tmp_path, monkeypatch):
     from invdiff_rt.cli import app

@@ -93,7 +93,8 @@ def run_trace(runtime, prompts: list[str], seed: int, steps: int, scheduler: str
     latents = torch.stack([initial_latents(seed, p, i, runtime.latent_shape) for i, p in enumerate(prompts)])
     emb = embeddings(runtime, prompts, cfg)
     sched = make_scheduler(runtime.scheduler_config, scheduler)
-    out = denoise(runtime, sched, latents, emb, guidance_scale, adapter_weight, steps)
+    device = getattr(runtime, "device", torch.device("cpu"))  # a GPU runtime steps its own outputs, as sampling does
+    out = denoise(runtime, sched, latents.to(device), emb, guidance_scale, adapter_weight, steps)
     images = runtime.decode(out).float().cpu()
     return Trace(emb, getattr(runtime, "steps", []), out.float().cpu(), images)
 

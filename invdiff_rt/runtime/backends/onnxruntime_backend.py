@@ -54,12 +54,18 @@ def make_session(path: str | Path, cuda: bool = False, threads: int | None = Non
     if cuda and CUDA not in ort.get_available_providers():
         raise InvdiffError("--backend onnxruntime-cuda: this onnxruntime has no CUDAExecutionProvider; "
                            "pip install 'invdiff-rt[gpu]' (onnxruntime-gpu) or use --backend onnxruntime")
-    providers = [CUDA, CPU] if cuda else [CPU]
+    providers = [(CUDA, {"device_id": cuda_index()}), CPU] if cuda else [CPU]
     data = external_data_path(path)
     low_memory = not cuda and data.is_file() and data.stat().st_size > LOW_MEMORY_BYTES
     source = cpu_model_source(path, spec) if spec is not None and not cuda else str(path)
     return ort.InferenceSession(source, sess_options=session_options(threads, spinning, low_memory),
                                 providers=providers)
+
+
+def cuda_index() -> int:
+    """The GPU this process runs on: torch's current device, which `generate` sets to LOCAL_RANK under torchrun
+    (the session and its I/O binding used GPU 0 on every rank)."""
+    return torch.cuda.current_device()
 
 
 def _numpy(x, dtype: str) -> np.ndarray:
@@ -74,6 +80,7 @@ class OrtComponent:
     def __init__(self, path: Path, spec, cuda: bool = False, threads: int | None = None, spinning: bool = True):
         self.spec, self.cuda = spec, cuda
         self.session = make_session(path, cuda, threads, spinning, spec)
+        self.device = torch.device("cuda", cuda_index()) if cuda else torch.device("cpu")
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     def __call__(self, **inputs) -> torch.Tensor:
@@ -89,14 +96,14 @@ class OrtComponent:
         binding = self.session.io_binding()
         keep = []
         for name, x in feeds.items():
-            t = torch.as_tensor(x, dtype=getattr(torch, self.spec.dtype(name)), device="cuda").contiguous()
+            t = torch.as_tensor(x, dtype=getattr(torch, self.spec.dtype(name)), device=self.device).contiguous()
             keep.append(t)
-            binding.bind_input(name, "cuda", 0, np.dtype(self.spec.dtype(name)).type, tuple(t.shape), t.data_ptr())
+            binding.bind_input(name, "cuda", self.device.index, np.dtype(self.spec.dtype(name)).type, tuple(t.shape), t.data_ptr())
         batch = _batch_of(self.spec, feeds)
         out_name = self.spec.output_names[0]
         out = torch.empty(self.spec.shapes(batch, _size_of(self.spec, feeds))[out_name],
-                          dtype=getattr(torch, self.spec.dtype(out_name)), device="cuda")
-        binding.bind_output(out_name, "cuda", 0, np.dtype(self.spec.dtype(out_name)).type, tuple(out.shape),
+                          dtype=getattr(torch, self.spec.dtype(out_name)), device=self.device)
+        binding.bind_output(out_name, "cuda", self.device.index, np.dtype(self.spec.dtype(out_name)).type, tuple(out.shape),
                             out.data_ptr())
         self.session.run_with_iobinding(binding)
         return out
@@ -150,7 +157,7 @@ class OrtRuntime(ExportRuntime):
         export_dir = Path(export_dir)
         self.manifest = read_manifest(export_dir, verify=verify)
         self.name = "onnxruntime-cuda" if cuda else "onnxruntime"
-        self.device = torch.device("cuda" if cuda else "cpu")
+        self.device = torch.device("cuda", cuda_index()) if cuda else torch.device("cpu")
         self.cfg = bool(self.manifest.get("cfg", True))
         self.precision = self.manifest.get("precision", "fp32")
         self.latent_shape = tuple(self.manifest["latent_shape"])
