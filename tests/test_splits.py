@@ -122,7 +122,8 @@ def test_describe_says_what_was_decided():
                                      "attribute: fine-tuned 1500 steps with both splits balanced")
     assert splits.describe({**test, "ratio": None, "second_attribute": False}).endswith(
         "removed an undefined share (no excess to remove) of its excess score relative to the first split's "
-        "(threshold 0.1) -> more of the first attribute: not added")
+        "(threshold 0.1) -> nothing to compare with: not added")
+    assert splits.describe({**test, "second_attribute": False}).endswith("-> more of the first attribute: not added")
     assert splits.describe(None) == "no candidate second split was tested"
 
 

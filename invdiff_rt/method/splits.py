@@ -178,7 +178,8 @@ def describe(test: dict | None) -> str:
         return "no candidate second split was tested"
     ratio = "an undefined share (no excess to remove)" if test["ratio"] is None else f"{test['ratio']:.2f}"
     verdict = (f"a second attribute: fine-tuned {test['finetune_steps']} steps with both splits balanced"
-               if test["second_attribute"] else "more of the first attribute: not added")
+               if test["second_attribute"] else "nothing to compare with: not added" if test["ratio"] is None
+               else "more of the first attribute: not added")
     return (f"candidate second split ({test['candidate_size']} rows): the trained adapter at w {test['weight']:g} "
             f"removed {ratio} of its excess score relative to the first split's (threshold {test['threshold']:g}) "
             f"-> {verdict}")
