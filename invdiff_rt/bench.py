@@ -507,6 +507,9 @@ def resolve_sources(config: BenchConfig, tmp: Path) -> tuple[str, str]:
     if not recorded:
         raise InvdiffError(f"--export {config.export}: exported without an adapter; export with --adapter, "
                            "or bench --model without --export")
+    if not manifest.get("cfg", True):
+        raise InvdiffError(f"--export {config.export}: exported with --no-cfg (one UNet half a step), while the eager, "
+                           "torch and peer rows sample with guidance; export without --no-cfg")
     model = config.model or manifest.get("base_model")
     if model and not (Path(model) / "model_index.json").exists():  # a built-in name
         try:

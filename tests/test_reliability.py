@@ -136,8 +136,11 @@ def test_a_no_cfg_export_samples_at_scale_1_and_refuses_another(tiny_model_dir, 
     from invdiff_rt.cli import app
     from typer.testing import CliRunner
 
-    export = tmp_path / "e"
-    r = CliRunner().invoke(app, ["export", "--model", str(tiny_model_dir), "--out", str(export), "--no-cfg"])
+    from invdiff_rt.bench import fresh_adapter
+
+    export, adapter = tmp_path / "e", fresh_adapter(str(tiny_model_dir), tmp_path / "adapter", 0)
+    r = CliRunner().invoke(app, ["export", "--model", str(tiny_model_dir), "--adapter", str(adapter), "--out",
+                                 str(export), "--no-cfg"])
     assert r.exit_code == 0, r.output
     argv = ["generate", "--export", export, "--backend", "onnxruntime", "--prompt", PROMPT, "--num", "1", "--steps",
             "2"]
@@ -148,9 +151,14 @@ def test_a_no_cfg_export_samples_at_scale_1_and_refuses_another(tiny_model_dir, 
     assert json.loads((tmp_path / "b" / "run.json").read_text())["settings"]["guidance_scale"] == 1.0
     # the torch reference and a torch candidate of `check` run the no-CFG step too (the candidate ran the CFG one:
     # a shape error)
-    r = CliRunner().invoke(app, ["check", "--model", str(tiny_model_dir), "--export", str(export), "--backends",
-                                 "torch,onnxruntime,torch", "--batch-sizes", "1", "--steps", "2"])
+    r = CliRunner().invoke(app, ["check", "--model", str(tiny_model_dir), "--adapter", str(adapter), "--export",
+                                 str(export), "--backends", "torch,onnxruntime,torch", "--batch-sizes", "1", "--steps",
+                                 "2"])
     assert r.exit_code == 0, r.output
+    # bench would time half a UNet call a step against eager and torch rows that run both halves
+    code, err = _cli(monkeypatch, capsys, "bench", "--export", export, "--backends", "onnxruntime", "--json",
+                     tmp_path / "b.json")
+    assert code == 2 and "exported with --no-cfg" in err and not (tmp_path / "b.json").exists()
 
 
 def test_out_below_a_regular_file(tiny_model_dir, tmp_path, monkeypatch, capsys):
