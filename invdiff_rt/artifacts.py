@@ -116,10 +116,22 @@ def atomic_save_image(image, path: str | Path) -> Path:
     return path
 
 
-@contextlib.contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Build a directory under a temporary name and rename it onto `path` when complete (replacing it)."""
+def check_replaceable(path: str | Path, marker: str, flag: str = "--out") -> None:
+    """An artifact folder replaces `path` whole: refuse a folder that holds other files than such an artifact (no
+    `marker`, the artifact's manifest), which would be deleted (`classifier train --out DATA` removed the dataset)."""
     path = Path(path)
+    if path.is_dir() and any(path.iterdir()) and not (path / marker).exists():
+        raise InvdiffError(f"{flag} {path}: holds other files (no {marker}), and the output replaces the whole folder; "
+                           "pass a new or empty folder")
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path, marker: str | None = None) -> Iterator[Path]:
+    """Build a directory under a temporary name and rename it onto `path` when complete (replacing it); with
+    `marker`, only an empty folder or one holding `marker` is replaced (`check_replaceable`)."""
+    path = Path(path)
+    if marker:
+        check_replaceable(path, marker)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_dirs(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))

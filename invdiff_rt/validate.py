@@ -41,6 +41,7 @@ class Rule:
     path: str | None = None
     comma: bool = False
     note: str = ""  # why the bounds, appended to a range error
+    marker: str = ""  # out_dir replaced whole by an artifact: only an empty folder or one holding `marker`
 
 
 def _schedulers():
@@ -197,6 +198,12 @@ RULES: dict[str, Rule] = {
     "train --groups": Rule(path="prefix"),
     "data info ROOT": Rule(path="dir"),
     "--out": Rule(path="out_dir"),
+    "train --out": Rule(path="out_dir", marker="adapter.json"),  # the artifact folders, replaced whole
+    "export --out": Rule(path="out_dir", marker="manifest.json"),
+    "pretrain --out": Rule(path="out_dir", marker="model_index.json"),
+    "model build-sd --out": Rule(path="out_dir", marker="model_index.json"),
+    "data make --out": Rule(path="out_dir", marker="dataset.json"),
+    "classifier train --out": Rule(path="out_dir", marker="attribute"),
     "groups --out": Rule(path="out_prefix"),
     "--engines": Rule(path="cache"),
     "build --out": Rule(path="cache"),
@@ -309,7 +316,7 @@ def check_command(command: str, func, values: dict[str, Any]) -> None:
 
 def check_value(param: Param, rule: Rule, value: Any) -> None:
     if param.type is Path:
-        return check_path(param.flag, rule.path, Path(value))
+        return check_path(param.flag, rule.path, Path(value), rule.marker)
     if param.type is str:
         return _check_text(param.flag, rule, value)
     _check_number(param.flag, rule, value)
@@ -370,8 +377,9 @@ def _check_model(flag: str, value: str) -> None:
                            f"pass a model folder or one of {', '.join(BUILTIN_MODELS)}")
 
 
-def check_path(flag: str, kind: str | None, path: Path) -> None:
-    """Input kinds must exist as the right type; outputs must not be the wrong type; no path lies below a file."""
+def check_path(flag: str, kind: str | None, path: Path, marker: str = "") -> None:
+    """Input kinds must exist as the right type; outputs must not be the wrong type; no path lies below a file; an
+    output folder that an artifact replaces whole holds nothing else (`marker`: the artifact's manifest)."""
     _check_ancestors(flag, path)
     if kind in ("dir", "out_dir", "cache") and path.exists() and not path.is_dir():
         raise InvdiffError(f"{flag} {path}: is a file, not a folder; pass a folder")
@@ -383,6 +391,10 @@ def check_path(flag: str, kind: str | None, path: Path) -> None:
         _check_prefix(flag, path)
     if kind in OUTPUT_KINDS + CACHE_KINDS:
         _check_writable(flag, path)
+    if marker:
+        from .artifacts import check_replaceable
+
+        check_replaceable(path, marker, flag)
 
 
 def _check_ancestors(flag: str, path: Path) -> None:

@@ -161,6 +161,32 @@ def test_a_no_cfg_export_samples_at_scale_1_and_refuses_another(tiny_model_dir, 
     assert code == 2 and "exported with --no-cfg" in err and not (tmp_path / "b.json").exists()
 
 
+@pytest.mark.parametrize("argv", [["train", "--recipe", "erm", "--model", "MODEL", "--data", "DATA"],
+                                  ["export", "--model", "MODEL"], ["pretrain", "--data", "DATA"],
+                                  ["model", "build-sd"], ["data", "make", "colored-digits"],
+                                  ["classifier", "train", "--data", "DATA", "--attribute", "color"]])
+def test_an_artifact_never_replaces_a_folder_of_other_files(tiny_model_dir, tmp_path, monkeypatch, capsys, argv):
+    """These outputs replace their folder whole (atomic rename): `classifier train --data D --out D` deleted the
+    dataset. A folder with other files is refused before anything runs; one the command wrote is replaced."""
+    from invdiff_rt import artifacts
+
+    data, out = tmp_path / "data", tmp_path / "mine"
+    data.mkdir()
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    argv = [{"MODEL": tiny_model_dir, "DATA": data}.get(a, a) for a in argv]
+    code, err = _cli(monkeypatch, capsys, *argv, "--out", out)
+    assert code == 2 and f"--out {out}: holds other files" in err and "pass a new or empty folder" in err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    with pytest.raises(InvdiffError, match="holds other files"):  # the writer itself refuses too
+        with artifacts.atomic_dir(out, "adapter.json"):
+            pass
+    (out / "adapter.json").write_text("{}")
+    with artifacts.atomic_dir(out, "adapter.json") as tmp:
+        (tmp / "adapter.json").write_text("{}")
+    assert [p.name for p in out.iterdir()] == ["adapter.json"]
+
+
 def test_out_below_a_regular_file(tiny_model_dir, tmp_path, monkeypatch, capsys):
     (tmp_path / "afile").write_text("x")
     code, err = _cli(monkeypatch, capsys, *_generate(tiny_model_dir, tmp_path / "afile" / "out"))

@@ -75,7 +75,7 @@ def write_dataset(out: str | Path, recipe: str, splits: dict[str, list[Sample]],
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InvdiffError(f"--out {out}: exists and is not a folder; pick another path")
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "dataset.json") as tmp:
         for name, samples in splits.items():
             write_split(tmp / name, samples)
         stats = {name: split_stats(samples, attribute) for name, samples in splits.items()}

@@ -34,7 +34,7 @@ def export_model(model_dir: str | Path, out: str | Path, adapter_dir: str | Path
     adapter, adapter_info = _load_adapter(adapter_dir, model)
     specs = component_specs(model, cfg, max_batch, precision, sizes)
     names = components or tuple(specs)
-    with artifacts.atomic_dir(out) as tmp:
+    with artifacts.atomic_dir(out, MANIFEST_NAME) as tmp:
         entries, refit = {}, {}
         for name in names:
             if progress is not None:

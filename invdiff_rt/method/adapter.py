@@ -110,7 +110,7 @@ def save_adapter(adapter: GuidanceAdapter, out_dir: str | Path, meta: dict) -> P
     if "base_fingerprint" not in meta:
         raise ValueError("save_adapter: meta must contain base_fingerprint")
     state = {k: v.detach().cpu() for k, v in adapter.state_dict().items()}
-    with artifacts.atomic_dir(out_dir) as tmp:
+    with artifacts.atomic_dir(out_dir, MANIFEST_NAME) as tmp:
         weights = artifacts.atomic_save_safetensors(state, tmp / WEIGHTS_NAME, metadata={"format": FORMAT})
         manifest = {
             **meta,

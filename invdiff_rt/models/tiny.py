@@ -45,7 +45,7 @@ def save_model_dir(out_dir: str | Path, tokenizer, text_encoder, vae, unet, info
     """Write a diffusers directory that `StableDiffusionPipeline.from_pretrained` and `load_model` both load."""
     from diffusers import DDIMScheduler
 
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "model_index.json") as tmp:
         tokenizer.save_pretrained(tmp / "tokenizer")
         for name, module in (("text_encoder", text_encoder), ("vae", vae), ("unet", unet)):
             module.to(dtype).save_pretrained(tmp / name, safe_serialization=True)
