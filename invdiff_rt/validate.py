@@ -42,6 +42,7 @@ class Rule:
     comma: bool = False
     note: str = ""  # why the bounds, appended to a range error
     marker: str = ""  # out_dir replaced whole by an artifact: only an empty folder or one holding `marker`
+    suffixes: tuple[str, ...] = ()  # out_file: the file types the writer can write
 
 
 def _schedulers():
@@ -125,6 +126,7 @@ SAMPLING_STEPS = Rule(min=1, max=1000, note="a scheduler samples at most the mod
 def _threads(low: int) -> Rule:
     return Rule(min=low, max=CORES, note="the cores this process may use")
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # Keys: "--flag" for every command, or "command --flag" (command path joined by spaces) to override it.
 RULES: dict[str, Rule] = {
     "--steps": Rule(min=1),
@@ -209,8 +211,8 @@ RULES: dict[str, Rule] = {
     "build --out": Rule(path="cache"),
     "refit --out": Rule(path="cache"),
     "--json": Rule(path="out_file"),
-    "--plot": Rule(path="out_file"),
-    "--grid": Rule(path="out_file"),
+    "--plot": Rule(path="out_file", suffixes=(".png",)),  # bench writes a PNG
+    "--grid": Rule(path="out_file", suffixes=IMAGE_SUFFIXES),
     "--timing-cache": Rule(path="out_file"),
 }
 
@@ -316,6 +318,7 @@ def check_command(command: str, func, values: dict[str, Any]) -> None:
 
 def check_value(param: Param, rule: Rule, value: Any) -> None:
     if param.type is Path:
+        _check_suffix(param.flag, rule, Path(value))
         return check_path(param.flag, rule.path, Path(value), rule.marker)
     if param.type is str:
         return _check_text(param.flag, rule, value)
@@ -375,6 +378,11 @@ def _check_model(flag: str, value: str) -> None:
     if not (Path(value) / "model_index.json").is_file():
         raise InvdiffError(f"{flag} {value}: not a diffusers model folder (no model_index.json); "
                            f"pass a model folder or one of {', '.join(BUILTIN_MODELS)}")
+
+
+def _check_suffix(flag: str, rule: Rule, path: Path) -> None:
+    if rule.suffixes and path.suffix.lower() not in rule.suffixes:
+        raise InvdiffError(f"{flag} {path}: give a file name ending in {' or '.join(rule.suffixes)}")
 
 
 def check_path(flag: str, kind: str | None, path: Path, marker: str = "") -> None:

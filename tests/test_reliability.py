@@ -187,6 +187,17 @@ def test_an_artifact_never_replaces_a_folder_of_other_files(tiny_model_dir, tmp_
     assert [p.name for p in out.iterdir()] == ["adapter.json"]
 
 
+@pytest.mark.parametrize("argv", [["eval", "--model", "colored-digits", "--data", "DATA", "--attribute", "color",
+                                   "--per-prompt", "2", "--seed", "0", "--json", "OUT/r.json", "--grid", "OUT/grid"],
+                                  ["bench", "--model", "colored-digits", "--json", "OUT/b.json", "--plot",
+                                   "OUT/plot.svg"]])
+def test_an_image_output_without_an_image_suffix_is_refused(tmp_path, monkeypatch, capsys, argv):
+    """`eval --grid out/grid` failed after generating, in PIL ('unknown file extension: .tmp'), leaving out/."""
+    argv = [a.replace("DATA", str(tmp_path)).replace("OUT", str(tmp_path / "out")) for a in argv]
+    code, err = _cli(monkeypatch, capsys, *argv)
+    assert code == 2 and "give a file name ending in .png" in err and not (tmp_path / "out").exists()
+
+
 def test_out_below_a_regular_file(tiny_model_dir, tmp_path, monkeypatch, capsys):
     (tmp_path / "afile").write_text("x")
     code, err = _cli(monkeypatch, capsys, *_generate(tiny_model_dir, tmp_path / "afile" / "out"))
