@@ -185,6 +185,19 @@ def test_eval_cli_needs_classifier_for_custom_data(bars, tiny_model, tmp_path):
     assert not (tmp_path / "r.json").exists()
 
 
+def test_one_prompt_one_image_is_refused_before_generating(bars, tiny_model, tmp_path):
+    """FID needs two generated images: one prompt at --per-prompt 1 ended in a LinAlgError after generating."""
+    import shutil
+
+    one = shutil.copytree(bars, tmp_path / "one")
+    meta = one / "train" / "metadata.jsonl"
+    meta.write_text("".join(line + "\n" for line in meta.read_text().splitlines() if PROMPTS[0] in line))
+    result = CliRunner().invoke(app, ["eval", "--model", str(tiny_model), "--data", str(one), "--attribute", "color",
+                                      "--per-prompt", "1", "--seed", "0", "--json", str(tmp_path / "r.json")])
+    assert isinstance(result.exception, InvdiffError) and "--per-prompt 1:" in str(result.exception)
+    assert "pass --per-prompt 2 or more" in str(result.exception) and not (tmp_path / "r.json").exists()
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     from invdiff_rt.models.tiny import save_random_model

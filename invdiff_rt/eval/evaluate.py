@@ -225,6 +225,9 @@ def run_evaluation(model, data_dir: str | Path, attribute: str, classifier_dir: 
     data_dir = Path(data_dir)
     train = read_split(data_dir, "train")
     prompts, values = prompts_of(train), attribute_values(train, attribute)
+    if len(prompts) * per_prompt < 2:
+        raise InvdiffError(f"--per-prompt {per_prompt}: {data_dir / 'train'} has one prompt, so one image; FID "
+                           "compares two or more (pass --per-prompt 2 or more)")
     cls_dir = resolve_classifier_dir(data_dir, classifier_dir, attribute)
     attr_clf, class_clf = load_classifier_pair(cls_dir, attribute)
     check_classifiers(attr_clf, class_clf, attribute, prompts, values, cls_dir)
