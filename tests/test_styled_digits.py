@@ -55,6 +55,9 @@ def test_realised_bias_per_attribute_is_as_requested(styled, attribute, requeste
         assert abs(share - requested) <= _tolerance(requested, 400)
     manifest = json.loads((styled / "dataset.json").read_text())
     assert manifest["train_bias_per_attribute"][attribute] == pytest.approx(majority.mean())
+    if attribute == manifest["attribute"]:  # the recorded attribute's own bias (it counted either minority)
+        assert manifest["train_bias"] == pytest.approx(majority.mean())
+        assert manifest["splits"]["test"]["majority_share"] == pytest.approx(0.5)
     assert manifest["attributes"] == ["color", "stroke"] and manifest["attribute"] == "color"
     assert manifest["recipe"] == "styled-digits" and manifest["stroke_bias"] == 0.85
 

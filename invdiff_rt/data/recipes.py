@@ -70,15 +70,16 @@ def split_stats(samples: list[Sample], attribute: str, minority_column: str = "m
 
 
 def write_dataset(out: str | Path, recipe: str, splits: dict[str, list[Sample]], attribute: str,
-                  params: dict[str, Any]) -> Path:
-    """Write every split and `dataset.json` atomically into `out` (replacing an existing dataset)."""
+                  params: dict[str, Any], minority_column: str = "minority") -> Path:
+    """Write every split and `dataset.json` atomically into `out` (replacing an existing dataset);
+    `minority_column` flags `attribute`'s minority rows (its `splits` statistics and `train_bias`)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InvdiffError(f"--out {out}: exists and is not a folder; pick another path")
     with atomic_dir(out, "dataset.json") as tmp:
         for name, samples in splits.items():
             write_split(tmp / name, samples)
-        stats = {name: split_stats(samples, attribute) for name, samples in splits.items()}
+        stats = {name: split_stats(samples, attribute, minority_column) for name, samples in splits.items()}
         atomic_write_json(tmp / "dataset.json", {
             "recipe": recipe, **params, "attribute": attribute,
             "prompts": sorted({s.row["text"] for s in splits["train"]}),
@@ -130,7 +131,7 @@ def make_styled_digits(out: str | Path, bias: float = 0.95, seed: int = 0, size:
               "attributes": list(styled_digits.ATTRIBUTES),
               "train_bias_per_attribute": {a: stats[a]["train"]["majority_share"] for a in stats},
               "stats": stats}
-    return write_dataset(out, "styled-digits", splits, "color", params)
+    return write_dataset(out, "styled-digits", splits, "color", params, "minority_color")
 
 
 RECIPES: dict[str, Callable[..., Path]] = {
