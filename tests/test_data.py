@@ -192,6 +192,12 @@ def test_missing_split_unreadable_image_and_missing_column(tmp_path):
         attribute_values(records, "shape")
 
 
+def test_an_attribute_that_is_not_one_value_is_one_line(tmp_path):
+    root = _folder(tmp_path, [GOOD[0], '{"file_name": "b.png", "text": "blue", "color": ["blue", "red"]}'])
+    with pytest.raises(InvdiffError, match=r'metadata.jsonl:2: column "color" is list, not one value'):
+        attribute_values(read_split(root), "color")  # was "unhashable type: 'list'" in `invdiff data info`
+
+
 def test_failed_make_leaves_nothing_half_written(tmp_path, monkeypatch):
     out = tmp_path / "sh"
     RECIPES["shapes-habitats"](out, seed=0, **SMALL)

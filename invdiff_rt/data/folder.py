@@ -207,6 +207,9 @@ def attribute_values(records: Sequence[Record], column: str) -> list:
             meta = _metadata_of(r)
             have = ", ".join(sorted(r.attrs)) or "none"
             raise InvdiffError(f'{meta}:{r.line}: missing column "{column}" (columns: {have}); name one of those')
+        if not isinstance(r.attrs[column], (str, int, float)):
+            raise InvdiffError(f'{_metadata_of(r)}:{r.line}: column "{column}" is {type(r.attrs[column]).__name__}, '
+                               "not one value (a string or number); fix the line")
     return sorted({r.attrs[column] for r in records}, key=lambda v: (str(type(v)), v))
 
 
