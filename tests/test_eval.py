@@ -153,6 +153,18 @@ def test_reference_images_deterministic(bars):
     assert np.array_equal(a, b)
 
 
+def test_reference_images_of_a_mixed_size_test_split_come_at_the_classifier_size(bars, tmp_path):
+    """`classifier train` resizes a mixed-size split; eval's reference draw refused it after training had passed."""
+    import shutil
+
+    mixed = shutil.copytree(bars, tmp_path / "mixed")
+    for path in sorted((mixed / "test").glob("*.png"))[::3]:
+        Image.open(path).resize((24, 24)).save(path)
+    with pytest.raises(InvdiffError, match="give every image of a split the same size"):
+        evaluate.reference_images(mixed, PROMPTS, 8, seed=5)
+    assert evaluate.reference_images(mixed, PROMPTS, 8, seed=5, size=16).shape == (16, 16, 16, 3)
+
+
 def test_classifier_dir_resolution(bars, tmp_path, monkeypatch):
     with pytest.raises(InvdiffError, match="--classifier: required"):
         evaluate.resolve_classifier_dir(bars, None)

@@ -99,8 +99,10 @@ def resolve_adapter(adapter: Any, model, load: bool = True) -> tuple[Any, str | 
     return adapter, state_fingerprint(adapter)
 
 
-def reference_images(data_dir: Path, prompts: Sequence[str], per_prompt: int, seed: int) -> np.ndarray:
-    """N test-split images per prompt, drawn without replacement when possible, as uint8 `[P*N,H,W,3]`."""
+def reference_images(data_dir: Path, prompts: Sequence[str], per_prompt: int, seed: int,
+                     size: int | None = None) -> np.ndarray:
+    """N test-split images per prompt, drawn without replacement when possible, as uint8 `[P*N,H,W,3]`; at `size`
+    (the classifiers' input) when given, as `invdiff classifier train` read them (a mixed-size split was refused)."""
     from ..data.folder import load_images, read_split
 
     test = read_split(data_dir, "test")
@@ -113,7 +115,7 @@ def reference_images(data_dir: Path, prompts: Sequence[str], per_prompt: int, se
                                f"needs every training prompt")
         idx = rng.choice(len(pool), size=per_prompt, replace=per_prompt > len(pool))
         chosen += [pool[i] for i in idx]
-    x = load_images(chosen)
+    x = load_images(chosen, size=size)
     return ((x.permute(0, 2, 3, 1).numpy() + 1.0) * 127.5).round().clip(0, 255).astype(np.uint8)
 
 
@@ -231,7 +233,7 @@ def run_evaluation(model, data_dir: str | Path, attribute: str, classifier_dir: 
     cls_dir = resolve_classifier_dir(data_dir, classifier_dir, attribute)
     attr_clf, class_clf = load_classifier_pair(cls_dir, attribute)
     check_classifiers(attr_clf, class_clf, attribute, prompts, values, cls_dir)
-    real = reference_images(data_dir, prompts, per_prompt, seed)
+    real = reference_images(data_dir, prompts, per_prompt, seed, size=attr_clf.meta["input_size"])
     model = _as_model(model)
     adapter_module, adapter_fp = resolve_adapter(adapter, model, load=denoiser is None)
     guidance = DEFAULT_GUIDANCE if guidance_scale is None else float(guidance_scale)
