@@ -536,9 +536,11 @@ def build_engines(export_dirs, engines_dir: str, log: Callable[[str], None]) -> 
             log(f"tensorrt {name}: {'cached' if reused else 'built'} {plan}")
 
 
-def plan_jobs(config: BenchConfig, tmp: Path, log: Callable[[str], None]) -> list[Job]:
-    """One job per backend (with its base variant); exports what the engine backends need into `tmp`."""
-    model, adapter = resolve_sources(config, tmp)
+def plan_jobs(config: BenchConfig, tmp: Path, log: Callable[[str], None],
+              sources: tuple[str, str] | None = None) -> list[Job]:
+    """One job per backend (with its base variant); exports what the engine backends need into `tmp`. `sources`:
+    `resolve_sources`' (model, adapter) when already resolved."""
+    model, adapter = sources or resolve_sources(config, tmp)
     exports = {}
     if any(b in ENGINE_BACKENDS for b in config.run_backends):
         exports["adapter"] = config.export or str(export_variant(model, adapter, tmp / "export_adapter", config))
@@ -661,7 +663,8 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = lambda s: None, 
 
     config.check()
     with tempfile.TemporaryDirectory(prefix="invdiff-bench-") as tmp:
-        jobs = plan_jobs(config, Path(tmp), log)
+        sources = resolve_sources(config, Path(tmp))
+        jobs = plan_jobs(config, Path(tmp), log, sources)
         specs = {job.backend: (asdict(job), None) for job in jobs}
         model = next(j.model for j in jobs if j.model)
         specs.update({n: (j, config.peers_python) for n, j in peer_jobs(config, model, Path(tmp)).items()})
@@ -675,7 +678,8 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = lambda s: None, 
                 worker.close()
     records, peers = merge_records(results, kinds)
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "machine": artifacts.machine_info(),
-            "config": asdict(config), "sources": source_fingerprints(config), "records": records, "peers": peers,
+            "config": asdict(config), "sources": source_fingerprints(config, *sources), "records": records,
+            "peers": peers,
             "skipped_peers": {n: w.hello["skip"] for n, w in workers.items() if w.hello and "skip" in w.hello},
             "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
@@ -694,16 +698,14 @@ def start_all(workers: dict, log: Callable[[str], None]) -> dict[str, str]:
     return kinds
 
 
-def source_fingerprints(config: BenchConfig) -> dict:
+def source_fingerprints(config: BenchConfig, model: str | None, adapter: str | None) -> dict:
+    """What was timed (`resolve_sources`' model and adapter: with --export alone, the ones it records), hashed."""
+    from .method.adapter import adapter_fingerprint
     from .models.loader import model_fingerprint, resolve_model
 
-    out: dict[str, Any] = {"model": None, "adapter": "fresh" if config.adapter is None else None, "export": None}
-    if config.model:
-        out["model"] = model_fingerprint(resolve_model(config.model))
-    if config.adapter:
-        from .method.adapter import adapter_fingerprint
-
-        out["adapter"] = adapter_fingerprint(config.adapter)
+    fresh = config.adapter is None and config.export is None
+    out: dict[str, Any] = {"model": model_fingerprint(resolve_model(model)) if model else None,
+                           "adapter": "fresh" if fresh else adapter_fingerprint(adapter), "export": None}
     if config.export:
         out["export"] = artifacts.fingerprint_dir(config.export, suffixes=(".onnx", ".data", ".json"))
     return out

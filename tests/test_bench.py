@@ -143,6 +143,23 @@ def test_base_export_must_be_the_same_base_without_adapter(tmp_path):
         bench.check_base_export(str(tmp_path / "missing"), adapter_export, config)
 
 
+def test_sources_name_what_an_export_alone_timed(tiny_model_dir, tmp_path):
+    """`bench --export E` times E's recorded base model and adapter: bench.json hashes those (it said adapter
+    "fresh" and model None)."""
+    from invdiff_rt.method.adapter import adapter_fingerprint
+    from invdiff_rt.models.loader import model_fingerprint
+
+    adapter = str(bench.fresh_adapter(str(tiny_model_dir), tmp_path / "adapter", 0))
+    export = _fake_export(tmp_path / "e", adapter={"source": adapter, "fingerprint": "a" * 64},
+                          base_model=str(tiny_model_dir))
+    config = bench.BenchConfig(["onnxruntime"], [1], export=export)
+    sources = bench.resolve_sources(config, tmp_path)
+    assert sources == (str(tiny_model_dir), adapter)
+    fingerprints = bench.source_fingerprints(config, *sources)
+    assert fingerprints["model"] == model_fingerprint(tiny_model_dir)
+    assert fingerprints["adapter"] == adapter_fingerprint(adapter) and len(fingerprints["export"]) == 64
+
+
 def test_bf16_bench_times_openvino_on_fp32_exports(tmp_path):
     """--precision bf16 is openvino's compile option: the bench exports (and checks its base export) at fp32."""
     config = bench.BenchConfig(["openvino"], [1, 8], model="m", precision="bf16").check()
