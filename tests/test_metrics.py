@@ -82,3 +82,12 @@ def test_precision_half_inside():
     fake = np.concatenate([real[:10], rng.normal(size=(10, 4)) + 100.0])
     precision, _ = metrics.precision_recall(real, fake, k=3)
     assert precision == 0.5
+
+
+def test_precision_with_a_reference_drawn_with_replacement():
+    """Six distinct test images drawn 32 times: repeats have k-NN radius 0, so only exact copies were 'inside'."""
+    rng = np.random.default_rng(1)
+    pool = rng.normal(size=(6, 4))
+    real = pool[rng.integers(0, 6, 32)]
+    fake = pool[rng.permutation(np.arange(32) % 6)] + rng.normal(scale=1e-3, size=(32, 4))  # near copies
+    assert metrics.precision_recall(real, fake, k=3) == (1.0, 1.0)

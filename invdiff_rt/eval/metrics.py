@@ -96,6 +96,8 @@ def _coverage(manifold: np.ndarray, probes: np.ndarray, k: int) -> float:
 
 
 def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
-    """Improved precision (fake inside the real manifold) and recall (real inside the fake manifold)."""
-    real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+    """Improved precision (fake inside the real manifold) and recall (real inside the fake manifold). The real
+    manifold is built on distinct points: a small test split is drawn with replacement, and a repeated image's
+    k-NN radius is 0 (six test images drawn 32 times gave a perfect generator precision 0.125)."""
+    real, fake = np.unique(np.asarray(real, np.float64), axis=0), np.asarray(fake, np.float64)
     return _coverage(real, fake, k), _coverage(fake, real, k)
