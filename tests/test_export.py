@@ -287,6 +287,29 @@ def test_fp16_denoiser_keeps_cfg_combine_in_fp32(exported, tmp_path):
     _fp16_matches_fp32_torch_if_ort_cpu_runs_it(exported, out)
 
 
+def test_fp16_text_encoder_keeps_the_causal_mask(exported, tmp_path):
+    """transformers 5 gives CLIP's attention `is_causal=True` and no mask: the fp32-island attention dropped it, so
+    every fp16 export's text embeddings were off by rel-L2 0.5-1 (every token read every other one)."""
+    import copy
+
+    import onnxruntime as ort
+
+    from invdiff_rt.export.fp16 import keep_fragile_ops_fp32
+    from invdiff_rt.export.manifest import export_model
+
+    model = exported["model"]
+    ids = model.tokenize(["a photo of the digit 3", "a photo of the digit 7"])
+    with torch.no_grad():
+        ref = model.text_encoder(ids)[0].numpy()
+        islands = keep_fragile_ops_fp32(copy.deepcopy(model.text_encoder), torch.float32)(ids)[0].numpy()
+    assert np.linalg.norm(islands - ref) / np.linalg.norm(ref) <= 1e-5
+    out = export_model(exported["model_dir"], tmp_path / "fp16", exported["adapter_dir"], precision="fp16",
+                       max_batch=4, components=("text_encoder",))
+    session = ort.InferenceSession(str(out / "text_encoder.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input_ids": ids.numpy().astype(np.int64)})[0].astype(np.float64)
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) <= 1e-2
+
+
 def _fp16_matches_fp32_torch_if_ort_cpu_runs_it(exported, out):
     import onnxruntime as ort
 

@@ -35,12 +35,19 @@ def _fp32_attention(module: torch.nn.Module) -> None:
         module.set_processor(AttnProcessor())  # the classic processor honours the upcast flags (SDPA does not)
 
 
-def fp32_attention(module, query, key, value, attention_mask, scaling: float, dropout: float = 0.0, **kwargs):
+def fp32_attention(module, query, key, value, attention_mask, scaling: float, dropout: float = 0.0,
+                   is_causal: bool | None = None, **kwargs):
     """transformers attention function: scores, mask and softmax in fp32, the weighted sum in the input dtype
-    (transformers' own eager attention computes the scores in fp16 and its softmax exports as fp16)."""
+    (transformers' own eager attention computes the scores in fp16 and its softmax exports as fp16). A causal
+    module without a mask (CLIP's text encoder in transformers 5 passes `is_causal=True` and no mask) gets the
+    causal mask here, as transformers' SDPA attention does: without it every token read every other one."""
     scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling
     if attention_mask is not None:
         scores = scores + attention_mask.float()
+    elif (module.is_causal if is_causal is None else is_causal) and query.shape[2] > 1:
+        q, k = query.shape[2], key.shape[2]
+        future = torch.ones(q, k, dtype=torch.bool, device=scores.device).triu(k - q + 1)
+        scores = scores.masked_fill(future, torch.finfo(torch.float32).min)
     weights = torch.softmax(scores, dim=-1).to(value.dtype)
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
