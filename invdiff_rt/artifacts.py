@@ -64,8 +64,21 @@ def fingerprint_dir(root: str | Path, suffixes: tuple[str, ...] | None = None, e
     return fingerprint_files(root, files)
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it: done once, at import, before any thread
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+FILE_MODE, DIR_MODE = 0o666 & ~_UMASK, 0o777 & ~_UMASK  # what open() and mkdir() give under the umask
+
+
 def _tmp_sibling(path: Path) -> Path:
+    """A temporary next to `path`, with the mode a plain open() would give it (mkstemp makes it 0600: every
+    artifact and image was unreadable to other users, e.g. a server reading an export or generated PNGs)."""
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, FILE_MODE)
     os.close(fd)
     return Path(name)
 
@@ -135,6 +148,7 @@ def atomic_dir(path: str | Path, marker: str | None = None) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_dirs(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp.chmod(DIR_MODE)  # mkdtemp makes it 0700
     try:
         yield tmp
         if path.exists():

@@ -358,3 +358,27 @@ def test_combinations_that_do_not_apply_are_refused(tmp_path, monkeypatch, capsy
     code, err = _cli(monkeypatch, capsys, *argv)
     assert code == 2 and f"error: {flag}" in err
     assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_artifacts_get_the_modes_plain_files_and_folders_get(tmp_path):
+    """mkstemp/mkdtemp make temporaries 0600/0700: every manifest, adapter, export folder and generated PNG was
+    unreadable to other users (a server reading the export). They get what open()/mkdir() give under the umask."""
+    import os
+    import stat
+
+    from invdiff_rt import artifacts
+
+    old = os.umask(0o022)
+    try:
+        (tmp_path / "plain.txt").write_text("x")
+        (tmp_path / "plain").mkdir()
+    finally:
+        os.umask(old)
+    file = artifacts.atomic_write_json(tmp_path / "a.json", {"a": 1})
+    with artifacts.atomic_dir(tmp_path / "d") as tmp:
+        (tmp / "x.json").write_text("{}")
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(file) == artifacts.FILE_MODE == 0o666 & ~artifacts._UMASK
+    assert mode(tmp_path / "d") == artifacts.DIR_MODE == 0o777 & ~artifacts._UMASK
+    if artifacts._UMASK == 0o022:
+        assert (mode(file), mode(tmp_path / "d")) == (mode(tmp_path / "plain.txt"), mode(tmp_path / "plain"))
