@@ -133,6 +133,9 @@ def check_replaceable(path: str | Path, marker: str, flag: str = "--out") -> Non
     """An artifact folder replaces `path` whole: refuse a folder that holds other files than such an artifact (no
     `marker`, the artifact's manifest), which would be deleted (`classifier train --out DATA` removed the dataset)."""
     path = Path(path)
+    if path.resolve() in (Path.cwd(), *Path.cwd().parents):
+        raise InvdiffError(f"{flag} {path}: the output replaces the whole folder, and this one holds the current "
+                           "folder; pass a new folder")
     if path.is_dir() and any(path.iterdir()) and not (path / marker).exists():
         raise InvdiffError(f"{flag} {path}: holds other files (no {marker}), and the output replaces the whole folder; "
                            "pass a new or empty folder")
@@ -141,8 +144,9 @@ def check_replaceable(path: str | Path, marker: str, flag: str = "--out") -> Non
 @contextlib.contextmanager
 def atomic_dir(path: str | Path, marker: str | None = None) -> Iterator[Path]:
     """Build a directory under a temporary name and rename it onto `path` when complete (replacing it); with
-    `marker`, only an empty folder or one holding `marker` is replaced (`check_replaceable`)."""
-    path = Path(path)
+    `marker`, only an empty folder or one holding `marker` is replaced (`check_replaceable`). A symbolic link is
+    followed: its target is replaced, the link kept."""
+    path = Path(path).resolve()
     if marker:
         check_replaceable(path, marker)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -382,3 +382,21 @@ def test_artifacts_get_the_modes_plain_files_and_folders_get(tmp_path):
     assert mode(tmp_path / "d") == artifacts.DIR_MODE == 0o777 & ~artifacts._UMASK
     if artifacts._UMASK == 0o022:
         assert (mode(file), mode(tmp_path / "d")) == (mode(tmp_path / "plain.txt"), mode(tmp_path / "plain"))
+
+
+def test_an_artifact_out_that_is_a_link_or_holds_the_current_folder(tmp_path, monkeypatch, capsys):
+    """A symbolic link is followed (its target replaced, the link kept; rmtree on the link raised OSError after
+    the export was written); `--out .` was a ValueError ('has an empty name') after the work."""
+    from invdiff_rt import artifacts
+
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v1" / "adapter.json").write_text("{}")
+    (tmp_path / "current").symlink_to("v1")
+    with artifacts.atomic_dir(tmp_path / "current", "adapter.json") as tmp:
+        (tmp / "adapter.json").write_text('{"new": 1}')
+    assert (tmp_path / "current").is_symlink() and (tmp_path / "v1" / "adapter.json").read_text() == '{"new": 1}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["current", "v1"]
+    monkeypatch.chdir(tmp_path / "v1")
+    code, err = _cli(monkeypatch, capsys, "data", "make", "colored-digits", "--out", ".")
+    assert code == 2 and "--out .: the output replaces the whole folder" in err
+    assert sorted(p.name for p in (tmp_path / "v1").iterdir()) == ["adapter.json"]
