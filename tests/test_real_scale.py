@@ -75,6 +75,16 @@ def test_export_sizes_from_flags():
         resolution.export_sizes(base, "768", "512")
     with pytest.raises(InvdiffError, match="^--sizes 512x300: not a multiple of 64"):  # the flag given, not --min-size
         resolution.export_sizes(base, sizes="512x512,512x300")
+    with pytest.raises(InvdiffError, match="^--sizes 520x520: not a multiple"):  # an inner entry (the profile's opt
+        resolution.export_sizes(base, sizes="520,512,768")  # when first) was never checked
+    with pytest.raises(InvdiffError, match="^--sizes 512x600: not a multiple"):
+        resolution.export_sizes(base, sizes="512,512x600,768")
+    with pytest.raises(InvdiffError, match="^--sizes ,: no size given"):  # was min() of an empty list
+        resolution.export_sizes(base, sizes=",")
+    # one bound alone beyond the model's size: the other is that bound (it said "larger than --max-size 512x512")
+    assert resolution.export_sizes(base, "768") == ((768, 768), (768, 768), (768, 768))
+    assert resolution.export_sizes(base, max_size="256") == ((256, 256), (256, 256), (256, 256))
+    assert resolution.export_sizes(base, "256") == ((256, 256), (512, 512), (512, 512))
 
 
 def test_spec_symbolic_sizes_profile_and_round_trip():

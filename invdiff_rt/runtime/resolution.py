@@ -108,17 +108,23 @@ def export_sizes(limits: SizeLimits, min_size: str | None = None, max_size: str 
         raise InvdiffError("--sizes: pass either --sizes or --min-size/--max-size, not both")
     if sizes:
         listed = [parse_size(s, "--sizes") for s in sizes.split(",") if s.strip()]
+        if not listed:
+            raise InvdiffError(f"--sizes {sizes}: no size given; write sizes such as 512x512,512x768")
+        for size in listed:  # every one: the first is the profile's opt shape
+            check_size(limits, *size, flag="--sizes")
         lo = (min(s[0] for s in listed), min(s[1] for s in listed))
         hi = (max(s[0] for s in listed), max(s[1] for s in listed))
         opt = listed[0]
-    elif min_size or max_size:
-        lo = parse_size(min_size, "--min-size") if min_size else limits.default
-        hi = parse_size(max_size, "--max-size") if max_size else limits.default
+    elif min_size or max_size:  # a missing bound: the model's size, or the given one where that lies beyond it
+        lo = parse_size(min_size, "--min-size") if min_size else None
+        hi = parse_size(max_size, "--max-size") if max_size else None
+        lo = lo or (min(hi[0], limits.default[0]), min(hi[1], limits.default[1]))
+        hi = hi or (max(lo[0], limits.default[0]), max(lo[1], limits.default[1]))
         opt = limits.default if _le(lo, limits.default) and _le(limits.default, hi) else lo
+        check_size(limits, *lo, flag="--min-size")
+        check_size(limits, *hi, flag="--max-size")
     else:
         return None
-    for flag, size in zip(("--sizes", "--sizes") if sizes else ("--min-size", "--max-size"), (lo, hi)):
-        check_size(limits, *size, flag=flag)  # the flag the user gave
     if not _le(lo, hi):
         raise InvdiffError(f"--min-size {_fmt(lo)}: larger than --max-size {_fmt(hi)}; swap them")
     return (lo, opt, hi)
