@@ -173,3 +173,9 @@ def test_pretrain_cli_few_steps_and_resume(tmp_path):
     assert json.loads((tmp_path / "model.ckpt" / "unet" / "state.json").read_text())["step"] == 6
     info = json.loads((out / "invdiff_model.json").read_text())
     assert info["resumed_from_step"] == {"vae": 2, "unet": 4} and info["recipe"]["steps"] == 6
+    # what shapes the steps may not change on resume: another seed or learning rate is refused in one line (it
+    # resumed the seed-0 weights and recorded seed 1 in invdiff_model.json)
+    res = CliRunner().invoke(app, args[:6] + ["8"] + args[7:] + ["--seed", "1"])
+    assert res.exit_code != 0 and "checkpoint was made with other data, seed" in str(res.exception)
+    assert json.loads((tmp_path / "model.ckpt" / "unet" / "state.json").read_text())["step"] == 6
+    assert json.loads((out / "invdiff_model.json").read_text())["seed"] == 0

@@ -154,6 +154,10 @@ def test_pretrain_init_from_keeps_vae_and_finetunes_unet(tmp_path):
     save_random_model(tmp_path / "other", ["a photo of a circle"], seed=0)
     with pytest.raises(InvdiffError, match="--init-from .*does not know the words"):
         pretrain(data, tmp_path / "x", cfg, init_from=tmp_path / "other")
+    manifest = tmp_path / "start" / "invdiff_model.json"  # a model made elsewhere (build-sd) records no arch
+    manifest.write_text(json.dumps({k: v for k, v in json.loads(manifest.read_text()).items() if k != "arch"}))
+    with pytest.raises(InvdiffError, match="--init-from .*records no mini-SD architecture"):  # was KeyError 'arch'
+        pretrain(data, tmp_path / "y", cfg, init_from=tmp_path / "start")
 
 
 def test_per_attribute_classifier_layout(tmp_path):

@@ -67,10 +67,34 @@ def _loop(name, total, start, step_fn, ckpt_fn, every, progress):
             ckpt_fn(step + 1)
 
 
-def train_vae(vae, images: torch.Tensor, cfg: PretrainConfig, ckpt: Path, progress) -> int:
+_NOT_IN_KEY = ("vae_steps", "steps", "checkpoint_every", "threads")  # a resume may change them (a longer schedule)
+
+
+def run_key(cfg: PretrainConfig, arch: MiniSDArch, data_fp: str, init_fp: str | None) -> str:
+    """What a checkpoint must have been made with to be resumed: the recipe but its lengths, the architecture, the
+    data and the starting model."""
+    from ..artifacts import sha256_json
+
+    recipe = {k: v for k, v in asdict(cfg).items() if k not in _NOT_IN_KEY}
+    return sha256_json({"recipe": recipe, "arch": arch.to_json(), "data": data_fp, "init": init_fp})
+
+
+def _resume(ckpt: Path, key: str, modules: dict, opt) -> int:
+    """The step a checkpoint continues from (0 without one); one made with other settings is refused (one
+    without a key, from before keys, is taken as it was)."""
+    if not has_checkpoint(ckpt):
+        return 0
+    made = read_json(ckpt / "state.json", "training checkpoint").get("key")
+    if made not in (None, key):
+        raise InvdiffError(f"{ckpt}: checkpoint was made with other data, seed, learning rates, architecture or "
+                           "--init-from; rerun with those, or delete it to start over")
+    return load_checkpoint(ckpt, modules, opt)["step"]
+
+
+def train_vae(vae, images: torch.Tensor, cfg: PretrainConfig, ckpt: Path, progress, key: str = "") -> int:
     """Train the VAE in place; returns the step it resumed from (0 for a fresh run)."""
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=1e-4)
-    start = load_checkpoint(ckpt, {"vae": vae}, opt)["step"] if has_checkpoint(ckpt) else 0
+    start = _resume(ckpt, key, {"vae": vae}, opt)
     vae.train().requires_grad_(True)
 
     def step_fn(step: int) -> float:
@@ -88,7 +112,7 @@ def train_vae(vae, images: torch.Tensor, cfg: PretrainConfig, ckpt: Path, progre
         return loss.item()
 
     _loop("vae", cfg.vae_steps, start, step_fn,
-          lambda s: save_checkpoint(ckpt, {"vae": vae}, opt, s), cfg.checkpoint_every, progress)
+          lambda s: save_checkpoint(ckpt, {"vae": vae}, opt, s, {"key": key}), cfg.checkpoint_every, progress)
     vae.eval().requires_grad_(False)
     return start
 
@@ -98,7 +122,8 @@ def encode_dataset(vae, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
     return torch.cat([vae.encode(images[i:i + batch]).latent_dist.mean for i in range(0, len(images), batch)])
 
 
-def train_unet(unet, text_encoder, tokenizer, latents, texts, cfg: PretrainConfig, ckpt: Path, progress):
+def train_unet(unet, text_encoder, tokenizer, latents, texts, cfg: PretrainConfig, ckpt: Path, progress,
+               key: str = ""):
     """Joint text encoder + UNet training; returns the EMA copies and the step it resumed from. A resumed run with
     a larger `steps` continues on the longer cosine schedule (the learning rate jumps back up to its value there)."""
     from diffusers import DDPMScheduler
@@ -113,7 +138,7 @@ def train_unet(unet, text_encoder, tokenizer, latents, texts, cfg: PretrainConfi
     modules = {"unet": unet, "text_encoder": text_encoder, "ema_unet": ema_unet, "ema_text": ema_text}
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
-    start = load_checkpoint(ckpt, modules, opt)["step"] if has_checkpoint(ckpt) else 0
+    start = _resume(ckpt, key, modules, opt)
     unet.train().requires_grad_(True)
     text_encoder.train().requires_grad_(True)
 
@@ -139,7 +164,7 @@ def train_unet(unet, text_encoder, tokenizer, latents, texts, cfg: PretrainConfi
         return loss.item()
 
     _loop("unet", cfg.steps, start, step_fn,
-          lambda s: save_checkpoint(ckpt, modules, opt, s), cfg.checkpoint_every, progress)
+          lambda s: save_checkpoint(ckpt, modules, opt, s, {"key": key}), cfg.checkpoint_every, progress)
     return ema_unet.eval(), ema_text.eval(), start
 
 
@@ -162,6 +187,9 @@ def init_components(init_from: str | Path, texts: list[str]):
         raise InvdiffError(f"--init-from {init_from}: its tokenizer does not know the words of {unknown[:3]}; "
                            f"pretrain from scratch (drop --init-from) or pick a model trained on these prompts")
     info = read_json(model.path / "invdiff_model.json", "model manifest")
+    if not isinstance(info.get("arch"), dict):
+        raise InvdiffError(f"--init-from {init_from}: {model.path / 'invdiff_model.json'} records no mini-SD "
+                           "architecture (`arch`); --init-from takes a model made by `invdiff pretrain`")
     arch = MiniSDArch(**{k: tuple(v) if isinstance(v, list) else v for k, v in info["arch"].items()})
     return (model.tokenizer, model.text_encoder, model.vae, model.unet), arch, model.fingerprint
 
@@ -185,20 +213,22 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, cfg: PretrainConfig = Pr
     else:
         tokenizer, text_encoder, vae, unet = build_components(arch, texts, cfg.seed)
     images = load_images(records, size=arch.image_size)
+    data_fp = data_fingerprint(data_dir, "train")
+    key = run_key(cfg, arch, data_fp, init_fp)
     ckdir = Path(checkpoint_dir or f"{out_dir}.ckpt")
     ckdir.mkdir(parents=True, exist_ok=True)
     with _progress() as progress:
-        vae_from = None if init_from is not None else train_vae(vae, images, cfg, ckdir / "vae", progress)
+        vae_from = None if init_from is not None else train_vae(vae, images, cfg, ckdir / "vae", progress, key)
         raw = encode_dataset(vae, images)
         if init_from is None:
             vae.register_to_config(scaling_factor=float(1.0 / raw.std()))
         scaling = float(vae.config.scaling_factor)
         ema_unet, ema_text, unet_from = train_unet(unet, text_encoder, tokenizer, raw * scaling, texts, cfg,
-                                                   ckdir / "unet", progress)
+                                                   ckdir / "unet", progress, key)
     info = {
         "recipe": asdict(cfg), "arch": arch.to_json(), "data_dir": str(data_dir),
         "init_from": None if init_from is None else {"model": str(init_from), "fingerprint": init_fp},
-        "data_fingerprint": data_fingerprint(data_dir, "train"), "seed": cfg.seed,
+        "data_fingerprint": data_fp, "seed": cfg.seed,
         "parameters": {n: sum(p.numel() for p in m.parameters())
                        for n, m in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder))},
         "scaling_factor": scaling, "resumed_from_step": {"vae": vae_from, "unet": unet_from},
