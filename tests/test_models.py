@@ -19,6 +19,15 @@ def test_tokenizer_word_level_with_bos_eos_and_padding():
     assert ids[2][:5] == [bos, unk, unk, unk, eos]
 
 
+def test_tokenizer_knows_every_word_of_its_captions():
+    """Its vocabulary is made by its own pre-tokenizer: punctuation, accents and non-Latin words were unknown (the
+    vocabulary held [a-z0-9]+ words only), so "a café" and "a crème" were the same conditioning."""
+    captions = ["a café", "a crème", "一只红色的鸟", "一只蓝色的鸟", "a red bird, on water"]
+    tok = build_tokenizer(captions, max_length=12)
+    ids = tok(captions).input_ids
+    assert len({tuple(i) for i in ids}) == len(captions) and all(tok.unk_token_id not in i for i in ids)
+
+
 def test_random_model_round_trip_through_loader(tiny_model_dir, tiny_model):
     m = tiny_model
     assert m.latent_shape == (4, 8, 8) and m.image_size == 32

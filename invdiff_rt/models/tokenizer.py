@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
-import re
 from typing import Iterable
 
 BOS, EOS, PAD, UNK = "<|startoftext|>", "<|endoftext|>", "<|pad|>", "<|unk|>"
 SPECIALS = (PAD, UNK, BOS, EOS)
 
 
+def _splitters():
+    from tokenizers import normalizers, pre_tokenizers
+
+    return normalizers.Lowercase(), pre_tokenizers.Whitespace()
+
+
 def words_of(texts: Iterable[str]) -> list[str]:
-    return sorted({w for t in texts for w in re.findall(r"[a-z0-9]+", t.lower())})
+    """The words the tokenizer will see: its own normaliser and pre-tokenizer applied (a vocabulary of
+    `[a-z0-9]+` words made "bird," "café" and any non-Latin word unknown, so distinct captions tokenized alike)."""
+    norm, pre = _splitters()
+    return sorted({w for t in texts for w, _ in pre.pre_tokenize_str(norm.normalize_str(t))})
 
 
 def build_tokenizer(texts: Iterable[str], max_length: int):
-    """Word-level tokenizer: lower-cased alphanumeric words, BOS/EOS added, padded to `max_length`."""
-    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    """Word-level tokenizer: lower-cased words and runs of punctuation (the `Whitespace` pre-tokenizer), BOS/EOS
+    added, padded to `max_length`."""
+    from tokenizers import Tokenizer, processors
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
 
@@ -23,8 +32,7 @@ def build_tokenizer(texts: Iterable[str], max_length: int):
     for w in words_of(texts):
         vocab[w] = len(vocab)
     tok = Tokenizer(WordLevel(vocab=vocab, unk_token=UNK))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.normalizer, tok.pre_tokenizer = _splitters()
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A {EOS}", special_tokens=[(BOS, vocab[BOS]), (EOS, vocab[EOS])]
     )
