@@ -188,3 +188,18 @@ def test_pretrain_cli_few_steps_and_resume(tmp_path):
     assert res.exit_code != 0 and "checkpoint was made with other data, seed" in str(res.exception)
     assert json.loads((tmp_path / "model.ckpt" / "unet" / "state.json").read_text())["step"] == 6
     assert json.loads((out / "invdiff_model.json").read_text())["seed"] == 0
+
+
+def test_pretrain_sizes_the_text_encoder_to_the_longest_caption():
+    """At the default 16 tokens, captions of more than 14 words were cut silently: two that differ at the end
+    trained as one prompt. From scratch the text encoder now reads the longest caption whole."""
+    from invdiff_rt.models.configs import MiniSDArch
+    from invdiff_rt.models.pretrain import fit_tokens
+
+    words = " ".join(f"w{i}" for i in range(19))
+    long = [f"{words} red", f"{words} green", "a short one"]
+    arch = fit_tokens(MiniSDArch(), long)
+    assert arch.max_tokens == 22 and fit_tokens(MiniSDArch(), ["a photo of the digit 3"]) == MiniSDArch()
+    tok = build_tokenizer(long, arch.max_tokens)
+    first, second = tokenize(tok, long[:2]).tolist()
+    assert first != second and tok.eos_token_id in first

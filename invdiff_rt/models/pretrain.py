@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -21,6 +21,7 @@ from ..data.folder import data_fingerprint, load_images, read_split
 from ..errors import InvdiffError
 from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from .configs import SCHEDULER_CONFIG, MiniSDArch
+from .loader import tokenize
 from .tiny import build_components, save_model_dir
 
 
@@ -130,8 +131,7 @@ def train_unet(unet, text_encoder, tokenizer, latents, texts, cfg: PretrainConfi
 
     noise_sched = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items() if k != "set_alpha_to_one"})
     prompts = sorted(set(texts)) + [""]
-    ids_of = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                       return_tensors="pt").input_ids
+    ids_of = tokenize(tokenizer, prompts)  # a caption longer than an --init-from model reads: one note
     text_index = torch.tensor([prompts.index(t) for t in texts])
     empty = len(prompts) - 1
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
@@ -175,6 +175,15 @@ def _progress():
                     TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn())
 
 
+def fit_tokens(arch: MiniSDArch, texts: list[str]) -> MiniSDArch:
+    """The architecture with a text encoder long enough for the longest caption (its words, BOS and EOS): at the
+    default 16 tokens, captions of more than 14 words were cut silently and could train as the same prompt."""
+    from .tokenizer import words_of
+
+    longest = max(len(words_of([t])) for t in set(texts)) + 2
+    return replace(arch, max_tokens=longest) if longest > arch.max_tokens else arch
+
+
 def init_components(init_from: str | Path, texts: list[str]):
     """Tokenizer, text encoder, VAE and UNet (fp32) of an existing model, its arch and the model's fingerprint;
     every prompt must tokenize without unknown words."""
@@ -211,6 +220,7 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, cfg: PretrainConfig = Pr
     if init_from is not None:
         (tokenizer, text_encoder, vae, unet), arch, init_fp = init_components(init_from, texts)
     else:
+        arch = fit_tokens(arch, texts)
         tokenizer, text_encoder, vae, unet = build_components(arch, texts, cfg.seed)
     images = load_images(records, size=arch.image_size)
     data_fp = data_fingerprint(data_dir, "train")
