@@ -132,7 +132,8 @@ def train_unet(unet, text_encoder, tokenizer, latents, texts, cfg: PretrainConfi
     noise_sched = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items() if k != "set_alpha_to_one"})
     prompts = sorted(set(texts)) + [""]
     ids_of = tokenize(tokenizer, prompts)  # a caption longer than an --init-from model reads: one note
-    text_index = torch.tensor([prompts.index(t) for t in texts])
+    index = {p: i for i, p in enumerate(prompts)}
+    text_index = torch.tensor([index[t] for t in texts])  # a dict: list.index was quadratic (2 min at 100k captions)
     empty = len(prompts) - 1
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
     modules = {"unet": unet, "text_encoder": text_encoder, "ema_unet": ema_unet, "ema_text": ema_text}
