@@ -193,6 +193,29 @@ def test_openvino_chunks_keep_cond_and_uncond_rows_together():
     parts = [take_rows(emb, ("2B", 1), 4, a, b) for a, b in chunk_bounds(4, 2)]
     assert put_rows(parts, ("2B", 1))[:, 0].tolist() == list(range(8))
     assert put_rows([np.arange(2), np.arange(2, 5)], ("B",)).tolist() == list(range(5))
+    from invdiff_rt.runtime.backends.openvino_backend import unpad
+
+    padded = take_rows(emb, ("2B", 1), 4, 3, 4, rows=2)  # a short chunk: each half repeats its last row
+    assert padded[:, 0].tolist() == [3, 3, 7, 7] and unpad(padded, ("2B", 1), 1)[:, 0].tolist() == [3, 7]
+    assert take_rows(emb, ("B", 1), 8, 6, 8, rows=3)[:, 0].tolist() == [6, 7, 7]
+
+
+def test_openvino_runs_an_uneven_batch_on_every_stream(exported):
+    """Batch 3 on 2 threads: chunks of 2 and 1 (padded to 2) on two streams of one thread, not one stream of one
+    thread; each row as at batch 1."""
+    import torch
+
+    from invdiff_rt.runtime.sampling import cfg_embeddings
+
+    runtime = backends.load_runtime("openvino", export_dir=exported["out"], threads=2)
+    x = torch.randn(3, *runtime.latent_shape, generator=torch.Generator().manual_seed(0))
+    emb = cfg_embeddings(runtime, ["digit 1", "digit 2", "digit 3"], 3.0)
+    whole = runtime.denoise_step(x, torch.full((3,), 700.0), emb, 3.0, 1.0)
+    rows = [runtime.denoise_step(x[i:i + 1], torch.full((1,), 700.0), emb[[i, 3 + i]], 3.0, 1.0) for i in range(3)]
+    assert torch.allclose(whole, torch.cat(rows), atol=1e-5, rtol=0)
+    denoiser = runtime.components["denoiser"]
+    streams = {len(requests) for requests in denoiser.graph.compiled.values()}
+    assert streams == {1, 2}  # batch 1: one request; batch 3: two, one per stream
 
 
 def test_openvino_bound_requests_return_fresh_outputs_for_fresh_inputs(exported):
