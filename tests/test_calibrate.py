@@ -155,8 +155,8 @@ def test_detector_flag_is_the_mean_step_of_its_pairs_against_one_pooled_cut():
     pids = torch.tensor([0, 0, 0, 1])
     reference = torch.tensor([[0.0, 1.0, 2.0, 10.0], [1.0, 2.0, 3.0, 10.0]], dtype=torch.float64)
     detector.fit(reference, pids, 2)  # prompt 0: median 1 (pair 0) and 2 (pair 1), MAD 1 in both; prompt 1: one row,
-    # no spread: MAD inf (no outlier there)
-    assert detector.median.tolist() == [1.5, 10.0] and detector.mad.tolist() == [1.0, math.inf]  # each pair's, averaged
+    # no spread: MAD 0 (no outlier there)
+    assert detector.median.tolist() == [1.5, 10.0] and detector.mad.tolist() == [1.0, 0.0]  # each pair's, averaged
     # k = 3 robust-z units = 3 * 1.4826 * MAD = 4.45 above the median 1.5: 6 is over it (z 3.035), 5 is not
     # (z 2.361), 9 is (z 5.059); prompt 1's rows sit on its median
     scores = torch.tensor([[6.0, 0.0, 0.0, 10.0], [5.0, 0.0, 9.0, 10.0]], dtype=torch.float64)
@@ -174,7 +174,7 @@ def test_centred_cut_takes_the_base_samples_median_and_keeps_the_training_mad():
     detector.fit(torch.tensor([[0.0, 1.0, 2.0, 10.0], [1.0, 2.0, 3.0, 10.0]], dtype=torch.float64), pids, 2)
     base = torch.tensor([[-3.0, -2.0, -1.0, 4.0], [-2.0, -1.0, 0.0, 6.0]], dtype=torch.float64)
     cut = cal.centred(detector, base, pids, 2)
-    assert cut.median.tolist() == [-1.5, 5.0] and cut.mad.tolist() == [1.0, math.inf]  # medians -2 / -1 and 4 / 6
+    assert cut.median.tolist() == [-1.5, 5.0] and cut.mad.tolist() == [1.0, 0.0]  # medians -2 / -1 and 4 / 6
     assert detector.median.tolist() == [1.5, 10.0]  # the training cut itself is untouched
     # 2.95 is 4.45 (k = 3 robust-z units of MAD 1) above the base centre -1.5: flagged; 2.9 is not
     assert cut.flags(torch.tensor([[2.95, 2.9, 0.0, 5.0]], dtype=torch.float64), pids).tolist() == [1.0, 0.0, 0.0, 0.0]

@@ -71,6 +71,9 @@ def test_read_prompts_from_a_windows_editor(tmp_path):
     path = tmp_path / "p.txt"
     path.write_bytes("\ufeffa cat\r\na caf\u00e9\r\n".encode("utf-8"))
     assert gen.read_prompts(path) == ["a cat", "a caf\u00e9"]
+    path.write_bytes("\ufeffa cat\nb\n".encode("utf-8") + b"caf\xe9\n")  # an error still names the file's line/byte
+    with pytest.raises(InvdiffError, match=r"p.txt:3: not UTF-8 text \(byte 0xe9\)"):
+        gen.read_prompts(path)
 
 
 @pytest.mark.parametrize("content", [None, "", "# only a comment\n\n"])

@@ -53,7 +53,9 @@ def test_a_prompt_without_spread_has_no_outlier():
     assert torch.equal(z[5:], torch.zeros(2)) and z[4] == pytest.approx(16 / (3 * grouper.MAD_TO_SD))
     assert grouper.outlier_split(z).tolist() == [False, False, False, False, True, False, False]
     median, mad = grouper.prompt_median_mad(torch.tensor([5.0, 5.0, 5.0, 1.0]), torch.tensor([0, 0, 0, 1]), 3)
-    assert median.tolist() == [5.0, 1.0, 0.0] and mad.tolist() == [math.inf, math.inf, 1.0]
+    assert median.tolist() == [5.0, 1.0, 0.0] and mad.tolist() == [0.0, 0.0, 1.0]
+    z = grouper.robust_z(torch.tensor([9.0, 2.0]), median, mad, torch.tensor([0, 1]))
+    assert z.tolist() == [0.0, 0.0]  # no spread: no outlier, however far
 
 
 def test_jtt_weights_half_of_each_prompt():

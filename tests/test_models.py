@@ -185,7 +185,7 @@ def test_pretrain_cli_few_steps_and_resume(tmp_path):
     # what shapes the steps may not change on resume: another seed or learning rate is refused in one line (it
     # resumed the seed-0 weights and recorded seed 1 in invdiff_model.json)
     res = CliRunner().invoke(app, args[:6] + ["8"] + args[7:] + ["--seed", "1"])
-    assert res.exit_code != 0 and "checkpoint was made with other data, seed" in str(res.exception)
+    assert res.exit_code != 0 and "checkpoint was made with other data, --seed" in str(res.exception)
     assert json.loads((tmp_path / "model.ckpt" / "unet" / "state.json").read_text())["step"] == 6
     assert json.loads((out / "invdiff_model.json").read_text())["seed"] == 0
 
@@ -196,8 +196,8 @@ def test_pretrain_sizes_the_text_encoder_to_the_longest_caption():
     from invdiff_rt.models.configs import MiniSDArch
     from invdiff_rt.models.pretrain import fit_tokens
 
-    words = " ".join(f"w{i}" for i in range(19))
-    long = [f"{words} red", f"{words} green", "a short one"]
+    words = " ".join(f"w{i % 5}" for i in range(19))  # repeated words count each time
+    long = [f"{words} red", f"{words} green", "a short one, really"]
     arch = fit_tokens(MiniSDArch(), long)
     assert arch.max_tokens == 22 and fit_tokens(MiniSDArch(), ["a photo of the digit 3"]) == MiniSDArch()
     tok = build_tokenizer(long, arch.max_tokens)

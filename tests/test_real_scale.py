@@ -85,6 +85,8 @@ def test_export_sizes_from_flags():
     assert resolution.export_sizes(base, "768") == ((768, 768), (768, 768), (768, 768))
     assert resolution.export_sizes(base, max_size="256") == ((256, 256), (256, 256), (256, 256))
     assert resolution.export_sizes(base, "256") == ((256, 256), (512, 512), (512, 512))
+    with pytest.raises(InvdiffError, match="^--max-size 100x100: not a multiple"):  # under the flag given
+        resolution.export_sizes(base, max_size="100")
 
 
 def test_spec_symbolic_sizes_profile_and_round_trip():

@@ -14,6 +14,7 @@ What is accepted, and what is refused with one line naming the file (and the met
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 from collections import Counter
@@ -94,8 +95,9 @@ def read_text_lines(path: Path, flag: str = "") -> list[str]:
         data = path.read_bytes()
     except OSError as e:
         raise InvdiffError(f"{where}: unreadable ({e.strerror}); check the file") from e
+    data = data.removeprefix(codecs.BOM_UTF8)  # then the line and byte of an error are the file's
     try:
-        return data.decode("utf-8-sig").splitlines()
+        return data.decode("utf-8").splitlines()
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
         raise InvdiffError(f"{where}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save it as UTF-8") from None
@@ -207,7 +209,7 @@ def attribute_values(records: Sequence[Record], column: str) -> list:
             meta = _metadata_of(r)
             have = ", ".join(sorted(r.attrs)) or "none"
             raise InvdiffError(f'{meta}:{r.line}: missing column "{column}" (columns: {have}); name one of those')
-        if not isinstance(r.attrs[column], (str, int, float)):
+        if not isinstance(r.attrs[column], (str, int, float, type(None))):
             raise InvdiffError(f'{_metadata_of(r)}:{r.line}: column "{column}" is {type(r.attrs[column]).__name__}, '
                                "not one value (a string or number); fix the line")
     return sorted({r.attrs[column] for r in records}, key=lambda v: (str(type(v)), v))

@@ -16,7 +16,7 @@ import torch
 
 from .. import artifacts
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: latents encoded in batches fixed by the image size (1: the caller's --batch-size)
 
 
 @dataclass

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import math
 
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,20 +63,21 @@ def _fit(losses: torch.Tensor, w: torch.Tensor, opt: torch.optim.Optimizer, iter
 
 
 def prompt_median_mad(x: torch.Tensor, prompt_ids: torch.Tensor, n_prompts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-prompt median and MAD of x [N] (float64 [n_prompts]; prompts without samples: 0 and 1). A prompt with no
-    spread (MAD 0: one or two rows, or ties) gets MAD inf, so none of its rows is an outlier (with two rows the
-    median is the lower one and the other one's z was about 1e10)."""
+    """Per-prompt median and MAD of x [N] (float64 [n_prompts]; prompts without samples: 0 and 1)."""
     median, mad = torch.zeros(n_prompts, dtype=torch.float64), torch.ones(n_prompts, dtype=torch.float64)
     for p in prompt_ids.unique().tolist():
         values = x[prompt_ids == p]
         median[p] = values.median()
         mad[p] = (values - median[p]).abs().median()
-    return median, mad.masked_fill(mad == 0, math.inf)
+    return median, mad
 
 
 def robust_z(x: torch.Tensor, median: torch.Tensor, mad: torch.Tensor, prompt_ids: torch.Tensor) -> torch.Tensor:
-    """(x - median) / (1.4826 * MAD) with each row's own prompt's median and MAD."""
-    return (x - median[prompt_ids]) / (mad[prompt_ids] * MAD_TO_SD).clamp_min(1e-12)
+    """(x - median) / (1.4826 * MAD) with each row's own prompt's median and MAD; 0 where that MAD is 0 (one or two
+    rows, or ties: no spread to call an outlier against; with two rows the median is the lower one and the other
+    row's z was about 1e10, always in the minority)."""
+    spread = mad[prompt_ids] * MAD_TO_SD
+    return torch.where(spread > 0, (x - median[prompt_ids]) / spread.clamp_min(1e-300), 0.0)
 
 
 def robust_prompt_z(scores: torch.Tensor, prompt_ids: torch.Tensor) -> torch.Tensor:

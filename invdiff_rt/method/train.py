@@ -222,18 +222,26 @@ def _run_key(config: TrainConfig, meta: dict, processes: int) -> str:
                                   **({"split_test": split} if split else {})})
 
 
+def _legacy_run_key(config: TrainConfig, meta: dict) -> str:
+    """The key of checkpoints written before 2026-12-06 (every config field, no process count): still resumed."""
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("resume", "show_progress")}
+    split = splits.TEST_SETTINGS if _tests_split(config) else None
+    return artifacts.sha256_json({"config": fields, **meta, **({"split_test": split} if split else {})})
+
+
 def save_checkpoint(path: Path, step: int, key: str, adapter, optimizer, lr_scheduler,
                     split_test: dict | None = None) -> None:
     checkpoint.save_checkpoint(path, {"adapter": adapter}, optimizer, step,
                                {"key": key, "lr_scheduler": lr_scheduler.state_dict(), "split_test": split_test})
 
 
-def load_checkpoint(path: Path, key: str, adapter, optimizer, lr_scheduler) -> tuple[int, dict | None]:
+def load_checkpoint(path: Path, key: str | tuple[str, ...], adapter, optimizer,
+                    lr_scheduler) -> tuple[int, dict | None]:
     """Restore adapter/optimizer/scheduler; returns the step to continue from (0 when there is nothing) and the
     second-split test's record when the run had made it."""
     if not checkpoint.has_checkpoint(path):
         return 0, None
-    if checkpoint.read_checkpoint_meta(path).get("key") != key:
+    if checkpoint.read_checkpoint_meta(path).get("key") not in ((key,) if isinstance(key, str) else key):
         raise InvdiffError(f"{path}: checkpoint was made with other settings/inputs; delete it or drop --resume")
     meta = checkpoint.load_checkpoint(path, {"adapter": adapter}, optimizer)
     lr_scheduler.load_state_dict(meta["lr_scheduler"])
@@ -419,7 +427,8 @@ def train_adapter(model, data_dir: str | Path, groups: GroupsResult | None, out_
     adapter = GuidanceAdapter(config_for_unet(unet, use_eps_base=config.eps_base_input))
     optimizer, lr_scheduler = _make_optimizer(adapter, config)
     key, ckpt = _run_key(config, meta, accelerator.num_processes), checkpoint_dir(out_dir)
-    start_step, split_test = (load_checkpoint(ckpt, key, adapter, optimizer, lr_scheduler) if config.resume
+    keys = (key, _legacy_run_key(config, meta))
+    start_step, split_test = (load_checkpoint(ckpt, keys, adapter, optimizer, lr_scheduler) if config.resume
                               else (0, None))
     adapter, optimizer = accelerator.prepare(adapter, optimizer)  # the LR schedule is stepped by hand, once a step
     posterior = (Posterior.build(inputs.latents, inputs.prompt_ids, grouping.sampling)

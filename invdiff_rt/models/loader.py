@@ -19,7 +19,7 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets" / "models"
 BUILTIN_MODELS = ("colored-digits", "shapes-habitats", "styled-digits")
 _COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 _EXTRA_CONDITIONING = ("addition_embed_type", "class_embed_type", "num_class_embeds")
-_PLAIN = re.compile(r"(diffusion_pytorch_model|model)(-\d+-of-\d+)?\.(safetensors|bin)")
+_PLAIN = re.compile(r"(diffusion_pytorch_model|pytorch_model|model)(-\d+-of-\d+)?\.(safetensors|bin)")
 _VARIANT = re.compile(r"(diffusion_pytorch_model|model)\.(\w+?)(-\d+-of-\d+)?\.(safetensors|bin)")
 
 

@@ -68,12 +68,12 @@ def _loop(name, total, start, step_fn, ckpt_fn, every, progress):
             ckpt_fn(step + 1)
 
 
-_NOT_IN_KEY = ("vae_steps", "steps", "checkpoint_every", "threads")  # a resume may change them (a longer schedule)
+_NOT_IN_KEY = ("steps", "checkpoint_every", "threads")  # a resume may change them (a longer UNet schedule)
 
 
 def run_key(cfg: PretrainConfig, arch: MiniSDArch, data_fp: str, init_fp: str | None) -> str:
-    """What a checkpoint must have been made with to be resumed: the recipe but its lengths, the architecture, the
-    data and the starting model."""
+    """What a checkpoint must have been made with to be resumed: the recipe but the UNet's length (the VAE's is in:
+    the UNet trains on its latents), the architecture, the data and the starting model."""
     from ..artifacts import sha256_json
 
     recipe = {k: v for k, v in asdict(cfg).items() if k not in _NOT_IN_KEY}
@@ -87,8 +87,9 @@ def _resume(ckpt: Path, key: str, modules: dict, opt) -> int:
         return 0
     made = read_json(ckpt / "state.json", "training checkpoint").get("key")
     if made not in (None, key):
-        raise InvdiffError(f"{ckpt}: checkpoint was made with other data, seed, learning rates, architecture or "
-                           "--init-from; rerun with those, or delete it to start over")
+        raise InvdiffError(f"{ckpt}: checkpoint was made with other data, --seed, --vae-steps, batch sizes, learning "
+                           "rates, warmup, EMA decay, architecture or --init-from; rerun with those, or delete it to "
+                           "start over")
     return load_checkpoint(ckpt, modules, opt)["step"]
 
 
@@ -179,9 +180,9 @@ def _progress():
 def fit_tokens(arch: MiniSDArch, texts: list[str]) -> MiniSDArch:
     """The architecture with a text encoder long enough for the longest caption (its words, BOS and EOS): at the
     default 16 tokens, captions of more than 14 words were cut silently and could train as the same prompt."""
-    from .tokenizer import words_of
+    from .tokenizer import token_count
 
-    longest = max(len(words_of([t])) for t in set(texts)) + 2
+    longest = max(token_count(t) for t in set(texts)) + 2
     return replace(arch, max_tokens=longest) if longest > arch.max_tokens else arch
 
 

@@ -21,6 +21,12 @@ def words_of(texts: Iterable[str]) -> list[str]:
     return sorted({w for t in texts for w, _ in pre.pre_tokenize_str(norm.normalize_str(t))})
 
 
+def token_count(text: str) -> int:
+    """How many words and punctuation runs the tokenizer makes of `text` (before BOS/EOS)."""
+    norm, pre = _splitters()
+    return len(pre.pre_tokenize_str(norm.normalize_str(text)))
+
+
 def build_tokenizer(texts: Iterable[str], max_length: int):
     """Word-level tokenizer: lower-cased words and runs of punctuation (the `Whitespace` pre-tokenizer), BOS/EOS
     added, padded to `max_length`."""

@@ -118,11 +118,12 @@ def export_sizes(limits: SizeLimits, min_size: str | None = None, max_size: str 
     elif min_size or max_size:  # a missing bound: the model's size, or the given one where that lies beyond it
         lo = parse_size(min_size, "--min-size") if min_size else None
         hi = parse_size(max_size, "--max-size") if max_size else None
+        for flag, size in (("--min-size", lo), ("--max-size", hi)):
+            if size:
+                check_size(limits, *size, flag=flag)  # a given bound, under its own flag
         lo = lo or (min(hi[0], limits.default[0]), min(hi[1], limits.default[1]))
         hi = hi or (max(lo[0], limits.default[0]), max(lo[1], limits.default[1]))
         opt = limits.default if _le(lo, limits.default) and _le(limits.default, hi) else lo
-        check_size(limits, *lo, flag="--min-size")
-        check_size(limits, *hi, flag="--max-size")
     else:
         return None
     if not _le(lo, hi):
