@@ -120,7 +120,8 @@ def test_prompts_file_not_utf8_names_file_and_line(tiny_model_dir, tmp_path, mon
                                        ({"class_embed_type": "projection"}, "class_embed_type"),
                                        ({"num_class_embeds": 1000}, "num_class_embeds")])
 def test_a_model_that_is_not_text_to_image_is_one_line(tiny_model_dir, tmp_path, monkeypatch, capsys, edit, key):
-    """SDXL, inpainting, unCLIP and upscaler UNets load but need inputs the pipeline does not give: refused up front."""
+    """SDXL, inpainting, unCLIP and upscaler UNets load but need inputs the pipeline does not give: refused up
+    front."""
     import shutil
 
     model = shutil.copytree(tiny_model_dir, tmp_path / "m")

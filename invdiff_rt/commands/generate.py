@@ -86,7 +86,7 @@ def _merge(out: Path, grid: bool) -> None:
     settings = gen.read_settings(out)
     records = gen.finished_records(out, settings)
     gen.remove_stale_tmp(out, [gen.MANIFEST, *(f"{gen.prompt_slug(p)}/{gen.GRID}" for p, _ in records)])
-    path = gen.merge_manifests(out, settings)
+    path = gen.merge_manifests(out, settings, records)
     grids = gen.write_grids(out, records) if grid else []
     Console().print(f"merged {len(records)} images into {path}; {len(grids)} grids", highlight=False,
                     soft_wrap=True)

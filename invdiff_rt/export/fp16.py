@@ -44,7 +44,7 @@ def fp32_attention(module, query, key, value, attention_mask, scaling: float, dr
     scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling
     if attention_mask is not None:
         scores = scores + attention_mask.float()
-    elif (module.is_causal if is_causal is None else is_causal) and query.shape[2] > 1:
+    elif (getattr(module, "is_causal", False) if is_causal is None else is_causal) and query.shape[2] > 1:
         q, k = query.shape[2], key.shape[2]
         future = torch.ones(q, k, dtype=torch.bool, device=scores.device).triu(k - q + 1)
         scores = scores.masked_fill(future, torch.finfo(torch.float32).min)

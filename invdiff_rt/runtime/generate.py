@@ -227,11 +227,12 @@ def _finished(out_dir: Path, rec: dict | None) -> bool:
     return path.is_file() and sha256_file(path) == rec["sha256"]
 
 
-def merge_manifests(out_dir: Path, settings: dict | None = None) -> Path:
-    """Write the sorted union of all manifest files (current settings only) to DIR/manifest.jsonl."""
+def merge_manifests(out_dir: Path, settings: dict | None = None, records: Mapping | None = None) -> Path:
+    """Write the sorted union of all manifest files (current settings only, images that exist: `records` when the
+    caller has them) to DIR/manifest.jsonl."""
     out_dir = Path(out_dir)
     settings = read_settings(out_dir) if settings is None else settings
-    records = finished_records(out_dir, settings)
+    records = finished_records(out_dir, settings) if records is None else records
     lines = [json.dumps(records[k], sort_keys=True, default=str) + "\n" for k in sorted(records)]
     return atomic_write_text(out_dir / MANIFEST, "".join(lines))
 
@@ -343,7 +344,7 @@ def _finish(result: GenerationResult, jobs: Sequence[Job], settings: dict, grid:
     records = finished_records(result.out_dir, settings)
     if any(job.key not in records for job in jobs):
         return  # other ranks still running: the last one to finish merges
-    result.manifest = merge_manifests(result.out_dir, settings)
+    result.manifest = merge_manifests(result.out_dir, settings, records)
     if grid:
         prompts = {job.prompt for job in jobs}
         result.grids = write_grids(result.out_dir, {k: r for k, r in records.items() if k[0] in prompts})

@@ -93,17 +93,17 @@ class OrtComponent:
 
     def _run_cuda(self, feeds: dict) -> torch.Tensor:
         """I/O binding on torch CUDA buffers; the batch comes from the first input's leading dim."""
-        binding = self.session.io_binding()
+        binding, index = self.session.io_binding(), self.device.index
         keep = []
         for name, x in feeds.items():
             t = torch.as_tensor(x, dtype=getattr(torch, self.spec.dtype(name)), device=self.device).contiguous()
             keep.append(t)
-            binding.bind_input(name, "cuda", self.device.index, np.dtype(self.spec.dtype(name)).type, tuple(t.shape), t.data_ptr())
+            binding.bind_input(name, "cuda", index, np.dtype(self.spec.dtype(name)).type, tuple(t.shape), t.data_ptr())
         batch = _batch_of(self.spec, feeds)
         out_name = self.spec.output_names[0]
         out = torch.empty(self.spec.shapes(batch, _size_of(self.spec, feeds))[out_name],
                           dtype=getattr(torch, self.spec.dtype(out_name)), device=self.device)
-        binding.bind_output(out_name, "cuda", self.device.index, np.dtype(self.spec.dtype(out_name)).type, tuple(out.shape),
+        binding.bind_output(out_name, "cuda", index, np.dtype(self.spec.dtype(out_name)).type, tuple(out.shape),
                             out.data_ptr())
         self.session.run_with_iobinding(binding)
         return out
