@@ -207,7 +207,7 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), console: Console |
     generated = stages.run("generate", {"export": with_adapter.get("files"), "weight": weight,
                                         "n": cfg.generate_per_prompt},
                            lambda f: _generate(f, export["path"], prompts, weight, cfg))
-    ev = {"n": cfg.per_prompt, "seed": cfg.seed, **base}
+    ev = {"n": cfg.per_prompt, "seed": cfg.seed, **base, "classifier": _classifier_fingerprint()}
     before = stages.run("eval-base", {**ev, "export": without["files"]},
                         lambda f: _evaluate(f, model, data["path"], export["base_path"], without["max_batch"], None,
                                             0.0, cfg))
@@ -222,6 +222,14 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), console: Console |
                           (weight, how))
     print_summary(console, before, after, bench, weight, stages.timings)
     return report
+
+
+def _classifier_fingerprint() -> str:
+    """The shipped classifiers the eval stages score with (in their key: new classifiers re-evaluate)."""
+    from .artifacts import fingerprint_dir
+    from .eval.classifiers import default_classifier_dir
+
+    return fingerprint_dir(default_classifier_dir(BENCHMARK))
 
 
 def data_prompts(data_dir: str) -> list[str]:

@@ -7,7 +7,7 @@ import pytest
 
 
 @pytest.mark.slow
-def test_demo_end_to_end_smoke_and_stage_reuse(tmp_path, tiny_model_dir):
+def test_demo_end_to_end_smoke_and_stage_reuse(tmp_path, tiny_model_dir, monkeypatch):
     from rich.console import Console
 
     from invdiff_rt.demo import DemoConfig, run_demo
@@ -49,6 +49,14 @@ def test_demo_end_to_end_smoke_and_stage_reuse(tmp_path, tiny_model_dir):
     mtime = (out / "adapter" / "stage.json").stat().st_mtime
     run_demo(out, cfg, console=Console(quiet=True))
     assert (out / "adapter" / "stage.json").stat().st_mtime == mtime
+    # other shipped classifiers: the two eval stages run again, nothing before them
+    from invdiff_rt import demo
+
+    scored = (out / "eval-base" / "stage.json").stat().st_mtime
+    monkeypatch.setattr(demo, "_classifier_fingerprint", lambda: "other classifiers")
+    run_demo(out, cfg, console=Console(quiet=True))
+    assert (out / "adapter" / "stage.json").stat().st_mtime == mtime
+    assert (out / "eval-base" / "stage.json").stat().st_mtime != scored
 
 
 def test_stage_with_changed_inputs_starts_from_an_empty_folder(tmp_path):
