@@ -126,6 +126,7 @@ SAMPLING_STEPS = Rule(min=1, max=1000, note="a scheduler samples at most the mod
 def _threads(low: int) -> Rule:
     return Rule(min=low, max=CORES, note="the cores this process may use")
 
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # Keys: "--flag" for every command, or "command --flag" (command path joined by spaces) to override it.
 RULES: dict[str, Rule] = {

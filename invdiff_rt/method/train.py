@@ -212,21 +212,16 @@ _NOT_IN_KEY = ("resume", "show_progress", "checkpoint_every", "calibrate", "cali
                "calibrate_min_samples")  # they do not change the steps: a resume may change them
 
 
-def _run_key(config: TrainConfig, meta: dict, processes: int) -> str:
+def _run_key(config: TrainConfig, meta: dict, processes: int | None) -> str:
     """What a checkpoint must match to be resumed: the settings that shape the steps, the run's inputs, the number
     of processes (each draws its own batch) and the second-split test's settings where it applies (a checkpoint
-    written after the test holds its verdict)."""
-    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_IN_KEY}
+    written after the test holds its verdict). `processes` None: the key of checkpoints written before 2026-12-06
+    (every config field, no process count), still resumed."""
+    drop = ("resume", "show_progress") if processes is None else _NOT_IN_KEY
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in drop}
     split = splits.TEST_SETTINGS if _tests_split(config) else None
-    return artifacts.sha256_json({"config": fields, **meta, "processes": processes,
+    return artifacts.sha256_json({"config": fields, **meta, **({} if processes is None else {"processes": processes}),
                                   **({"split_test": split} if split else {})})
-
-
-def _legacy_run_key(config: TrainConfig, meta: dict) -> str:
-    """The key of checkpoints written before 2026-12-06 (every config field, no process count): still resumed."""
-    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("resume", "show_progress")}
-    split = splits.TEST_SETTINGS if _tests_split(config) else None
-    return artifacts.sha256_json({"config": fields, **meta, **({"split_test": split} if split else {})})
 
 
 def save_checkpoint(path: Path, step: int, key: str, adapter, optimizer, lr_scheduler,
@@ -427,7 +422,7 @@ def train_adapter(model, data_dir: str | Path, groups: GroupsResult | None, out_
     adapter = GuidanceAdapter(config_for_unet(unet, use_eps_base=config.eps_base_input))
     optimizer, lr_scheduler = _make_optimizer(adapter, config)
     key, ckpt = _run_key(config, meta, accelerator.num_processes), checkpoint_dir(out_dir)
-    keys = (key, _legacy_run_key(config, meta))
+    keys = (key, _run_key(config, meta, None))
     start_step, split_test = (load_checkpoint(ckpt, keys, adapter, optimizer, lr_scheduler) if config.resume
                               else (0, None))
     adapter, optimizer = accelerator.prepare(adapter, optimizer)  # the LR schedule is stepped by hand, once a step
