@@ -129,6 +129,12 @@ def atomic_save_image(image, path: str | Path) -> Path:
     return path
 
 
+# The file that marks each kind of artifact folder (its manifest): a writer replaces only an empty folder or one
+# holding it (`atomic_dir`), and the CLI checks `--out` against the same name before any work (`validate.RULES`).
+FOLDER_MARKERS = {"adapter": "adapter.json", "export": "manifest.json", "model": "model_index.json",
+                  "dataset": "dataset.json", "classifiers": "attribute"}
+
+
 def check_replaceable(path: str | Path, marker: str, flag: str = "--out") -> None:
     """An artifact folder replaces `path` whole: refuse a folder that holds other files than such an artifact (no
     `marker`, the artifact's manifest), which would be deleted (`classifier train --out DATA` removed the dataset)."""

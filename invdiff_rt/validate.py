@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from .artifacts import FOLDER_MARKERS, check_replaceable
 from .errors import InvdiffError
 
 INPUT_KINDS = ("dir", "file", "prefix", "model")  # must exist
@@ -201,12 +202,12 @@ RULES: dict[str, Rule] = {
     "train --groups": Rule(path="prefix"),
     "data info ROOT": Rule(path="dir"),
     "--out": Rule(path="out_dir"),
-    "train --out": Rule(path="out_dir", marker="adapter.json"),  # the artifact folders, replaced whole
-    "export --out": Rule(path="out_dir", marker="manifest.json"),
-    "pretrain --out": Rule(path="out_dir", marker="model_index.json"),
-    "model build-sd --out": Rule(path="out_dir", marker="model_index.json"),
-    "data make --out": Rule(path="out_dir", marker="dataset.json"),
-    "classifier train --out": Rule(path="out_dir", marker="attribute"),
+    "train --out": Rule(path="out_dir", marker=FOLDER_MARKERS["adapter"]),  # the artifact folders, replaced whole
+    "export --out": Rule(path="out_dir", marker=FOLDER_MARKERS["export"]),
+    "pretrain --out": Rule(path="out_dir", marker=FOLDER_MARKERS["model"]),
+    "model build-sd --out": Rule(path="out_dir", marker=FOLDER_MARKERS["model"]),
+    "data make --out": Rule(path="out_dir", marker=FOLDER_MARKERS["dataset"]),
+    "classifier train --out": Rule(path="out_dir", marker=FOLDER_MARKERS["classifiers"]),
     "groups --out": Rule(path="out_prefix"),
     "--engines": Rule(path="cache"),
     "build --out": Rule(path="cache"),
@@ -401,8 +402,6 @@ def check_path(flag: str, kind: str | None, path: Path, marker: str = "") -> Non
     if kind in OUTPUT_KINDS + CACHE_KINDS:
         _check_writable(flag, path)
     if marker:
-        from .artifacts import check_replaceable
-
         check_replaceable(path, marker, flag)
 
 

@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
-from ..artifacts import atomic_dir, atomic_write_json, atomic_write_text, package_versions
+from ..artifacts import FOLDER_MARKERS, atomic_dir, atomic_write_json, atomic_write_text, package_versions
 from ..errors import InvdiffError
 from .folder import METADATA, data_fingerprint
 
@@ -76,11 +76,11 @@ def write_dataset(out: str | Path, recipe: str, splits: dict[str, list[Sample]],
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InvdiffError(f"--out {out}: exists and is not a folder; pick another path")
-    with atomic_dir(out, "dataset.json") as tmp:
+    with atomic_dir(out, FOLDER_MARKERS["dataset"]) as tmp:
         for name, samples in splits.items():
             write_split(tmp / name, samples)
         stats = {name: split_stats(samples, attribute, minority_column) for name, samples in splits.items()}
-        atomic_write_json(tmp / "dataset.json", {
+        atomic_write_json(tmp / FOLDER_MARKERS["dataset"], {
             "recipe": recipe, **params, "attribute": attribute,
             "prompts": sorted({s.row["text"] for s in splits["train"]}),
             "splits": stats,

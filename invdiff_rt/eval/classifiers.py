@@ -287,7 +287,7 @@ def train_classifier_pair(data_dir: str | Path, attribute: str, out_dir: str | P
 
     Returns `{"attribute": manifest, "class": manifest}`.
     """
-    from ..artifacts import atomic_dir
+    from ..artifacts import FOLDER_MARKERS, atomic_dir
     from ..data.folder import attribute_values, data_fingerprint, prompts_of, read_split
 
     data_dir = Path(data_dir)
@@ -310,7 +310,7 @@ def train_classifier_pair(data_dir: str | Path, attribute: str, out_dir: str | P
     jobs = {"attribute": (values, train.attributes, train.classes, test.attributes, test.classes, "none"),
             "class": (prompts, train.classes, train.attributes, test.classes, test.attributes, strip)}
     manifests = {}
-    with atomic_dir(out_dir, "attribute") as tmp:
+    with atomic_dir(out_dir, FOLDER_MARKERS["classifiers"]) as tmp:
         for kind, (labels, y, conf, y_test, conf_test, stripped) in jobs.items():
             net, loss = train_one(train.images, y, conf, len(labels), stripped, epochs, seed)
             meta = {**common, "kind": kind, "target": attribute if kind == "attribute" else "text",

@@ -15,7 +15,7 @@ from ..errors import InvdiffError
 from . import onnx_export
 from .spec import PRECISIONS, ExportSpec, component_specs
 
-MANIFEST_NAME = "manifest.json"
+MANIFEST_NAME = artifacts.FOLDER_MARKERS["export"]
 FORMAT = "invdiff-rt/export"
 FORMAT_VERSION = 1
 COPIED_DIRS = ("tokenizer", "scheduler")

@@ -357,7 +357,7 @@ def refit_ingredients(base: Mapping[str, Any], adapter_fingerprint: str) -> dict
 # ---------------------------------------------------------------------------------------------------------------
 # export folders (manifest.json written by `invdiff export`)
 
-MANIFEST_NAME = "manifest.json"
+MANIFEST_NAME = artifacts.FOLDER_MARKERS["export"]  # the export folder it reads
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from .. import artifacts
 from ..errors import InvdiffError
 
 WEIGHTS_NAME = "adapter.safetensors"
-MANIFEST_NAME = "adapter.json"
+MANIFEST_NAME = artifacts.FOLDER_MARKERS["adapter"]
 FORMAT = "invdiff-rt/adapter"
 FORMAT_VERSION = 1
 BUDGET_FRACTION = 0.05  # adapter parameters <= 5 % of the base UNet's

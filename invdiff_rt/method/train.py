@@ -236,9 +236,8 @@ def load_checkpoint(path: Path, key: str | tuple[str, ...], adapter, optimizer,
     second-split test's record when the run had made it."""
     if not checkpoint.has_checkpoint(path):
         return 0, None
-    if checkpoint.read_checkpoint_meta(path).get("key") not in ((key,) if isinstance(key, str) else key):
-        raise InvdiffError(f"{path}: checkpoint was made with other settings/inputs; delete it or drop --resume")
-    meta = checkpoint.load_checkpoint(path, {"adapter": adapter}, optimizer)
+    meta = checkpoint.load_checkpoint(path, {"adapter": adapter}, optimizer, (key,) if isinstance(key, str) else key,
+                                      "checkpoint was made with other settings/inputs; delete it or drop --resume")
     lr_scheduler.load_state_dict(meta["lr_scheduler"])
     return int(meta["step"]), meta.get("split_test")
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..artifacts import atomic_dir, atomic_save_safetensors, atomic_write_json, read_json
+from ..errors import InvdiffError
 
 
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -53,11 +54,15 @@ def read_checkpoint_meta(path: Path) -> dict:
     return read_json(Path(path) / META, "training checkpoint")
 
 
-def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer) -> dict:
-    """Restore modules and optimizer in place; return the JSON metadata (with "step")."""
+def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
+                    keys: tuple = (), refusal: str = "") -> dict:
+    """Restore modules and optimizer in place; return the JSON metadata (with "step"). With `keys`, a checkpoint
+    whose saved "key" (what it was made with) is none of them is refused with `refusal` before anything loads."""
     from safetensors.torch import load_file
 
     meta = read_checkpoint_meta(path)
+    if keys and meta.get("key") not in keys:
+        raise InvdiffError(f"{path}: {refusal}")
     tensors = load_file(str(Path(path) / STATE))
     for name, m in modules.items():
         prefix = f"{name}."

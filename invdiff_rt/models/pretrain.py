@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ..artifacts import package_versions, read_json
 from ..data.folder import data_fingerprint, load_images, read_split
 from ..errors import InvdiffError
-from .checkpoint import has_checkpoint, load_checkpoint, read_checkpoint_meta, save_checkpoint
+from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from .configs import SCHEDULER_CONFIG, MiniSDArch
 from .loader import tokenize
 from .tiny import build_components, save_model_dir
@@ -85,12 +85,9 @@ def _resume(ckpt: Path, key: str, modules: dict, opt) -> int:
     without a key, from before keys, is taken as it was)."""
     if not has_checkpoint(ckpt):
         return 0
-    made = read_checkpoint_meta(ckpt).get("key")
-    if made not in (None, key):
-        raise InvdiffError(f"{ckpt}: checkpoint was made with other data, --seed, --vae-steps, batch sizes, learning "
-                           "rates, warmup, EMA decay, architecture or --init-from; rerun with those, or delete it to "
-                           "start over")
-    return load_checkpoint(ckpt, modules, opt)["step"]
+    refusal = ("checkpoint was made with other data, --seed, --vae-steps, batch sizes, learning rates, warmup, EMA "
+               "decay, architecture or --init-from; rerun with those, or delete it to start over")
+    return load_checkpoint(ckpt, modules, opt, (None, key), refusal)["step"]
 
 
 def train_vae(vae, images: torch.Tensor, cfg: PretrainConfig, ckpt: Path, progress, key: str = "") -> int:

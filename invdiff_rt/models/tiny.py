@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..artifacts import atomic_dir, atomic_write_json
+from ..artifacts import FOLDER_MARKERS, atomic_dir, atomic_write_json
 from .configs import SCHEDULER_CONFIG, MiniSDArch, TinyArch
 from .tokenizer import build_tokenizer
 
@@ -45,14 +45,14 @@ def save_model_dir(out_dir: str | Path, tokenizer, text_encoder, vae, unet, info
     """Write a diffusers directory that `StableDiffusionPipeline.from_pretrained` and `load_model` both load."""
     from diffusers import DDIMScheduler
 
-    with atomic_dir(out_dir, "model_index.json") as tmp:
+    with atomic_dir(out_dir, FOLDER_MARKERS["model"]) as tmp:
         tokenizer.save_pretrained(tmp / "tokenizer")
         for name, module in (("text_encoder", text_encoder), ("vae", vae), ("unet", unet)):
             module.to(dtype).save_pretrained(tmp / name, safe_serialization=True)
             module.to(torch.float32)
         _load_as_float32(tmp / "text_encoder")
         DDIMScheduler(**(scheduler or SCHEDULER_CONFIG)).save_pretrained(tmp / "scheduler")
-        (tmp / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
+        (tmp / FOLDER_MARKERS["model"]).write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
         if info is not None:
             atomic_write_json(tmp / "invdiff_model.json", info)
     return Path(out_dir)
