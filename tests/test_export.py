@@ -54,7 +54,7 @@ def exported(tmp_path_factory):
 
 
 def _fake_model():
-    return SimpleNamespace(latent_shape=(4, 8, 8), image_size=32,
+    return SimpleNamespace(latent_shape=(4, 8, 8), image_size=32, vae_factor=4, size_multiple=16,
                            tokenizer=SimpleNamespace(model_max_length=16),
                            text_encoder=SimpleNamespace(config=SimpleNamespace(hidden_size=24, vocab_size=50)))
 

@@ -178,11 +178,10 @@ def text_shape(model) -> tuple[int, int]:
 
 
 def _size_fields(model, sizes) -> dict:
-    """The spec's resolution range and the model's downsampling (only for a dynamic-resolution export)."""
-    if not sizes:
-        return {}
-    return {"sizes": tuple(tuple(int(v) for v in s) for s in sizes), "downsample": model.vae_factor,
-            "multiple": model.size_multiple}
+    """The model's downsampling and size multiple, and the spec's resolution range for a dynamic-resolution export
+    (a static one recorded the defaults, 8 and 8, whatever the model)."""
+    fields = {"downsample": model.vae_factor, "multiple": model.size_multiple}
+    return {"sizes": tuple(tuple(int(v) for v in s) for s in sizes), **fields} if sizes else fields
 
 
 def _latent_dims(model, sizes) -> tuple:
