@@ -549,3 +549,26 @@ def test_generate_takes_an_export_adapter_only_for_tensorrt(tmp_path, monkeypatc
         validate._generate_combos({"prompt": ["p"], "export": tmp_path, "adapter": tmp_path, "backend": "auto"})
     monkeypatch.setattr(backends, "is_available", lambda name: name == "tensorrt")
     validate._generate_combos({"prompt": ["p"], "export": tmp_path, "adapter": tmp_path, "backend": "auto"})
+
+
+def test_engines_built_with_other_build_options_are_found(tmp_path, adapter_onnx):
+    """`invdiff build --builder-optimization-level 5` or `--refit none` makes plans under other keys: the runtime
+    finds them (the asked-for options first); a refit needs a refittable build."""
+    from invdiff_rt.method.adapter import save_adapter
+
+    export, default_plan, _ = _fake_export(tmp_path, adapter_onnx)
+    engines = tmp_path / "engines"
+    base = json.loads(default_plan.with_suffix(".json").read_text())["ingredients"]
+    default_plan.unlink()
+    level5 = _fake_plan(engines, {**base, "builder_optimization_level": 5})
+    assert te.engine_plans(export, engines, "11.4.0.106", GPU) == {"denoiser": level5}
+    level5.unlink()
+    no_refit = _fake_plan(engines, {**base, "refit": "none", "refit_weights": []})
+    assert te.engine_plans(export, engines, "11.4.0.106", GPU) == {"denoiser": no_refit}
+    save_adapter(_tiny_adapter(1), tmp_path / "adapter_b", {"base_fingerprint": "base-fp"})
+    with pytest.raises(InvdiffError, match=r"denoiser engine: no engine; run `invdiff refit --engine .*\(after"):
+        te.engine_plans(export, engines, "11.4.0.106", GPU, adapter_dir=tmp_path / "adapter_b")
+    again = _fake_plan(engines, base)  # both built: the asked-for options win
+    assert te.engine_plans(export, engines, "11.4.0.106", GPU) == {"denoiser": again}
+    assert te.build_variants("individual", 3, refit=True)[:2] == [("individual", 3), ("individual", 0)]
+    assert len(te.build_variants("none", 5, refit=False)) == 12

@@ -426,11 +426,10 @@ def component_ingredients(export_dir: str | Path, trt_version: str, gpu: Mapping
                           builder_optimization_level: int, components: list[str] | None = None):
     """Yield (component, engine key ingredients) for every exported component; only the denoiser carries the
     adapter's refit weights."""
-    adapter_weights = tuple(sorted(refit_map(read_export_manifest(export_dir)).values()))
+    weights = tuple(sorted(refit_map(read_export_manifest(export_dir)).values()))
     for component in export_components(export_dir, components):
-        weights = adapter_weights if component.name == "denoiser" and refit_mode != "none" else ()
-        yield component, key_ingredients(verify_onnx(component), component.profile, trt_version, gpu, refit_mode,
-                                         weights, builder_optimization_level)
+        yield component, _variant_ingredients(component, verify_onnx(component), weights, trt_version, gpu,
+                                              [(refit_mode, builder_optimization_level)])[0]
 
 
 def build_plan(export_dir: str | Path, options: BuildOptions, components: list[str] | None = None,
@@ -446,25 +445,55 @@ def build_plan(export_dir: str | Path, options: BuildOptions, components: list[s
                                                                 options.builder_optimization_level, components)]
 
 
+OPTIMIZATION_LEVELS = tuple(range(6))  # TensorRT's builder optimisation levels
+
+
+def build_variants(refit_mode: str, builder_optimization_level: int, refit: bool) -> list[tuple[str, int]]:
+    """(refit mode, optimisation level) of the plans to look for, the asked-for pair first: `invdiff build` may
+    have used any of them (`--refit none`, `--builder-optimization-level 5`); a refit needs refittable weights."""
+    modes = [m for m in dict.fromkeys((refit_mode, *REFIT_MODES)) if not (refit and m == "none")]
+    levels = dict.fromkeys((builder_optimization_level, *OPTIMIZATION_LEVELS))
+    return [(mode, level) for mode in modes for level in levels]
+
+
+def _variant_ingredients(component: ExportedComponent, onnx_hash: str, weights: tuple, trt_version: str,
+                         gpu: Mapping[str, str], variants: list[tuple[str, int]]) -> list[dict[str, Any]]:
+    """The component's key ingredients under each build variant (only the denoiser carries refit weights)."""
+    own = weights if component.name == "denoiser" else ()
+    return [key_ingredients(onnx_hash, component.profile, trt_version, gpu, mode, own if mode != "none" else (),
+                            level) for mode, level in variants]
+
+
+def _first_current(engines_dir: str | Path, candidates: list[dict[str, Any]]) -> dict[str, Any] | None:
+    return next((c for c in candidates if stale_reason(engines_dir, c) is None), None)
+
+
 def engine_plans(export_dir: str | Path, engines_dir: str | Path, trt_version: str, gpu: Mapping[str, str],
                  refit_mode: str = "individual", builder_optimization_level: int = 3,
                  adapter_dir: str | Path | None = None) -> dict[str, Path]:
-    """The cached plan of every exported component, the denoiser's refitted with `adapter_dir` (by `invdiff refit`)
-    when one is given and it is not the exported adapter. A missing or stale plan is a one-line error that names
-    the command making it."""
+    """The cached plan of every exported component, built with the given options or, failing that, any other
+    refit mode / optimisation level `invdiff build` takes; the denoiser's refitted with `adapter_dir` (by `invdiff
+    refit`) when one is given and it is not the exported adapter. A missing or stale plan is a one-line error that
+    names the command making it."""
     refit_fp = refit_fingerprint(export_dir, adapter_dir, refit_mode) if adapter_dir is not None else None
+    weights = tuple(sorted(refit_map(read_export_manifest(export_dir)).values()))
     plans = {}
-    for component, ingredients in component_ingredients(export_dir, trt_version, gpu, refit_mode,
-                                                        builder_optimization_level):
+    for component in export_components(export_dir):
+        refit = component.name == "denoiser" and refit_fp is not None
+        variants = build_variants(refit_mode, builder_optimization_level, refit)
+        candidates = _variant_ingredients(component, verify_onnx(component), weights, trt_version, gpu, variants)
+        built = _first_current(engines_dir, candidates)
         fix = f"run `invdiff build --onnx {export_dir} --out {engines_dir}`"
-        if component.name == "denoiser" and refit_fp:
-            fix = (f"run `invdiff refit --engine {plan_path(engines_dir, cache_key(ingredients))} --adapter "
-                   f"{adapter_dir}` (after `invdiff build`)")
-            ingredients = refit_ingredients(ingredients, refit_fp)
-        reason = stale_reason(engines_dir, ingredients)
-        if reason:
-            raise InvdiffError(f"{engines_dir}: {component.name} engine: {reason}; {fix}")
-        plans[component.name] = plan_path(engines_dir, cache_key(ingredients))
+        if refit:
+            base = built or candidates[0]
+            fix = (f"run `invdiff refit --engine {plan_path(engines_dir, cache_key(base))} --adapter {adapter_dir}`"
+                   + ("" if built else " (after `invdiff build`)"))
+            candidates = [refit_ingredients(c, refit_fp) for c in candidates]
+            built = _first_current(engines_dir, candidates)
+        if built is None:
+            raise InvdiffError(f"{engines_dir}: {component.name} engine: {stale_reason(engines_dir, candidates[0])}; "
+                               f"{fix}")
+        plans[component.name] = plan_path(engines_dir, cache_key(built))
     return plans
 
 
