@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -95,10 +96,22 @@ def test_check_gives_a_torch_candidate_its_own_modules(exported):
     from invdiff_rt.commands.export import _runtimes
 
     reference, [candidate], _ = _runtimes(str(exported["model_dir"]), exported["adapter_dir"], exported["out"],
-                                          ["torch"])
+                                          ["torch"], Path("engines"))
     candidate.fused.to(torch.bfloat16)
     assert {p.dtype for p in reference.fused.parameters()} == {torch.float32}
     assert candidate.fused.adapter is not reference.fused.adapter
+
+
+def test_check_asks_tensorrt_for_the_given_engine_cache(exported, monkeypatch):
+    """`check --backends torch,tensorrt --engines DIR` loads DIR's engines (it had no --engines: ./engines only)."""
+    from invdiff_rt.commands.export import _runtimes
+
+    calls = []
+    monkeypatch.setattr(backends, "is_available", lambda name: True)
+    monkeypatch.setattr(backends, "load_runtime", lambda name, **kw: calls.append((name, kw)) or "runtime")
+    _, candidates, _ = _runtimes(str(exported["model_dir"]), exported["adapter_dir"], exported["out"], ["tensorrt"],
+                                 Path("my-engines"))
+    assert candidates == ["runtime"] and calls[0][0] == "tensorrt" and calls[0][1]["engines_dir"] == Path("my-engines")
 
 
 def test_check_cli_refuses_missing_adapter(exported):

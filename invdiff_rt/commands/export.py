@@ -57,6 +57,7 @@ def check(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON here."),
     height: Optional[int] = typer.Option(None, "--height", help="Image height (default: the model's)."),
     width: Optional[int] = typer.Option(None, "--width", help="Image width (default: the model's)."),
+    engines: Path = typer.Option(Path("engines"), "--engines", help="TensorRT engine cache (with tensorrt)."),
 ) -> None:
     """Per-step noise prediction and final-image parity: torch vs ONNX Runtime (vs TensorRT). Exit 1 on fail."""
     from ..export.manifest import read_manifest
@@ -69,7 +70,7 @@ def check(
         raise InvdiffError(f"--backends {backends}: start with torch (the reference) and name at least one other")
     limits = limits_of_manifest(read_manifest(export_dir, verify=False), export_dir)
     image_size = check_size(limits, height, width)
-    reference, candidates, manifest = _runtimes(model, adapter, export_dir, names[1:])
+    reference, candidates, manifest = _runtimes(model, adapter, export_dir, names[1:], engines)
     for runtime in (reference, *candidates):
         runtime.latent_shape = limits.latent_shape(image_size)
     rows = run_parity(reference, candidates, sizes, steps=steps, seed=seed, scheduler=scheduler,
@@ -95,7 +96,7 @@ def _batch_sizes(text: str) -> list[int]:
     return sizes
 
 
-def _runtimes(model_dir: str, adapter_dir, export_dir: Path, names: list[str]):
+def _runtimes(model_dir: str, adapter_dir, export_dir: Path, names: list[str], engines: Path):
     """The torch reference (matching the export's model, adapter and CFG mode) and the candidate runtimes."""
     from ..export.manifest import read_manifest
     from ..models.loader import load_model
@@ -116,7 +117,7 @@ def _runtimes(model_dir: str, adapter_dir, export_dir: Path, names: list[str]):
         # copies, so that the CPU reference stays what it is
         own = (copy.deepcopy(model), copy.deepcopy(adapter)) if backend.startswith("torch") else (model, adapter)
         candidates.append(load_runtime(backend, model=own[0], adapter=own[1], export_dir=export_dir,
-                                       precision=manifest.get("precision", "fp32"), cfg=cfg))
+                                       precision=manifest.get("precision", "fp32"), cfg=cfg, engines_dir=engines))
     return reference, candidates, manifest
 
 
