@@ -116,12 +116,25 @@ def test_parse_list_and_config_errors_are_one_line():
     assert bench.BenchConfig(["torch", "eager"], [1], model="m").run_backends == ["eager", "torch"]
 
 
+def _fake_components(*names):
+    """Component entries with the specs of a small model (readers parse them)."""
+    from types import SimpleNamespace
+
+    from invdiff_rt.export.spec import component_specs
+
+    model = SimpleNamespace(latent_shape=(4, 8, 8), image_size=32, vae_factor=4, size_multiple=16,
+                            tokenizer=SimpleNamespace(model_max_length=16),
+                            text_encoder=SimpleNamespace(config=SimpleNamespace(hidden_size=24, vocab_size=50)))
+    specs = component_specs(model, max_batch=32)
+    return {name: {"spec": specs[name].to_json()} for name in names or specs}
+
+
 def _fake_export(path, **fields):
     """An export folder holding only a manifest (no files listed, so verification passes)."""
     from invdiff_rt.export.manifest import FORMAT, MANIFEST_NAME
 
     manifest = {"format": FORMAT, "files": {}, "adapter": None, "base_fingerprint": "b" * 64, "cfg": True,
-                "precision": "fp32", "max_batch": 32, "components": {"denoiser": {}, "text_encoder": {}, "vae_decoder": {}}, **fields}
+                "precision": "fp32", "max_batch": 32, "components": _fake_components(), **fields}
     path.mkdir()
     (path / MANIFEST_NAME).write_text(json.dumps(manifest))
     return str(path)
@@ -133,7 +146,7 @@ def test_base_export_must_be_the_same_base_without_adapter(tmp_path):
     good = _fake_export(tmp_path / "good")
     assert bench.check_base_export(good, adapter_export, config) == good
     bad = {"adapter": dict(adapter={"fingerprint": "a" * 64}), "another base": dict(base_fingerprint="c" * 64),
-           "no text_encoder": dict(components={"denoiser": {}}), "cfg=False": dict(cfg=False),
+           "no text_encoder": dict(components=_fake_components("denoiser")), "cfg=False": dict(cfg=False),
            "--precision fp32 --max-batch 8": dict(max_batch=4)}
     for i, (expected, fields) in enumerate(bad.items()):
         with pytest.raises(InvdiffError, match=expected) as info:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from invdiff_rt import artifacts
+from invdiff_rt.export.manifest import FORMAT
 from invdiff_rt.errors import InvdiffError
 from invdiff_rt.export import tensorrt as te
 
@@ -350,8 +351,18 @@ def test_require_tensorrt_message_names_the_command():
 def test_export_manifest_errors_are_one_line(tmp_path):
     with pytest.raises(InvdiffError, match="--onnx .*not an export folder"):
         te.export_components(tmp_path / "missing")
-    (tmp_path / "manifest.json").write_text(json.dumps({"components": {"denoiser": {"file": "denoiser.onnx",
-                                                                                    "profile": PROFILE}}}))
+    good = {"format": FORMAT, "components": {"denoiser": {"file": "denoiser.onnx", "profile": PROFILE}}}
+    spec = _denoiser_spec().to_json()
+    for bad, what in (({"components": good["components"]}, "not an invdiff-rt export manifest"),
+                      ({**good, "components": {"denoiser": {}}}, "malformed \\(KeyError: 'spec'\\)"),
+                      ({**good, "components": {"denoiser": "x"}}, "malformed \\(TypeError"),
+                      ({**good, "components": {"denoiser": {"spec": {**spec, "max_batch": "two"}}}}, "malformed"),
+                      ({**good, "refit_map": ["a"]}, "malformed \\(ValueError"),
+                      ({**good, "latent_shape": "4x8x8"}, "malformed \\(ValueError")):
+        (tmp_path / "manifest.json").write_text(json.dumps(bad))
+        with pytest.raises(InvdiffError, match=f"^{tmp_path / 'manifest.json'}: {what}"):
+            te.export_components(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps(good))
     (comp,) = te.export_components(tmp_path)
     assert comp.profile == PROFILE and comp.onnx == tmp_path / "denoiser.onnx"
     with pytest.raises(InvdiffError, match="--component: 'vae' is not in"):
@@ -470,7 +481,7 @@ def _fake_export(tmp_path: Path, adapter_onnx, base: str = "base-fp"):
     save_adapter(adapter, tmp_path / "adapter_a", {"base_fingerprint": base})
     config = json.loads((tmp_path / "adapter_a" / "adapter.json").read_text())["config"]
     artifacts.atomic_write_json(export / "manifest.json", {
-        "components": {"denoiser": {"file": "denoiser.onnx", "sha256": artifacts.sha256_file(path),
+        "format": FORMAT, "components": {"denoiser": {"file": "denoiser.onnx", "sha256": artifacts.sha256_file(path),
                                     "profile": PROFILE}},
         "refit_map": mapping, "adapter": {"config": config, "base_fingerprint": base,
                                           "fingerprint": adapter_fingerprint(tmp_path / "adapter_a")}})

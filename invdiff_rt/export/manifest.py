@@ -140,6 +140,7 @@ def read_manifest(export_dir: str | Path, verify: bool = True) -> dict[str, Any]
     manifest = artifacts.read_json(export_dir / MANIFEST_NAME, "export manifest")
     if manifest.get("format") != FORMAT:
         raise InvdiffError(f"{export_dir / MANIFEST_NAME}: not an invdiff-rt export manifest; re-run `invdiff export`")
+    check_structure(manifest, export_dir / MANIFEST_NAME)
     if verify:
         for rel, digest in manifest.get("files", {}).items():
             path = export_dir / rel
@@ -147,6 +148,21 @@ def read_manifest(export_dir: str | Path, verify: bool = True) -> dict[str, Any]
                 raise InvdiffError(f"{path}: missing or changed since export (sha256 differs from {MANIFEST_NAME}); "
                                    "re-run `invdiff export`")
     return manifest
+
+
+def check_structure(manifest: dict, path: Path) -> None:
+    """The fields every reader indexes (component specs, refit map, latent shape) are there and well formed: a
+    hand-edited manifest fails here in one line, not with a KeyError deep inside a backend."""
+    try:
+        for entry in manifest["components"].values():
+            if "profile" not in entry:  # a spec-less entry records its profile (older builds' layout)
+                [int(d) for shapes in ExportSpec.from_json(entry["spec"]).profile().values() for s in shapes for d in s]
+        if any(not isinstance(v, str) for v in dict(manifest.get("refit_map") or {}).values()):
+            raise ValueError("refit_map values must be initializer names")
+        if len([int(d) for d in manifest.get("latent_shape", (0, 0, 0))]) != 3:
+            raise ValueError("latent_shape must be (C, h, w)")
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise InvdiffError(f"{path}: malformed ({type(e).__name__}: {e}); re-run `invdiff export`") from None
 
 
 def component_spec(manifest: dict, name: str) -> ExportSpec:

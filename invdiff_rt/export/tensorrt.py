@@ -372,7 +372,9 @@ def read_export_manifest(export_dir: str | Path) -> dict[str, Any]:
     export_dir = Path(export_dir)
     if not export_dir.is_dir():
         raise InvdiffError(f"--onnx {export_dir}: not an export folder; run `invdiff export` first")
-    return artifacts.read_json(export_dir / MANIFEST_NAME, "export manifest")
+    from .manifest import read_manifest
+
+    return read_manifest(export_dir, verify=False)  # the ONNX files are checked one by one (`verify_onnx`)
 
 
 def export_components(export_dir: str | Path, names: list[str] | None = None) -> list[ExportedComponent]:
