@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -105,10 +105,12 @@ def peak_host_mb() -> float:
     return kib / 1024 if sys.platform != "darwin" else kib / 2**20
 
 
-def peak_device_mb() -> float | None:
+def peak_device_mb(backend: str) -> float | None:
+    """torch's allocator peak on the GPU: the whole story for the torch backends only (TensorRT's engine memory and
+    ONNX Runtime's arena are allocated outside it), so None for the others."""
     import torch
 
-    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+    if backend not in ("eager", "torch") or not torch.cuda.is_available() or not torch.cuda.is_initialized():
         return None
     return torch.cuda.max_memory_allocated() / 2**20
 
@@ -336,20 +338,31 @@ class BackendServer:
     time a batch is seen), the end-to-end image with and without the adapter alternately, and the paired steps."""
 
     def __init__(self, job: Job):
-        import dataclasses
-
         import torch
 
         self.job, self.cfg = job, job.config
         if self.cfg["threads"]:
             torch.set_num_threads(self.cfg["threads"])
         self.runtime = load_job_runtime(job)
-        self.base = load_job_runtime(dataclasses.replace(job, base=None, **job.base)) if job.base else None
+        self.peaks = self.own_peaks() if job.base else {}
+        self.base = load_job_runtime(replace(job, base=None, **job.base)) if job.base else None
         self.sync = synchronizer(getattr(self.runtime, "device", "cpu"))
         self.seen: set[int] = set()
 
     def hello(self) -> dict:
         return {"backend": self.job.backend, "torch_threads": _torch_threads()}
+
+    def own_peaks(self) -> dict[int, tuple]:
+        """{batch: (host MB, device MB)} peaks of the adapter runtime alone, read after one end-to-end image per
+        batch size (ascending) and before the no-adapter runtime loads, which would count a second model."""
+        import torch
+
+        peaks = {}
+        with torch.inference_mode():
+            for batch in sorted(self.cfg["batch_sizes"]):
+                stage_calls(self.runtime, batch, self.cfg)["e2e"]()
+                peaks[batch] = (peak_host_mb(), peak_device_mb(self.job.backend))
+        return peaks
 
     def measure(self, batch: int) -> dict:
         import torch
@@ -366,7 +379,8 @@ class BackendServer:
             for stage in (s for s in self.job.stages if s not in stages):
                 warmup = cfg["warmup"] if stage in ("text", "step", "decode") else min(cfg["warmup"], 1)
                 stages[stage] = time_calls(calls[stage], warmup if first else 0, cfg["repeats"], self.sync)
-            out.update(stages=stages, peak_host_mb=peak_host_mb(), peak_device_mb=peak_device_mb())
+            host, device = self.peaks.get(batch) or (peak_host_mb(), peak_device_mb(self.job.backend))
+            out.update(stages=stages, peak_host_mb=host, peak_device_mb=device)
         return out
 
     def e2e_pair(self, with_adapter, without, first: bool) -> dict:
@@ -455,7 +469,19 @@ def export_variant(model_dir: str, adapter_dir: str | None, out_dir: Path, confi
     from .export.manifest import export_model
 
     return export_model(model_dir, out_dir, adapter_dir=adapter_dir, precision=config.export_precision,
-                        max_batch=max(config.batch_sizes), components=components)
+                        max_batch=max(config.batch_sizes), components=components,
+                        sizes=requested_sizes(model_dir, config))
+
+
+def requested_sizes(model_dir: str, config: BenchConfig) -> tuple | None:
+    """--height/--width as a one-size range for an export (None: the model's own size, a static export)."""
+    if not config.latent_shape:
+        return None
+    from .models.loader import resolve_model
+    from .runtime.resolution import limits_of_model_dir
+
+    size = tuple(d * limits_of_model_dir(resolve_model(model_dir)).downsample for d in config.latent_shape[1:])
+    return (size, size, size)
 
 
 # the base variant: every part (its step is paired with the adapter's, and so is its end-to-end image)
@@ -482,11 +508,22 @@ def check_base_export(base_export: str, adapter_export: str, config: BenchConfig
     if base.get("cfg") != with_adapter.get("cfg"):
         raise InvdiffError(f"{flag}: exported with cfg={base.get('cfg')}, the adapter export with "
                            f"cfg={with_adapter.get('cfg')}; export both the same way")
-    precision = config.export_precision
-    if base.get("precision") != precision or base.get("max_batch", 0) < max(config.batch_sizes):
-        raise InvdiffError(f"{flag}: exported at {base.get('precision')} up to batch {base.get('max_batch')}; "
-                           f"re-export with --precision {precision} --max-batch {max(config.batch_sizes)}")
+    check_export_fits(flag, base, config, f"re-export with --precision {config.export_precision} --max-batch "
+                                          f"{max(config.batch_sizes)}")
     return str(base_export)
+
+
+def check_export_fits(flag: str, manifest: dict, config: BenchConfig, fix: str) -> None:
+    """An export the bench times holds its precision, batch sizes and --height/--width."""
+    precision, batch = manifest.get("precision"), manifest.get("max_batch", 0)
+    if precision != config.export_precision or batch < max(config.batch_sizes):
+        raise InvdiffError(f"{flag}: exported at {precision} up to batch {batch}, the bench asks for "
+                           f"{config.export_precision} up to batch {max(config.batch_sizes)}; {fix}")
+    if config.latent_shape:
+        from .runtime.resolution import check_size, limits_of_manifest
+
+        limits = replace(limits_of_manifest(manifest), source=flag)
+        check_size(limits, *(d * limits.downsample for d in config.latent_shape[1:]))
 
 
 def resolve_sources(config: BenchConfig, tmp: Path) -> tuple[str, str]:
@@ -510,6 +547,9 @@ def resolve_sources(config: BenchConfig, tmp: Path) -> tuple[str, str]:
     if not manifest.get("cfg", True):
         raise InvdiffError(f"--export {config.export}: exported with --no-cfg (one UNet half a step), while the eager, "
                            "torch and peer rows sample with guidance; export without --no-cfg")
+    check_export_fits(f"--export {config.export}", manifest, config, f"bench it with --precision "
+                      f"{manifest.get('precision')} and --batch-sizes up to {manifest.get('max_batch')}, or re-export")
+    check_own_sources(config, manifest)
     model = config.model or manifest.get("base_model")
     if model and not (Path(model) / "model_index.json").exists():  # a built-in name
         try:
@@ -524,6 +564,20 @@ def resolve_sources(config: BenchConfig, tmp: Path) -> tuple[str, str]:
         raise InvdiffError(f"--export {config.export}: its adapter folder {adapter!r} is not on this machine; "
                            "pass --adapter ADAPTER_DIR")
     return model, adapter
+
+
+def check_own_sources(config: BenchConfig, manifest: dict) -> None:
+    """`--adapter`/`--model` with `--export` are the ones it was made from (eager and torch time them, the engine
+    backends time the export's)."""
+    from .method.adapter import adapter_fingerprint
+    from .models.loader import model_fingerprint, resolve_model
+
+    if config.adapter and adapter_fingerprint(config.adapter) != manifest["adapter"].get("fingerprint"):
+        raise InvdiffError(f"--adapter {config.adapter}: not the adapter --export {config.export} was made with; "
+                           "leave --adapter out (the export's own is used) or re-export with it")
+    if config.model and model_fingerprint(resolve_model(config.model)) != manifest.get("base_fingerprint"):
+        raise InvdiffError(f"--model {config.model}: not the model --export {config.export} was made from; pass "
+                           "that model or re-export")
 
 
 def build_engines(export_dirs, engines_dir: str, log: Callable[[str], None]) -> None:

@@ -82,15 +82,21 @@ class PeerRunner:
         self.cache = Path(work_dir) / f"peer-{name}"
         self.pipe = self._load(pipeline_cls, Path(model_dir), self.cache)
         self.pipes = {None: self.pipe}  # openvino: one pipeline per static batch (a compiled one cannot reshape)
-        unet = self.pipe.unet.config
+        self.height, self.width = self._size(cfg.get("latent_shape"))
+
+    def _size(self, latent_shape) -> tuple[int, int]:
+        """The bench's --height/--width (its latent shape), else the pipeline's own size."""
+        factor, unet = int(self.pipe.vae_scale_factor), self.pipe.unet.config
+        if latent_shape:
+            return int(latent_shape[1]) * factor, int(latent_shape[2]) * factor
         sample = unet["sample_size"] if isinstance(unet, dict) else unet.sample_size
-        self.size = int(sample) * int(self.pipe.vae_scale_factor)
+        return int(sample) * factor, int(sample) * factor
 
     def settings(self) -> dict:
         """What the peer runs with (recorded next to its numbers)."""
         return {"pipeline": PEERS[self.name].cls, "scheduler": type(self.pipe.scheduler).__name__,
                 "steps": self.cfg["steps"], "guidance_scale": self.cfg["guidance_scale"],
-                "height": self.size, "width": self.size, **self._runtime_settings()}
+                "height": self.height, "width": self.width, **self._runtime_settings()}
 
     def _runtime_settings(self) -> dict:
         if self.name != "openvino":
@@ -115,10 +121,10 @@ class PeerRunner:
             return self.pipe
         if batch not in self.pipes:
             pipe = self.pipe if len(self.pipes) == 1 else self._load(type(self.pipe), self.cache, self.cache)
-            pipe.reshape(batch_size=batch, height=self.size, width=self.size, num_images_per_prompt=1)
+            pipe.reshape(batch_size=batch, height=self.height, width=self.width, num_images_per_prompt=1)
             # optimum-intel 1.27 reshapes the VAE decoder to `num_images_per_prompt` images, not batch x that, so
             # a static batch > 1 fails at decode; give it the batch the pipeline decodes
-            pipe.vae_decoder.model = pipe._reshape_vae_decoder(pipe.vae_decoder.model, self.size, self.size, batch)
+            pipe.vae_decoder.model = pipe._reshape_vae_decoder(pipe.vae_decoder.model, self.height, self.width, batch)
             pipe.clear_requests()
             pipe.compile()
             self.pipes[batch] = pipe
@@ -126,7 +132,7 @@ class PeerRunner:
 
     def __call__(self, prompts: list[str]):
         out = self.pipeline(len(prompts))(prompt=prompts, num_inference_steps=self.cfg["steps"],
-                        guidance_scale=self.cfg["guidance_scale"], height=self.size, width=self.size,
+                        guidance_scale=self.cfg["guidance_scale"], height=self.height, width=self.width,
                         output_type="np")
         return out.images
 

@@ -58,6 +58,12 @@ def _backends():
     return BACKENDS
 
 
+def _bench_backends():
+    from .bench import BACKENDS
+
+    return BACKENDS
+
+
 def _backends_auto():
     return ("auto", *_backends())
 
@@ -174,6 +180,7 @@ RULES: dict[str, Rule] = {
     "--precision": Rule(choices=_fixed("fp32", "fp16", "bf16")),
     "--backend": Rule(choices=_backends_auto),
     "--backends": Rule(choices=_backends, comma=True),
+    "bench --backends": Rule(choices=_bench_backends, comma=True),  # eager included, no CUDA variants
     "--batch-sizes": Rule(min=1, comma=True),
     "--peers": Rule(choices=_peers, comma=True),
     "--peers-python": Rule(path="file"),
@@ -436,7 +443,16 @@ def _generate_combos(values: dict[str, Any]) -> None:
     from .runtime.generate import check_export_adapter
 
     check_export_adapter(values.get("adapter"), values.get("export"), values.get("backend", "auto"))
+    _check_weight_has_adapter(values, _export_has_adapter(values.get("export")))
     _check_precision(values.get("precision", "fp32"), values.get("backend", "auto"), values.get("export"))
+
+
+def _export_has_adapter(export) -> bool:
+    if export is None:
+        return False
+    from .export.manifest import read_manifest
+
+    return bool(read_manifest(export, verify=False).get("adapter"))
 
 
 def _check_precision(precision: str, backend: str, export) -> None:
@@ -495,9 +511,14 @@ def _groups_combos(values: dict[str, Any]) -> None:
 
 
 def _eval_combos(values: dict[str, Any]) -> None:
-    if values.get("adapter_weight") is not None and values.get("adapter") is None:
-        raise InvdiffError("--adapter-weight: weighs an adapter, and no --adapter is given; pass --adapter or "
-                           "drop --adapter-weight")
+    _check_weight_has_adapter(values)
+
+
+def _check_weight_has_adapter(values: dict[str, Any], carried: bool = False) -> None:
+    """--adapter-weight weighs an adapter: refused when none is given (nor `carried` by an export)."""
+    if values.get("adapter_weight") is not None and values.get("adapter") is None and not carried:
+        raise InvdiffError("--adapter-weight: weighs an adapter, and no adapter is given (--adapter, or an --export "
+                           "made with one); pass one or drop --adapter-weight")
 
 
 def _data_make_combos(values: dict[str, Any]) -> None:

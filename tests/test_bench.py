@@ -4,6 +4,7 @@ is asserted anywhere)."""
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -171,6 +172,51 @@ def test_sources_name_what_an_export_alone_timed(tiny_model_dir, tmp_path):
     fingerprints = bench.source_fingerprints(config, *sources)
     assert fingerprints["model"] == model_fingerprint(tiny_model_dir)
     assert fingerprints["adapter"] == adapter_fingerprint(adapter) and len(fingerprints["export"]) == 64
+
+
+def test_an_export_is_checked_against_what_the_bench_asks(tiny_model_dir, tmp_path):
+    """`--export E` holds the bench's precision, batch sizes and size; `--adapter`/`--model` are E's own (eager and
+    torch time them, the engine backends E's); `--base-export` holds the size too."""
+    adapter = str(bench.fresh_adapter(str(tiny_model_dir), tmp_path / "adapter", 0))
+    from invdiff_rt.method.adapter import adapter_fingerprint
+    from invdiff_rt.models.loader import model_fingerprint
+
+    recorded = {"source": adapter, "fingerprint": adapter_fingerprint(adapter)}
+    export = _fake_export(tmp_path / "e", adapter=recorded, base_model=str(tiny_model_dir), precision="fp16",
+                          max_batch=8, base_fingerprint=model_fingerprint(tiny_model_dir), latent_shape=[4, 8, 8],
+                          image_size=32)
+    for config, message in (
+            (dict(batch_sizes=[1]), "exported at fp16 up to batch 8, the bench asks for fp32 up to batch 1; bench it "
+                                    "with --precision fp16"),
+            (dict(batch_sizes=[1, 16], precision="fp16"), "up to batch 8, the bench asks for fp16 up to batch 16"),
+            (dict(batch_sizes=[1], precision="fp16", latent_shape=[4, 16, 16]),
+             r"--height/--width 64x64: outside the range of --export .*\(32x32 to 32x32\)")):
+        with pytest.raises(InvdiffError, match=message):
+            bench.resolve_sources(bench.BenchConfig(["onnxruntime"], export=export, **config), tmp_path)
+    ok = bench.BenchConfig(["onnxruntime"], [1, 8], export=export, precision="fp16")
+    assert bench.resolve_sources(ok, tmp_path) == (str(tiny_model_dir), adapter)
+    other = str(bench.fresh_adapter(str(tiny_model_dir), tmp_path / "other", 1))
+    with pytest.raises(InvdiffError, match="^--adapter .*other: not the adapter --export .* was made with"):
+        bench.resolve_sources(replace(ok, adapter=other), tmp_path)
+    with pytest.raises(InvdiffError, match="^--model colored-digits: not the model --export"):
+        bench.resolve_sources(replace(ok, model="colored-digits"), tmp_path)
+    base = _fake_export(tmp_path / "base", precision="fp16", latent_shape=[4, 8, 8], image_size=32,
+                        base_fingerprint=model_fingerprint(tiny_model_dir))
+    with pytest.raises(InvdiffError, match="^--height/--width 64x64: outside the range of --base-export"):
+        bench.check_base_export(base, export, replace(ok, latent_shape=[4, 16, 16]))
+    assert bench.requested_sizes(str(tiny_model_dir), replace(ok, latent_shape=[4, 16, 12])) == ((64, 48),) * 3
+
+
+def test_peak_memory_is_read_before_the_no_adapter_copy_loads(monkeypatch):
+    """A worker holds the adapter runtime and the one without it (the overhead pair); its `peak_mem_mb` is the
+    first's alone, after one image per batch size, as a peer's pipeline counts one model."""
+    loaded = []
+    monkeypatch.setattr(bench, "load_job_runtime", lambda job: loaded.append(job.adapter) or object())
+    monkeypatch.setattr(bench, "stage_calls", lambda runtime, batch, cfg: {"e2e": lambda: loaded.append(batch)})
+    monkeypatch.setattr(bench, "peak_host_mb", lambda: 100.0 * len(loaded))
+    job = bench.Job("torch", {"threads": None, "batch_sizes": [8, 1]}, model="m", adapter="a", base={"adapter": None})
+    server = bench.BackendServer(job)
+    assert loaded == ["a", 1, 8, None] and server.peaks == {1: (200.0, None), 8: (300.0, None)}
 
 
 def test_bf16_bench_times_openvino_on_fp32_exports(tmp_path):

@@ -222,7 +222,10 @@ def test_forced_nan_exit_2_one_line_no_png(tiny_model_dir, tmp_path, monkeypatch
     assert exit_info.value.code == 2
     lines = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "torch denoiser: non-finite values (NaN/inf) at step 2 of 3" in lines[0]
-    assert "fp32" in lines[0] and not list(out.rglob("*.png"))
+    assert "fp32" in lines[0] and "lower --guidance-scale" in lines[0] and not out.exists()  # nothing left behind
+    monkeypatch.delenv("INVDIFF_FORCE_NAN_STEP")  # so the corrected rerun is not refused by a run.json
+    cli.main()
+    assert len(list(out.rglob("0000*.png"))) == 2
 
 
 def test_nan_guard_on_torch_backend(tiny_model, monkeypatch):

@@ -55,7 +55,10 @@ def bench(
 
     shape = requested_latent_shape(model=model, export=export, height=height, width=width)
     console = Console()
+    given = adapter_weight is not None
     adapter_weight, how = resolve_weight(adapter_weight, guidance_scale, adapter, export)
+    if adapter is None and export is None:  # timed with a fresh adapter of the default architecture
+        how = "a fresh adapter of the default architecture (" + ("--adapter-weight" if given else "default") + ")"
     console.print(f"adapter weight {adapter_weight:g}: {how}", highlight=False)
     config = b.BenchConfig(
         backends=b.parse_list(backends, "--backends"), batch_sizes=b.parse_list(batch_sizes, "--batch-sizes", int),

@@ -23,7 +23,9 @@ def generate(
     prompt: Optional[List[str]] = typer.Option(None, "--prompt", help="Prompt text (repeatable)."),
     prompts_file: Optional[Path] = typer.Option(None, "--prompts", help="File: one prompt per line, # comments."),
     num: int = typer.Option(4, "--num", help="Images per prompt."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Images per denoising batch (does not change images)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Images per denoising batch (the images do not change on "
+                                   "ONNX Runtime, OpenVINO, TensorRT; a recorded setting on torch, whose kernels "
+                                   "round differently at other batch sizes)."),
     seed: int = typer.Option(0, "--seed", help="Seed: image (prompt, index) depends only on it."),
     steps: int = typer.Option(25, "--steps", help="Denoising steps."),
     guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", help="Classifier-free guidance scale "
@@ -75,7 +77,7 @@ def _prompts(prompt: Optional[List[str]], prompts_file: Optional[Path]) -> list[
 
     if bool(prompt) == (prompts_file is not None):
         raise InvdiffError("--prompt/--prompts: pass one of them (--prompt TEXT, repeatable, or --prompts FILE)")
-    return list(prompt) if prompt else read_prompts(prompts_file)
+    return [p.strip() for p in prompt] if prompt else read_prompts(prompts_file)  # as a file's lines are
 
 
 def _merge(out: Path, grid: bool) -> None:

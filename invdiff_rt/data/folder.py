@@ -17,6 +17,7 @@ from __future__ import annotations
 import codecs
 import json
 import logging
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,9 +88,13 @@ def read_split(root: str | Path, split: str = "train") -> list[Record]:
     return records
 
 
+_LINE_END = re.compile(r"\r\n|\r|\n")  # str.splitlines() also splits at U+2028, NEL, form feeds, ...
+
+
 def read_text_lines(path: Path, flag: str = "") -> list[str]:
-    """The lines of a UTF-8 text file (a leading byte-order mark, as Windows editors write, is dropped; any line
-    ending); a byte sequence that is not UTF-8 is an error naming its line."""
+    """The lines of a UTF-8 text file (a leading byte-order mark, as Windows editors write, is dropped; \\n, \\r\\n
+    or \\r ends a line, a U+2028 pasted from a web page does not); a byte sequence that is not UTF-8 is an error
+    naming its line."""
     where = f"{flag} {path}" if flag else str(path)
     try:
         data = path.read_bytes()
@@ -97,10 +102,11 @@ def read_text_lines(path: Path, flag: str = "") -> list[str]:
         raise InvdiffError(f"{where}: unreadable ({e.strerror}); check the file") from e
     data = data.removeprefix(codecs.BOM_UTF8)  # then the line and byte of an error are the file's
     try:
-        return data.decode("utf-8").splitlines()
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
         raise InvdiffError(f"{where}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save it as UTF-8") from None
+    return _LINE_END.split(text.removesuffix("\n").removesuffix("\r")) if text else []  # not str.splitlines()
 
 
 def _check_unique(meta: Path, records: list[Record]) -> None:

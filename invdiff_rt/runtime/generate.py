@@ -142,18 +142,17 @@ def make_settings(*, seed: int, steps: int, guidance_scale: float, adapter_weigh
 
 
 def check_run_file(out_dir: Path, settings: dict, overwrite: bool = False) -> bool:
-    """Write DIR/run.json on first use; refuse different settings unless `overwrite`. True if settings changed."""
+    """Write DIR/run.json on first use; refuse different settings unless `overwrite`. True if the recorded settings
+    were others (a damaged run.json replaced under --overwrite is not: every manifest line carries its settings)."""
     path = out_dir / RUN_FILE
-    existed = path.exists()
-    if existed:
-        old = _old_settings(path, overwrite)
-        if old == settings:
-            return False
-        if not overwrite:
-            raise InvdiffError(f"{path}: {out_dir} was generated with other settings ({_diff(old, settings)}); "
-                               f"use a new --out or pass --overwrite")
+    old = _old_settings(path, overwrite) if path.exists() else None
+    if path.exists() and old == settings:
+        return False
+    if old is not None and not overwrite:
+        raise InvdiffError(f"{path}: {out_dir} was generated with other settings ({_diff(old, settings)}); "
+                           f"use a new --out or pass --overwrite")
     atomic_write_json(path, {"settings": settings, "versions": package_versions()})
-    return existed
+    return old is not None
 
 
 def _old_settings(path: Path, overwrite: bool) -> dict | None:
@@ -305,23 +304,43 @@ def run_generation(runtime, prompts: Sequence[str], out_dir: str | Path, *, num:
     env_rank, env_world = dist_env()
     rank, world_size = env_rank if rank is None else rank, env_world if world_size is None else world_size
     backend = backend or getattr(runtime, "name", None) or "torch"
-    settings = make_settings(seed=seed, steps=steps, guidance_scale=guidance_scale, adapter_weight=adapter_weight,
-                             scheduler=scheduler, backend=backend, fingerprints=fingerprints,
-                             **({"latent_shape": list(latent_shape)} if latent_shape else {}))
     jobs = plan_jobs(prompts, num)
     mine = shard(jobs, rank, world_size)
+    batch_size = min(batch_size, max(len(mine), 1))  # no batch larger than the run (torch pads short ones)
+    settings = make_settings(seed=seed, steps=steps, guidance_scale=guidance_scale, adapter_weight=adapter_weight,
+                             scheduler=scheduler, backend=backend, fingerprints=fingerprints,
+                             **({"latent_shape": list(latent_shape)} if latent_shape else {}),
+                             **batch_settings(backend, batch_size))
+    check_own_folder(out_dir)
+    made = [p for p in (out_dir, out_dir / RUN_FILE) if not p.exists()]
     out_dir.mkdir(parents=True, exist_ok=True)
     changed = check_run_file(out_dir, settings, overwrite)
     part = out_dir / part_name(rank, world_size)
-    _prepare_part(part, changed)
+    _prepare_part(out_dir, part, changed)
     remove_stale_tmp(out_dir, _owned_files(jobs, mine, world_size))
     todo = pending(mine, out_dir, settings)
     start = time.perf_counter()
-    _generate(runtime, todo, out_dir, part, settings, batch_size, progress, f"rank {rank}/{world_size}")
+    try:
+        _generate(runtime, todo, out_dir, part, settings, batch_size, progress, f"rank {rank}/{world_size}")
+    except InvdiffError:  # e.g. non-finite values at the first batch: a fresh folder is left as it was found
+        if world_size == 1:
+            _undo_empty_run(made, part)
+        raise
     seconds = time.perf_counter() - start
     result = GenerationResult(out_dir, len(todo), len(mine) - len(todo), seconds, backend, rank, world_size)
     _finish(result, jobs, settings, grid)
     return result
+
+
+def batch_settings(backend: str, batch_size: int) -> dict:
+    """torch's kernels round differently at other batch sizes and (CPU) thread counts: an image's pixels can move
+    by 1/255 here and there. On the torch backends these are settings, and a short batch is padded to full size
+    (`_generate`), so a resumed run equals an uninterrupted one. ONNX Runtime, OpenVINO and TensorRT: neither."""
+    if not backend.startswith("torch"):
+        return {}
+    import torch
+
+    return {"batch_size": int(batch_size), **({"threads": torch.get_num_threads()} if backend == "torch" else {})}
 
 
 def _owned_files(jobs: Sequence[Job], mine: Sequence[Job], world_size: int) -> list[str]:
@@ -332,11 +351,41 @@ def _owned_files(jobs: Sequence[Job], mine: Sequence[Job], world_size: int) -> l
     return [job.file for job in jobs] + sorted(grids) + [MANIFEST, RUN_FILE]
 
 
-def _prepare_part(part: Path, settings_changed: bool) -> None:
-    """Start a fresh part after --overwrite changed the settings; otherwise cut a torn last line."""
-    if settings_changed and part.exists() and part.name != MANIFEST:
-        part.unlink()
+def _prepare_part(out_dir: Path, part: Path, settings_changed: bool) -> None:
+    """Start a fresh part and merged manifest after --overwrite changed the settings (until the new run finishes,
+    the folder lists no image of the old ones); otherwise cut a torn last line."""
+    if settings_changed:
+        for path in dict.fromkeys((part, out_dir / MANIFEST)):
+            path.unlink(missing_ok=True)
     repair_torn_tail(part)
+
+
+def _undo_empty_run(made: list[Path], part: Path) -> None:
+    """Remove what a run that failed before its first image created (its run.json would refuse the corrected
+    rerun as "other settings"): `made`, the folder and run.json it found missing."""
+    if part.exists() and part.stat().st_size:
+        return
+    part.unlink(missing_ok=True)
+    for path in reversed(made):
+        if path.is_file():
+            path.unlink()
+        elif path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+
+
+def check_own_folder(out_dir: Path) -> None:
+    """--out holds nothing that looks like ours but is not: a manifest.jsonl without run.json, or a run.json
+    without generate's settings object, belongs to someone else (the merge would rewrite it)."""
+    run, manifest = out_dir / RUN_FILE, out_dir / MANIFEST
+    foreign = manifest if manifest.is_file() and not run.exists() else None
+    if run.is_file() and foreign is None:
+        try:
+            foreign = None if "settings" in read_json(run, "run settings") else run
+        except InvdiffError:
+            return  # damaged: `check_run_file` says so (or replaces it under --overwrite)
+    if foreign is not None:
+        raise InvdiffError(f"--out {out_dir}: {foreign.name} was not written by `invdiff generate` and would be "
+                           "replaced; pass a new or empty folder")
 
 
 def _finish(result: GenerationResult, jobs: Sequence[Job], settings: dict, grid: bool) -> None:
@@ -358,11 +407,12 @@ def _generate(runtime, todo: list[Job], out_dir: Path, part: Path, settings: dic
         task = bar.add_task(f"generate {label}", total=len(todo))
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
-            images = sample_images(runtime, [j.prompt for j in batch], [j.index for j in batch],
+            padded = batch + batch[-1:] * (batch_size - len(batch)) if "batch_size" in settings else batch
+            images = sample_images(runtime, [j.prompt for j in padded], [j.index for j in padded],
                                    seed=settings["seed"], steps=settings["steps"],
                                    guidance_scale=settings["guidance_scale"],
                                    adapter_weight=settings["adapter_weight"], scheduler=settings["scheduler"],
-                                   batch_size=len(batch))
+                                   batch_size=len(padded))
             for job, image in zip(batch, images):
                 _save(job, image, out_dir, part, settings)
             bar.advance(task, len(batch))

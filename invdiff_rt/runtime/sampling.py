@@ -76,8 +76,9 @@ class FiniteGuard:
         first = int((~torch.stack(self.flags)).nonzero()[0, 0]) + 1
         where = f"at step {first} of {total}" if total else "in its output"
         raise InvdiffError(f"{getattr(self.runtime, 'name', 'runtime')} {self.component}: non-finite values "
-                           f"(NaN/inf) {where}; no image was written for this batch; run this component in fp32 "
-                           f"(`invdiff export --precision fp32`, or --precision fp32)")
+                           f"(NaN/inf) {where}; no image was written for this batch; lower --guidance-scale or "
+                           f"--adapter-weight, or if it ran in fp16/bf16 run it in fp32 (`invdiff export --precision "
+                           f"fp32`, or --precision fp32)")
 
 
 def _forced_nan(step: int, value: torch.Tensor) -> torch.Tensor:
