@@ -379,10 +379,11 @@ def _check_item(flag: str, rule: Rule, item: str, value: str) -> None:
 
 
 def _check_model(flag: str, value: str) -> None:
-    from .models.loader import BUILTIN_MODELS
+    from .models.loader import BUILTIN_MODELS, check_not_single_file
 
     if value in BUILTIN_MODELS:
         return
+    check_not_single_file(flag, Path(value))
     check_path(flag, "dir", Path(value))
     if not (Path(value) / "model_index.json").is_file():
         raise InvdiffError(f"{flag} {value}: not a diffusers model folder (no model_index.json); "

@@ -95,6 +95,10 @@ def test_resolve_model_errors(tmp_path):
     (tmp_path / "model_index.json").write_text("{}")
     with pytest.raises(InvdiffError, match="missing component"):
         resolve_model(tmp_path)
+    (tmp_path / "v1-5-pruned-emaonly.safetensors").write_bytes(b"weights")  # as users download SD
+    with pytest.raises(InvdiffError, match=r"^--model .*emaonly.safetensors: a single-file checkpoint; convert it "
+                                           r"to a diffusers folder once .*from_single_file"):
+        resolve_model(tmp_path / "v1-5-pruned-emaonly.safetensors")
 
 
 def test_fingerprint_changes_with_weights(tmp_path, tiny_model_dir):

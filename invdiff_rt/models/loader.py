@@ -31,6 +31,7 @@ def resolve_model(name_or_path: str | Path) -> Path:
             raise InvdiffError(f"--model {name_or_path}: built-in model is not shipped in this install ({path})")
         return path
     path = Path(name_or_path)
+    check_not_single_file("--model", path)
     if not (path / "model_index.json").exists():
         raise InvdiffError(
             f"--model {name_or_path}: not a diffusers model directory (no model_index.json); "
@@ -41,6 +42,14 @@ def resolve_model(name_or_path: str | Path) -> Path:
         raise InvdiffError(f"--model {path}: missing component folder(s) {', '.join(missing)}")
     _check_text_to_image(path)
     return path
+
+
+def check_not_single_file(flag: str, path: Path) -> None:
+    """A single-file SD checkpoint (as users download it) is named as such, with the one conversion it needs."""
+    if path.is_file() and path.suffix in (".safetensors", ".ckpt"):
+        raise InvdiffError(f"{flag} {path}: a single-file checkpoint; convert it to a diffusers folder once "
+                           "(diffusers: `StableDiffusionPipeline.from_single_file(FILE).save_pretrained(DIR)`), then "
+                           "pass DIR")
 
 
 def _check_text_to_image(path: Path) -> None:
