@@ -169,7 +169,8 @@ RULES: dict[str, Rule] = {
     # the checker (GroupNormalization); 25 runs on ONNX Runtime 1.32 and OpenVINO 2026.4 (checked 2026-12-06)
     "--max-batch": Rule(min=1),
     "--bias": Rule(min=0.0, max=1.0),
-    "--guidance-scale": Rule(min=0.0),
+    "--guidance-scale": Rule(min=0.0, max=100.0, note="classifier-free guidance is used at 1-20; far above, the "
+                             "images saturate to flat colour"),
     "--adapter-weight": Rule(min=0.0),
     "--lr": Rule(above=0.0),
     "--ema-decay": Rule(min=0.0, below=1.0, note="the share of the average kept at each step; 1 would keep the "
