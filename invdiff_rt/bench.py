@@ -346,6 +346,9 @@ class BackendServer:
         self.runtime = load_job_runtime(job)
         self.peaks = self.own_peaks() if job.base else {}
         self.base = load_job_runtime(replace(job, base=None, **job.base)) if job.base else None
+        if self.base is not None:  # as warm as the adapter runtime (with --warmup 0 too)
+            for batch in sorted(self.cfg["batch_sizes"]):
+                self.one_image(self.base, batch)
         self.sync = synchronizer(getattr(self.runtime, "device", "cpu"))
         self.seen: set[int] = set()
 
@@ -355,14 +358,18 @@ class BackendServer:
     def own_peaks(self) -> dict[int, tuple]:
         """{batch: (host MB, device MB)} peaks of the adapter runtime alone, read after one end-to-end image per
         batch size (ascending) and before the no-adapter runtime loads, which would count a second model."""
+        peaks = {}
+        for batch in sorted(self.cfg["batch_sizes"]):
+            self.one_image(self.runtime, batch)
+            peaks[batch] = (peak_host_mb(), peak_device_mb(self.job.backend))
+        return peaks
+
+    def one_image(self, runtime, batch: int) -> None:
+        """One untimed end-to-end image of `batch` rows."""
         import torch
 
-        peaks = {}
         with torch.inference_mode():
-            for batch in sorted(self.cfg["batch_sizes"]):
-                stage_calls(self.runtime, batch, self.cfg)["e2e"]()
-                peaks[batch] = (peak_host_mb(), peak_device_mb(self.job.backend))
-        return peaks
+            stage_calls(runtime, batch, self.cfg)["e2e"]()
 
     def measure(self, batch: int) -> dict:
         import torch
@@ -547,8 +554,10 @@ def resolve_sources(config: BenchConfig, tmp: Path) -> tuple[str, str]:
     if not manifest.get("cfg", True):
         raise InvdiffError(f"--export {config.export}: exported with --no-cfg (one UNet half a step), while the eager, "
                            "torch and peer rows sample with guidance; export without --no-cfg")
-    check_export_fits(f"--export {config.export}", manifest, config, f"bench it with --precision "
-                      f"{manifest.get('precision')} and --batch-sizes up to {manifest.get('max_batch')}, or re-export")
+    if any(b in ENGINE_BACKENDS for b in config.run_backends):  # eager and torch do not run its graphs
+        check_export_fits(f"--export {config.export}", manifest, config, f"bench it with --precision "
+                          f"{manifest.get('precision')} and --batch-sizes up to {manifest.get('max_batch')}, or "
+                          "re-export")
     check_own_sources(config, manifest)
     model = config.model or manifest.get("base_model")
     if model and not (Path(model) / "model_index.json").exists():  # a built-in name

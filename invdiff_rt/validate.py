@@ -445,7 +445,7 @@ def _generate_combos(values: dict[str, Any]) -> None:
     from .runtime.generate import check_export_adapter
 
     check_export_adapter(values.get("adapter"), values.get("export"), values.get("backend", "auto"))
-    _check_weight_has_adapter(values, _export_has_adapter(values.get("export")))
+    _check_weight_has_adapter(values, values.get("export"))
     _check_precision(values.get("precision", "fp32"), values.get("backend", "auto"), values.get("export"))
 
 
@@ -516,11 +516,12 @@ def _eval_combos(values: dict[str, Any]) -> None:
     _check_weight_has_adapter(values)
 
 
-def _check_weight_has_adapter(values: dict[str, Any], carried: bool = False) -> None:
-    """--adapter-weight weighs an adapter: refused when none is given (nor `carried` by an export)."""
-    if values.get("adapter_weight") is not None and values.get("adapter") is None and not carried:
-        raise InvdiffError("--adapter-weight: weighs an adapter, and no adapter is given (--adapter, or an --export "
-                           "made with one); pass one or drop --adapter-weight")
+def _check_weight_has_adapter(values: dict[str, Any], export=None) -> None:
+    """--adapter-weight weighs an adapter: refused when none is given (nor carried by `export`)."""
+    if values.get("adapter_weight") is None or values.get("adapter") is not None or _export_has_adapter(export):
+        return
+    raise InvdiffError("--adapter-weight: weighs an adapter, and no adapter is given (--adapter, or an --export "
+                       "made with one); pass one or drop --adapter-weight")
 
 
 def _data_make_combos(values: dict[str, Any]) -> None:

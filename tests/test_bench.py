@@ -216,7 +216,7 @@ def test_peak_memory_is_read_before_the_no_adapter_copy_loads(monkeypatch):
     monkeypatch.setattr(bench, "peak_host_mb", lambda: 100.0 * len(loaded))
     job = bench.Job("torch", {"threads": None, "batch_sizes": [8, 1]}, model="m", adapter="a", base={"adapter": None})
     server = bench.BackendServer(job)
-    assert loaded == ["a", 1, 8, None] and server.peaks == {1: (200.0, None), 8: (300.0, None)}
+    assert loaded == ["a", 1, 8, None, 1, 8] and server.peaks == {1: (200.0, None), 8: (300.0, None)}
 
 
 def test_bf16_bench_times_openvino_on_fp32_exports(tmp_path):

@@ -124,14 +124,15 @@ def test_on_torch_the_batch_size_is_a_setting_and_a_short_batch_is_padded(loaded
     with pytest.raises(InvdiffError, match=r"other settings \(batch_size 3 -> 1\)"):
         _run(loaded, tmp_path / "bs3", batch_size=1)
     assert gen.batch_settings("onnxruntime", 3) == {} and gen.batch_settings("torch-cuda", 3) == {"batch_size": 3}
-    assert gen.read_settings(_run(loaded, tmp_path / "big", batch_size=64).out_dir)["batch_size"] == 4  # the run's size
+    more = _run(loaded, tmp_path / "bs3", batch_size=3, num=3)  # a larger --num resumes (the batch size is the user's)
+    assert (more.written, more.skipped) == (2, 4)
     files_a = _files(tmp_path / "bs3")
-    assert len([f for f in files_a if f.endswith(".png") and "grid" not in f]) == 4
+    assert len([f for f in files_a if f.endswith(".png") and "grid" not in f]) == 6
     manifest = read_jsonl(tmp_path / "bs3" / gen.MANIFEST)
-    assert [(r["prompt"], r["index"]) for r in manifest] == [(p, i) for p in sorted(PROMPTS) for i in range(2)]
+    assert [(r["prompt"], r["index"]) for r in manifest] == [(p, i) for p in sorted(PROMPTS) for i in range(3)]
     assert {r["backend"] for r in manifest} == {"torch"} and {r["seed"] for r in manifest} == {3}
     pixels = [Image.open(tmp_path / "bs3" / r["file"]) for r in manifest]
-    assert len({im.tobytes() for im in pixels}) == 4  # every (prompt, index) is a different image
+    assert len({im.tobytes() for im in pixels}) == 6  # every (prompt, index) is a different image
 
 
 def test_resume_skips_finished_and_redoes_broken(loaded, tmp_path, monkeypatch):
@@ -199,6 +200,9 @@ def test_a_folder_with_someone_elses_manifest_or_run_file_is_refused(loaded, tmp
             with pytest.raises(InvdiffError, match=rf"^--out {out}: {name} was not written by `invdiff generate`"):
                 _run(loaded, out, overwrite=overwrite)
         assert [p.name for p in out.iterdir()] == [name] and (out / name).read_text() == text
+    ours = _run(loaded, tmp_path / "ours")
+    (tmp_path / "ours" / gen.RUN_FILE).unlink()  # generate's own records, run.json deleted: still resumed
+    assert (_run(loaded, tmp_path / "ours").skipped, ours.written) == (4, 4)
 
 
 def test_an_interrupted_overwrite_lists_no_image_of_the_old_settings(loaded, tmp_path, monkeypatch):

@@ -212,7 +212,7 @@ def test_forced_nan_exit_2_one_line_no_png(tiny_model_dir, tmp_path, monkeypatch
     """The test hook makes step 2's noise prediction NaN: exit 2, one line naming component and step, no PNG."""
     from invdiff_rt import cli
 
-    out = tmp_path / "images"
+    out = tmp_path / "new" / "images"  # its parent is made for the run too
     monkeypatch.setenv("INVDIFF_FORCE_NAN_STEP", "2")
     monkeypatch.setattr(sys, "argv", ["invdiff", "generate", "--model", str(tiny_model_dir), "--prompt",
                                       "a red circle", "--num", "2", "--out", str(out), "--steps", "3",
@@ -222,7 +222,7 @@ def test_forced_nan_exit_2_one_line_no_png(tiny_model_dir, tmp_path, monkeypatch
     assert exit_info.value.code == 2
     lines = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "torch denoiser: non-finite values (NaN/inf) at step 2 of 3" in lines[0]
-    assert "fp32" in lines[0] and "lower --guidance-scale" in lines[0] and not out.exists()  # nothing left behind
+    assert "fp32" in lines[0] and "lower --guidance-scale" in lines[0] and not out.parent.exists()  # nothing left
     monkeypatch.delenv("INVDIFF_FORCE_NAN_STEP")  # so the corrected rerun is not refused by a run.json
     cli.main()
     assert len(list(out.rglob("0000*.png"))) == 2

@@ -484,19 +484,22 @@ def engine_plans(export_dir: str | Path, engines_dir: str | Path, trt_version: s
         refit = component.name == "denoiser" and refit_fp is not None
         variants = build_variants(refit_mode, builder_optimization_level, refit)
         candidates = _variant_ingredients(component, verify_onnx(component), weights, trt_version, gpu, variants)
-        built = _first_current(engines_dir, candidates)
-        fix = f"run `invdiff build --onnx {export_dir} --out {engines_dir}`"
-        if refit:
-            base = built or candidates[0]
-            fix = (f"run `invdiff refit --engine {plan_path(engines_dir, cache_key(base))} --adapter {adapter_dir}`"
-                   + ("" if built else " (after `invdiff build`)"))
-            candidates = [refit_ingredients(c, refit_fp) for c in candidates]
-            built = _first_current(engines_dir, candidates)
+        wanted = [refit_ingredients(c, refit_fp) for c in candidates] if refit else candidates
+        built = _first_current(engines_dir, wanted)
         if built is None:
-            raise InvdiffError(f"{engines_dir}: {component.name} engine: {stale_reason(engines_dir, candidates[0])}; "
-                               f"{fix}")
+            raise InvdiffError(f"{engines_dir}: {component.name} engine: {stale_reason(engines_dir, wanted[0])}; "
+                               f"{_missing_fix(export_dir, engines_dir, candidates, adapter_dir if refit else None)}")
         plans[component.name] = plan_path(engines_dir, cache_key(built))
     return plans
+
+
+def _missing_fix(export_dir, engines_dir, candidates: list[dict[str, Any]], refit_adapter) -> str:
+    """The command that makes a missing plan: `invdiff build`, or `invdiff refit` of the built engine."""
+    if refit_adapter is None:
+        return f"run `invdiff build --onnx {export_dir} --out {engines_dir}`"
+    base = _first_current(engines_dir, candidates)
+    return (f"run `invdiff refit --engine {plan_path(engines_dir, cache_key(base or candidates[0]))} --adapter "
+            f"{refit_adapter}`" + ("" if base else " (after `invdiff build`)"))
 
 
 def refit_fingerprint(export_dir: str | Path, adapter_dir: str | Path, refit_mode: str) -> str | None:

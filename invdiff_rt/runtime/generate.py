@@ -306,13 +306,12 @@ def run_generation(runtime, prompts: Sequence[str], out_dir: str | Path, *, num:
     backend = backend or getattr(runtime, "name", None) or "torch"
     jobs = plan_jobs(prompts, num)
     mine = shard(jobs, rank, world_size)
-    batch_size = min(batch_size, max(len(mine), 1))  # no batch larger than the run (torch pads short ones)
     settings = make_settings(seed=seed, steps=steps, guidance_scale=guidance_scale, adapter_weight=adapter_weight,
                              scheduler=scheduler, backend=backend, fingerprints=fingerprints,
                              **({"latent_shape": list(latent_shape)} if latent_shape else {}),
                              **batch_settings(backend, batch_size))
     check_own_folder(out_dir)
-    made = [p for p in (out_dir, out_dir / RUN_FILE) if not p.exists()]
+    made = [p for p in (*reversed(out_dir.parents), out_dir, out_dir / RUN_FILE) if not p.exists()]
     out_dir.mkdir(parents=True, exist_ok=True)
     changed = check_run_file(out_dir, settings, overwrite)
     part = out_dir / part_name(rank, world_size)
@@ -362,22 +361,30 @@ def _prepare_part(out_dir: Path, part: Path, settings_changed: bool) -> None:
 
 def _undo_empty_run(made: list[Path], part: Path) -> None:
     """Remove what a run that failed before its first image created (its run.json would refuse the corrected
-    rerun as "other settings"): `made`, the folder and run.json it found missing."""
+    rerun as "other settings"): `made`, the folders (parents included) and run.json it found missing."""
     if part.exists() and part.stat().st_size:
         return
     part.unlink(missing_ok=True)
-    for path in reversed(made):
+    for path in reversed(made):  # run.json, then the deepest folder first
         if path.is_file():
             path.unlink()
         elif path.is_dir() and not any(path.iterdir()):
             path.rmdir()
 
 
+def _generate_records(manifest: Path) -> bool:
+    """Whether every line is an image record as `_save` writes it (a folder whose run.json was deleted)."""
+    try:
+        return all({"file", "sha256", "settings"} <= record.keys() for record in read_jsonl(manifest))
+    except InvdiffError:
+        return False
+
+
 def check_own_folder(out_dir: Path) -> None:
-    """--out holds nothing that looks like ours but is not: a manifest.jsonl without run.json, or a run.json
-    without generate's settings object, belongs to someone else (the merge would rewrite it)."""
+    """--out holds nothing that looks like ours but is not: a manifest.jsonl of other records without run.json, or a
+    run.json without generate's settings object, belongs to someone else (the merge would rewrite it)."""
     run, manifest = out_dir / RUN_FILE, out_dir / MANIFEST
-    foreign = manifest if manifest.is_file() and not run.exists() else None
+    foreign = manifest if manifest.is_file() and not run.exists() and not _generate_records(manifest) else None
     if run.is_file() and foreign is None:
         try:
             foreign = None if "settings" in read_json(run, "run settings") else run
