@@ -93,6 +93,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+            os.fchmod(f.fileno(), FILE_MODE)  # a writer may have replaced the file (safetensors makes its own, 0600)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

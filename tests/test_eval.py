@@ -250,3 +250,17 @@ def test_eval_end_to_end(bars, trained, tiny_model, tmp_path):
                               denoiser=TorchRuntime(model))
     assert again["per_prompt"] == report["per_prompt"] and again["fid"] == report["fid"]
     assert again["settings"]["backend"] == "torch"
+
+
+def test_classifier_train_refuses_non_square_images(tmp_path):
+    """The classifiers read square images (`input_size`): 48x32 data was scored on stretched copies."""
+    split = tmp_path / "data" / "train"
+    split.mkdir(parents=True)
+    rows = []
+    for i, (text, color) in enumerate([("a 0", "red"), ("a 1", "green")] * 2):
+        Image.new("RGB", (48, 32)).save(split / f"{i}.png")
+        rows.append(json.dumps({"file_name": f"{i}.png", "text": text, "color": color}) + "\n")
+    (split / "metadata.jsonl").write_text("".join(rows))
+    with pytest.raises(InvdiffError, match=r"train: images of 48x32 pixels; the classifiers take square images"):
+        classifiers.train_classifier_pair(tmp_path / "data", "color", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -144,7 +144,8 @@ def stage_inputs(tmp_path_factory):
     from invdiff_rt.models.tiny import save_random_model
 
     root = tmp_path_factory.mktemp("faults")
-    model = save_random_model(root / "model", PROMPTS, seed=0)
+    # every digit's words: the demo's stage makes colored-digits data of all ten (unknown words are refused)
+    model = save_random_model(root / "model", [f"a photo of the digit {d}" for d in range(10)], seed=0)
     data = _dataset(root / "data")
     groups = root / "groups"
     _run_to_end(["groups", "--model", str(model), "--data", str(data), "--out", str(groups), "--threads", "1",

@@ -207,3 +207,28 @@ def test_pretrain_sizes_the_text_encoder_to_the_longest_caption():
     tok = build_tokenizer(long, arch.max_tokens)
     first, second = tokenize(tok, long[:2]).tolist()
     assert first != second and tok.eos_token_id in first
+
+
+def test_captions_with_words_the_tokenizer_does_not_know_are_refused(tiny_model, tmp_path):
+    """The built-in models' word-level vocabularies read every unknown word as one token: "a photo of a cat" and
+    "... dog" would be one prompt. groups/train/calibrate (through the latent cache) and eval refuse such captions."""
+    from types import SimpleNamespace
+
+    from invdiff_rt.method.cache import base_inputs
+    from invdiff_rt.models.loader import unknown_word_prompts
+
+    captions = ["a photo of a cat", "a photo of a dog"]
+    assert unknown_word_prompts(tiny_model.tokenizer, captions) == captions
+    clip_like = SimpleNamespace(unk_token_id=7, eos_token_id=7, bos_token_id=6, pad_token_id=7)
+    assert unknown_word_prompts(clip_like, captions) == []  # byte-level BPE: its unk is its end token
+    data = tmp_path / "data" / "train"
+    data.mkdir(parents=True)
+    from PIL import Image
+
+    for i, text in enumerate(captions):
+        Image.new("RGB", (32, 32)).save(data / f"{i}.png")
+    (data / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", "text": t}) + "\n"
+                                                 for i, t in enumerate(captions)))
+    with pytest.raises(InvdiffError, match=r"^--data: the model's tokenizer does not know the words of \['a photo "
+                                           r"of a cat', 'a photo of a dog'\].*invdiff pretrain"):
+        base_inputs(tiny_model, tmp_path / "data")

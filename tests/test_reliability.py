@@ -5,6 +5,7 @@ Every bad input must end as one stderr line with exit code 2, before anything is
 
 from __future__ import annotations
 
+import io
 import json
 import struct
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from invdiff_rt import cli
@@ -297,6 +299,38 @@ def test_metadata_with_a_byte_order_mark_reads(tmp_path):
     assert record.text == PROMPT and record.file.name == "a.png"
 
 
+def test_phone_photos_float_images_captions_and_names_as_users_have_them(tmp_path, caplog):
+    """An EXIF-rotated JPEG is read upright (as viewers show it), a float image in [0, 1] is not black, a caption's
+    surrounding spaces do not make another prompt, a name too long for the file system is one line."""
+    from invdiff_rt.method.cache import _encode_size
+
+    stored = Image.new("RGB", (16, 8), (255, 0, 0))  # stored 16 wide, 8 high; orientation 6: shown rotated (8x16)
+    stored.paste((0, 0, 255), (0, 0, 8, 8))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    stored.save(buffer, "JPEG", exif=exif.tobytes(), quality=100)
+    images = {"phone.jpg": buffer.getvalue(), "float.tif": Image.fromarray(np.full((8, 16), 0.5, np.float32))}
+    rows = [{"file_name": "phone.jpg", "text": PROMPT + " "}, {"file_name": "float.tif", "text": " " + PROMPT}]
+    root = _dataset(tmp_path / "d", rows, images)
+    records = read_split(root)
+    assert [r.text for r in records] == [PROMPT, PROMPT]
+    with caplog.at_level("WARNING"):
+        x = load_images(records[:1])
+    assert x.shape == (1, 3, 16, 8) and "1 turned upright by their EXIF orientation" in caplog.messages[0]
+    assert round(float(x[0, 0, 0, 0]), 1) == -1.0 and round(float(x[0, 0, -1, 0]), 1) == 1.0  # blue top, red below
+    grey = ((load_images(records[1:])[0, :, 0, 0] + 1) * 127.5).round().tolist()
+    assert grey == [128.0, 128.0, 128.0]  # 0.5 of white, not 0.5/255
+    model = type("M", (), {"image_size": 32, "size_multiple": 8})()
+    assert _encode_size(model, records) == 32  # sizes differ (8x16 stored, 16x8): the model's, whatever comes first
+    (root / "train" / "metadata.jsonl").write_text(json.dumps({"file_name": "x" * 300 + ".png", "text": PROMPT}))
+    with pytest.raises(InvdiffError, match=r'metadata.jsonl:1: "file_name" is not a usable path \(File name too'):
+        read_split(root)
+    (root / "train" / "phone.jpg").write_bytes(b"")  # unreadable, and first: one line (was a traceback)
+    with pytest.raises(InvdiffError, match=r"phone\.jpg: unreadable image .*metadata line 1"):
+        _encode_size(model, records)
+
+
 def test_other_modes_convert_to_rgb_and_sizes_resize(tmp_path, caplog):
     grey16 = Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16))
     assert grey16.mode in ("I;16", "I")
@@ -308,7 +342,7 @@ def test_other_modes_convert_to_rgb_and_sizes_resize(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         x = load_images(read_split(root), size=8)
     assert caplog.messages == [f"note: {root / 'train'}: 4 images converted to 8-bit RGB (I;16, L, P, RGBA), "
-                               "1 resized to 8x8 (from 16x16)"]
+                               "1 resized to 8x8 (from 16x16), 0 turned upright by their EXIF orientation"]
     assert x.shape == (5, 3, 8, 8)
     pixels = ((x[:, :, 0, 0] + 1) * 127.5).round().tolist()
     assert pixels == [[128, 128, 128], [255, 0, 0], [0, 255, 0], [255, 255, 255], [0, 0, 255]]
@@ -378,8 +412,9 @@ def test_artifacts_get_the_modes_plain_files_and_folders_get(tmp_path):
     file = artifacts.atomic_write_json(tmp_path / "a.json", {"a": 1})
     with artifacts.atomic_dir(tmp_path / "d") as tmp:
         (tmp / "x.json").write_text("{}")
+    weights = artifacts.atomic_save_safetensors({"w": torch.zeros(2)}, tmp_path / "w.safetensors")  # its own file
     mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
-    assert mode(file) == artifacts.FILE_MODE == 0o666 & ~artifacts._UMASK
+    assert mode(file) == mode(weights) == artifacts.FILE_MODE == 0o666 & ~artifacts._UMASK
     assert mode(tmp_path / "d") == artifacts.DIR_MODE == 0o777 & ~artifacts._UMASK
     if artifacts._UMASK == 0o022:
         assert (mode(file), mode(tmp_path / "d")) == (mode(tmp_path / "plain.txt"), mode(tmp_path / "plain"))

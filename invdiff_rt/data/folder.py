@@ -68,10 +68,14 @@ def _to_record(split: Path, meta: Path, number: int, row: dict[str, Any]) -> Rec
     file = split / row["file_name"]
     if Path(row["file_name"]).is_absolute() or ".." in Path(row["file_name"]).parts:
         raise InvdiffError(f'{meta}:{number}: "file_name" must be a path inside {split}; fix the line')
-    if not file.is_file():
+    try:
+        found = file.is_file()
+    except OSError as e:  # e.g. a name longer than the file system takes
+        raise InvdiffError(f'{meta}:{number}: "file_name" is not a usable path ({e.strerror}); fix the line') from None
+    if not found:
         raise InvdiffError(f"{meta}:{number}: image {file} not found; add the file or delete the line")
     attrs = {k: v for k, v in row.items() if k not in REQUIRED}
-    return Record(file=file, text=row["text"], attrs=attrs, line=number)
+    return Record(file=file, text=row["text"].strip(), attrs=attrs, line=number)  # "a cat " is "a cat"
 
 
 def read_split(root: str | Path, split: str = "train") -> list[Record]:
@@ -119,21 +123,42 @@ def _check_unique(meta: Path, records: list[Record]) -> None:
 
 
 def _open_rgb(record: Record, size: int | None, notes: Counter | None = None):
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(record.file) as im:
             _check_pixels(record, im.size)
+            upright = ImageOps.exif_transpose(im)  # a phone photo's EXIF orientation, as viewers show it
             if notes is not None:
+                notes["rotated"] += _orientation(im) not in (0, 1)
                 notes[f"mode {im.mode}"] += im.mode != "RGB"
-                notes[f"{im.size[0]}x{im.size[1]}"] += size is not None and im.size != (size, size)
-            im = to_rgb(im)
+                notes[f"{upright.size[0]}x{upright.size[1]}"] += size is not None and upright.size != (size, size)
+            im = to_rgb(upright)
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
         raise InvdiffError(f"{record.file}: unreadable image ({type(e).__name__}); replace or delete it "
                            f"(metadata line {record.line})") from e
     if size is not None and im.size != (size, size):
         im = im.resize((size, size), Image.BILINEAR)
     return im
+
+
+def native_size(records: Sequence[Record]) -> tuple[int, int] | None:
+    """The (width, height) every image of the records has (read from their headers), None when they differ."""
+    from PIL import Image, UnidentifiedImageError
+
+    sizes = set()
+    for record in records:
+        try:
+            with Image.open(record.file) as im:
+                sizes.add(im.size)
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
+            raise InvdiffError(f"{record.file}: unreadable image ({type(e).__name__}); replace or delete it "
+                               f"(metadata line {record.line})") from e
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def _orientation(im) -> int:
+    return int(im.getexif().get(0x0112, 1) or 1)  # EXIF Orientation; 1 = upright
 
 
 def _check_pixels(record: Record, size: tuple[int, int]) -> None:
@@ -150,6 +175,7 @@ def to_rgb(im):
     if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         array = np.asarray(im, dtype=np.float64)
         top = 65535.0 if im.mode.startswith("I;16") or array.max() > 255 else 255.0
+        top = 1.0 if im.mode == "F" and array.max() <= 1.0 else top  # a float image in [0, 1]
         im = Image.fromarray(np.clip(np.round(array / top * 255.0), 0, 255).astype(np.uint8), "L")
     if im.mode == "P":
         im = im.convert("RGBA")
@@ -178,13 +204,14 @@ def load_images(records: Sequence[Record], size: int | None = None):
 def _note_conversions(folder: Path, notes: Counter, size: int | None) -> None:
     """One line on stderr when images were converted to RGB or resized (the data is used, not refused)."""
     modes = sorted(k for k, n in notes.items() if n and k.startswith("mode "))
-    sizes = sorted(k for k, n in notes.items() if n and not k.startswith("mode "))
-    if modes or sizes:
+    sizes = sorted(k for k, n in notes.items() if n and "x" in k and not k.startswith("mode "))
+    if modes or sizes or notes["rotated"]:
         converted = sum(notes[k] for k in modes)
         resized = sum(notes[k] for k in sizes)
         logging.getLogger(__name__).warning(
             f"note: {folder}: {converted} images converted to 8-bit RGB ({', '.join(m[5:] for m in modes) or '-'}), "
-            f"{resized} resized to {size}x{size} (from {', '.join(sizes) or '-'})")
+            f"{resized} resized to {size}x{size} (from {', '.join(sizes) or '-'}), {notes['rotated']} turned upright "
+            "by their EXIF orientation")
 
 
 def data_fingerprint(root: str | Path, split: str = "train") -> str:

@@ -264,6 +264,16 @@ def _encode(values: Sequence, names: Sequence, where: str, what: str) -> np.ndar
     return np.array([index[v] for v in values], dtype=np.int64)
 
 
+def _check_square(records) -> None:
+    """The classifiers read square images (`input_size`): a non-square split would be stretched, silently."""
+    from ..data.folder import native_size
+
+    width, height = native_size(records) or (0, 0)
+    if width != height:
+        raise InvdiffError(f"{records[0].file.parent}: images of {width}x{height} pixels; the classifiers take "
+                           "square images (crop or pad the dataset to square)")
+
+
 def labelled_split(data_dir: Path, split: str, attribute: str, prompts: list, values: list,
                    size: int | None = None) -> LabelledSplit:
     from ..data.folder import attribute_of, load_images, read_split
@@ -299,6 +309,7 @@ def train_classifier_pair(data_dir: str | Path, attribute: str, out_dir: str | P
     if len(values) < 2 or len(prompts) < 2:
         raise InvdiffError(f'{data_dir / "train"}: need >= 2 prompts and >= 2 values of "{attribute}" '
                            f"(found {len(prompts)} and {len(values)}); pick another --attribute")
+    _check_square(train_records)
     train = labelled_split(data_dir, "train", attribute, prompts, values)
     test = labelled_split(data_dir, "test", attribute, prompts, values, size=train.images.shape[-1])
     common = {"attribute": attribute, "input_size": int(train.images.shape[-1]),

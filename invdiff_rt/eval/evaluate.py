@@ -220,6 +220,7 @@ def run_evaluation(model, data_dir: str | Path, attribute: str, classifier_dir: 
     """Everything `evaluate` does, also returning the generated images (for grids). `latent_shape`: another
     size than the model's (from `--height/--width`; the classifiers resize their input)."""
     from ..data.folder import attribute_values, data_fingerprint, prompts_of, read_split
+    from ..models.loader import check_known_words
     from ..runtime.sampling import DEFAULT_GUIDANCE
 
     if per_prompt < 1:
@@ -235,6 +236,7 @@ def run_evaluation(model, data_dir: str | Path, attribute: str, classifier_dir: 
     check_classifiers(attr_clf, class_clf, attribute, prompts, values, cls_dir)
     real = reference_images(data_dir, prompts, per_prompt, seed, size=attr_clf.meta["input_size"])
     model = _as_model(model)
+    check_known_words(model.tokenizer, prompts, f"--data {data_dir}", "evaluate a model trained on these captions")
     adapter_module, adapter_fp = resolve_adapter(adapter, model, load=denoiser is None)
     guidance = DEFAULT_GUIDANCE if guidance_scale is None else float(guidance_scale)
     start = time.perf_counter()

@@ -16,7 +16,8 @@ import torch
 
 from .. import artifacts
 
-CACHE_VERSION = 2  # 2: latents encoded in batches fixed by the image size (1: the caller's --batch-size)
+CACHE_VERSION = 3  # 3: mixed-size data at the model's size, captions stripped; 2: VAE batches fixed by the image
+# size (1: the caller's --batch-size)
 
 
 @dataclass
@@ -74,13 +75,12 @@ def _encode_latents(model, records) -> torch.Tensor:
 
 
 def _encode_size(model, records) -> int:
-    """The dataset's own (square) image size when it is at most the model's and a multiple of its total
-    downsampling (e.g. 256 px data for SD at 512: shapes and targets as at full size, a quarter of the cost), else
-    the model's size (larger or odd-sized data is resized, as before)."""
-    from PIL import Image
+    """The dataset's own (square) image size when every image has it and it is at most the model's and a multiple of
+    its total downsampling (e.g. 256 px data for SD at 512: shapes and targets as at full size, a quarter of the
+    cost), else the model's size (larger, odd-sized or mixed data is resized, as before)."""
+    from ..data.folder import native_size
 
-    with Image.open(records[0].file) as image:
-        width, height = image.size
+    width, height = native_size(records) or (0, 1)
     multiple = getattr(model, "size_multiple", 0)
     fits = width == height and width <= model.image_size and multiple and width % multiple == 0
     return width if fits else model.image_size
@@ -88,8 +88,11 @@ def _encode_size(model, records) -> int:
 
 def _compute(model, records, data_fp: str) -> BaseInputs:
     from ..data.folder import prompts_of
+    from ..models.loader import check_known_words
 
     prompts = prompts_of(records)
+    check_known_words(model.tokenizer, prompts, "--data", "use a model trained on these captions (`invdiff pretrain "
+                      "--data DATA`, or `--init-from` one that knows them)")
     index = {p: i for i, p in enumerate(prompts)}
     prompt_ids = torch.tensor([index[r.text] for r in records], dtype=torch.long)
     text = model.encode_text(prompts).float().cpu()

@@ -153,6 +153,23 @@ class LatentDiffusionModel:
 _CHECKED: set[str] = set()  # prompts whose length was checked (encode_text runs once per batch: each is read once)
 
 
+def unknown_word_prompts(tokenizer, prompts: Sequence[str]) -> list[str]:
+    """The prompts holding a word the tokenizer reads as its unknown token: the built-in models' word-level
+    vocabularies know only their captions' words ("a cat" and "a dog" would be one prompt). CLIP's byte-level BPE
+    has no unknown words (its unk token is its end token)."""
+    unk = tokenizer.unk_token_id
+    if unk is None or unk in (tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id):
+        return []
+    return sorted(p for p in set(prompts) if unk in tokenizer(p, verbose=False).input_ids)
+
+
+def check_known_words(tokenizer, prompts: Sequence[str], flag: str, fix: str) -> None:
+    unknown = unknown_word_prompts(tokenizer, prompts)
+    if unknown:
+        raise InvdiffError(f"{flag}: the model's tokenizer does not know the words of {unknown[:3]} (read as one "
+                           f"unknown token, such prompts cannot be told apart); {fix}")
+
+
 def tokenize(tokenizer, prompts: Sequence[str], return_tensors: str = "pt"):
     """Token ids [B, model_max_length], padded; a longer prompt is truncated (CLIP reads 77 tokens in SD), with one
     note on stderr per prompt, as diffusers' pipelines warn. Every backend encodes its prompts through here."""

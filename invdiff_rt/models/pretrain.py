@@ -186,14 +186,11 @@ def fit_tokens(arch: MiniSDArch, texts: list[str]) -> MiniSDArch:
 def init_components(init_from: str | Path, texts: list[str]):
     """Tokenizer, text encoder, VAE and UNet (fp32) of an existing model, its arch and the model's fingerprint;
     every prompt must tokenize without unknown words."""
-    from .loader import load_model
+    from .loader import check_known_words, load_model
 
     model = load_model(init_from)
-    unk = model.tokenizer.unk_token_id
-    unknown = sorted({t for t in set(texts) if unk is not None and unk in model.tokenizer(t).input_ids})
-    if unknown:
-        raise InvdiffError(f"--init-from {init_from}: its tokenizer does not know the words of {unknown[:3]}; "
-                           f"pretrain from scratch (drop --init-from) or pick a model trained on these prompts")
+    check_known_words(model.tokenizer, texts, f"--init-from {init_from}", "pretrain from scratch (drop "
+                      "--init-from) or pick a model trained on these prompts")
     info = read_json(model.path / "invdiff_model.json", "model manifest")
     if not isinstance(info.get("arch"), dict):
         raise InvdiffError(f"--init-from {init_from}: {model.path / 'invdiff_model.json'} records no mini-SD "
