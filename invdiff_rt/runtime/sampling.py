@@ -173,7 +173,8 @@ def sample_images(model_or_runtime, prompts: Sequence[str], indices: Sequence[in
                   adapter_weight: float = 1.0, scheduler: str = "ddim", batch_size: int = 64,
                   progress: Callable[[int], None] | None = None,
                   latent_shape: Sequence[int] | None = None) -> np.ndarray:
-    """Images for (prompts[i], indices[i]) as uint8 [N,H,W,3]; item i does not depend on its batch mates.
+    """Images for (prompts[i], indices[i]) as uint8 [N,H,W,3]; item i does not depend on its batch mates (on torch,
+    the batch size itself can move a pixel by 1/255: `generate.batch_settings`).
     `latent_shape` (C, h, w): another size than the runtime's default (checked by `runtime.resolution`)."""
     if len(prompts) != len(indices):
         raise ValueError("prompts and indices must have the same length")
