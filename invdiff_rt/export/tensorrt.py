@@ -66,14 +66,16 @@ def gpu_identity() -> dict[str, str]:
 # cache keys and sidecars (pure: tested without TensorRT)
 
 
-def onnx_sha256(onnx_path: str | Path) -> str:
-    """Hash of the ONNX file plus any external-data files it references (sorted by name)."""
+def onnx_sha256(onnx_path: str | Path, file_sha256: str | None = None) -> str:
+    """Hash of the ONNX file plus any external-data files it references (sorted by name); `file_sha256`: the
+    file's own hash when the caller has it (a multi-GB graph is then read once)."""
     import onnx
 
     onnx_path = Path(onnx_path)
     model = onnx.load(str(onnx_path), load_external_data=False)
     locations = sorted({e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"})
-    parts = [artifacts.sha256_file(onnx_path)] + [artifacts.sha256_file(onnx_path.parent / loc) for loc in locations]
+    own = file_sha256 or artifacts.sha256_file(onnx_path)
+    parts = [own] + [artifacts.sha256_file(onnx_path.parent / loc) for loc in locations]
     return parts[0] if len(parts) == 1 else artifacts.sha256_json(parts)
 
 
@@ -413,10 +415,11 @@ def verify_onnx(component: ExportedComponent) -> str:
     """sha256 of the component's ONNX; refuses a file edited after the manifest was written."""
     if not component.onnx.exists():
         raise InvdiffError(f"{component.onnx}: listed in {MANIFEST_NAME} but missing; re-run `invdiff export`")
-    if component.sha256 and artifacts.sha256_file(component.onnx) != component.sha256:
+    own = artifacts.sha256_file(component.onnx)
+    if component.sha256 and own != component.sha256:
         raise InvdiffError(f"{component.onnx}: content differs from {MANIFEST_NAME} (edited after export); "
                            "re-run `invdiff export`")
-    return onnx_sha256(component.onnx)
+    return onnx_sha256(component.onnx, own)
 
 
 def refit_map(manifest: Mapping[str, Any]) -> dict[str, str]:
