@@ -15,13 +15,14 @@ What is accepted, and what is refused with one line naming the file (and the met
 from __future__ import annotations
 
 import codecs
+import contextlib
 import json
 import logging
 import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from ..artifacts import fingerprint_files
 from ..errors import InvdiffError
@@ -122,21 +123,29 @@ def _check_unique(meta: Path, records: list[Record]) -> None:
         first[r.file] = r.line
 
 
-def _open_rgb(record: Record, size: int | None, notes: Counter | None = None):
-    from PIL import Image, ImageOps, UnidentifiedImageError
+@contextlib.contextmanager
+def _reading(record: Record) -> Iterator[None]:
+    """A failure to read `record`'s image, as one line naming it and its metadata line."""
+    from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(record.file) as im:
-            _check_pixels(record, im.size)
-            upright = ImageOps.exif_transpose(im)  # a phone photo's EXIF orientation, as viewers show it
-            if notes is not None:
-                notes["rotated"] += _orientation(im) not in (0, 1)
-                notes[f"mode {im.mode}"] += im.mode != "RGB"
-                notes[f"{upright.size[0]}x{upright.size[1]}"] += size is not None and upright.size != (size, size)
-            im = to_rgb(upright)
+        yield
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
         raise InvdiffError(f"{record.file}: unreadable image ({type(e).__name__}); replace or delete it "
                            f"(metadata line {record.line})") from e
+
+
+def _open_rgb(record: Record, size: int | None, notes: Counter | None = None):
+    from PIL import Image, ImageOps
+
+    with _reading(record), Image.open(record.file) as im:
+        _check_pixels(record, im.size)
+        upright = ImageOps.exif_transpose(im)  # a phone photo's EXIF orientation, as viewers show it
+        if notes is not None:
+            notes["rotated"] += _orientation(im) not in (0, 1)
+            notes[f"mode {im.mode}"] += im.mode != "RGB"
+            notes[f"{upright.size[0]}x{upright.size[1]}"] += size is not None and upright.size != (size, size)
+        im = to_rgb(upright)
     if size is not None and im.size != (size, size):
         im = im.resize((size, size), Image.BILINEAR)
     return im
@@ -144,16 +153,12 @@ def _open_rgb(record: Record, size: int | None, notes: Counter | None = None):
 
 def native_size(records: Sequence[Record]) -> tuple[int, int] | None:
     """The (width, height) every image of the records has (read from their headers), None when they differ."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     sizes = set()
     for record in records:
-        try:
-            with Image.open(record.file) as im:
-                sizes.add(im.size)
-        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
-            raise InvdiffError(f"{record.file}: unreadable image ({type(e).__name__}); replace or delete it "
-                               f"(metadata line {record.line})") from e
+        with _reading(record), Image.open(record.file) as im:
+            sizes.add(im.size)
     return sizes.pop() if len(sizes) == 1 else None
 
 
