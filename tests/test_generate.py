@@ -123,7 +123,9 @@ def test_on_torch_the_batch_size_is_a_setting_and_a_short_batch_is_padded(loaded
     assert settings["batch_size"] == 3 and settings["threads"] == torch.get_num_threads()
     with pytest.raises(InvdiffError, match=r"other settings \(batch_size 3 -> 1\)"):
         _run(loaded, tmp_path / "bs3", batch_size=1)
-    assert gen.batch_settings("onnxruntime", 3) == {} and gen.batch_settings("torch-cuda", 3) == {"batch_size": 3}
+    assert gen.batch_settings("onnxruntime", 3) == {} and gen.batch_settings("openvino", 3) == {}
+    assert gen.batch_settings("torch-cuda", 3) == {"batch_size": 3}
+    assert gen.batch_settings("tensorrt", 3) == gen.batch_settings("onnxruntime-cuda", 3) == {"batch_size": 3}
     more = _run(loaded, tmp_path / "bs3", batch_size=3, num=3)  # a larger --num resumes (the batch size is the user's)
     assert (more.written, more.skipped) == (2, 4)
     files_a = _files(tmp_path / "bs3")

@@ -331,11 +331,15 @@ def run_generation(runtime, prompts: Sequence[str], out_dir: str | Path, *, num:
     return result
 
 
+BATCH_INVARIANT = ("onnxruntime", "openvino")  # measured byte-identical across batch sizes and CPU threads
+
+
 def batch_settings(backend: str, batch_size: int) -> dict:
     """torch's kernels round differently at other batch sizes and (CPU) thread counts: an image's pixels can move
-    by 1/255 here and there. On the torch backends these are settings, and a short batch is padded to full size
-    (`_generate`), so a resumed run equals an uninterrupted one. ONNX Runtime, OpenVINO and TensorRT: neither."""
-    if not backend.startswith("torch"):
+    by 1/255 here and there. Wherever batch invariance was not measured (torch, and the GPU backends, whose
+    libraries pick kernels by shape), the batch size is a setting and a short batch is padded to full size
+    (`_generate`), so a resumed run equals an uninterrupted one; torch's CPU thread count is one too."""
+    if backend in BATCH_INVARIANT:
         return {}
     import torch
 
