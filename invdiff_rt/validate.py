@@ -44,6 +44,7 @@ class Rule:
     note: str = ""  # why the bounds, appended to a range error
     marker: str = ""  # out_dir replaced whole by an artifact: only an empty folder or one holding `marker`
     suffixes: tuple[str, ...] = ()  # out_file: the file types the writer can write
+    lock: bool = False  # an input the command updates in place: locked like an output
 
 
 def _schedulers():
@@ -143,7 +144,7 @@ RULES: dict[str, Rule] = {
     "bench --steps": SAMPLING_STEPS,
     "check --steps": SAMPLING_STEPS,
     "--vae-steps": Rule(min=1),
-    "--seed": Rule(min=0),
+    "--seed": Rule(min=0, max=2**32 - 1, note="seeds are 32-bit"),  # seed * 1,000,003 + step stays in int64
     "--num": Rule(min=1),
     "--per-prompt": Rule(min=1),
     "--calibrate-per-prompt": Rule(min=1),
@@ -208,6 +209,8 @@ RULES: dict[str, Rule] = {
     "--prompts": Rule(path="file"),
     "--engine": Rule(path="file"),
     "train --groups": Rule(path="prefix"),
+    "calibrate --groups": Rule(path="prefix"),
+    "calibrate --adapter": Rule(path="dir", lock=True),  # its adapter.json is rewritten (train --out locks it too)
     "data info ROOT": Rule(path="dir"),
     "--out": Rule(path="out_dir"),
     "train --out": Rule(path="out_dir", marker=FOLDER_MARKERS["adapter"]),  # the artifact folders, replaced whole
@@ -297,7 +300,8 @@ def _default_rule(kind: type) -> Rule:
 
 
 def output_params(command: str, func) -> list[Param]:
-    return [p for p in params(func) if p.type is Path and rule_for(command, p).path in OUTPUT_KINDS]
+    return [p for p in params(func) if p.type is Path and (rule_for(command, p).path in OUTPUT_KINDS
+                                                           or rule_for(command, p).lock)]
 
 
 # ---------------------------------------------------------------- the checks
@@ -408,6 +412,8 @@ def check_path(flag: str, kind: str | None, path: Path, marker: str = "") -> Non
         raise InvdiffError(f"{flag} {path}: not found; pass an existing {'folder' if kind == 'dir' else 'file'}")
     if kind == "prefix":
         _check_prefix(flag, path)
+    if kind == "out_prefix":
+        _check_out_prefix(flag, path)
     if kind in OUTPUT_KINDS + CACHE_KINDS:
         _check_writable(flag, path)
     if marker:
@@ -420,11 +426,22 @@ def _check_ancestors(flag: str, path: Path) -> None:
             raise InvdiffError(f"{flag} {path}: {parent} is a file, so nothing can be below it; pass another path")
 
 
-def _check_prefix(flag: str, path: Path) -> None:
+def _prefix_files(path: Path) -> tuple[Path, Path]:
     stem = path.with_suffix("") if path.suffix in (".json", ".safetensors") else path
-    missing = [p for p in (Path(f"{stem}.json"), Path(f"{stem}.safetensors")) if not p.is_file()]
+    return Path(f"{stem}.json"), Path(f"{stem}.safetensors")
+
+
+def _check_prefix(flag: str, path: Path) -> None:
+    missing = [p for p in _prefix_files(path) if not p.is_file()]
     if missing:
         raise InvdiffError(f"{flag} {path}: {missing[0]} not found; pass the prefix written by `invdiff groups`")
+
+
+def _check_out_prefix(flag: str, path: Path) -> None:
+    folder = next((p for p in _prefix_files(path) if p.is_dir()), None)
+    if folder is not None:
+        raise InvdiffError(f"{flag} {path}: {folder} is a folder, so the groups cannot be written there; pass "
+                           "another prefix")
 
 
 def _check_writable(flag: str, path: Path) -> None:
@@ -497,6 +514,19 @@ def _train_combos(values: dict[str, Any]) -> None:
     if values.get("oracle_groups_from") and values.get("groups_prefix") is not None:
         raise InvdiffError("--groups: --oracle-groups-from builds the groups from the hidden column instead; "
                            "drop one of the two")
+    _check_checkpoint_folder(values)
+    if values.get("recipe") == "erm" and values.get("lam") not in (None, 0):
+        raise InvdiffError(f"--lambda {values['lam']:g}: the erm recipe has one group, so the variance penalty is "
+                           "always 0; drop --lambda or pick another --recipe")
+
+
+def _check_checkpoint_folder(values: dict[str, Any]) -> None:
+    """`train` and `pretrain` keep their checkpoint in OUT.ckpt, next to --out: it must not be a file."""
+    out = values.get("out")
+    ckpt = None if out is None else Path(out).with_name(Path(out).name + ".ckpt")
+    if ckpt is not None and ckpt.exists() and not ckpt.is_dir():
+        raise InvdiffError(f"--out {out}: {ckpt} (its checkpoint folder) is a file; move it away or pass another "
+                           "--out")
 
 
 def _groups_combos(values: dict[str, Any]) -> None:
@@ -506,10 +536,21 @@ def _groups_combos(values: dict[str, Any]) -> None:
     if recipe == "invdiff-rt" and n_groups not in (None, 2) and not values.get("oracle_groups_from"):
         raise InvdiffError(f"--groups {n_groups}: recipe invdiff-rt always uses 2 groups (majority, inferred "
                            "minority); drop --groups or use --recipe paper")
-    given = [f for f, k in (("--draws", "draws"), ("--grid-samples", "grid_samples")) if values.get(k) is not None]
-    if recipe == "paper" and given:
-        raise InvdiffError(f"{', '.join(given)}: only for --recipe invdiff-rt (paper draws one uniform t); "
-                           "drop the flag")
+    if values.get("oracle_groups_from") and n_groups is not None:
+        raise InvdiffError(f"--groups {n_groups}: oracle groups are the hidden columns' (one group per combination "
+                           "of values that occurs); drop --groups")
+    if recipe == "paper" and _invdiff_rt_only(values):
+        raise InvdiffError(f"{', '.join(_invdiff_rt_only(values))}: only for --recipe invdiff-rt (paper draws one "
+                           "uniform t and fits soft groups); drop the flag")
+
+
+def _invdiff_rt_only(values: dict[str, Any]) -> list[str]:
+    """The `groups` flags given away from their defaults that only the invdiff-rt recipe reads."""
+    changed = {"--draws": values.get("draws") is not None, "--grid-samples": values.get("grid_samples") is not None,
+               "--score": values.get("score") not in (None, "contrast"),
+               "--outlier-k": values.get("outlier_k") not in (None, 3.0),
+               "--independent-draws": values.get("antithetic") is False}
+    return [flag for flag, given in changed.items() if given]
 
 
 def _eval_combos(values: dict[str, Any]) -> None:
@@ -528,6 +569,10 @@ def _data_make_combos(values: dict[str, Any]) -> None:
     given = [f for f, k in (("--n-train", "n_train"), ("--n-test", "n_test")) if values.get(k) is not None]
     if given and values.get("recipe") != "shapes-habitats":
         raise InvdiffError(f"{', '.join(given)}: only for shapes-habitats; drop the flag for {values.get('recipe')}")
+    n_test = values.get("n_test")
+    if n_test is not None and n_test % 4:
+        raise InvdiffError(f"--n-test {n_test}: the test split is balanced over 2 shapes x 2 backgrounds; pass a "
+                           "multiple of 4")
 
 
 def _tensorrt_combos(values: dict[str, Any]) -> None:
@@ -545,6 +590,7 @@ COMBOS: dict[str, tuple[Callable[[dict], None], ...]] = {
     "bench": (_tensorrt_combos,),
     "export": (_export_combos,),
     "train": (_train_combos,),
+    "pretrain": (_check_checkpoint_folder,),
     "groups": (_groups_combos,),
     "eval": (_eval_combos,),
     "data make": (_data_make_combos,),

@@ -46,10 +46,11 @@ def _all_params():
 
 def _candidates(command: str, param: validate.Param) -> tuple[str, ...]:
     rule = validate.rule_for(command, param)
+    above = () if rule.max is None else (str(int(rule.max) + 1) if param.type is int else repr(rule.max * 2 + 1),)
     if param.type is int:
-        return INT_VALUES
+        return INT_VALUES + above  # just above an upper bound (e.g. a 33-bit --seed)
     if param.type is float:
-        return FLOAT_VALUES
+        return FLOAT_VALUES + above
     if param.type is Path or rule.path == "model":
         return PATH_VALUES + (("bogus",) if rule.path == "model" else ())
     return LIST_VALUES if rule.comma else TEXT_VALUES

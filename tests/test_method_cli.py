@@ -304,3 +304,88 @@ def test_groups_bytes_do_not_depend_on_who_filled_the_latent_cache(setup, tmp_pa
     cold = groups("cold", "8")
     groups("filled", "256")
     assert groups("filled", "8") == cold
+
+
+@pytest.mark.slow
+def test_a_diverged_or_interrupted_training_leaves_no_adapter_and_keeps_its_checkpoint(setup, monkeypatch):
+    """A non-finite loss stops the run before its next checkpoint; an adapter is put in place only once calibrated
+    (an interrupted calibration keeps the checkpoint); a damaged checkpoint is one line."""
+    from invdiff_rt.errors import InvdiffError
+    from invdiff_rt.method import train
+    from invdiff_rt.method.adapter import write_adapter
+    from invdiff_rt.models.loader import load_model
+
+    model_dir, data, tmp = setup
+    model = load_model(model_dir)
+    cfg = train.TrainConfig(recipe="paper", oracle_column="color", steps=4, batch_size=4, checkpoint_every=2,
+                            show_progress=False)
+    real_step = train._train_step
+
+    def nan_at_3(accelerator, run_, config, step, first, prepared):
+        out = real_step(accelerator, run_, config, step, first, prepared)
+        return {**out, "loss": float("nan")} if step == 3 else out
+
+    monkeypatch.setattr(train, "_train_step", nan_at_3)
+    with pytest.raises(InvdiffError, match=r"the loss is nan at step 4 \(training diverged\); lower --lr"):
+        train.train_adapter(model, data, None, tmp / "diverged", cfg)
+    monkeypatch.setattr(train, "_train_step", real_step)
+    assert not (tmp / "diverged").exists()
+    assert json.loads((tmp / "diverged.ckpt" / "state.json").read_text())["step"] == 2
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "_calibrate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_adapter(model, data, None, tmp / "diverged", dataclasses_replace(cfg, resume=True))
+    monkeypatch.undo()
+    assert not (tmp / "diverged").exists() and (tmp / "diverged.ckpt" / "state.json").exists()
+    assert not list(tmp.glob(".diverged.*"))  # the staged folder is removed
+    state = tmp / "diverged.ckpt" / "state.safetensors"
+    state.write_bytes(state.read_bytes()[:1000])
+    with pytest.raises(InvdiffError, match=r"diverged.ckpt: damaged checkpoint \(\w+\); delete it to start over"):
+        train.train_adapter(model, data, None, tmp / "diverged", dataclasses_replace(cfg, resume=True))
+
+    adapter = train.GuidanceAdapter(train.config_for_unet(model.unet))
+    torch.nn.init.constant_(adapter.conv_out.weight, float("nan"))
+    with pytest.raises(InvdiffError, match=r"adapter weight conv_out.weight is not finite \(training diverged\)"):
+        write_adapter(adapter, tmp, {"base_fingerprint": "x"})
+    assert not (tmp / "adapter.json").exists()
+
+
+@pytest.mark.slow
+def test_groups_and_train_refuse_what_cannot_act(setup):
+    from invdiff_rt.commands.method import calibrate
+    from invdiff_rt.method.grouper import group_diagnostics
+    from invdiff_rt import validate
+
+    model, data, tmp = setup
+    base = ["--model", str(model), "--data", str(data)]
+    (tmp / "gd" / "X.json").mkdir(parents=True)
+    r = _invoke("groups", *base, "--out", str(tmp / "gd" / "X"))
+    assert "gd/X.json is a folder, so the groups cannot be written there" in str(r.exception)
+    assert sorted(p.name for p in (tmp / "gd").iterdir()) == ["X.json"]
+    cases = {("groups", "--recipe", "paper", "--outlier-k", "9"): "--outlier-k: only for --recipe invdiff-rt",
+             ("groups", "--recipe", "paper", "--independent-draws"): "--independent-draws: only for --recipe",
+             ("groups", "--oracle-groups-from", "color", "--groups", "5"): "--groups 5: oracle groups are the",
+             ("train", "--recipe", "erm", "--lambda", "50"): "--lambda 50: the erm recipe has one group",
+             ("calibrate", "--groups", str(tmp / "nope" / "G"), "--adapter", str(tmp)):
+                 "--groups " + str(tmp / "nope" / "G") + ": " + str(tmp / "nope" / "G.json") + " not found"}
+    for (command, *args), message in cases.items():
+        r = _invoke(command, *base, *args, *(["--out", str(tmp / "refused")] if command != "calibrate" else []))
+        assert message in str(r.exception), (args, r.output)
+    assert not (tmp / "refused").exists() and not (tmp / "refused.json").exists()
+    r = _invoke("groups", *base, "--out", str(tmp / "refused"), "--report-attribute", "nope")
+    assert str(r.exception).startswith('--report-attribute nope: ') and 'missing column "nope"' in str(r.exception)
+    assert "loss profile" not in r.output  # refused before the UNet runs
+    assert "--adapter" in [p.flag for p in validate.output_params("calibrate", calibrate)]  # locked while updated
+
+    none = torch.zeros(20, dtype=torch.bool)
+    assert group_diagnostics(torch.rand(20), none, torch.ones(20, 2), torch.ones(20), none)["auroc"] is None
+    prefix = tmp / "g-none" / "G"
+    r = _invoke("groups", *base, "--out", str(prefix), "--outlier-k", "1e6", "--batch-size", "8", "--grid-samples",
+                "12")
+    assert r.exit_code == 0 and "WARNING: no row was inferred as a minority" in r.output, r.output
+    r = _invoke("train", *base, "--groups", str(prefix), "--out", str(tmp / "refused"), "--steps", "2")
+    assert "--groups: no row of the 20 was inferred as a minority" in str(r.exception)
+    assert not (tmp / "refused").exists()

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -192,6 +193,23 @@ def test_pretrain_cli_few_steps_and_resume(tmp_path):
     assert res.exit_code != 0 and "checkpoint was made with other data, --seed" in str(res.exception)
     assert json.loads((tmp_path / "model.ckpt" / "unet" / "state.json").read_text())["step"] == 6
     assert json.loads((out / "invdiff_model.json").read_text())["seed"] == 0
+    before = (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    # a shorter --steps than the checkpoint holds is refused (it returned the longer model, labelled shorter)
+    res = CliRunner().invoke(app, args[:6] + ["2"] + args[7:])
+    assert "--steps 2: the unet checkpoint is already at step 6; pass --steps 6 or more" in str(res.exception)
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == before
+    # a diverged run writes no model and keeps the last (finite) checkpoint
+    res = CliRunner().invoke(app, ["pretrain", "--data", str(data), "--out", str(tmp_path / "nan"), "--steps", "6",
+                                   "--vae-steps", "1", "--batch-size", "8", "--warmup", "0", "--lr", "1e30",
+                                   "--checkpoint-every", "2"])
+    assert re.search(r"pretrain: the unet loss is (nan|inf) at step \d \(training diverged\)", str(res.exception))
+    assert not (tmp_path / "nan").exists()
+    (tmp_path / "file.ckpt").write_text("")
+    res = CliRunner().invoke(app, args[:4] + [str(tmp_path / "file")] + args[5:])
+    assert "file.ckpt (its checkpoint folder) is a file; move it away" in str(res.exception)
+    res = CliRunner().invoke(app, args[:4] + [str(tmp_path / "m2")] + args[5:] + ["--init-from", str(tmp_path)])
+    assert str(res.exception).startswith(f"--init-from {tmp_path}: not a diffusers model directory")
+    assert not (tmp_path / "file").exists() and not (tmp_path / "m2").exists()
 
 
 def test_pretrain_sizes_the_text_encoder_to_the_longest_caption():

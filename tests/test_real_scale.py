@@ -53,6 +53,27 @@ def _limits(lo=(256, 256), hi=(768, 768)):
     return resolution.SizeLimits(4, 8, 64, (512, 512), lo, hi, "--export e")
 
 
+@pytest.mark.parametrize("variant, prediction", [("sd15", "epsilon"), ("sd21", "v_prediction")])
+def test_build_sd_manifest_records_the_variant_and_versions(tmp_path, monkeypatch, variant, prediction):
+    """What `model build-sd` writes beside the weights (here on tiny components: the SD-sized build is 3.4 GB)."""
+    from invdiff_rt.models import sd
+    from invdiff_rt.models.configs import MiniSDArch
+    from invdiff_rt.models.loader import load_model
+    from invdiff_rt.models.tiny import build_components
+
+    monkeypatch.setattr(sd, "build_sd_components",
+                        lambda name, seed: build_components(MiniSDArch(), ["a photo of a cat"], seed))
+    out = sd.build_sd(variant, tmp_path / variant, seed=5)
+    info = json.loads((out / "invdiff_model.json").read_text())
+    assert (info["recipe"], info["variant"], info["seed"], info["prediction_type"]) == (f"random-{variant}", variant,
+                                                                                         5, prediction)
+    assert info["versions"]["torch"] == torch.__version__ and info["weights_dtype"] == "float32"
+    model = load_model(out)
+    assert info["sample_size"] == model.unet.config.sample_size and model.scheduler_config["prediction_type"] == \
+        prediction
+    assert info["params"]["unet"] == sum(p.numel() for p in model.unet.parameters())
+
+
 def test_size_checks_one_line_errors():
     limits = _limits()
     assert resolution.check_size(limits, 512, 768) == (512, 768)

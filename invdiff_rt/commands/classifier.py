@@ -23,7 +23,11 @@ def train(
     """Train both classifiers on real train images; report balanced accuracy on test/.
 
     The shipped classifiers are made with: invdiff data make NAME --out D &&
-    invdiff classifier train --data D --attribute COLUMN --out invdiff_rt/assets/classifiers/NAME
+    invdiff classifier train --data D --attribute COLUMN --out invdiff_rt/assets/classifiers/NAME.
+    A dataset with two attributes (styled-digits) runs it once per column (--out C1 --attribute color, --out C2
+    --attribute stroke) and ships C1/attribute as color/, C2/attribute as stroke/ and C2/class as class/ (the
+    class classifier balanced over the attribute that colour stripping leaves visible); `invdiff eval --attribute
+    COLUMN` reads COLUMN/ and class/.
     """
     from rich.console import Console
     from rich.table import Table

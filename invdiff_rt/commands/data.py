@@ -15,13 +15,14 @@ data_app = typer.Typer(help="Dataset folders: build the built-in biased benchmar
 def make(
     recipe: str = typer.Argument(..., help="Recipe: colored-digits, shapes-habitats or styled-digits."),
     out: Path = typer.Option(..., "--out", help="Dataset folder to write (replaced atomically)."),
-    bias: float = typer.Option(0.95, "--bias", help="Share of training images with the majority attribute."),
+    bias: float = typer.Option(0.95, "--bias", help="Probability that a training image has its class's majority "
+                               "attribute (drawn per image; the realised share is in dataset.json)."),
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed -> byte-identical dataset)."),
     size: int = typer.Option(32, "--size", help="Image side in pixels."),
     n_train: Optional[int] = typer.Option(None, "--n-train", help="shapes-habitats only: training images (4000)."),
     n_test: Optional[int] = typer.Option(None, "--n-test", help="shapes-habitats only: test images (1000)."),
     stroke_bias: Optional[float] = typer.Option(
-        None, "--stroke-bias", help="styled-digits only: share with the majority stroke (0.9); --bias is colour's."),
+        None, "--stroke-bias", help="styled-digits only: probability of the majority stroke (0.9); --bias is colour's."),
 ) -> None:
     """Build a built-in biased benchmark dataset folder."""
     from ..data.recipes import get_recipe

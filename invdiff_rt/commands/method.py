@@ -75,12 +75,17 @@ def _print_groups(meta: dict) -> None:
                   + ", ".join(f"{s:.1f}" for s in meta["group_sizes"]) + f"; inferred set {meta['inferred_size']}"
                   + (f"; band t={profile['band'][0]}-{profile['band'][1]}" if "band" in profile else "")
                   + f"; {meta['seconds']:.1f} s")
+    if meta["recipe"] == "invdiff-rt" and not meta["inferred_size"]:
+        console.print("WARNING: no row was inferred as a minority: `invdiff train` has nothing to debias with these "
+                      "groups (a lower --outlier-k finds more)")
     if "candidate" in meta.get("grouping", {}):
         console.print(f"candidate second split: {meta['grouping']['candidate']['size']} rows (`invdiff train` tests "
                       "whether they carry a second attribute)")
     if "diagnostics" in meta:
         d = meta["diagnostics"]
-        console.print(f"diagnostics vs hidden column '{d['attribute']}' (never an input): AUROC {d['auroc']:.3f}, "
+        console.print(f"diagnostics vs hidden column '{d['attribute']}' (never an input): AUROC "
+                      + ("n/a (no row of the column is a minority)" if d["auroc"] is None else f"{d['auroc']:.3f}")
+                      + f", "
                       f"precision {d['precision']:.3f}, recall {d['recall']:.3f} "
                       f"({d['inferred_size']} inferred / {d['minority_size']} true minority), "
                       f"minority effective weight {d['minority_effective_weight']:.3f}"

@@ -107,22 +107,31 @@ def config_for_unet(unet: nn.Module, **overrides: Any) -> AdapterConfig:
 
 def save_adapter(adapter: GuidanceAdapter, out_dir: str | Path, meta: dict) -> Path:
     """Write adapter.safetensors + adapter.json into `out_dir` atomically (replacing an existing one)."""
-    if "base_fingerprint" not in meta:
-        raise ValueError("save_adapter: meta must contain base_fingerprint")
-    state = {k: v.detach().cpu() for k, v in adapter.state_dict().items()}
     with artifacts.atomic_dir(out_dir, MANIFEST_NAME) as tmp:
-        weights = artifacts.atomic_save_safetensors(state, tmp / WEIGHTS_NAME, metadata={"format": FORMAT})
-        manifest = {
-            **meta,
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "config": dataclasses.asdict(adapter.config),
-            "parameter_count": parameter_count(adapter),
-            "weights_sha256": artifacts.sha256_file(weights),
-            "versions": artifacts.package_versions(),
-        }
-        artifacts.atomic_write_json(tmp / MANIFEST_NAME, manifest)
+        write_adapter(adapter, tmp, meta)
     return Path(out_dir)
+
+
+def write_adapter(adapter: GuidanceAdapter, folder: Path, meta: dict) -> None:
+    """adapter.safetensors + adapter.json into `folder` (a temporary `artifacts.atomic_dir`); non-finite weights
+    (a diverged training) are refused."""
+    if "base_fingerprint" not in meta:
+        raise ValueError("write_adapter: meta must contain base_fingerprint")
+    state = {k: v.detach().cpu() for k, v in adapter.state_dict().items()}
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise InvdiffError(f"adapter weight {bad[0]} is not finite (training diverged); lower --lr and train again")
+    weights = artifacts.atomic_save_safetensors(state, folder / WEIGHTS_NAME, metadata={"format": FORMAT})
+    manifest = {
+        **meta,
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": dataclasses.asdict(adapter.config),
+        "parameter_count": parameter_count(adapter),
+        "weights_sha256": artifacts.sha256_file(weights),
+        "versions": artifacts.package_versions(),
+    }
+    artifacts.atomic_write_json(folder / MANIFEST_NAME, manifest)
 
 
 IDENTITY = ("base_fingerprint", "weights_sha256", "config")  # the fields that loading or fingerprinting it reads

@@ -176,7 +176,7 @@ def group_diagnostics(score: torch.Tensor, inferred: torch.Tensor, weights: torc
     """AUROC of `score` vs the true minority, precision/recall of the inferred set, minority effective weight."""
     tp = int((inferred & minority).sum())
     return {
-        "auroc": auroc(score, minority),
+        "auroc": None if minority.all() or not minority.any() else auroc(score, minority),  # JSON has no nan
         "precision": tp / max(int(inferred.sum()), 1),
         "recall": tp / max(int(minority.sum()), 1),
         "inferred_size": int(inferred.sum()),
@@ -383,9 +383,10 @@ def infer_groups(model, data_dir: str | Path, recipe: str = "invdiff-rt", seed: 
         raise InvdiffError(f"--report-attribute {report_attribute}: give one column (run once per attribute)")
     start = time.perf_counter()
     inputs = base_inputs(model, data_dir)
+    reported = _flagged(data_dir, report_attribute, inputs.prompt_ids, "--report-attribute")  # before the profile
     if oracle_column:
-        grouping = group_from_flags(hidden_minority(data_dir, oracle_column, inputs.prompt_ids), inputs.prompt_ids,
-                                    recipe)
+        grouping = group_from_flags(_flagged(data_dir, oracle_column, inputs.prompt_ids, "--oracle-groups-from"),
+                                    inputs.prompt_ids, recipe)
         profile_info, n_groups = {"source": f"oracle:{oracle_column}"}, grouping.weights.shape[1]
     else:
         grouping, profile_info = _profile_grouping(model, inputs, recipe, n_groups, seed, batch_size,
@@ -396,10 +397,19 @@ def infer_groups(model, data_dir: str | Path, recipe: str = "invdiff-rt", seed: 
             "prompts": inputs.prompts, "group_sizes": grouping.weights.sum(0).tolist(),
             "inferred_size": int(grouping.inferred.sum()), "grouping": grouping.info, "profile": profile_info,
             "seconds": round(time.perf_counter() - start, 2)}
-    if report_attribute:
-        minority = hidden_minority(data_dir, report_attribute, inputs.prompt_ids)
+    if reported is not None:
         meta["diagnostics"] = {"attribute": report_attribute, **group_diagnostics(
-            grouping.score, grouping.inferred, grouping.weights, grouping.sampling, minority)}
+            grouping.score, grouping.inferred, grouping.weights, grouping.sampling, reported)}
         if grouping.candidate is not None:
-            meta["diagnostics"]["candidate_minority"] = int((grouping.candidate & minority).sum())
+            meta["diagnostics"]["candidate_minority"] = int((grouping.candidate & reported).sum())
     return GroupsResult(grouping, meta)
+
+
+def _flagged(data_dir, column: str | None, prompt_ids: torch.Tensor, flag: str) -> torch.Tensor | None:
+    """`hidden_minority` of a column a flag names (None without one); a missing column names the flag."""
+    if not column:
+        return None
+    try:
+        return hidden_minority(data_dir, column, prompt_ids)
+    except InvdiffError as err:
+        raise InvdiffError(f"{flag} {column}: {err}") from err

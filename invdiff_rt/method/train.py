@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from .. import artifacts
 from ..models import checkpoint
 from ..errors import InvdiffError
 from ..parallel import map_ahead
-from .adapter import GuidanceAdapter, config_for_unet, parameter_count, save_adapter
+from .adapter import MANIFEST_NAME, GuidanceAdapter, config_for_unet, parameter_count, write_adapter
 from .defaults import ADAPTER_STEPS, CALIBRATION_MIN_SAMPLES, CALIBRATION_PER_PROMPT
 from .grouper import Grouping, GroupsResult, check_groups_match, group_erm, group_from_flags, hidden_minority
 from .losses import (NUM_TRAIN_TIMESTEPS, _gen, denoising_target, make_noise_scheduler, progress_bar,
@@ -130,6 +131,9 @@ def _resolve_grouping(groups: GroupsResult | None, inputs, data_dir, config: Tra
         raise InvdiffError(f"--groups: recipe {config.recipe} needs groups; run `invdiff groups` first "
                            "(or use --recipe erm / --oracle-groups-from COLUMN)")
     check_groups_match(groups, inputs)
+    if config.recipe == "invdiff-rt" and not groups.grouping.inferred.any():
+        raise InvdiffError(f"--groups: no row of the {n} was inferred as a minority, so there is nothing to "
+                           "debias; rerun `invdiff groups` with a lower --outlier-k (or --draws 4), or check the data")
     return groups.grouping, {"groups_source": groups.meta.get("profile", {}).get("source", "inferred"),
                              "groups_fingerprint": groups.fingerprint, "groups_recipe": groups.meta.get("recipe")}
 
@@ -326,11 +330,19 @@ def _loop(accelerator, run: _Run, config: TrainConfig, start_step: int, stop_ste
     with contextlib.closing(_prepared_steps(accelerator, run, config, steps)) as prepared:  # ends the workers
         for step, batch in zip(steps, prepared):  # even when a step raises
             last = _train_step(accelerator, run, config, step, step == start_step, batch)
+            check_finite_loss(last["loss"], step)
             advance(1, loss=last["loss"], mean=last["mean"], var=last["penalty"],
                     lr=run.lr_scheduler.get_last_lr()[0])
             if checkpoints and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
                 _save_run(accelerator, run, step + 1)
     return last
+
+
+def check_finite_loss(loss: float, step: int) -> None:
+    """A diverged training stops before its next checkpoint (the last finite one stays for --resume)."""
+    if not math.isfinite(loss):
+        raise InvdiffError(f"train: the loss is {loss} at step {step + 1} (training diverged); lower --lr and rerun "
+                           "(--resume continues from the last checkpoint)")
 
 
 def _save_run(accelerator, run: _Run, step: int) -> None:
@@ -436,8 +448,9 @@ def train_adapter(model, data_dir: str | Path, groups: GroupsResult | None, out_
                     base_parameter_count=parameter_count(unet),
                     recommended_weight=RECIPE_DEFAULTS[config.recipe]["recommended_weight"],
                     training_seconds=round(time.perf_counter() - start, 2))
-        save_adapter(accelerator.unwrap_model(adapter), out_dir, meta)
+        with artifacts.atomic_dir(out_dir, MANIFEST_NAME) as staged:  # in place once calibrated: an interrupted
+            write_adapter(accelerator.unwrap_model(adapter), staged, meta)  # calibration keeps the checkpoint
+            _calibrate(model, staged, inputs, groups, config)
         shutil.rmtree(ckpt, ignore_errors=True)
-        _calibrate(model, out_dir, inputs, groups, config)
     accelerator.wait_for_everyone()
     return out_dir

@@ -63,11 +63,14 @@ def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer: 
     meta = read_checkpoint_meta(path)
     if keys and meta.get("key") not in keys:
         raise InvdiffError(f"{path}: {refusal}")
-    tensors = load_file(str(Path(path) / STATE))
-    for name, m in modules.items():
-        prefix = f"{name}."
-        m.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-    optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+    try:
+        tensors = load_file(str(Path(path) / STATE))
+        for name, m in modules.items():
+            prefix = f"{name}."
+            m.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+    except Exception as err:  # safetensors' header errors, missing/misshapen keys, a hand-edited state.json
+        raise InvdiffError(f"{path}: damaged checkpoint ({type(err).__name__}); delete it to start over") from err
     return meta
 
 

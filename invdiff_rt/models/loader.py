@@ -23,24 +23,24 @@ _PLAIN = re.compile(r"(diffusion_pytorch_model|pytorch_model|model)(-\d+-of-\d+)
 _VARIANT = re.compile(r"(diffusion_pytorch_model|model)\.(\w+?)(-\d+-of-\d+)?\.(safetensors|bin)")
 
 
-def resolve_model(name_or_path: str | Path) -> Path:
-    """A built-in model name or a path to a diffusers directory -> the directory."""
+def resolve_model(name_or_path: str | Path, flag: str = "--model") -> Path:
+    """A built-in model name or a path to a diffusers directory -> the directory (errors name `flag`)."""
     if str(name_or_path) in BUILTIN_MODELS:
         path = ASSETS / str(name_or_path)
         if not (path / "model_index.json").exists():
-            raise InvdiffError(f"--model {name_or_path}: built-in model is not shipped in this install ({path})")
+            raise InvdiffError(f"{flag} {name_or_path}: built-in model is not shipped in this install ({path})")
         return path
     path = Path(name_or_path)
-    check_not_single_file("--model", path)
+    check_not_single_file(flag, path)
     if not (path / "model_index.json").exists():
         raise InvdiffError(
-            f"--model {name_or_path}: not a diffusers model directory (no model_index.json); "
+            f"{flag} {name_or_path}: not a diffusers model directory (no model_index.json); "
             f"pass a directory or one of {', '.join(BUILTIN_MODELS)}"
         )
     missing = [c for c in _COMPONENTS if not (path / c).is_dir()]
     if missing:
-        raise InvdiffError(f"--model {path}: missing component folder(s) {', '.join(missing)}")
-    _check_text_to_image(path)
+        raise InvdiffError(f"{flag} {path}: missing component folder(s) {', '.join(missing)}")
+    _check_text_to_image(path, flag)
     return path
 
 
@@ -52,7 +52,7 @@ def check_not_single_file(flag: str, path: Path) -> None:
                            "pass DIR")
 
 
-def _check_text_to_image(path: Path) -> None:
+def _check_text_to_image(path: Path, flag: str) -> None:
     """Refuse, before any weight loads, a UNet that needs more than (latents, t, text): SDXL's added conditioning,
     an upscaler's or unCLIP's class embedding, an inpainting or depth model's extra input channels."""
     config = read_json(path / "unet" / "config.json", "UNet config", "use the model's unet/config.json")
@@ -60,7 +60,7 @@ def _check_text_to_image(path: Path) -> None:
     if why is None and config.get("in_channels", 4) != config.get("out_channels", 4):
         why = "in_channels"
     if why:
-        raise InvdiffError(f"--model {path}: unet/config.json has {why} {config[why]!r}; invdiff runs text-to-image "
+        raise InvdiffError(f"{flag} {path}: unet/config.json has {why} {config[why]!r}; invdiff runs text-to-image "
                            f"SD 1.x/2.x UNets (not SDXL, upscaling, inpainting or depth models)")
 
 
@@ -190,13 +190,13 @@ def _note_truncated(tokenizer, prompts: Sequence[str]) -> None:
 
 
 def load_model(name_or_path: str | Path, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32) -> LatentDiffusionModel:
+               dtype: torch.dtype = torch.float32, flag: str = "--model") -> LatentDiffusionModel:
     """Load tokenizer, text encoder, VAE, UNet and scheduler config; everything frozen and in eval mode."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
     from transformers.utils import logging as transformers_logging
 
-    path = resolve_model(name_or_path)
+    path = resolve_model(name_or_path, flag)
     transformers_logging.disable_progress_bar()  # its "Loading weights" bar on stderr, before a one-line error too
     try:
         tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
@@ -205,7 +205,7 @@ def load_model(name_or_path: str | Path, device: str | torch.device = "cpu",
                                    for cls, name in ((CLIPTextModel, "text_encoder"), (AutoencoderKL, "vae"),
                                                      (UNet2DConditionModel, "unet")))
     except (OSError, ValueError) as e:
-        raise InvdiffError(f"--model {path}: cannot load ({str(e).splitlines()[0]})") from e
+        raise InvdiffError(f"{flag} {path}: cannot load ({str(e).splitlines()[0]})") from e
     scheduler_config = read_json(path / "scheduler" / "scheduler_config.json", "scheduler config")
     model = LatentDiffusionModel(path, tokenizer, text_encoder.to(device), vae.to(device), unet.to(device),
                                  scheduler_config)

@@ -54,12 +54,22 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
             pe.lerp_(pm, 1 - decay)
 
 
+_LENGTH_FLAG = {"vae": "--vae-steps", "unet": "--steps"}
+
+
 def _loop(name, total, start, step_fn, ckpt_fn, every, progress):
-    """Run `step_fn(step) -> loss` from `start` to `total`, checkpointing every `every` steps."""
+    """Run `step_fn(step) -> loss` from `start` to `total`, checkpointing every `every` steps; a non-finite loss
+    stops it before the next checkpoint (the last one on disk is finite)."""
+    if start > total:
+        raise InvdiffError(f"{_LENGTH_FLAG[name]} {total}: the {name} checkpoint is already at step {start}; pass "
+                           f"{_LENGTH_FLAG[name]} {start} or more, or delete the .ckpt folder next to --out")
     task = progress.add_task(name, total=total, completed=start, loss=float("nan"))
     t0 = time.time()
     for step in range(start, total):
         loss = step_fn(step)
+        if not math.isfinite(loss):
+            raise InvdiffError(f"pretrain: the {name} loss is {loss} at step {step + 1} (training diverged); delete "
+                               "the .ckpt folder next to --out and rerun with a lower --lr or a longer --warmup")
         progress.update(task, advance=1, loss=loss)
         if not progress.console.is_terminal and (step + 1) % 50 == 0:
             rate = (step + 1 - start) / (time.time() - t0)
@@ -188,7 +198,7 @@ def init_components(init_from: str | Path, texts: list[str]):
     every prompt must tokenize without unknown words."""
     from .loader import check_known_words, load_model
 
-    model = load_model(init_from)
+    model = load_model(init_from, flag="--init-from")
     check_known_words(model.tokenizer, texts, f"--init-from {init_from}", "pretrain from scratch (drop "
                       "--init-from) or pick a model trained on these prompts")
     info = read_json(model.path / "invdiff_model.json", "model manifest")
@@ -229,6 +239,9 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, cfg: PretrainConfig = Pr
         if init_from is None:
             vae.register_to_config(scaling_factor=float(1.0 / raw.std()))
         scaling = float(vae.config.scaling_factor)
+        if not math.isfinite(scaling):
+            raise InvdiffError(f"pretrain: the VAE's latent scaling is {scaling} (its latents do not vary); check "
+                               "the images of --data")
         ema_unet, ema_text, unet_from = train_unet(unet, text_encoder, tokenizer, raw * scaling, texts, cfg,
                                                    ckdir / "unet", progress, key)
     info = {

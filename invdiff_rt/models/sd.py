@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..artifacts import package_versions
 from ..errors import InvdiffError
 from .configs import SCHEDULER_CONFIG
 from .tokenizer import build_tokenizer
@@ -109,6 +110,9 @@ def build_sd(name: str, out: str | Path, seed: int = 0) -> Path:
     tokenizer, text_encoder, vae, unet = build_sd_components(name, seed)
     params = {k: sum(p.numel() for p in m.parameters()) for k, m in
               (("text_encoder", text_encoder), ("vae", vae), ("unet", unet))}
-    info = {"recipe": f"random-{name}", "seed": seed, "params": params}
+    info = {"recipe": f"random-{name}", "variant": name, "seed": seed, "params": params,
+            "prediction_type": spec["prediction_type"], "sample_size": unet.config.sample_size,
+            "cross_attention_dim": unet.config.cross_attention_dim, "weights_dtype": "float32",
+            "versions": package_versions()}
     scheduler = {**SCHEDULER_CONFIG, "prediction_type": spec["prediction_type"]}
     return save_model_dir(out, tokenizer, text_encoder, vae, unet, info=info, scheduler=scheduler)

@@ -48,8 +48,11 @@ def save_model_dir(out_dir: str | Path, tokenizer, text_encoder, vae, unet, info
     with atomic_dir(out_dir, FOLDER_MARKERS["model"]) as tmp:
         tokenizer.save_pretrained(tmp / "tokenizer")
         for name, module in (("text_encoder", text_encoder), ("vae", vae), ("unet", unet)):
-            module.to(dtype).save_pretrained(tmp / name, safe_serialization=True)
-            module.to(torch.float32)
+            if dtype != torch.float32:  # a cast to the fp32 it has prints diffusers' "kept in float32" warning
+                module.to(dtype)
+            module.save_pretrained(tmp / name, safe_serialization=True)
+            if dtype != torch.float32:
+                module.to(torch.float32)
         _load_as_float32(tmp / "text_encoder")
         DDIMScheduler(**(scheduler or SCHEDULER_CONFIG)).save_pretrained(tmp / "scheduler")
         (tmp / FOLDER_MARKERS["model"]).write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
