@@ -558,7 +558,6 @@ def resolve_sources(config: BenchConfig, tmp: Path) -> tuple[str, str]:
         check_export_fits(f"--export {config.export}", manifest, config, f"bench it with --precision "
                           f"{manifest.get('precision')} and --batch-sizes up to {manifest.get('max_batch')}, or "
                           "re-export")
-    check_own_sources(config, manifest)
     model = config.model or manifest.get("base_model")
     if model and not (Path(model) / "model_index.json").exists():  # a built-in name
         try:
@@ -572,21 +571,24 @@ def resolve_sources(config: BenchConfig, tmp: Path) -> tuple[str, str]:
     if not (adapter and Path(adapter).is_dir()):
         raise InvdiffError(f"--export {config.export}: its adapter folder {adapter!r} is not on this machine; "
                            "pass --adapter ADAPTER_DIR")
+    check_own_sources(config, manifest, model, adapter)
     return model, adapter
 
 
-def check_own_sources(config: BenchConfig, manifest: dict) -> None:
-    """`--adapter`/`--model` with `--export` are the ones it was made from (eager and torch time them, the engine
-    backends time the export's)."""
+def check_own_sources(config: BenchConfig, manifest: dict, model: str, adapter: str) -> None:
+    """The model and adapter eager and torch will time (`--model`/`--adapter`, else the ones the export records)
+    are the ones `--export` was made from, which the engine backends time."""
     from .method.adapter import adapter_fingerprint
-    from .models.loader import model_fingerprint, resolve_model
+    from .models.loader import model_fingerprint
 
-    if config.adapter and adapter_fingerprint(config.adapter) != manifest["adapter"].get("fingerprint"):
-        raise InvdiffError(f"--adapter {config.adapter}: not the adapter --export {config.export} was made with; "
-                           "leave --adapter out (the export's own is used) or re-export with it")
-    if config.model and model_fingerprint(resolve_model(config.model)) != manifest.get("base_fingerprint"):
+    if adapter_fingerprint(adapter) != manifest["adapter"].get("fingerprint"):
+        raise InvdiffError(f"--adapter {adapter}: not the adapter --export {config.export} was made with; leave "
+                           "--adapter out (the export's own is used) or re-export with it" if config.adapter else
+                           f"--export {config.export}: its adapter {adapter} changed since the export; re-export")
+    if model_fingerprint(Path(model)) != manifest.get("base_fingerprint"):
         raise InvdiffError(f"--model {config.model}: not the model --export {config.export} was made from; pass "
-                           "that model or re-export")
+                           "that model or re-export" if config.model else
+                           f"--export {config.export}: its base model {model} changed since the export; re-export")
 
 
 def build_engines(export_dirs, engines_dir: str, log: Callable[[str], None]) -> None:

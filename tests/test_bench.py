@@ -164,11 +164,16 @@ def test_sources_name_what_an_export_alone_timed(tiny_model_dir, tmp_path):
     from invdiff_rt.models.loader import model_fingerprint
 
     adapter = str(bench.fresh_adapter(str(tiny_model_dir), tmp_path / "adapter", 0))
-    export = _fake_export(tmp_path / "e", adapter={"source": adapter, "fingerprint": "a" * 64},
-                          base_model=str(tiny_model_dir))
+    recorded = dict(adapter={"source": adapter, "fingerprint": adapter_fingerprint(adapter)},
+                    base_model=str(tiny_model_dir), base_fingerprint=model_fingerprint(tiny_model_dir))
+    export = _fake_export(tmp_path / "e", **recorded)
     config = bench.BenchConfig(["onnxruntime"], [1], export=export)
     sources = bench.resolve_sources(config, tmp_path)
     assert sources == (str(tiny_model_dir), adapter)
+    # the recorded sources are checked too: eager and torch would time another model than the engines
+    changed = _fake_export(tmp_path / "changed", **{**recorded, "base_fingerprint": "c" * 64})
+    with pytest.raises(InvdiffError, match=r"^--export .*changed: its base model .* changed since the export"):
+        bench.resolve_sources(bench.BenchConfig(["onnxruntime"], [1], export=changed), tmp_path)
     fingerprints = bench.source_fingerprints(config, *sources)
     assert fingerprints["model"] == model_fingerprint(tiny_model_dir)
     assert fingerprints["adapter"] == adapter_fingerprint(adapter) and len(fingerprints["export"]) == 64

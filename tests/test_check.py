@@ -121,6 +121,12 @@ def test_check_cli_refuses_missing_adapter(exported):
     result = CliRunner().invoke(app, args)
     assert isinstance(result.exception, InvdiffError)
     assert "--adapter: the export carries adapter" in str(result.exception)
+    from invdiff_rt.commands.export import _matching_adapter
+
+    with pytest.raises(InvdiffError, match=r"^--adapter a: this export has no adapter; drop --adapter"):
+        _matching_adapter("a", {"adapter": None}, None)
+    manifest = json.loads((exported["out"] / "manifest.json").read_text())  # read from any folder (bench, refit)
+    assert Path(manifest["base_model"]).is_absolute() and Path(manifest["adapter"]["source"]).is_absolute()
 
 
 def test_cuda_binding_batch_comes_from_the_spec():

@@ -108,6 +108,10 @@ def test_fingerprint_changes_with_weights(tmp_path, tiny_model_dir):
     copy = tmp_path / "m"
     shutil.copytree(tiny_model_dir, copy)
     before = model_fingerprint(copy)
+    (copy / "onnx").mkdir()  # an export beside the components (Hugging Face's layout), notes, logs: not the model
+    (copy / "onnx" / "manifest.json").write_text("{}")
+    (copy / "notes.txt").write_text("trained on ...")
+    assert model_fingerprint(copy) == before
     cfg = copy / "unet" / "config.json"
     data = json.loads(cfg.read_text())
     data["_note"] = "edited"

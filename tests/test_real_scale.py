@@ -125,6 +125,11 @@ def test_spec_symbolic_sizes_profile_and_round_trip():
     assert vae.shapes(2, (48, 32))["images"] == (2, 3, 48, 32) and den.trace_size() == (32, 48)
     assert text.profile()["input_ids"] == ((1, 16), (4, 16), (16, 16))  # text stays static (L)
     assert ExportSpec.from_json(json.loads(json.dumps(den.to_json()))) == den
+    manifest = {"components": {"denoiser": {"spec": den.to_json()}}, "latent_shape": [4, 8, 8]}
+    assert resolution.limits_of_manifest(manifest).default == (32, 32)  # the model's size, inside the range
+    above = component_specs(model, max_batch=8, sizes=((48, 48), (48, 64), (64, 64)))["denoiser"]
+    manifest["components"]["denoiser"]["spec"] = above.to_json()  # a range without the model's own 32x32
+    assert resolution.limits_of_manifest(manifest).default == (48, 64)  # was 32x32: refused by check, made by OV
     static = component_specs(model, max_batch=8)["denoiser"]  # the model's factors, not the defaults (8, 8)
     assert (static.sizes, static.downsample, static.multiple, static.tensor("sample").dims) == (None, 4, 16,
                                                                                                 ("B", 4, 8, 8))

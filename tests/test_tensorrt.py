@@ -358,7 +358,10 @@ def test_export_manifest_errors_are_one_line(tmp_path):
                       ({**good, "components": {"denoiser": "x"}}, "malformed \\(TypeError"),
                       ({**good, "components": {"denoiser": {"spec": {**spec, "max_batch": "two"}}}}, "malformed"),
                       ({**good, "refit_map": ["a"]}, "malformed \\(ValueError"),
-                      ({**good, "latent_shape": "4x8x8"}, "malformed \\(ValueError")):
+                      ({**good, "latent_shape": "4x8x8"}, "malformed \\(ValueError"),
+                      ({**good, "format_version": 2}, "malformed \\(ValueError: format_version 2, this invdiff-rt reads 1"),
+                      ({**good, "components": {"denoiser": {"spec": {**spec, "sizes": [[32, 32], [64, 64]]}}}},
+                       "malformed \\(ValueError: spec.sizes must be")):
         (tmp_path / "manifest.json").write_text(json.dumps(bad))
         with pytest.raises(InvdiffError, match=f"^{tmp_path / 'manifest.json'}: {what}"):
             te.export_components(tmp_path)
@@ -583,3 +586,40 @@ def test_engines_built_with_other_build_options_are_found(tmp_path, adapter_onnx
     assert te.engine_plans(export, engines, "11.4.0.106", GPU) == {"denoiser": again}
     assert te.build_variants("individual", 3, refit=True)[:2] == [("individual", 3), ("individual", 0)]
     assert len(te.build_variants("none", 5, refit=False)) == 12
+
+
+def test_build_plan_keys_name_this_machines_tensorrt_and_gpu_or_say_they_are_placeholders(adapter_onnx, tmp_path,
+                                                                                          monkeypatch):
+    """`invdiff build --plan` keys the plan `invdiff build` would write here: with TensorRT and a GPU present their
+    version and name (the placeholders never name a real engine), and it says when they are placeholders."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from invdiff_rt.cli import app
+
+    path, _, _ = adapter_onnx
+    export = tmp_path / "export"
+    export.mkdir()
+    shutil.copy(path, export / "denoiser.onnx")
+    artifacts.atomic_write_json(export / "manifest.json", {"format": FORMAT, "components": {"denoiser": {
+        "file": "denoiser.onnx", "sha256": artifacts.sha256_file(path), "profile": PROFILE}}})
+    options = te.BuildOptions()
+    monkeypatch.setattr(te, "_installed_tensorrt", lambda: None)
+    monkeypatch.setattr(te, "_has_cuda", lambda: False)
+    (row,) = te.build_plan(export, options)
+    assert (row["tensorrt"], row["gpu"]) == (te.PLACEHOLDER_TRT, te.PLACEHOLDER_GPU)
+    result = CliRunner().invoke(app, ["build", "--onnx", str(export), "--plan"])
+    text = " ".join(result.output.split())  # rich wraps at 80 columns here
+    assert result.exit_code == 0 and "placeholders: on the GPU machine with TensorRT the key differs" in text
+    gpu = {"name": "NVIDIA H100", "compute_capability": "9.0"}
+    monkeypatch.setattr(te, "_installed_tensorrt", lambda: "10.9.0")
+    monkeypatch.setattr(te, "_has_cuda", lambda: True)
+    monkeypatch.setattr(te, "gpu_identity", lambda: gpu)
+    (real,) = te.build_plan(export, options)
+    expected = _ingredients(onnx_hash=te.onnx_sha256(export / "denoiser.onnx"), trt_version="10.9.0", gpu=gpu,
+                            refit_weights=())
+    assert (real["tensorrt"], real["gpu"]) == ("10.9.0", gpu) and real["key"] != row["key"]
+    assert real["key"] == te.cache_key(expected)
+    result = CliRunner().invoke(app, ["build", "--onnx", str(export), "--plan"])
+    assert result.exit_code == 0 and "placeholders" not in result.output and real["key"] in result.output.replace("\n", "")

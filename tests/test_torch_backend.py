@@ -61,3 +61,14 @@ def test_bench_eager_loop_skips_the_adapter_where_it_does_not_act(tiny_model):
     torch.testing.assert_close(eager.denoise_step(x, t, emb, 3.0, 0.0), base.denoise_step(x, t, emb, 3.0, 0.0),
                                atol=1e-5, rtol=1e-5)
     assert not torch.isfinite(eager.denoise_step(x, t, emb, 3.0, 1.0)).all()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a CUDA GPU")
+def test_cuda_backends_without_a_gpu_are_one_line(tiny_model, tmp_path):
+    from invdiff_rt.errors import InvdiffError
+    from invdiff_rt.runtime.backends import load_runtime
+
+    with pytest.raises(InvdiffError, match=r"^--backend onnxruntime-cuda: needs a CUDA GPU and the onnxruntime-gpu"):
+        load_runtime("onnxruntime-cuda", export_dir=tmp_path)  # was torch's AssertionError, exit 1
+    with pytest.raises(InvdiffError, match=r"^--backend torch-cuda: no CUDA GPU visible"):
+        load_runtime("torch-cuda", model=tiny_model)

@@ -43,9 +43,14 @@ def build(
 
 
 def _print_plan(console, rows) -> None:
+    from ..export import tensorrt as trt_export
+
     for row in rows:
+        placeholder = row["tensorrt"] == trt_export.PLACEHOLDER_TRT or row["gpu"] == trt_export.PLACEHOLDER_GPU
         console.print(f"{row['component']}: engine key {row['key']} (TensorRT {row['tensorrt']}, GPU "
-                      f"{row['gpu']['name']} {row['gpu']['compute_capability']})", highlight=False)
+                      f"{row['gpu']['name']} {row['gpu']['compute_capability']})"
+                      + ("; placeholders: on the GPU machine with TensorRT the key differs" if placeholder else ""),
+                      highlight=False)
         for name, (lo, opt, hi) in row["profile"].items():
             console.print(f"  {name}: min {lo} opt {opt} max {hi}", highlight=False)
 

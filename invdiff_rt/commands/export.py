@@ -129,7 +129,9 @@ def _matching_adapter(adapter_dir, manifest: dict, model):
         return None
     from ..method.adapter import adapter_fingerprint, load_adapter
 
-    if not exported or exported.get("fingerprint") != adapter_fingerprint(adapter_dir):
+    if not exported:
+        raise InvdiffError(f"--adapter {adapter_dir}: this export has no adapter; drop --adapter, or re-export with it")
+    if exported.get("fingerprint") != adapter_fingerprint(adapter_dir):
         raise InvdiffError(f"--adapter {adapter_dir}: not the adapter this export was made with; "
                            "pass the exported adapter or re-export")
     return load_adapter(adapter_dir, model)

@@ -18,6 +18,7 @@ from .spec import PRECISIONS, ExportSpec, component_specs
 MANIFEST_NAME = artifacts.FOLDER_MARKERS["export"]
 FORMAT = "invdiff-rt/export"
 FORMAT_VERSION = 1
+COMPONENTS = ("denoiser", "text_encoder", "vae_decoder")  # the graphs of an export
 COPIED_DIRS = ("tokenizer", "scheduler")
 
 
@@ -67,7 +68,7 @@ def _load_adapter(adapter_dir, model):
     manifest = read_adapter_manifest(adapter_dir)
     info = {"fingerprint": adapter_fingerprint(adapter_dir), "config": manifest["config"],
             "base_fingerprint": manifest["base_fingerprint"], "weights_sha256": manifest["weights_sha256"],
-            "source": str(adapter_dir), "recipe": manifest.get("recipe"),
+            "source": str(Path(adapter_dir).resolve()), "recipe": manifest.get("recipe"),
             "recommended_weight": manifest.get("recommended_weight"), "calibration": manifest.get("calibration"),
             "from_t": manifest.get("from_t")}
     return adapter, info
@@ -114,7 +115,7 @@ def build_manifest(root: Path, model, components: dict, adapter_info: dict | Non
         **options,
         "components": components,
         "base_fingerprint": model.fingerprint,
-        "base_model": str(model.path),
+        "base_model": str(Path(model.path).resolve()),  # absolute: `bench --export` and `refit` run elsewhere
         "adapter": adapter_info,
         "refit_map": refit_map,
         "latent_shape": list(model.latent_shape),
@@ -154,14 +155,20 @@ def check_structure(manifest: dict, path: Path) -> None:
     """The fields every reader indexes (component specs, refit map, latent shape) are there and well formed: a
     hand-edited manifest fails here in one line, not with a KeyError deep inside a backend."""
     try:
+        if manifest.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
+            raise ValueError(f"format_version {manifest.get('format_version')!r}, this invdiff-rt reads "
+                             f"{FORMAT_VERSION}")
         for entry in manifest["components"].values():
             if "profile" not in entry:  # a spec-less entry records its profile (older builds' layout)
                 [int(d) for shapes in ExportSpec.from_json(entry["spec"]).profile().values() for s in shapes for d in s]
+            if "spec" in entry and len(ExportSpec.from_json(entry["spec"]).sizes or (0, 0, 0)) != 3:
+                raise ValueError("spec.sizes must be (min, opt, max)")
         if any(not isinstance(v, str) for v in dict(manifest.get("refit_map") or {}).values()):
             raise ValueError("refit_map values must be initializer names")
         if len([int(d) for d in manifest.get("latent_shape", (0, 0, 0))]) != 3:
             raise ValueError("latent_shape must be (C, h, w)")
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        dict(manifest.get("scheduler_config", {}))
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
         raise InvdiffError(f"{path}: malformed ({type(e).__name__}: {e}); re-run `invdiff export`") from None
 
 

@@ -33,8 +33,7 @@ import numpy as np
 
 from .. import artifacts
 from ..errors import InvdiffError
-
-COMPONENTS = ("denoiser", "text_encoder", "vae_decoder")
+from .manifest import COMPONENTS
 REFIT_MODES = ("individual", "none")
 KEY_LENGTH = 32
 BACKEND_USER = "the tensorrt backend (--backend/--backends tensorrt)"  # generate, eval, check and bench load it
@@ -50,6 +49,22 @@ def require_tensorrt(who: str):
             "(pip install 'invdiff-rt[trt]')"
         ) from e
     return trt
+
+
+PLACEHOLDER_TRT, PLACEHOLDER_GPU = "<tensorrt version>", {"name": "<gpu name>", "compute_capability": "<cc>"}
+
+
+def _installed_tensorrt() -> str | None:
+    try:
+        return require_tensorrt("invdiff build --plan").__version__
+    except InvdiffError:
+        return None
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def gpu_identity() -> dict[str, str]:
@@ -259,7 +274,7 @@ def _build_or_reuse(onnx_path: Path, profile, cache_dir: Path, options: BuildOpt
     seconds = time.perf_counter() - start
     with artifacts.atomic_path(plan) as tmp:
         save_engine(engine, path=str(tmp))
-    write_sidecar(cache_dir, ingredients, {"component": component, "onnx": str(onnx_path), "build_seconds": seconds,
+    write_sidecar(cache_dir, ingredients, {"component": component, "onnx": str(Path(onnx_path).resolve()), "build_seconds": seconds,
                                            "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                            "timing_cache": str(timing_cache)})
     return plan, False
@@ -440,10 +455,10 @@ def component_ingredients(export_dir: str | Path, trt_version: str, gpu: Mapping
 def build_plan(export_dir: str | Path, options: BuildOptions, components: list[str] | None = None,
                trt_version: str | None = None, gpu: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
     """What `build_export` would build, without TensorRT or a GPU: per component its optimisation profile (min /
-    opt / max shapes, batch and resolution) and engine cache key. Without TensorRT/GPU the key is computed for the
-    given (or placeholder) TensorRT version and GPU, which are part of the key."""
-    trt_version = trt_version or "<tensorrt version>"
-    gpu = gpu or {"name": "<gpu name>", "compute_capability": "<cc>"}
+    opt / max shapes, batch and resolution) and engine cache key. The key holds the TensorRT version and GPU: this
+    machine's where it has them (the key of the plan `invdiff build` writes here), else the given or placeholders."""
+    trt_version = trt_version or _installed_tensorrt() or PLACEHOLDER_TRT
+    gpu = gpu or (gpu_identity() if _has_cuda() else PLACEHOLDER_GPU)
     return [{"component": component.name, "profile": ingredients["profile"], "key": cache_key(ingredients),
              "tensorrt": trt_version, "gpu": gpu}
             for component, ingredients in component_ingredients(export_dir, trt_version, gpu, options.refit_mode,
@@ -587,7 +602,7 @@ def refit_export_engine(engine: str | Path, adapter_dir: str | Path, export_dir:
     mapping = refit_map(manifest)
     arrays = refit_arrays(state, mapping, initializer_specs(denoiser.onnx, list(mapping.values())))
     return refit_into_cache(engine, arrays, fingerprint, Path(out_dir) if out_dir else engine.parent,
-                            {"onnx": str(denoiser.onnx), "adapter": str(adapter_dir)})
+                            {"onnx": str(Path(denoiser.onnx).resolve()), "adapter": str(Path(adapter_dir).resolve())})
 
 
 def refit_into_cache(engine: str | Path, arrays: Mapping[str, np.ndarray], adapter_fingerprint: str,

@@ -12,12 +12,13 @@ from typing import Sequence
 
 import torch
 
-from ..artifacts import fingerprint_dir, read_json
+from ..artifacts import fingerprint_files, read_json
 from ..errors import InvdiffError
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "models"
 BUILTIN_MODELS = ("colored-digits", "shapes-habitats", "styled-digits")
 _COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+_HASHED = (".safetensors", ".json", ".txt", ".bin")  # weights, configs, vocabularies
 _EXTRA_CONDITIONING = ("addition_embed_type", "class_embed_type", "num_class_embeds")
 _PLAIN = re.compile(r"(diffusion_pytorch_model|pytorch_model|model)(-\d+-of-\d+)?\.(safetensors|bin)")
 _VARIANT = re.compile(r"(diffusion_pytorch_model|model)\.(\w+?)(-\d+-of-\d+)?\.(safetensors|bin)")
@@ -75,8 +76,12 @@ def weights_variant(folder: Path) -> str | None:
 
 
 def model_fingerprint(path: Path) -> str:
-    """Content hash of the weights and configs (not of training logs)."""
-    return fingerprint_dir(path, suffixes=(".safetensors", ".json", ".txt", ".bin"), exclude=("invdiff_model.json",))
+    """Content hash of the weights and configs: model_index.json and the component folders (not training logs, nor
+    what else the folder holds, e.g. an export to `MODEL/onnx` as Hugging Face repositories lay them out)."""
+    path = Path(path)
+    files = [p for c in _COMPONENTS for p in (path / c).rglob("*") if p.is_file() and p.suffix in _HASHED
+             and not any(part.startswith(".") for part in p.relative_to(path).parts)]
+    return fingerprint_files(path, [p.relative_to(path) for p in files] + ["model_index.json"])
 
 
 @dataclass

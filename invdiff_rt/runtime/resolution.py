@@ -62,6 +62,8 @@ def limits_of_manifest(manifest: dict, export_dir: str | Path = "") -> SizeLimit
         return SizeLimits(channels, factor, factor, default, default, default, f"--export {export_dir}")
     default = (h * spec.downsample, w * spec.downsample)
     lo, hi = spec.size_range
+    if not (_le(lo, default) and _le(default, hi)):  # exported for other sizes than the model's: its opt size
+        default = tuple(spec.sizes[1])
     return SizeLimits(channels, spec.downsample, spec.multiple, default, lo, hi, f"--export {export_dir}")
 
 

@@ -98,6 +98,9 @@ def load_runtime(backend: str, *, model=None, adapter=None, export_dir=None, pre
         from .openvino_backend import OvRuntime
 
         return OvRuntime(export_dir, threads=threads, precision=precision)
+    if backend == "onnxruntime-cuda" and not (_cuda() and _ort_cuda()):
+        raise InvdiffError("--backend onnxruntime-cuda: needs a CUDA GPU and the onnxruntime-gpu package (pip install "
+                           "'invdiff-rt[gpu]'); use --backend onnxruntime on this machine")
     if backend in ("onnxruntime", "onnxruntime-cuda"):
         from .onnxruntime_backend import OrtRuntime
 
