@@ -18,11 +18,13 @@ from typing import Callable
 from rich.console import Console
 from rich.table import Table
 
-from .artifacts import atomic_write_json, atomic_write_text, read_json, sha256_json
+from .artifacts import atomic_path, atomic_write_json, atomic_write_text, read_json, sha256_json
+from .errors import InvdiffError
 from .method.defaults import ADAPTER_STEPS, CALIBRATION_MIN_SAMPLES, CALIBRATION_PER_PROMPT
 
 BENCHMARK = "colored-digits"
 ATTRIBUTE = "color"
+CHART = "bias_per_prompt.png"
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,10 @@ class DemoConfig:
     bench_steps: int = 10
     bench_repeats: int = 3
     threads: int | None = None
+
+
+MARKER = "demo.json"  # written first: a folder holding it is a demo's, whose stage folders a rerun may replace
+OUT_TOKEN = "$OUT"  # stage records name the demo's own files relative to it: a moved or copied demo reuses its own
 
 
 class Stages:
@@ -56,7 +62,7 @@ class Stages:
             if old.get("key") == key:
                 self.console.print(f"[dim]{name}: reusing {folder}[/dim]")
                 self.timings[name] = 0.0
-                return old["result"]
+                return _paths(old["result"], OUT_TOKEN, str(self.out))
             record.unlink()  # stale: first the record, so an interruption below cannot leave it looking valid
             shutil.rmtree(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -64,8 +70,33 @@ class Stages:
         start = time.perf_counter()
         result = fn(folder)
         self.timings[name] = round(time.perf_counter() - start, 1)
-        atomic_write_json(record, {"key": key, "inputs": inputs, "result": result, "seconds": self.timings[name]})
+        atomic_write_json(record, {"key": key, "inputs": inputs, "result": _paths(result, str(self.out), OUT_TOKEN),
+                                   "seconds": self.timings[name]})
         return result
+
+
+def _paths(value, old: str, new: str):
+    """`value` (a stage result) with every string path under `old` re-rooted under `new`."""
+    if isinstance(value, dict):
+        return {k: _paths(v, old, new) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_paths(v, old, new) for v in value]
+    if isinstance(value, str) and (value == old or value.startswith(old + "/")):
+        return new + value[len(old):]
+    return value
+
+
+def check_demo_folder(out: str | Path, flag: str = "--out") -> None:
+    """A rerun deletes the stage folders whose inputs changed: --out must be new, empty or a demo's (a folder of
+    the user's with a `bench/` or `export/` in it lost them)."""
+    out = Path(out)
+    if out.resolve() in (Path.cwd(), *Path.cwd().parents):
+        raise InvdiffError(f"{flag} {out}: holds the current folder, whose files a rerun could delete; pass a new "
+                           "folder (default runs/demo)")
+    legacy = (out / "data" / "stage.json").is_file()  # a demo folder from before the marker
+    if out.is_dir() and any(out.iterdir()) and not ((out / MARKER).is_file() or legacy):
+        raise InvdiffError(f"{flag} {out}: holds other files (no {MARKER}), which a rerun could delete; pass a new "
+                           "or empty folder")
 
 
 def _data(folder: Path, cfg: DemoConfig) -> dict:
@@ -162,6 +193,7 @@ def _evaluate(folder: Path, model, data: str, export_dir: str, max_batch: int, a
 
 
 BENCH_BACKENDS = ("torch", "onnxruntime", "openvino")  # + eager, always; openvino is what `--backend auto` runs
+BENCH_SETTINGS = ("model", "bench_batch_sizes", "bench_steps", "bench_repeats", "threads")  # its key (not --per-prompt)
 
 
 def _bench(folder: Path, export: dict, model_dir: str, adapter_dir: str, cfg: DemoConfig) -> dict:
@@ -179,10 +211,19 @@ def _bench(folder: Path, export: dict, model_dir: str, adapter_dir: str, cfg: De
 
 
 def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), console: Console | None = None) -> Path:
+    import torch
+
     from .method.splits import CANDIDATE_SETTINGS  # in the groups stage's key: a changed candidate rule regroups
     from .models.loader import load_model
 
-    out, console = Path(out), console or Console()
+    check_demo_folder(out)
+    out, console = Path(out).resolve(), console or Console()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)  # groups, training and calibration too, not only the runtimes
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / MARKER, {"format": "invdiff-demo", "config": asdict(cfg)})
+    for stale in (out / "report.md", out / CHART):  # rewritten at the end: never left describing older stages
+        stale.unlink(missing_ok=True)
     stages = Stages(out, console)
     model = load_model(cfg.model)
     data = stages.run("data", {"recipe": BENCHMARK, "seed": cfg.seed}, lambda f: _data(f, cfg))
@@ -215,13 +256,18 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), console: Console |
                                          "export": with_adapter.get("files")},
                        lambda f: _evaluate(f, model, data["path"], export["path"], with_adapter["max_batch"],
                                            adapter["path"], weight, cfg))
-    bench = stages.run("bench", {"export": with_adapter.get("files"), "base": without["files"],
-                                 "cfg": asdict(cfg), "backends": BENCH_BACKENDS},
+    bench = stages.run("bench", bench_inputs(cfg, with_adapter, without),
                        lambda f: _bench(f, export, str(model.path), adapter["path"], cfg))
     report = write_report(out, cfg, data, groups, adapter, generated, before, after, bench, stages.timings,
                           (weight, how))
     print_summary(console, before, after, bench, weight, stages.timings)
     return report
+
+
+def bench_inputs(cfg: DemoConfig, with_adapter: dict, without: dict) -> dict:
+    """The bench stage's key: the two exports and the bench's own settings (not --per-prompt: it reran 196 s)."""
+    return {"export": with_adapter.get("files"), "base": without["files"],
+            "cfg": {k: getattr(cfg, k) for k in BENCH_SETTINGS}, "backends": BENCH_BACKENDS}
 
 
 def _classifier_fingerprint() -> str:
@@ -289,7 +335,8 @@ def bias_chart(path: Path, before: dict, after: dict) -> Path:
     ax.set_ylim(0, 1)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
     return path
 
@@ -298,7 +345,7 @@ def write_report(out: Path, cfg: DemoConfig, data, groups, adapter, generated, b
                  timings, weight: tuple[float, str] = (1.0, "")) -> Path:
     from .method.splits import describe
 
-    bias_chart(out / "bias_per_prompt.png", before, after)
+    bias_chart(out / CHART, before, after)
     diag = groups["meta"].get("diagnostics", {})
     lines = [f"# invdiff demo report ({BENCHMARK})", "",
              f"Config: `{asdict(cfg)}`", "", "## Bias before / after", "",
@@ -306,7 +353,7 @@ def write_report(out: Path, cfg: DemoConfig, data, groups, adapter, generated, b
     lines += [f"| {label} | {_fmt(before.get(k))} | {_fmt(after.get(k))} |" for k, label in _ROWS]
     lines += ["", f"Adapter weight **{weight[0]:g}**: {weight[1]}.",
               "", f"Noise floor 0.8/sqrt(N) = {before.get('noise_floor')}.", "",
-              "![bias per prompt](bias_per_prompt.png)", "",
+              f"![bias per prompt]({CHART})", "",
               "Base samples (rows = prompts):", "", "![base](eval-base/grid.png)", "",
               "Debiased samples:", "", "![debiased](eval-debiased/grid.png)", "",
               "## Groups (label-free)", "", f"Diagnostics (hidden column `{ATTRIBUTE}`, never an input): `{diag}`", "",

@@ -529,6 +529,13 @@ def _check_checkpoint_folder(values: dict[str, Any]) -> None:
                            "--out")
 
 
+def _demo_combos(values: dict[str, Any]) -> None:
+    from .demo import check_demo_folder
+
+    if values.get("out") is not None:
+        check_demo_folder(values["out"])
+
+
 def _groups_combos(values: dict[str, Any]) -> None:
     recipe, n_groups = values.get("recipe"), values.get("n_groups")
     if recipe == "erm":
@@ -555,6 +562,14 @@ def _invdiff_rt_only(values: dict[str, Any]) -> list[str]:
 
 def _eval_combos(values: dict[str, Any]) -> None:
     _check_weight_has_adapter(values)
+    json_out = values.get("json_out")
+    if json_out is None or values.get("grid") is not None:
+        return
+    grid = Path(json_out).with_suffix(".png")  # eval's default grid path, checked like --grid
+    if grid.resolve() == Path(json_out).resolve() or grid.is_dir():
+        raise InvdiffError(f"--json {json_out}: the grid goes to {grid} by default, which is "
+                           + ("this file too" if grid.resolve() == Path(json_out).resolve() else "a folder")
+                           + "; name the report .json or pass --grid")
 
 
 def _check_weight_has_adapter(values: dict[str, Any], export=None) -> None:
@@ -591,6 +606,7 @@ COMBOS: dict[str, tuple[Callable[[dict], None], ...]] = {
     "export": (_export_combos,),
     "train": (_train_combos,),
     "pretrain": (_check_checkpoint_folder,),
+    "demo": (_demo_combos,),
     "groups": (_groups_combos,),
     "eval": (_eval_combos,),
     "data make": (_data_make_combos,),

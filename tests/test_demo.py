@@ -79,3 +79,89 @@ def test_stage_with_changed_inputs_starts_from_an_empty_folder(tmp_path):
     assert stages.run("gen", {"w": 2.0}, make("c")) == {"tag": "c"}
     assert calls == [[], []] and sorted(p.name for p in (tmp_path / "gen").iterdir()) == ["c.txt", "stage.json"]
 
+
+
+def test_a_demo_folder_is_new_empty_or_a_demos_and_its_records_move_with_it(tmp_path, monkeypatch):
+    """A rerun deletes changed stages' folders, so --out may not hold the user's files; stage records name the
+    demo's own files relative to it, so a moved or copied demo reuses its own (not the old folder's)."""
+    import shutil
+
+    from rich.console import Console
+
+    from invdiff_rt import demo
+    from invdiff_rt.errors import InvdiffError
+
+    mine = tmp_path / "project"
+    (mine / "bench").mkdir(parents=True)
+    (mine / "bench" / "README.md").write_text("notes")
+    with pytest.raises(InvdiffError, match=r"project: holds other files \(no demo.json\), which a rerun could"):
+        demo.check_demo_folder(mine)
+    monkeypatch.chdir(mine)
+    with pytest.raises(InvdiffError, match=r"^--out \.: holds the current folder"):
+        demo.check_demo_folder(".")
+    monkeypatch.chdir(tmp_path.parent)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "marked" / "bench").mkdir(parents=True)
+    (tmp_path / "marked" / demo.MARKER).write_text("{}")
+    (tmp_path / "legacy" / "data").mkdir(parents=True)  # a demo folder from before the marker
+    (tmp_path / "legacy" / "data" / "stage.json").write_text("{}")
+    for ok in ("new", "empty", "marked", "legacy"):
+        demo.check_demo_folder(tmp_path / ok)
+
+    first = tmp_path / "d1"
+    stages = demo.Stages(first, Console(quiet=True))
+    result = stages.run("adapter", {"k": 1}, lambda f: {"path": str(f / "adapter"), "outside": "/elsewhere/x",
+                                                          "nested": [{"dir": str(f)}]})
+    record = json.loads((first / "adapter" / "stage.json").read_text())["result"]
+    assert record == {"path": "$OUT/adapter/adapter", "outside": "/elsewhere/x", "nested": [{"dir": "$OUT/adapter"}]}
+    assert result["path"] == str(first / "adapter" / "adapter")
+    shutil.copytree(first, tmp_path / "copy")
+    again = demo.Stages(tmp_path / "copy", Console(quiet=True)).run("adapter", {"k": 1}, lambda f: 1 / 0)
+    assert again == {"path": str(tmp_path / "copy" / "adapter" / "adapter"), "outside": "/elsewhere/x",
+                     "nested": [{"dir": str(tmp_path / "copy" / "adapter")}]}
+
+    # a rerun first removes the report it will rewrite (an interrupted rerun left it describing older stages)
+    out = tmp_path / "d2"
+    out.mkdir()
+    for name in (demo.MARKER, "report.md", demo.CHART):
+        (out / name).write_text("{}")
+    with pytest.raises(InvdiffError):
+        demo.run_demo(out, demo.DemoConfig(model=str(tmp_path / "no-model")), console=Console(quiet=True))
+    assert sorted(p.name for p in out.iterdir()) == [demo.MARKER]
+
+    cfg = demo.DemoConfig()
+    exports = ({"files": {"a": "1"}}, {"files": {"b": "2"}})
+    key = demo.bench_inputs(cfg, *exports)
+    assert demo.bench_inputs(demo.DemoConfig(per_prompt=5, train_steps=3), *exports) == key  # the bench is reused
+    assert demo.bench_inputs(demo.DemoConfig(bench_steps=3), *exports) != key
+
+
+def test_eval_refuses_a_default_grid_path_that_cannot_be_written(tmp_path):
+    from typer.testing import CliRunner
+
+    from invdiff_rt.cli import app
+
+    (tmp_path / "d").mkdir()
+    base = ["eval", "--model", "colored-digits", "--data", str(tmp_path / "d"), "--attribute", "color",
+            "--per-prompt", "2", "--seed", "0"]
+    r = CliRunner().invoke(app, base + ["--json", str(tmp_path / "a.png")])
+    assert "--json" in str(r.exception) and "which is this file too; name the report .json or pass --grid" in str(
+        r.exception)
+    (tmp_path / "b.png").mkdir()
+    r = CliRunner().invoke(app, base + ["--json", str(tmp_path / "b.json")])
+    assert "b.png by default, which is a folder" in str(r.exception)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.png", "d"]
+
+
+def test_eval_names_the_flag_of_a_missing_column_and_the_folder_of_a_classifier_pair(tmp_path):
+    from invdiff_rt.data.recipes import RECIPES
+    from invdiff_rt.errors import InvdiffError
+    from invdiff_rt.eval.classifiers import default_classifier_dir, load_classifier_pair
+    from invdiff_rt.eval.evaluate import run_evaluation
+
+    pair = default_classifier_dir("colored-digits")
+    with pytest.raises(InvdiffError, match=r"attribute: one classifier of a pair; pass the folder that holds it"):
+        load_classifier_pair(pair / "attribute", "color")
+    data = RECIPES["shapes-habitats"](tmp_path / "d", bias=0.9, seed=0, size=32, n_train=8, n_test=4)
+    with pytest.raises(InvdiffError, match=r'^--attribute color: .*metadata.jsonl:1: missing column "color"'):
+        run_evaluation("colored-digits", data, "color", per_prompt=2)

@@ -229,6 +229,9 @@ def load_classifier_pair(cls_dir: str | Path, attribute: str | None = None) -> t
     cls_dir = Path(cls_dir)
     dirs = {"attribute": attribute_dir(cls_dir, attribute), "class": cls_dir / "class"}
     missing = [k for k in KINDS if not (dirs[k] / MANIFEST).is_file()]
+    if missing and (cls_dir / MANIFEST).is_file():  # one classifier of a pair, not the pair's folder
+        raise InvdiffError(f"--classifier {cls_dir}: one classifier of a pair; pass the folder that holds it and "
+                           f"class/ ({cls_dir.parent})")
     if missing:
         raise InvdiffError(f"--classifier {cls_dir}: no {'/ and '.join(missing)}/ classifier inside; "
                            f"make one with `invdiff classifier train --data DIR --attribute COLUMN --out {cls_dir}`")

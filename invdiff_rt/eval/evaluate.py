@@ -227,7 +227,11 @@ def run_evaluation(model, data_dir: str | Path, attribute: str, classifier_dir: 
         raise InvdiffError(f"--per-prompt {per_prompt}: must be at least 1")
     data_dir = Path(data_dir)
     train = read_split(data_dir, "train")
-    prompts, values = prompts_of(train), attribute_values(train, attribute)
+    prompts = prompts_of(train)
+    try:
+        values = attribute_values(train, attribute)
+    except InvdiffError as err:
+        raise InvdiffError(f"--attribute {attribute}: {err}") from err
     if len(prompts) * per_prompt < 2:
         raise InvdiffError(f"--per-prompt {per_prompt}: {data_dir / 'train'} has one prompt, so one image; FID "
                            "compares two or more (pass --per-prompt 2 or more)")
