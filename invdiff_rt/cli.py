@@ -41,6 +41,17 @@ _register_all()
 validate.guard(app)  # every command: options checked, then its outputs locked, before it runs
 
 
+def _output_flag(argv: list[str]) -> str:
+    """`--out PATH` (or `--json PATH`) as given, naming where a write without a file name failed (a full disk)."""
+    for flag in ("--out", "--json"):
+        for i, arg in enumerate(argv):
+            if arg.startswith(flag + "="):
+                return f"{flag} {arg.split('=', 1)[1]}"
+            if arg == flag and i + 1 < len(argv):
+                return f"{flag} {argv[i + 1]}"
+    return "output"
+
+
 def main() -> None:
     try:
         validate.check_argv(sys.argv[1:])
@@ -59,8 +70,9 @@ def main() -> None:
     except OSError as e:
         if e.errno not in validate.DISK_ERRORS:
             raise
-        typer.secho(f"error: {e.filename or 'output'}: {e.strerror}; free space (or fix permissions) and rerun the "
-                    "same command: finished artifacts are intact and reused", fg=typer.colors.RED, err=True)
+        typer.secho(f"error: {e.filename or _output_flag(sys.argv[1:])}: {e.strerror}; free space (or fix "
+                    "permissions) and rerun the same command: finished artifacts are intact and reused",
+                    fg=typer.colors.RED, err=True)
         sys.exit(1)
     except Exception as e:  # usage errors of click or of the click copy that Typer ships (typer._click)
         if not _is_click_error(e):

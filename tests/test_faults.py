@@ -113,6 +113,7 @@ def test_generate_on_a_full_disk_is_one_line_and_a_rerun_completes(tiny_model_di
     err = capsys.readouterr().err.strip()  # (after the model loader's progress bars)
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert e.value.code == 1 and len(errors) == 1 and "No space left on device" in errors[0]
+    assert errors[0].startswith(f"error: --out {out}: No space")  # fsync's error names no file: the output does
     assert err.endswith(errors[0]) and "Traceback" not in err
     done = artifacts.read_jsonl(out / "manifest.jsonl")
     assert len(done) == 2 and all(artifacts.sha256_file(out / r["file"]) == r["sha256"] for r in done)
