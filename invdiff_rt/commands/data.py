@@ -22,7 +22,8 @@ def make(
     n_train: Optional[int] = typer.Option(None, "--n-train", help="shapes-habitats only: training images (4000)."),
     n_test: Optional[int] = typer.Option(None, "--n-test", help="shapes-habitats only: test images (1000)."),
     stroke_bias: Optional[float] = typer.Option(
-        None, "--stroke-bias", help="styled-digits only: probability of the majority stroke (0.9); --bias is colour's."),
+        None, "--stroke-bias",
+        help="styled-digits only: probability of the majority stroke (0.9); --bias is colour's."),
 ) -> None:
     """Build a built-in biased benchmark dataset folder."""
     from ..data.recipes import get_recipe

@@ -274,7 +274,8 @@ def _build_or_reuse(onnx_path: Path, profile, cache_dir: Path, options: BuildOpt
     seconds = time.perf_counter() - start
     with artifacts.atomic_path(plan) as tmp:
         save_engine(engine, path=str(tmp))
-    write_sidecar(cache_dir, ingredients, {"component": component, "onnx": str(Path(onnx_path).resolve()), "build_seconds": seconds,
+    write_sidecar(cache_dir, ingredients, {"component": component, "onnx": str(Path(onnx_path).resolve()),
+                                           "build_seconds": seconds,
                                            "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                            "timing_cache": str(timing_cache)})
     return plan, False
