@@ -579,13 +579,13 @@ def check_own_sources(config: BenchConfig, manifest: dict, model: str, adapter: 
     """The model and adapter eager and torch will time (`--model`/`--adapter`, else the ones the export records)
     are the ones `--export` was made from, which the engine backends time."""
     from .method.adapter import adapter_fingerprint
-    from .models.loader import model_fingerprint
+    from .models.loader import matches_model
 
     if adapter_fingerprint(adapter) != manifest["adapter"].get("fingerprint"):
         raise InvdiffError(f"--adapter {adapter}: not the adapter --export {config.export} was made with; leave "
                            "--adapter out (the export's own is used) or re-export with it" if config.adapter else
                            f"--export {config.export}: its adapter {adapter} changed since the export; re-export")
-    if model_fingerprint(Path(model)) != manifest.get("base_fingerprint"):
+    if not matches_model(manifest.get("base_fingerprint"), Path(model)):
         raise InvdiffError(f"--model {config.model}: not the model --export {config.export} was made from; pass "
                            "that model or re-export" if config.model else
                            f"--export {config.export}: its base model {model} changed since the export; re-export")

@@ -326,7 +326,8 @@ def test_a_diverged_or_interrupted_training_leaves_no_adapter_and_keeps_its_chec
         return {**out, "loss": float("nan")} if step == 3 else out
 
     monkeypatch.setattr(train, "_train_step", nan_at_3)
-    with pytest.raises(InvdiffError, match=r"the loss is nan at step 4 \(training diverged\); lower --lr"):
+    with pytest.raises(InvdiffError, match=r"the loss is nan at step 4 \(training diverged\); rerun with a lower "
+                                           r"--lr and without --resume"):
         train.train_adapter(model, data, None, tmp / "diverged", cfg)
     monkeypatch.setattr(train, "_train_step", real_step)
     assert not (tmp / "diverged").exists()

@@ -112,6 +112,12 @@ def test_fingerprint_changes_with_weights(tmp_path, tiny_model_dir):
     (copy / "onnx" / "manifest.json").write_text("{}")
     (copy / "notes.txt").write_text("trained on ...")
     assert model_fingerprint(copy) == before
+    from invdiff_rt.artifacts import fingerprint_dir
+    from invdiff_rt.models.loader import matches_model
+
+    legacy = fingerprint_dir(copy, suffixes=(".safetensors", ".json", ".txt", ".bin"), exclude=("invdiff_model.json",))
+    assert legacy != before and matches_model(legacy, copy) and matches_model(before, copy)  # older artifacts load
+    assert not matches_model("0" * 64, copy)
     cfg = copy / "unet" / "config.json"
     data = json.loads(cfg.read_text())
     data["_note"] = "edited"

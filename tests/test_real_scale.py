@@ -110,7 +110,7 @@ def test_export_sizes_from_flags():
         resolution.export_sizes(base, max_size="100")
 
 
-def test_spec_symbolic_sizes_profile_and_round_trip():
+def test_spec_symbolic_sizes_profile_and_round_trip(tmp_path):
     from types import SimpleNamespace
 
     from invdiff_rt.export.spec import ExportSpec, component_specs
@@ -130,6 +130,14 @@ def test_spec_symbolic_sizes_profile_and_round_trip():
     above = component_specs(model, max_batch=8, sizes=((48, 48), (48, 64), (64, 64)))["denoiser"]
     manifest["components"]["denoiser"]["spec"] = above.to_json()  # a range without the model's own 32x32
     assert resolution.limits_of_manifest(manifest).default == (48, 64)  # was 32x32: refused by check, made by OV
+    from invdiff_rt.export.manifest import FORMAT
+
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "format": FORMAT}))
+    assert resolution.requested_latent_shape(export=tmp_path) == (4, 12, 16)  # what generate and bench sample at
+    assert resolution.requested_latent_shape(export=tmp_path, height=64, width=64) == (4, 16, 16)
+    manifest["components"]["denoiser"]["spec"] = den.to_json()
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "format": FORMAT}))
+    assert resolution.requested_latent_shape(export=tmp_path) is None  # the runtime's own (the model's) size
     static = component_specs(model, max_batch=8)["denoiser"]  # the model's factors, not the defaults (8, 8)
     assert (static.sizes, static.downsample, static.multiple, static.tensor("sample").dims) == (None, 4, 16,
                                                                                                 ("B", 4, 8, 8))

@@ -105,7 +105,9 @@ def _runtimes(model_dir: str, adapter_dir, export_dir: Path, names: list[str], e
 
     manifest = read_manifest(export_dir)
     model = load_model(model_dir)
-    if manifest.get("base_fingerprint") != model.fingerprint:
+    from ..models.loader import matches_model
+
+    if not matches_model(manifest.get("base_fingerprint"), model.path, model.fingerprint):
         raise InvdiffError(f"--export {export_dir}: exported from another base model than --model {model_dir}; "
                            "pass the model it was exported from")
     adapter = _matching_adapter(adapter_dir, manifest, model)

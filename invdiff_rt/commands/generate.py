@@ -24,8 +24,8 @@ def generate(
     prompts_file: Optional[Path] = typer.Option(None, "--prompts", help="File: one prompt per line, # comments."),
     num: int = typer.Option(4, "--num", help="Images per prompt."),
     batch_size: int = typer.Option(8, "--batch-size", help="Images per denoising batch (the images do not change on "
-                                   "ONNX Runtime or OpenVINO; a recorded setting on torch, whose kernels round "
-                                   "differently at other batch sizes, and on the GPU backends)."),
+                                   "ONNX Runtime or OpenVINO on the CPU; a recorded setting on torch, whose kernels "
+                                   "round differently at other batch sizes, and on the GPU backends)."),
     seed: int = typer.Option(0, "--seed", help="Seed: image (prompt, index) depends only on it."),
     steps: int = typer.Option(25, "--steps", help="Denoising steps."),
     guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", help="Classifier-free guidance scale "

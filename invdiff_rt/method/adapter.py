@@ -154,8 +154,10 @@ def load_adapter(adapter_dir: str | Path, model) -> GuidanceAdapter:
     """Load a trained adapter for `model` (eval mode, frozen); refuses an adapter trained for another base."""
     adapter_dir = Path(adapter_dir)
     manifest = read_adapter_manifest(adapter_dir, IDENTITY)
+    from ..models.loader import matches_model
+
     trained, got = manifest.get("base_fingerprint", ""), model.fingerprint
-    if trained != got:
+    if not matches_model(trained, getattr(model, "path", None), got):
         raise InvdiffError(f"{adapter_dir / MANIFEST_NAME}: trained for base {trained[:12]}, got {got[:12]}; "
                            "retrain with --model pointing to this base")
     weights = adapter_dir / WEIGHTS_NAME

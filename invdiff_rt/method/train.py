@@ -339,10 +339,10 @@ def _loop(accelerator, run: _Run, config: TrainConfig, start_step: int, stop_ste
 
 
 def check_finite_loss(loss: float, step: int) -> None:
-    """A diverged training stops before its next checkpoint (the last finite one stays for --resume)."""
+    """A diverged training stops at the step whose loss is not finite, before anything more is written."""
     if not math.isfinite(loss):
-        raise InvdiffError(f"train: the loss is {loss} at step {step + 1} (training diverged); lower --lr and rerun "
-                           "(--resume continues from the last checkpoint)")
+        raise InvdiffError(f"train: the loss is {loss} at step {step + 1} (training diverged); rerun with a lower "
+                           "--lr and without --resume (the checkpoint holds this --lr's steps)")
 
 
 def _save_run(accelerator, run: _Run, step: int) -> None:

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from ..artifacts import fingerprint_files, read_json
+from ..artifacts import fingerprint_dir, fingerprint_files, read_json
 from ..errors import InvdiffError
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "models"
@@ -82,6 +82,14 @@ def model_fingerprint(path: Path) -> str:
     files = [p for c in _COMPONENTS for p in (path / c).rglob("*") if p.is_file() and p.suffix in _HASHED
              and not any(part.startswith(".") for part in p.relative_to(path).parts)]
     return fingerprint_files(path, [p.relative_to(path) for p in files] + ["model_index.json"])
+
+
+def matches_model(recorded: str | None, path: Path | None, fingerprint: str | None = None) -> bool:
+    """Whether an artifact's recorded base fingerprint names the model in `path` (`fingerprint`: its own, when
+    known); artifacts made before 2026-12-06 name the whole folder's hash (the same for a folder of components)."""
+    if recorded == (fingerprint or model_fingerprint(path)):
+        return True
+    return path is not None and recorded == fingerprint_dir(path, suffixes=_HASHED, exclude=("invdiff_model.json",))
 
 
 @dataclass

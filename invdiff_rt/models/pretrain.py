@@ -55,11 +55,13 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
 
 
 _LENGTH_FLAG = {"vae": "--vae-steps", "unet": "--steps"}
+_DIVERGED_FIX = {"vae": "a longer --warmup, or check the images of --data (the VAE's learning rate is fixed)",
+                 "unet": "a lower --lr or a longer --warmup"}
 
 
 def _loop(name, total, start, step_fn, ckpt_fn, every, progress):
     """Run `step_fn(step) -> loss` from `start` to `total`, checkpointing every `every` steps; a non-finite loss
-    stops it before the next checkpoint (the last one on disk is finite)."""
+    stops it at that step, before anything more is written."""
     if start > total:
         raise InvdiffError(f"{_LENGTH_FLAG[name]} {total}: the {name} checkpoint is already at step {start}; pass "
                            f"{_LENGTH_FLAG[name]} {start} or more, or delete the .ckpt folder next to --out")
@@ -69,7 +71,7 @@ def _loop(name, total, start, step_fn, ckpt_fn, every, progress):
         loss = step_fn(step)
         if not math.isfinite(loss):
             raise InvdiffError(f"pretrain: the {name} loss is {loss} at step {step + 1} (training diverged); delete "
-                               "the .ckpt folder next to --out and rerun with a lower --lr or a longer --warmup")
+                               f"the .ckpt folder next to --out and rerun with {_DIVERGED_FIX[name]}")
         progress.update(task, advance=1, loss=loss)
         if not progress.console.is_terminal and (step + 1) % 50 == 0:
             rate = (step + 1 - start) / (time.time() - t0)
@@ -240,8 +242,8 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, cfg: PretrainConfig = Pr
             vae.register_to_config(scaling_factor=float(1.0 / raw.std()))
         scaling = float(vae.config.scaling_factor)
         if not math.isfinite(scaling):
-            raise InvdiffError(f"pretrain: the VAE's latent scaling is {scaling} (its latents do not vary); check "
-                               "the images of --data")
+            raise InvdiffError(f"pretrain: the VAE's latent scaling is {scaling} (its latents are constant or not "
+                               "finite); check the images of --data")
         ema_unet, ema_text, unet_from = train_unet(unet, text_encoder, tokenizer, raw * scaling, texts, cfg,
                                                    ckdir / "unet", progress, key)
     info = {

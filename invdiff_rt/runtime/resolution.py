@@ -136,13 +136,18 @@ def export_sizes(limits: SizeLimits, min_size: str | None = None, max_size: str 
 def requested_latent_shape(*, model=None, export=None, height: int | None = None,
                            width: int | None = None) -> tuple[int, int, int] | None:
     """Latent shape for `--height/--width` against an export folder or a model (name or folder), checked before
-    anything is loaded; None when neither is given (the runtime's default size)."""
-    if height is None and width is None:
-        return None
+    anything is loaded; None when neither is given (the runtime's default size: the model's), or the export's
+    default size where its range leaves the model's out."""
     if export is not None:
         from ..export.manifest import read_manifest
 
-        limits = limits_of_manifest(read_manifest(export, verify=False), export)
+        manifest = read_manifest(export, verify=False)
+        limits = limits_of_manifest(manifest, export)
+        if height is None and width is None:
+            shape = limits.latent_shape(limits.default)
+            return None if list(shape) == list(manifest.get("latent_shape", ())) else shape
+    elif height is None and width is None:
+        return None
     else:
         from ..models.loader import resolve_model
 
