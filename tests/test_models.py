@@ -146,6 +146,12 @@ def test_checkpoint_round_trip_restores_module_and_optimizer(tmp_path):
         n(x).sum().backward()
         o.step()
     assert torch.allclose(net.weight, net2.weight, atol=0, rtol=0)
+    before = (tmp_path / "ck" / "state.safetensors").read_bytes()
+    with torch.no_grad():
+        net.bias[0] = float("inf")  # overflowed by a step whose loss was still finite
+    with pytest.raises(InvdiffError, match=r"ck: weight net.bias is not finite at step 4 \(training diverged\)"):
+        save_checkpoint(tmp_path / "ck", {"net": net}, opt, step=4)
+    assert (tmp_path / "ck" / "state.safetensors").read_bytes() == before  # the last finite checkpoint stays
 
 
 def test_interrupted_checkpoint_save_leaves_the_previous_one(tmp_path, monkeypatch):

@@ -43,6 +43,10 @@ def save_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer: 
     """Write the folder `path` (state.safetensors + state.json) under a temporary name and rename it into place:
     a save killed half-way leaves the previous checkpoint intact."""
     tensors = {f"{name}.{k}": v for name, m in modules.items() for k, v in m.state_dict().items()}
+    bad = next((k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:  # a finite loss can still leave overflowed weights: never saved to resume from
+        raise InvdiffError(f"{path}: weight {bad} is not finite at step {step} (training diverged); lower the "
+                           "learning rate and start over (delete the checkpoint folder)")
     opt_tensors, opt_meta = _flatten_optimizer(optimizer)
     with atomic_dir(path) as tmp:
         atomic_save_safetensors({**tensors, **opt_tensors}, tmp / STATE)
