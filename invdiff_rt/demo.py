@@ -333,7 +333,7 @@ def bias_chart(path: Path, before: dict, after: dict) -> Path:
     ax.set_xticks(x, [p.split()[-1] for p in prompts])
     ax.set_ylabel("bias per prompt")
     ax.set_ylim(0, 1)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars: inside, it hid the last prompt's
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
