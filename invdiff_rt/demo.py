@@ -152,7 +152,9 @@ def _export(folder: Path, model, adapter_dir: str) -> dict:
 
     from .export.manifest import export_model
 
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    from .parallel import die_with_parent
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=die_with_parent) as pool:
         base = pool.submit(export_model, str(model.path), folder / "onnx-base", precision="fp32")
         out = export_model(model.path, folder / "onnx", adapter_dir=adapter_dir, precision="fp32")
         base_out = Path(base.result())

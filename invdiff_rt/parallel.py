@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections import deque
 from itertools import islice
 from typing import Callable, Iterable, Iterator, TypeVar
@@ -11,6 +12,16 @@ from typing import Callable, Iterable, Iterator, TypeVar
 import torch
 
 T = TypeVar("T")
+
+
+def die_with_parent() -> None:
+    """A worker process's initializer: on Linux the kernel kills it when its parent dies, so a `kill -9` of the
+    parent (`invdiff demo` in its export stage) leaves no orphan holding its memory."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 @contextlib.contextmanager

@@ -1,6 +1,9 @@
 """map_batches and map_ahead: order kept, exceptions surface, torch's thread setting restored, sequential on one
 thread (map_batches) or off the CPU."""
 
+import signal
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -81,3 +84,13 @@ def test_map_ahead_restores_threads_when_left_early_and_runs_in_the_caller_off_t
     assert torch.get_num_threads() == 2
     caller = threading.get_ident()
     assert list(map_ahead(lambda i: threading.get_ident() == caller, range(3), device="meta")) == [True] * 3
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_worker_dies_with_its_parent():
+    """`die_with_parent` (the demo's export worker initializer) asks the kernel to kill the process with its parent:
+    a `kill -9` of the demo left its spawned export worker orphaned, holding 0.7 GB."""
+    code = ("import ctypes; from invdiff_rt.parallel import die_with_parent; die_with_parent(); "
+            "v = ctypes.c_int(); ctypes.CDLL(None).prctl(2, ctypes.byref(v)); print(v.value)")  # PR_GET_PDEATHSIG
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert int(out) == signal.SIGKILL
