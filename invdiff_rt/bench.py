@@ -571,21 +571,32 @@ def resolve_sources(config: BenchConfig, tmp: Path) -> tuple[str, str]:
     if not (adapter and Path(adapter).is_dir()):
         raise InvdiffError(f"--export {config.export}: its adapter folder {adapter!r} is not on this machine; "
                            "pass --adapter ADAPTER_DIR")
-    check_own_sources(config, manifest, model, adapter)
     return model, adapter
 
 
-def check_own_sources(config: BenchConfig, manifest: dict, model: str, adapter: str) -> None:
+def checked_sources(config: BenchConfig, tmp: Path) -> tuple[tuple[str, str], dict]:
+    """`resolve_sources`' (model, adapter) and their `source_fingerprints`, hashed once: with `--export`, checked
+    against the ones it was made from."""
+    from .export.manifest import read_manifest
+
+    sources = resolve_sources(config, tmp)
+    fingerprints = source_fingerprints(config, *sources)
+    if config.export is not None:
+        check_own_sources(config, read_manifest(config.export, verify=False), sources, fingerprints)
+    return sources, fingerprints
+
+
+def check_own_sources(config: BenchConfig, manifest: dict, sources: tuple[str, str], fingerprints: dict) -> None:
     """The model and adapter eager and torch will time (`--model`/`--adapter`, else the ones the export records)
     are the ones `--export` was made from, which the engine backends time."""
-    from .method.adapter import adapter_fingerprint
     from .models.loader import matches_model
 
-    if adapter_fingerprint(adapter) != manifest["adapter"].get("fingerprint"):
+    model, adapter = sources
+    if fingerprints["adapter"] != manifest["adapter"].get("fingerprint"):
         raise InvdiffError(f"--adapter {adapter}: not the adapter --export {config.export} was made with; leave "
                            "--adapter out (the export's own is used) or re-export with it" if config.adapter else
                            f"--export {config.export}: its adapter {adapter} changed since the export; re-export")
-    if not matches_model(manifest.get("base_fingerprint"), Path(model)):
+    if not matches_model(manifest.get("base_fingerprint"), Path(model), fingerprints["model"]):
         raise InvdiffError(f"--model {config.model}: not the model --export {config.export} was made from; pass "
                            "that model or re-export" if config.model else
                            f"--export {config.export}: its base model {model} changed since the export; re-export")
@@ -605,7 +616,7 @@ def plan_jobs(config: BenchConfig, tmp: Path, log: Callable[[str], None],
               sources: tuple[str, str] | None = None) -> list[Job]:
     """One job per backend (with its base variant); exports what the engine backends need into `tmp`. `sources`:
     `resolve_sources`' (model, adapter) when already resolved."""
-    model, adapter = sources or resolve_sources(config, tmp)
+    model, adapter = sources or checked_sources(config, tmp)[0]
     exports = {}
     if any(b in ENGINE_BACKENDS for b in config.run_backends):
         exports["adapter"] = config.export or str(export_variant(model, adapter, tmp / "export_adapter", config))
@@ -728,7 +739,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = lambda s: None, 
 
     config.check()
     with tempfile.TemporaryDirectory(prefix="invdiff-bench-") as tmp:
-        sources = resolve_sources(config, Path(tmp))
+        sources, fingerprints = checked_sources(config, Path(tmp))
         jobs = plan_jobs(config, Path(tmp), log, sources)
         specs = {job.backend: (asdict(job), None) for job in jobs}
         model = next(j.model for j in jobs if j.model)
@@ -743,7 +754,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = lambda s: None, 
                 worker.close()
     records, peers = merge_records(results, kinds)
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "machine": artifacts.machine_info(),
-            "config": asdict(config), "sources": source_fingerprints(config, *sources), "records": records,
+            "config": asdict(config), "sources": fingerprints, "records": records,
             "peers": peers,
             "skipped_peers": {n: w.hello["skip"] for n, w in workers.items() if w.hello and "skip" in w.hello},
             "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

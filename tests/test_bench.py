@@ -173,10 +173,11 @@ def test_sources_name_what_an_export_alone_timed(tiny_model_dir, tmp_path):
     # the recorded sources are checked too: eager and torch would time another model than the engines
     changed = _fake_export(tmp_path / "changed", **{**recorded, "base_fingerprint": "c" * 64})
     with pytest.raises(InvdiffError, match=r"^--export .*changed: its base model .* changed since the export"):
-        bench.resolve_sources(bench.BenchConfig(["onnxruntime"], [1], export=changed), tmp_path)
+        bench.checked_sources(bench.BenchConfig(["onnxruntime"], [1], export=changed), tmp_path)
     fingerprints = bench.source_fingerprints(config, *sources)
     assert fingerprints["model"] == model_fingerprint(tiny_model_dir)
     assert fingerprints["adapter"] == adapter_fingerprint(adapter) and len(fingerprints["export"]) == 64
+    assert bench.checked_sources(config, tmp_path) == (sources, fingerprints)  # hashed once, checked, kept
 
 
 def test_an_export_is_checked_against_what_the_bench_asks(tiny_model_dir, tmp_path):
@@ -202,9 +203,9 @@ def test_an_export_is_checked_against_what_the_bench_asks(tiny_model_dir, tmp_pa
     assert bench.resolve_sources(ok, tmp_path) == (str(tiny_model_dir), adapter)
     other = str(bench.fresh_adapter(str(tiny_model_dir), tmp_path / "other", 1))
     with pytest.raises(InvdiffError, match="^--adapter .*other: not the adapter --export .* was made with"):
-        bench.resolve_sources(replace(ok, adapter=other), tmp_path)
+        bench.checked_sources(replace(ok, adapter=other), tmp_path)
     with pytest.raises(InvdiffError, match="^--model colored-digits: not the model --export"):
-        bench.resolve_sources(replace(ok, model="colored-digits"), tmp_path)
+        bench.checked_sources(replace(ok, model="colored-digits"), tmp_path)
     base = _fake_export(tmp_path / "base", precision="fp16", latent_shape=[4, 8, 8], image_size=32,
                         base_fingerprint=model_fingerprint(tiny_model_dir))
     with pytest.raises(InvdiffError, match="^--height/--width 64x64: outside the range of --base-export"):
