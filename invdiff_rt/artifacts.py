@@ -136,11 +136,22 @@ FOLDER_MARKERS = {"adapter": "adapter.json", "export": "manifest.json", "model":
                   "dataset": "dataset.json", "classifiers": "attribute"}
 
 
+def checkpoint_dir(out: str | Path) -> Path:
+    """Where `train` and `pretrain` keep the resumable checkpoint of the artifact `out`: OUT.ckpt, beside it."""
+    out = Path(out)
+    return out.with_name(out.name + ".ckpt")
+
+
+def holds_current_folder(path: str | Path) -> bool:
+    """`path` is the current folder or one above it (an output that deletes or replaces it would take the cwd)."""
+    return Path(path).resolve() in (Path.cwd(), *Path.cwd().parents)
+
+
 def check_replaceable(path: str | Path, marker: str, flag: str = "--out") -> None:
     """An artifact folder replaces `path` whole: refuse a folder that holds other files than such an artifact (no
     `marker`, the artifact's manifest), which would be deleted (`classifier train --out DATA` removed the dataset)."""
     path = Path(path)
-    if path.resolve() in (Path.cwd(), *Path.cwd().parents):
+    if holds_current_folder(path):
         raise InvdiffError(f"{flag} {path}: the output replaces the whole folder, and this one holds the current "
                            "folder; pass a new folder")
     if path.is_dir() and any(path.iterdir()) and not (path / marker).exists():

@@ -18,7 +18,8 @@ from typing import Callable
 from rich.console import Console
 from rich.table import Table
 
-from .artifacts import atomic_path, atomic_write_json, atomic_write_text, read_json, sha256_json
+from .artifacts import (atomic_path, atomic_write_json, atomic_write_text, holds_current_folder, read_json,
+                        sha256_json)
 from .errors import InvdiffError
 from .method.defaults import ADAPTER_STEPS, CALIBRATION_MIN_SAMPLES, CALIBRATION_PER_PROMPT
 
@@ -90,7 +91,7 @@ def check_demo_folder(out: str | Path, flag: str = "--out") -> None:
     """A rerun deletes the stage folders whose inputs changed: --out must be new, empty or a demo's (a folder of
     the user's with a `bench/` or `export/` in it lost them)."""
     out = Path(out)
-    if out.resolve() in (Path.cwd(), *Path.cwd().parents):
+    if holds_current_folder(out):
         raise InvdiffError(f"{flag} {out}: holds the current folder, whose files a rerun could delete; pass a new "
                            "folder (default runs/demo)")
     legacy = (out / "data" / "stage.json").is_file()  # a demo folder from before the marker

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from .artifacts import FOLDER_MARKERS, check_replaceable
+from .artifacts import FOLDER_MARKERS, check_replaceable, checkpoint_dir
 from .errors import InvdiffError
 
 INPUT_KINDS = ("dir", "file", "prefix", "model")  # must exist
@@ -300,8 +300,12 @@ def _default_rule(kind: type) -> Rule:
 
 
 def output_params(command: str, func) -> list[Param]:
-    return [p for p in params(func) if p.type is Path and (rule_for(command, p).path in OUTPUT_KINDS
-                                                           or rule_for(command, p).lock)]
+    return [p for p in params(func) if p.type is Path and _writes(rule_for(command, p))]
+
+
+def _writes(rule: Rule) -> bool:
+    """An output, or an input the command updates in place: locked while the command runs."""
+    return rule.path in OUTPUT_KINDS or rule.lock
 
 
 # ---------------------------------------------------------------- the checks
@@ -523,7 +527,7 @@ def _train_combos(values: dict[str, Any]) -> None:
 def _check_checkpoint_folder(values: dict[str, Any]) -> None:
     """`train` and `pretrain` keep their checkpoint in OUT.ckpt, next to --out: it must not be a file."""
     out = values.get("out")
-    ckpt = None if out is None else Path(out).with_name(Path(out).name + ".ckpt")
+    ckpt = None if out is None else checkpoint_dir(out)
     if ckpt is not None and ckpt.exists() and not ckpt.is_dir():
         raise InvdiffError(f"--out {out}: {ckpt} (its checkpoint folder) is a file; move it away or pass another "
                            "--out")
@@ -546,9 +550,10 @@ def _groups_combos(values: dict[str, Any]) -> None:
     if values.get("oracle_groups_from") and n_groups is not None:
         raise InvdiffError(f"--groups {n_groups}: oracle groups are the hidden columns' (one group per combination "
                            "of values that occurs); drop --groups")
-    if recipe == "paper" and _invdiff_rt_only(values):
-        raise InvdiffError(f"{', '.join(_invdiff_rt_only(values))}: only for --recipe invdiff-rt (paper draws one "
-                           "uniform t and fits soft groups); drop the flag")
+    ignored = _invdiff_rt_only(values) if recipe == "paper" else []
+    if ignored:
+        raise InvdiffError(f"{', '.join(ignored)}: only for --recipe invdiff-rt (paper draws one uniform t and fits "
+                           "soft groups); drop the flag")
 
 
 def _invdiff_rt_only(values: dict[str, Any]) -> list[str]:

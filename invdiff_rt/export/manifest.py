@@ -159,9 +159,10 @@ def check_structure(manifest: dict, path: Path) -> None:
             raise ValueError(f"format_version {manifest.get('format_version')!r}, this invdiff-rt reads "
                              f"{FORMAT_VERSION}")
         for entry in manifest["components"].values():
+            spec = ExportSpec.from_json(entry["spec"]) if "spec" in entry or "profile" not in entry else None
             if "profile" not in entry:  # a spec-less entry records its profile (older builds' layout)
-                [int(d) for shapes in ExportSpec.from_json(entry["spec"]).profile().values() for s in shapes for d in s]
-            if "spec" in entry and len(ExportSpec.from_json(entry["spec"]).sizes or (0, 0, 0)) != 3:
+                [int(d) for shapes in spec.profile().values() for s in shapes for d in s]
+            if spec is not None and len(spec.sizes or (0, 0, 0)) != 3:
                 raise ValueError("spec.sizes must be (min, opt, max)")
         if any(not isinstance(v, str) for v in dict(manifest.get("refit_map") or {}).values()):
             raise ValueError("refit_map values must be initializer names")

@@ -208,10 +208,6 @@ def _step_loss(adapter, batch: Batch, eps_base: torch.Tensor | None, lam: float,
 # ------------------------------------------------------------------------------------------- checkpoints
 
 
-def checkpoint_dir(out_dir: Path) -> Path:
-    return out_dir.with_name(out_dir.name + ".ckpt")
-
-
 _NOT_IN_KEY = ("resume", "show_progress", "checkpoint_every", "calibrate", "calibrate_scales", "calibrate_per_prompt",
                "calibrate_min_samples")  # they do not change the steps: a resume may change them
 
@@ -432,7 +428,7 @@ def train_adapter(model, data_dir: str | Path, groups: GroupsResult | None, out_
     torch.manual_seed(config.seed)
     adapter = GuidanceAdapter(config_for_unet(unet, use_eps_base=config.eps_base_input))
     optimizer, lr_scheduler = _make_optimizer(adapter, config)
-    key, ckpt = _run_key(config, meta, accelerator.num_processes), checkpoint_dir(out_dir)
+    key, ckpt = _run_key(config, meta, accelerator.num_processes), artifacts.checkpoint_dir(out_dir)
     keys = (key, _run_key(config, meta, None))
     start_step, split_test = (load_checkpoint(ckpt, keys, adapter, optimizer, lr_scheduler) if config.resume
                               else (0, None))

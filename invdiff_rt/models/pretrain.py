@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .. import artifacts
 from ..artifacts import package_versions, read_json
 from ..data.folder import data_fingerprint, load_images, read_split
 from ..errors import InvdiffError
@@ -233,7 +234,7 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, cfg: PretrainConfig = Pr
     images = load_images(records, size=arch.image_size)
     data_fp = data_fingerprint(data_dir, "train")
     key = run_key(cfg, arch, data_fp, init_fp)
-    ckdir = Path(checkpoint_dir or f"{out_dir}.ckpt")
+    ckdir = Path(checkpoint_dir or artifacts.checkpoint_dir(out_dir))
     ckdir.mkdir(parents=True, exist_ok=True)
     with _progress() as progress:
         vae_from = None if init_from is not None else train_vae(vae, images, cfg, ckdir / "vae", progress, key)

@@ -62,7 +62,7 @@ def limits_of_manifest(manifest: dict, export_dir: str | Path = "") -> SizeLimit
         return SizeLimits(channels, factor, factor, default, default, default, f"--export {export_dir}")
     default = (h * spec.downsample, w * spec.downsample)
     lo, hi = spec.size_range
-    if not (_le(lo, default) and _le(default, hi)):  # exported for other sizes than the model's: its opt size
+    if not _within(default, lo, hi):  # exported for other sizes than the model's: its opt size
         default = tuple(spec.sizes[1])
     return SizeLimits(channels, spec.downsample, spec.multiple, default, lo, hi, f"--export {export_dir}")
 
@@ -76,11 +76,15 @@ def check_size(limits: SizeLimits, height: int | None = None, width: int | None 
         raise InvdiffError(f"{text}: not a multiple of {limits.multiple} (VAE factor "
                            f"{limits.downsample} x UNet {limits.multiple // limits.downsample}); pass multiples of "
                            f"{limits.multiple}, e.g. {limits.default[0]}x{limits.default[1]}")
-    if limits.min is not None and not (_le(limits.min, size) and _le(size, limits.max)):
+    if limits.min is not None and not _within(size, limits.min, limits.max):
         raise InvdiffError(f"{text}: outside the range of {limits.source} "
                            f"({_fmt(limits.min)} to {_fmt(limits.max)}); pick a size in range or re-export with "
                            f"--min-size/--max-size covering it")
     return size
+
+
+def _within(size: Size, lo: Size, hi: Size) -> bool:
+    return _le(lo, size) and _le(size, hi)
 
 
 def _le(a: Size, b: Size) -> bool:
@@ -125,7 +129,7 @@ def export_sizes(limits: SizeLimits, min_size: str | None = None, max_size: str 
                 check_size(limits, *size, flag=flag)  # a given bound, under its own flag
         lo = lo or (min(hi[0], limits.default[0]), min(hi[1], limits.default[1]))
         hi = hi or (max(lo[0], limits.default[0]), max(lo[1], limits.default[1]))
-        opt = limits.default if _le(lo, limits.default) and _le(limits.default, hi) else lo
+        opt = limits.default if _within(limits.default, lo, hi) else lo
     else:
         return None
     if not _le(lo, hi):

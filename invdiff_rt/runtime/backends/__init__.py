@@ -98,7 +98,7 @@ def load_runtime(backend: str, *, model=None, adapter=None, export_dir=None, pre
         from .openvino_backend import OvRuntime
 
         return OvRuntime(export_dir, threads=threads, precision=precision)
-    if backend == "onnxruntime-cuda" and not (_cuda() and _ort_cuda()):
+    if backend == "onnxruntime-cuda" and not is_available(backend):
         raise InvdiffError("--backend onnxruntime-cuda: needs a CUDA GPU and the onnxruntime-gpu package (pip install "
                            "'invdiff-rt[gpu]'); use --backend onnxruntime on this machine")
     if backend in ("onnxruntime", "onnxruntime-cuda"):
