@@ -135,7 +135,8 @@ def _fake_export(path, **fields):
     from invdiff_rt.export.manifest import FORMAT, MANIFEST_NAME
 
     manifest = {"format": FORMAT, "files": {}, "adapter": None, "base_fingerprint": "b" * 64, "cfg": True,
-                "precision": "fp32", "max_batch": 32, "components": _fake_components(), **fields}
+                "precision": "fp32", "max_batch": 32, "components": _fake_components(), "latent_shape": [4, 8, 8],
+                "scheduler_config": {}, **fields}
     path.mkdir()
     (path / MANIFEST_NAME).write_text(json.dumps(manifest))
     return str(path)

@@ -249,7 +249,9 @@ def _export_manifest(path: Path, adapter) -> Path:
     from invdiff_rt.export.manifest import FORMAT, MANIFEST_NAME
 
     path.mkdir()
-    (path / MANIFEST_NAME).write_text(json.dumps({"format": FORMAT, "components": {}, "adapter": adapter}))
+    (path / MANIFEST_NAME).write_text(json.dumps({"format": FORMAT, "components": {"denoiser": {"profile": {}}},
+                                                       "latent_shape": [4, 8, 8], "scheduler_config": {},
+                                                       "adapter": adapter}))
     return path
 
 

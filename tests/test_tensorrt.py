@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 GPU = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
 PROFILE = {"sample": ((1, 4, 8, 8), (2, 4, 8, 8), (8, 4, 8, 8)), "encoder_hidden_states": ((2, 8, 16), (4, 8, 16),
                                                                                             (16, 8, 16))}
+RUNTIME_FIELDS = {"latent_shape": [4, 8, 8], "scheduler_config": {}}  # what every export manifest records
 
 
 def _ingredients(**overrides):
@@ -351,7 +352,8 @@ def test_require_tensorrt_message_names_the_command():
 def test_export_manifest_errors_are_one_line(tmp_path):
     with pytest.raises(InvdiffError, match="--onnx .*not an export folder"):
         te.export_components(tmp_path / "missing")
-    good = {"format": FORMAT, "components": {"denoiser": {"file": "denoiser.onnx", "profile": PROFILE}}}
+    good = {"format": FORMAT, "components": {"denoiser": {"file": "denoiser.onnx", "profile": PROFILE}},
+            **RUNTIME_FIELDS}
     spec = _denoiser_spec().to_json()
     for bad, what in (({"components": good["components"]}, "not an invdiff-rt export manifest"),
                       ({**good, "components": {"denoiser": {}}}, "malformed \\(KeyError: 'spec'\\)"),
@@ -359,6 +361,10 @@ def test_export_manifest_errors_are_one_line(tmp_path):
                       ({**good, "components": {"denoiser": {"spec": {**spec, "max_batch": "two"}}}}, "malformed"),
                       ({**good, "refit_map": ["a"]}, "malformed \\(ValueError"),
                       ({**good, "latent_shape": "4x8x8"}, "malformed \\(ValueError"),
+                      ({**good, "components": {"vae": good["components"]["denoiser"]}},
+                       "malformed \\(KeyError: 'denoiser'"),
+                      *(({k: v for k, v in good.items() if k != key}, f"malformed \\(KeyError: '{key}'")
+                        for key in RUNTIME_FIELDS),
                       ({**good, "format_version": 2},
                        "malformed \\(ValueError: format_version 2, this invdiff-rt reads 1"),
                       ({**good, "components": {"denoiser": {"spec": {**spec, "sizes": [[32, 32], [64, 64]]}}}},
@@ -488,7 +494,8 @@ def _fake_export(tmp_path: Path, adapter_onnx, base: str = "base-fp"):
         "format": FORMAT, "components": {"denoiser": {"file": "denoiser.onnx", "sha256": artifacts.sha256_file(path),
                                     "profile": PROFILE}},
         "refit_map": mapping, "adapter": {"config": config, "base_fingerprint": base,
-                                          "fingerprint": adapter_fingerprint(tmp_path / "adapter_a")}})
+                                          "fingerprint": adapter_fingerprint(tmp_path / "adapter_a")},
+        **RUNTIME_FIELDS})
     ingredients = _ingredients(onnx_hash=te.onnx_sha256(export / "denoiser.onnx"),
                                refit_weights=tuple(mapping.values()))
     plan = _fake_plan(tmp_path / "engines", ingredients)
@@ -604,7 +611,7 @@ def test_build_plan_keys_name_this_machines_tensorrt_and_gpu_or_say_they_are_pla
     export.mkdir()
     shutil.copy(path, export / "denoiser.onnx")
     artifacts.atomic_write_json(export / "manifest.json", {"format": FORMAT, "components": {"denoiser": {
-        "file": "denoiser.onnx", "sha256": artifacts.sha256_file(path), "profile": PROFILE}}})
+        "file": "denoiser.onnx", "sha256": artifacts.sha256_file(path), "profile": PROFILE}}, **RUNTIME_FIELDS})
     options = te.BuildOptions()
     monkeypatch.setattr(te, "_installed_tensorrt", lambda: None)
     monkeypatch.setattr(te, "_has_cuda", lambda: False)

@@ -152,8 +152,9 @@ def read_manifest(export_dir: str | Path, verify: bool = True) -> dict[str, Any]
 
 
 def check_structure(manifest: dict, path: Path) -> None:
-    """The fields every reader indexes (component specs, refit map, latent shape) are there and well formed: a
-    hand-edited manifest fails here in one line, not with a KeyError deep inside a backend."""
+    """The fields every reader indexes (the denoiser and every component's spec, refit map, latent shape, scheduler
+    config) are there and well formed: a hand-edited manifest fails here in one line, not with a KeyError deep inside
+    a backend. Every export since the first format has written all of them."""
     try:
         if manifest.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
             raise ValueError(f"format_version {manifest.get('format_version')!r}, this invdiff-rt reads "
@@ -166,9 +167,10 @@ def check_structure(manifest: dict, path: Path) -> None:
                 raise ValueError("spec.sizes must be (min, opt, max)")
         if any(not isinstance(v, str) for v in dict(manifest.get("refit_map") or {}).values()):
             raise ValueError("refit_map values must be initializer names")
-        if len([int(d) for d in manifest.get("latent_shape", (0, 0, 0))]) != 3:
+        manifest["components"]["denoiser"]
+        if len([int(d) for d in manifest["latent_shape"]]) != 3:
             raise ValueError("latent_shape must be (C, h, w)")
-        dict(manifest.get("scheduler_config", {}))
+        dict(manifest["scheduler_config"])
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
         raise InvdiffError(f"{path}: malformed ({type(e).__name__}: {e}); re-run `invdiff export`") from None
 
