@@ -226,9 +226,13 @@ def parse_list(text: str, flag: str, cast: Callable[[str], Any] = str) -> list:
     """'1,8, 32' -> [1, 8, 32]; one-line error naming the flag on a bad item."""
     items = [s.strip() for s in text.split(",") if s.strip()]
     try:
-        return [cast(s) for s in items]
+        values = [cast(s) for s in items]
     except ValueError:
         raise InvdiffError(f"{flag} {text}: not a comma-separated list of {cast.__name__}") from None
+    if len(set(values)) < len(values):  # a repeat would be timed twice a round, its spread over 2x the rounds
+        raise InvdiffError(f"{flag} {text}: names {next(v for v in values if values.count(v) > 1)} twice; "
+                           "list each once")
+    return values
 
 
 @dataclass

@@ -330,8 +330,21 @@ def check_command(command: str, func, values: dict[str, Any]) -> None:
         rule = rule_for(command, param)
         for item in (value if param.multiple else [value]):
             check_value(param, rule, item)
+    _check_distinct_outputs(command, func, values)
     for combo in COMBOS.get(command, ()):
         combo(values)
+
+
+def _check_distinct_outputs(command: str, func, values: dict[str, Any]) -> None:
+    """Two output flags naming one path would overwrite each other (and the second lock blamed another process)."""
+    seen: dict[Path, str] = {}
+    for param in output_params(command, func):
+        if values.get(param.name) is not None:
+            path = Path(values[param.name]).resolve()
+            if path in seen:
+                raise InvdiffError(f"{param.flag} {values[param.name]}: the same path as {seen[path]}; "
+                                   "pass another path")
+            seen[path] = param.flag
 
 
 def check_value(param: Param, rule: Rule, value: Any) -> None:

@@ -107,6 +107,8 @@ def test_parse_list_and_config_errors_are_one_line():
     assert bench.parse_list("1, 8,32", "--batch-sizes", int) == [1, 8, 32]
     with pytest.raises(InvdiffError, match="--batch-sizes"):
         bench.parse_list("1,x", "--batch-sizes", int)
+    with pytest.raises(InvdiffError, match="^--batch-sizes 1,8,1: names 1 twice; list each once$"):
+        bench.parse_list("1,8,1", "--batch-sizes", int)  # was timed twice a round, with spreads over 2x the rounds
     bad = [dict(backends=["tvm"]), dict(batch_sizes=[0]), dict(repeats=0), dict(model=None), dict(threads=0),
            dict(scheduler="pndm"), dict(precision="int8"), dict(precision="bf16")]
     for overrides in bad:

@@ -217,6 +217,16 @@ def test_second_generate_on_the_same_out_refuses_while_the_first_runs(tiny_model
     assert not out.exists()
 
 
+@pytest.mark.parametrize("second", ["OUT/b.png", "OUT/../out/b.png"])
+def test_two_outputs_naming_one_path_are_refused(tmp_path, monkeypatch, capsys, second):
+    """`bench --json X --plot X` blamed 'another invdiff process' (its own --json's lock)."""
+    out = tmp_path / "out"
+    code, err = _cli(monkeypatch, capsys, "bench", "--model", "colored-digits", "--json", f"{out}/b.png",
+                     "--plot", second.replace("OUT", str(out)))
+    assert code == 2 and f"--plot {second.replace('OUT', str(out))}: the same path as --json; pass another" in err
+    assert not out.exists()
+
+
 def test_lock_is_held_across_processes_and_released(tmp_path):
     out = tmp_path / "out"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom invdiff_rt.artifacts import output_lock\n"
