@@ -265,6 +265,16 @@ def job_device(precision: str):
     return device, dtype
 
 
+def job_precision(job: Job) -> str:
+    """The precision a job's rows really run: an engine backend the export's (bf16: openvino's compile option on
+    an fp32 export), eager and torch fp16 only on a CUDA device (fp32 on a CPU whatever --precision says)."""
+    import torch
+
+    if job.backend in ENGINE_BACKENDS:
+        return job.config["precision"]
+    return "fp16" if job_device(job.config["precision"])[1] == torch.float16 else "fp32"
+
+
 def load_job_runtime(job: Job):
     """The runtime a job times: eager/torch from the model (+adapter), engine backends from the export folder."""
     from .runtime.backends import is_available, load_runtime
@@ -357,7 +367,7 @@ class BackendServer:
         self.seen: set[int] = set()
 
     def hello(self) -> dict:
-        return {"backend": self.job.backend, "torch_threads": _torch_threads()}
+        return {"backend": self.job.backend, "torch_threads": _torch_threads(), "precision": job_precision(self.job)}
 
     def own_peaks(self) -> dict[int, tuple]:
         """{batch: (host MB, device MB)} peaks of the adapter runtime alone, read after one end-to-end image per
@@ -757,6 +767,8 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = lambda s: None, 
             for worker in workers.values():
                 worker.close()
     records, peers = merge_records(results, kinds)
+    for record in records:  # what each row ran: --precision fp16 leaves a CPU's eager and torch rows at fp32
+        record["precision"] = workers[record["backend"]].hello.get("precision")
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "machine": artifacts.machine_info(),
             "config": asdict(config), "sources": fingerprints, "records": records,
             "peers": peers,
@@ -820,12 +832,18 @@ def table(result: dict):
     rows = sorted(result["records"] + result.get("peers", []), key=lambda r: (r["batch_size"], _order(r)))
     for r in rows:
         ours = "peer" not in r
-        t.add_row(r["backend"], str(r["batch_size"]), _fmt(r.get("step_ms_p50")),
+        t.add_row(_backend_label(r, config["precision"]), str(r["batch_size"]), _fmt(r.get("step_ms_p50")),
                   _fmt(r["e2e_ms_p50"] / r["batch_size"]), _fmt(r["images_per_s"], ".3g"),
                   _fmt(r["peak_mem_mb"], ".0f"), _spread(r.get("e2e_speedup_vs_eager")) if ours else "-",
                   _spread(r.get("vs_best_peer")), _spread(r.get("base_vs_best_peer")),
                   _spread(r.get("adapter_overhead_spread")), _spread(r.get("e2e_adapter_overhead")))
     return t
+
+
+def _backend_label(record: dict, precision: str) -> str:
+    """The row's backend, with its precision where it ran another than the title's."""
+    ran = record.get("precision")
+    return record["backend"] if ran in (None, precision) else f"{record['backend']} ({ran})"
 
 
 def _order(record: dict) -> int:

@@ -238,6 +238,22 @@ def test_bf16_bench_times_openvino_on_fp32_exports(tmp_path):
         bench.BenchConfig(["onnxruntime", "openvino"], [1], model="m", precision="bf16").check()
 
 
+def test_rows_record_the_precision_they_ran(monkeypatch):
+    """`--precision fp16` on a CPU timed eager and torch at fp32 under a title and a config that said fp16."""
+    import torch
+
+    fp16, bf16 = {"precision": "fp16"}, {"precision": "bf16"}
+    ran = {(b, c["precision"]): bench.job_precision(bench.Job(b, c)) for b in ("eager", "torch", "onnxruntime",
+                                                                             "openvino") for c in (fp16, bf16)}
+    assert ran == {("eager", "fp16"): "fp32", ("torch", "fp16"): "fp32", ("onnxruntime", "fp16"): "fp16",
+                   ("openvino", "fp16"): "fp16", ("eager", "bf16"): "fp32", ("torch", "bf16"): "fp32",
+                   ("onnxruntime", "bf16"): "bf16", ("openvino", "bf16"): "bf16"}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert bench.job_precision(bench.Job("torch", fp16)) == bench.job_precision(bench.Job("eager", fp16)) == "fp16"
+    assert [bench._backend_label({"backend": "eager", "precision": p}, "fp16") for p in ("fp16", "fp32", None)] \
+        == ["eager", "eager (fp32)", "eager"]
+
+
 def _check_schema(result):
     assert result["format"] == bench.FORMAT and result["machine"]["cores"] >= 1 and "versions" in result["machine"]
     records = result["records"]
@@ -269,7 +285,7 @@ def test_smoke_in_process_torch(tiny_model_dir, tmp_path):
                                rounds=2)
     result = bench.run_bench(config, isolate=False)
     by = _check_schema(result)
-    assert set(by) == {("eager", 1), ("torch", 1)}
+    assert set(by) == {("eager", 1), ("torch", 1)} and {r["precision"] for r in result["records"]} == {"fp32"}
     assert result["sources"]["adapter"] == "fresh" and len(result["sources"]["model"]) == 64
     path = bench.write_json(result, tmp_path / "bench.json")
     assert json.loads(path.read_text())["records"] == json.loads(json.dumps(result["records"]))
