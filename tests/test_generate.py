@@ -314,6 +314,23 @@ def test_cli_bad_prompts_file_is_one_line_error(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_prompts_with_words_the_model_does_not_know_are_refused(tmp_path, monkeypatch, capsys):
+    """The built-in models' word-level tokenizer read "a zebra" and "a giraffe" as one unknown token: generate wrote
+    the same images under both names (exit 0), where eval, pretrain and training refuse such captions."""
+    from invdiff_rt import cli
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["invdiff", "generate", "--model", "colored-digits", "--prompt", "a zebra",
+                                      "--prompt", "a photo of the digit 3", "--num", "1", "--out", str(out)])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and not out.exists()
+    assert err == ("error: --prompt/--prompts: the model's tokenizer does not know the words of ['a zebra'] (read as "
+                   "one unknown token, such prompts cannot be told apart); use the words of the captions the model "
+                   "was trained on")
+
+
 # ---------------------------------------------------------------- processes
 
 @pytest.mark.slow

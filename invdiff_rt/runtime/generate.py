@@ -304,6 +304,7 @@ def run_generation(runtime, prompts: Sequence[str], out_dir: str | Path, *, num:
     env_rank, env_world = dist_env()
     rank, world_size = env_rank if rank is None else rank, env_world if world_size is None else world_size
     backend = backend or getattr(runtime, "name", None) or "torch"
+    _check_prompt_words(runtime, prompts)
     jobs = plan_jobs(prompts, num)
     mine = shard(jobs, rank, world_size)
     settings = make_settings(seed=seed, steps=steps, guidance_scale=guidance_scale, adapter_weight=adapter_weight,
@@ -436,6 +437,16 @@ def _save(job: Job, image, out_dir: Path, part: Path, settings: dict) -> None:
     path = atomic_save_image(Image.fromarray(image), out_dir / job.file)
     append_jsonl(part, {"prompt": job.prompt, "seed": settings["seed"], "index": job.index, "file": job.file,
                         "sha256": sha256_file(path), "backend": settings["backend"], "settings": settings})
+
+
+def _check_prompt_words(runtime, prompts: Sequence[str]) -> None:
+    """A word-level tokenizer (the built-in models') reads an unknown word as one token: "a zebra" and "a giraffe"
+    would be the same images under two names. CLIP's tokenizer knows every word."""
+    from ..models.loader import check_known_words
+
+    if getattr(runtime, "tokenizer", None) is not None:
+        check_known_words(runtime.tokenizer, prompts, "--prompt/--prompts",
+                          "use the words of the captions the model was trained on")
 
 
 def _progress_bar(enabled: bool):

@@ -22,6 +22,7 @@ class TorchRuntime:
         self.adapter_from_t = getattr(adapter, "from_t", None)  # sampling.step_weight
         self.latent_shape = model.latent_shape
         self.scheduler_config = model.scheduler_config
+        self.tokenizer = model.tokenizer
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self._graphs: dict = {}
         if self.device.type == "cuda":
