@@ -478,9 +478,22 @@ def _generate_combos(values: dict[str, Any]) -> None:
         raise InvdiffError("--model/--export: pass exactly one (a model folder, or an export folder)")
     from .runtime.generate import check_export_adapter
 
+    _check_backend_source(values.get("backend", "auto"), values.get("export"))
     check_export_adapter(values.get("adapter"), values.get("export"), values.get("backend", "auto"))
     _check_weight_has_adapter(values, values.get("export"))
     _check_precision(values.get("precision", "fp32"), values.get("backend", "auto"), values.get("export"))
+
+
+def _check_backend_source(backend: str, export) -> None:
+    """An engine backend runs an export folder, torch the model folder (before the model is loaded: minutes at SD
+    scale); the error names the swap, since --model and --export are exclusive."""
+    from .runtime.backends import NEEDS_EXPORT
+
+    if backend in NEEDS_EXPORT and export is None:
+        raise InvdiffError(f"--backend {backend}: runs an export folder; pass --export DIR instead of --model "
+                           "(`invdiff export --model M --out DIR` makes one)")
+    if backend in ("torch", "torch-cuda") and export is not None:
+        raise InvdiffError(f"--backend {backend}: runs the model folder; pass --model instead of --export")
 
 
 def _export_has_adapter(export) -> bool:

@@ -394,6 +394,10 @@ def test_usage_errors_of_either_click_copy_are_one_line(module, monkeypatch, cap
       "--per-prompt", "2", "--seed", "0", "--adapter-weight", "2"], "--adapter-weight"),
     (["data", "make", "colored-digits", "--out", "d", "--n-train", "10"], "--n-train"),
     (["generate", "--model", "colored-digits", "--export", ".", "--prompt", "x", "--out", "o"], "--model/--export"),
+    (["generate", "--model", "colored-digits", "--backend", "openvino", "--prompt", "x", "--out", "o"],
+     "--backend openvino: runs an export folder; pass --export DIR instead of --model"),
+    (["generate", "--export", ".", "--backend", "torch", "--prompt", "x", "--out", "o"],
+     "--backend torch: runs the model folder; pass --model instead of --export"),
 ])
 def test_combinations_that_do_not_apply_are_refused(tmp_path, monkeypatch, capsys, argv, flag):
     (tmp_path / "p.json").write_text("{}")
