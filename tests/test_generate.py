@@ -314,6 +314,35 @@ def test_cli_bad_prompts_file_is_one_line_error(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_overwrite_that_fails_before_its_first_image_puts_the_finished_run_back(loaded, tmp_path, monkeypatch):
+    """A failed --overwrite with other settings deleted the finished run's manifest and left run.json holding the
+    failed settings: the original command was then refused ("other settings") and --overwrite remade every image."""
+    out = tmp_path / "out"
+    _run(loaded, out, num=2)
+    before = _files(out)
+    monkeypatch.setenv("INVDIFF_FORCE_NAN_STEP", "1")
+    with pytest.raises(InvdiffError, match="non-finite"):
+        _run(loaded, out, num=2, steps=3, overwrite=True)
+    monkeypatch.delenv("INVDIFF_FORCE_NAN_STEP")
+    assert _files(out) == before
+    again = _run(loaded, out, num=2)
+    assert (again.written, again.skipped) == (0, 4)
+
+
+def test_an_overwrite_with_other_settings_removes_the_replaced_runs_images_and_grids(loaded, tmp_path):
+    """--overwrite left the earlier run's grids (stale under --no-grid) and the images it did not make again (a
+    smaller --num) beside the new ones, listed in no manifest: a folder of two settings."""
+    out = tmp_path / "out"
+    _run(loaded, out, num=3)
+    assert len(list(out.rglob(gen.GRID))) == 2 and len(list(out.rglob("*.png"))) == 8
+    kept_same = _run(loaded, out, num=1, overwrite=True)  # same settings: nothing is replaced
+    assert len(list(out.rglob("*.png"))) == 8 and kept_same.written == 0
+    redone = _run(loaded, out, num=1, seed=4, overwrite=True, grid=False)
+    listed = sorted(r["file"] for r in read_jsonl(out / gen.MANIFEST))
+    assert redone.written == 2 and sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == listed
+    assert len(listed) == 2 and not list(out.rglob(gen.GRID))
+
+
 def test_prompts_with_words_the_model_does_not_know_are_refused(tmp_path, monkeypatch, capsys):
     """The built-in models' word-level tokenizer read "a zebra" and "a giraffe" as one unknown token: generate wrote
     the same images under both names (exit 0), where eval, pretrain and training refuse such captions."""

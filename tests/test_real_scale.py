@@ -179,7 +179,7 @@ def test_generate_non_square_from_dynamic_export(dynamic_export, tmp_path):
 
     from invdiff_rt.runtime.generate import generate
 
-    generate(["a red circle"], tmp_path, export=dynamic_export, backend="onnxruntime", num=2, steps=3,
+    generate(["a photo of the digit 1"], tmp_path, export=dynamic_export, backend="onnxruntime", num=2, steps=3,
              height=48, width=32, grid=False, progress=False)
     pngs = sorted(tmp_path.rglob("0000*.png"))
     assert len(pngs) == 2 and np.asarray(Image.open(pngs[0])).shape == (48, 32, 3)
@@ -230,7 +230,7 @@ def test_size_errors_before_any_work(tmp_path, tiny_model_dir):
     from invdiff_rt.cli import app
 
     export, out = _fake_export(tmp_path / "export"), tmp_path / "images"
-    base = ["generate", "--prompt", "a red circle", "--num", "1", "--out", str(out)]
+    base = ["generate", "--prompt", "a photo of the digit 1", "--num", "1", "--out", str(out)]
     for args, message in ((["--export", str(export), "--height", "96", "--width", "32"],
                            "--height/--width 96x32: outside the range of --export"),
                           (["--export", str(export), "--height", "40"], "--height/--width 40x32: not a multiple of 16"),
@@ -250,7 +250,7 @@ def test_forced_nan_exit_2_one_line_no_png(tiny_model_dir, tmp_path, monkeypatch
     out = tmp_path / "new" / "images"  # its parent is made for the run too
     monkeypatch.setenv("INVDIFF_FORCE_NAN_STEP", "2")
     monkeypatch.setattr(sys, "argv", ["invdiff", "generate", "--model", str(tiny_model_dir), "--prompt",
-                                      "a red circle", "--num", "2", "--out", str(out), "--steps", "3",
+                                      "a photo of the digit 1", "--num", "2", "--out", str(out), "--steps", "3",
                                       "--backend", "torch"])
     with pytest.raises(SystemExit) as exit_info:
         cli.main()

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from ..artifacts import (append_jsonl, atomic_save_image, atomic_write_json, atomic_write_text, package_versions,
-                         read_json, read_jsonl, sha256_bytes, sha256_file)
+from ..artifacts import (append_jsonl, atomic_save_image, atomic_write_bytes, atomic_write_json, atomic_write_text,
+                         package_versions, read_json, read_jsonl, sha256_bytes, sha256_file)
 from ..errors import InvdiffError
 
 MANIFEST = "manifest.jsonl"
@@ -314,8 +314,10 @@ def run_generation(runtime, prompts: Sequence[str], out_dir: str | Path, *, num:
     check_own_folder(out_dir)
     made = [p for p in (*reversed(out_dir.parents), out_dir, out_dir / RUN_FILE) if not p.exists()]
     out_dir.mkdir(parents=True, exist_ok=True)
-    changed = check_run_file(out_dir, settings, overwrite)
     part = out_dir / part_name(rank, world_size)
+    kept = _replaceable(out_dir, part) if overwrite else {}
+    changed = check_run_file(out_dir, settings, overwrite)
+    kept = kept if changed else {}
     _prepare_part(out_dir, part, changed)
     remove_stale_tmp(out_dir, _owned_files(jobs, mine, world_size))
     todo = pending(mine, out_dir, settings)
@@ -324,11 +326,11 @@ def run_generation(runtime, prompts: Sequence[str], out_dir: str | Path, *, num:
         _generate(runtime, todo, out_dir, part, settings, batch_size, progress, f"rank {rank}/{world_size}")
     except InvdiffError:  # e.g. non-finite values at the first batch: a fresh folder is left as it was found
         if world_size == 1:
-            _undo_empty_run(made, part)
+            _undo_empty_run(made, part, kept)
         raise
     seconds = time.perf_counter() - start
     result = GenerationResult(out_dir, len(todo), len(mine) - len(todo), seconds, backend, rank, world_size)
-    _finish(result, jobs, settings, grid)
+    _finish(result, jobs, settings, grid, _listed_files(kept))
     return result
 
 
@@ -364,9 +366,16 @@ def _prepare_part(out_dir: Path, part: Path, settings_changed: bool) -> None:
     repair_torn_tail(part)
 
 
-def _undo_empty_run(made: list[Path], part: Path) -> None:
-    """Remove what a run that failed before its first image created (its run.json would refuse the corrected
-    rerun as "other settings"): `made`, the folders (parents included) and run.json it found missing."""
+def _replaceable(out_dir: Path, part: Path) -> dict[Path, bytes]:
+    """What an --overwrite run with other settings replaces at its start (run.json, the manifests): kept to put back
+    if it fails before its first image, and to find the earlier run's files once it has finished."""
+    return {path: path.read_bytes() for path in (out_dir / RUN_FILE, out_dir / MANIFEST, part) if path.is_file()}
+
+
+def _undo_empty_run(made: list[Path], part: Path, kept: Mapping[Path, bytes]) -> None:
+    """Leave the folder as a run that failed before its first image found it (its run.json would refuse the
+    corrected rerun as "other settings"): remove `made`, the folders (parents included) and run.json it found
+    missing, and put back what an --overwrite replaced (`kept`)."""
     if part.exists() and part.stat().st_size:
         return
     part.unlink(missing_ok=True)
@@ -375,6 +384,37 @@ def _undo_empty_run(made: list[Path], part: Path) -> None:
             path.unlink()
         elif path.is_dir() and not any(path.iterdir()):
             path.rmdir()
+    for path, data in kept.items():
+        atomic_write_bytes(path, data)
+
+
+def _listed_files(kept: Mapping[Path, bytes]) -> set[str]:
+    """The images (and their prompts' grids) the replaced manifests listed."""
+    files = set()
+    for data in kept.values():
+        for line in data.decode(errors="replace").splitlines():
+            record = _record(line)
+            if isinstance(record.get("file"), str):
+                files |= {record["file"], f"{Path(record['file']).parent.as_posix()}/{GRID}"}
+    return files
+
+
+def _record(line: str) -> dict:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _remove_replaced(out_dir: Path, files: Iterable[str], records: Mapping) -> None:
+    """After an --overwrite run with other settings has finished: the earlier run's images it did not make again
+    (a smaller --num, other prompts) and its grids, which would mix two settings in one folder."""
+    new = {record["file"] for record in records.values()}
+    for rel in sorted(set(files) - new):
+        path = out_dir / rel
+        if path.resolve().is_relative_to(out_dir.resolve()) and path.suffix == ".png":
+            path.unlink(missing_ok=True)
 
 
 def _generate_records(manifest: Path) -> bool:
@@ -400,12 +440,15 @@ def check_own_folder(out_dir: Path) -> None:
                            "replaced; pass a new or empty folder")
 
 
-def _finish(result: GenerationResult, jobs: Sequence[Job], settings: dict, grid: bool) -> None:
-    """If every planned job is finished (over all ranks), write the merged manifest and the grids."""
+def _finish(result: GenerationResult, jobs: Sequence[Job], settings: dict, grid: bool,
+            replaced: Iterable[str] = ()) -> None:
+    """If every planned job is finished (over all ranks), write the merged manifest, remove what a replaced run
+    left (`replaced`: its files) and write the grids."""
     records = finished_records(result.out_dir, settings)
     if any(job.key not in records for job in jobs):
         return  # other ranks still running: the last one to finish merges
     result.manifest = merge_manifests(result.out_dir, settings, records)
+    _remove_replaced(result.out_dir, replaced, records)
     if grid:
         prompts = {job.prompt for job in jobs}
         result.grids = write_grids(result.out_dir, {k: r for k, r in records.items() if k[0] in prompts})
