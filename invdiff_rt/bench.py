@@ -207,6 +207,9 @@ class BenchConfig:
         unknown = [p for p in self.peers if p not in PEERS]
         if unknown:
             raise InvdiffError(f"--peers: unknown peer {unknown[0]!r}; choose from {', '.join(PEERS)}")
+        if self.peers and self.guidance_scale <= 1:  # diffusers' pipelines then drop the unconditional half
+            raise InvdiffError(f"--guidance-scale {self.guidance_scale:g}: the peers' pipelines turn classifier-free "
+                               "guidance off at 1 or less (half our UNet batch); pass a scale above 1 to compare")
         if self.model is None and self.export is None:
             raise InvdiffError("--model/--export: pass a model folder (with optional --adapter) or an export folder")
         return self

@@ -5,7 +5,7 @@
   optimum-intel's documentation recommends, with its default OpenVINO properties (what a user gets).
 
 Each pipeline is exported from the diffusers model folder once (into the bench's temporary folder), given the same
-scheduler as ours (DDIM without x0 clipping), and called with the same prompts, steps, CFG scale and batch. A call
+scheduler as ours (--scheduler; DDIM without x0 clipping), and called with the same prompts, steps, CFG scale and batch. A call
 covers what ours covers per image: tokenize + text encoder, the denoising loop, the VAE decode (numpy output, no
 PIL conversion). The packages are an optional extra (`pip install 'invdiff-rt[peers]'`); without them a peer is
 skipped with one printed line.
@@ -63,11 +63,12 @@ def versions(name: str) -> dict[str, str]:
     return {dist: importlib.metadata.version(dist) for dist in PEERS[name].packages}
 
 
-def ddim_like_ours(scheduler_config: dict):
-    """The scheduler our sampling loop uses for `ddim` (no x0 clipping), from the pipeline's own config."""
+def scheduler_like_ours(scheduler_config: dict, name: str):
+    """The scheduler our sampling loop uses for `name` (--scheduler; ddim without x0 clipping), from the pipeline's
+    own config."""
     from .runtime.sampling import make_scheduler
 
-    return make_scheduler(dict(scheduler_config), "ddim")
+    return make_scheduler(dict(scheduler_config), name)
 
 
 class PeerRunner:
@@ -110,7 +111,7 @@ class PeerRunner:
             pipe = pipeline_cls.from_pretrained(str(model_dir), export=True, **kwargs)
             pipe.save_pretrained(str(cache))
         pipe = pipeline_cls.from_pretrained(str(cache), **kwargs)
-        pipe.scheduler = ddim_like_ours(pipe.scheduler.config)
+        pipe.scheduler = scheduler_like_ours(pipe.scheduler.config, self.cfg.get("scheduler", "ddim"))
         pipe.set_progress_bar_config(disable=True)
         return pipe
 

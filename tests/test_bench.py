@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -110,7 +111,8 @@ def test_parse_list_and_config_errors_are_one_line():
     with pytest.raises(InvdiffError, match="^--batch-sizes 1,8,1: names 1 twice; list each once$"):
         bench.parse_list("1,8,1", "--batch-sizes", int)  # was timed twice a round, with spreads over 2x the rounds
     bad = [dict(backends=["tvm"]), dict(batch_sizes=[0]), dict(repeats=0), dict(model=None), dict(threads=0),
-           dict(scheduler="pndm"), dict(precision="int8"), dict(precision="bf16")]
+           dict(scheduler="pndm"), dict(precision="int8"), dict(precision="bf16"),
+           dict(peers=["openvino"], guidance_scale=1.0)]  # the peers' pipelines would drop CFG: half the work
     for overrides in bad:
         kwargs = {"backends": ["torch"], "batch_sizes": [1], "model": "m", **overrides}
         with pytest.raises(InvdiffError) as info:
@@ -364,6 +366,17 @@ def test_run_rounds_interleaves_contenders_round_by_round():
     out = run_rounds({n: worker(n) for n in "ab"}, [1, 4], rounds=2)
     assert calls == [("a", 1), ("b", 1), ("a", 4), ("b", 4), ("b", 1), ("a", 1), ("b", 4), ("a", 4)]
     assert out["a"][4] == [{"n": 3}, {"n": 8}] and len(out["b"][1]) == 2
+
+
+@pytest.mark.parametrize("name,cls", [("ddim", "DDIMScheduler"), ("dpm", "DPMSolverMultistepScheduler"),
+                                      ("euler", "EulerDiscreteScheduler")])
+def test_peers_get_the_benchs_scheduler(name, cls):
+    """The peers ran DDIM whatever --scheduler said: with dpm or euler the comparison was not like for like."""
+    from invdiff_rt.models.loader import resolve_model
+
+    config = json.loads((Path(resolve_model("colored-digits")) / "scheduler" / "scheduler_config.json").read_text())
+    scheduler = bench_peers.scheduler_like_ours(config, name)
+    assert type(scheduler).__name__ == cls and scheduler.config.num_train_timesteps == 1000
 
 
 def test_missing_peer_is_skipped_with_one_line(tmp_path, monkeypatch, capsys):
