@@ -471,7 +471,9 @@ def start_worker(name: str, job_data: dict, workdir: Path, python: str | None, i
     job_path = workdir / f"{name}.job.json"
     artifacts.atomic_write_json(job_path, job_data)
     argv = [python or sys.executable, "-m", "invdiff_rt.bench", "--serve", str(job_path)]
-    return ProcessWorker(name, argv, workdir / f"{name}.log")
+    fix = f"; --peers-python {python}: a venv with invdiff-rt and its [peers] extra (`make peers-venv`)" \
+        if python else ""
+    return ProcessWorker(name, argv, workdir / f"{name}.log", fix)
 
 
 def fresh_adapter(model_dir: str, out_dir: Path, seed: int) -> Path:

@@ -77,10 +77,10 @@ def serve(hello: Callable[[], dict], handle: Callable[[dict], dict]) -> int:
 
 
 class ProcessWorker:
-    """A contender in its own process (`argv`), its stderr in `log_path`."""
+    """A contender in its own process (`argv`), its stderr in `log_path`; `fix`: what to do if it dies."""
 
-    def __init__(self, name: str, argv: list[str], log_path: Path):
-        self.name, self.log_path = name, Path(log_path)
+    def __init__(self, name: str, argv: list[str], log_path: Path, fix: str = ""):
+        self.name, self.log_path, self.fix = name, Path(log_path), fix
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True)
         self.hello: dict | None = None
@@ -89,7 +89,7 @@ class ProcessWorker:
         line = self.proc.stdout.readline()
         if not line:
             self.proc.wait()
-            raise InvdiffError(f"--backends/--peers {self.name}: its worker died ({self._last_log_line()})")
+            raise InvdiffError(f"--backends/--peers {self.name}: its worker died ({self._last_log_line()}){self.fix}")
         return json.loads(line)
 
     def start(self) -> dict:

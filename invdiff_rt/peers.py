@@ -101,12 +101,26 @@ class PeerRunner:
 
     def _runtime_settings(self) -> dict:
         if self.name != "openvino":
-            return {}
+            return {"intra_op_num_threads": self.cfg.get("threads") or "onnxruntime's default"}
         return {"ov_config": dict(getattr(self.pipe, "ov_config", {}) or {})}
+
+    def _runtime_kwargs(self) -> dict[str, Any]:
+        """--threads for the peer's own runtime, as ours get it (torch.set_num_threads reaches neither ONNX Runtime
+        nor OpenVINO); without it, the runtime's defaults (what a user gets)."""
+        threads = self.cfg.get("threads")
+        if self.name == "openvino":
+            return {"compile": False, **({"ov_config": {"INFERENCE_NUM_THREADS": str(threads)}} if threads else {})}
+        if not threads:
+            return {}
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = int(threads)
+        return {"session_options": options}
 
     def _load(self, pipeline_cls, model_dir: Path, cache: Path):
         """Export once into `cache` (the optimum way: from_pretrained(export=True) + save_pretrained), then load."""
-        kwargs: dict[str, Any] = {"compile": False} if self.name == "openvino" else {}
+        kwargs = self._runtime_kwargs()
         if not (cache / "model_index.json").exists():
             pipe = pipeline_cls.from_pretrained(str(model_dir), export=True, **kwargs)
             pipe.save_pretrained(str(cache))

@@ -379,6 +379,34 @@ def test_peers_get_the_benchs_scheduler(name, cls):
     assert type(scheduler).__name__ == cls and scheduler.config.num_train_timesteps == 1000
 
 
+def test_peers_get_the_benchs_threads():
+    """torch.set_num_threads reached neither the ONNX Runtime nor the OpenVINO peer: with --threads 1 they used
+    every core against our one-thread rows."""
+    runner = bench_peers.PeerRunner.__new__(bench_peers.PeerRunner)
+    runner.name, runner.cfg = "optimum-ort", {"threads": 1}
+    assert runner._runtime_kwargs()["session_options"].intra_op_num_threads == 1
+    runner.name = "openvino"
+    assert runner._runtime_kwargs() == {"compile": False, "ov_config": {"INFERENCE_NUM_THREADS": "1"}}
+    runner.cfg = {"threads": None}
+    assert runner._runtime_kwargs() == {"compile": False}  # its defaults: what a user gets
+    runner.name = "optimum-ort"
+    assert runner._runtime_kwargs() == {}
+
+
+def test_a_peers_python_that_cannot_serve_is_named_with_the_fix(tmp_path):
+    """`--peers-python /usr/bin/python3` (no numpy) died with a line that named neither the flag nor the fix."""
+    python = tmp_path / "python"
+    python.write_text("#!/bin/sh\necho \"ModuleNotFoundError: No module named 'numpy'\" >&2\nexit 1\n")
+    python.chmod(0o755)
+    worker = bench.start_worker("peer:openvino", {"peer": "openvino", "config": {}}, tmp_path, str(python), True)
+    with pytest.raises(InvdiffError) as e:
+        worker.start()
+    worker.close()
+    assert str(e.value) == ("--backends/--peers peer:openvino: its worker died (ModuleNotFoundError: No module named "
+                            f"'numpy'); --peers-python {python}: a venv with invdiff-rt and its [peers] extra "
+                            "(`make peers-venv`)")
+
+
 def test_missing_peer_is_skipped_with_one_line(tmp_path, monkeypatch, capsys):
     """Without the [peers] extra a peer worker says why in one line, and the bench runs on without it."""
     from invdiff_rt.interleave import ProcessWorker
