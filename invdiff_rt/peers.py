@@ -5,10 +5,10 @@
   optimum-intel's documentation recommends, with its default OpenVINO properties (what a user gets).
 
 Each pipeline is exported from the diffusers model folder once (into the bench's temporary folder), given the same
-scheduler as ours (--scheduler; DDIM without x0 clipping), and called with the same prompts, steps, CFG scale and batch. A call
-covers what ours covers per image: tokenize + text encoder, the denoising loop, the VAE decode (numpy output, no
-PIL conversion). The packages are an optional extra (`pip install 'invdiff-rt[peers]'`); without them a peer is
-skipped with one printed line.
+scheduler as ours (--scheduler; DDIM without x0 clipping) and --threads, and called with the same prompts, steps, CFG
+scale and batch. A call covers what ours covers per image: tokenize + text encoder, the denoising loop, the VAE
+decode (numpy output, no PIL conversion). The packages are an optional extra (`pip install 'invdiff-rt[peers]'`);
+without them a peer is skipped with one printed line.
 """
 
 from __future__ import annotations

@@ -145,7 +145,7 @@ RULES: dict[str, Rule] = {
     "check --steps": SAMPLING_STEPS,
     "--vae-steps": Rule(min=1),
     "--seed": Rule(min=0, max=2**32 - 1, note="seeds are 32-bit"),  # seed * 1,000,003 + step stays in int64
-    "--num": Rule(min=1),
+    "--num": Rule(min=1, max=1_000_000, note="a run plans every image up front; split larger runs over --out folders"),
     "--per-prompt": Rule(min=1),
     "--calibrate-per-prompt": Rule(min=1),
     "--calibrate-min-samples": Rule(min=0),
