@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -299,6 +300,18 @@ def test_grid_per_prompt_has_expected_size(loaded, tmp_path):
         assert Image.open(path).size == (2 * width, 2 * height)  # 3 images -> 2x2 cells, one black
     assert not _run(loaded, tmp_path / "nogrid", num=1, grid=False).grids
     assert not list((tmp_path / "nogrid").rglob(gen.GRID))
+
+
+def test_a_grid_shows_a_prompts_first_images(loaded, tmp_path, monkeypatch):
+    """A grid tiled every image: 1,000 SD images per prompt made a 16k x 16k PNG, held in memory to encode."""
+    monkeypatch.setattr(gen, "GRID_TILES", 4)
+    out = tmp_path / "out"
+    result = _run(loaded, out, num=6)
+    width, height = Image.open(out / gen.Job(PROMPTS[0], 0).file).size
+    grid = np.asarray(Image.open(out / gen.prompt_slug(PROMPTS[0]) / gen.GRID))
+    assert len(result.grids) == 2 and grid.shape == (2 * height, 2 * width, 3)
+    last = np.asarray(Image.open(out / gen.Job(PROMPTS[0], 3).file).convert("RGB"))
+    assert (grid[height:, width:] == last).all()  # tile 4 is image 3: the first four, in order
 
 
 def test_cli_bad_prompts_file_is_one_line_error(tmp_path, monkeypatch, capsys):

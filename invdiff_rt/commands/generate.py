@@ -38,7 +38,7 @@ def generate(
     precision: str = typer.Option("fp32", "--precision", help="fp32; fp16 (torch-cuda); bf16 (openvino, lossy)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for the backend."),
     engines: Path = typer.Option(Path("engines"), "--engines", help="TensorRT engine cache (`invdiff build --out`)."),
-    no_grid: bool = typer.Option(False, "--no-grid", help="Do not write a grid PNG per prompt."),
+    no_grid: bool = typer.Option(False, "--no-grid", help="Do not write a grid PNG per prompt (of its first 64 images)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Reuse --out even if its settings differ."),
     merge: bool = typer.Option(False, "--merge", help="Only merge the rank manifests in --out (and grids)."),
     height: Optional[int] = typer.Option(None, "--height", help="Image height (default: the model's)."),

@@ -30,6 +30,7 @@ from ..errors import InvdiffError
 MANIFEST = "manifest.jsonl"
 RUN_FILE = "run.json"
 GRID = "grid.png"
+GRID_TILES = 64  # a grid shows a prompt's first 64 images: 1,000 SD images would tile into a 16k x 16k PNG
 _PART_RE = re.compile(r"^manifest\.rank(\d+)-of-(\d+)\.jsonl$")
 
 
@@ -260,7 +261,8 @@ def remove_stale_tmp(out_dir: Path, files: Iterable[str]) -> int:
 # ---------------------------------------------------------------- grids
 
 def write_grids(out_dir: Path, records: Mapping[tuple[str, int], dict]) -> list[Path]:
-    """One `<slug>/grid.png` per prompt from all its finished images (ceil(sqrt(n)) columns, black padding)."""
+    """One `<slug>/grid.png` per prompt from its first GRID_TILES finished images (ceil(sqrt(n)) columns, black
+    padding)."""
     from PIL import Image
 
     by_prompt: dict[str, list[dict]] = {}
@@ -268,7 +270,7 @@ def write_grids(out_dir: Path, records: Mapping[tuple[str, int], dict]) -> list[
         by_prompt.setdefault(key[0], []).append(records[key])
     grids = []
     for prompt, recs in by_prompt.items():
-        images = [Image.open(out_dir / r["file"]).convert("RGB") for r in recs]
+        images = [Image.open(out_dir / r["file"]).convert("RGB") for r in recs[:GRID_TILES]]
         path = out_dir / prompt_slug(prompt) / GRID
         grids.append(atomic_save_image(image_grid(images), path))
     return grids
