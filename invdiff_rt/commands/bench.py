@@ -37,7 +37,8 @@ def bench(
     repeats: int = typer.Option(3, "--repeats", help="Timed calls per stage and round (p50/p90 over all)."),
     plot_out: Optional[Path] = typer.Option(None, "--plot", help="Latency-vs-batch PNG."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads per backend process."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 (exports; torch rows only on CUDA) or bf16 (openvino only)."),
+    precision: str = typer.Option("fp32", "--precision",
+                                  help="fp32, fp16 (exports; torch rows only on CUDA) or bf16 (openvino only)."),
     scheduler: str = typer.Option("ddim", "--scheduler", help="ddim, dpm or euler."),
     guidance_scale: float = typer.Option(DEFAULT_GUIDANCE, "--guidance-scale", help="Classifier-free guidance scale."),
     adapter_weight: Optional[float] = typer.Option(
