@@ -212,7 +212,18 @@ class BenchConfig:
                                "guidance off at 1 or less (half our UNet batch); pass a scale above 1 to compare")
         if self.model is None and self.export is None:
             raise InvdiffError("--model/--export: pass a model folder (with optional --adapter) or an export folder")
+        self._check_used()
         return self
+
+    def _check_used(self) -> None:
+        """Flags that would not act are refused rather than recorded."""
+        if not self.eager and "eager" in self.backends:
+            raise InvdiffError("--no-eager: --backends names eager; drop one of them")
+        if self.peers_python and not self.peers:
+            raise InvdiffError("--peers-python: no --peers to run with it; pass --peers optimum-ort,openvino or drop it")
+        if self.base_export and not any(b in ENGINE_BACKENDS for b in self.backends):
+            raise InvdiffError(f"--base-export: only the engine backends ({', '.join(ENGINE_BACKENDS)}) time it; add "
+                               "one to --backends or drop it")
 
     @property
     def export_precision(self) -> str:

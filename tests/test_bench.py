@@ -112,7 +112,8 @@ def test_parse_list_and_config_errors_are_one_line():
         bench.parse_list("1,8,1", "--batch-sizes", int)  # was timed twice a round, with spreads over 2x the rounds
     bad = [dict(backends=["tvm"]), dict(batch_sizes=[0]), dict(repeats=0), dict(model=None), dict(threads=0),
            dict(scheduler="pndm"), dict(precision="int8"), dict(precision="bf16"),
-           dict(peers=["openvino"], guidance_scale=1.0)]  # the peers' pipelines would drop CFG: half the work
+           dict(peers=["openvino"], guidance_scale=1.0),  # the peers' pipelines would drop CFG: half the work
+           dict(backends=["eager"], eager=False), dict(peers_python="py"), dict(base_export="e")]  # would not act
     for overrides in bad:
         kwargs = {"backends": ["torch"], "batch_sizes": [1], "model": "m", **overrides}
         with pytest.raises(InvdiffError) as info:
