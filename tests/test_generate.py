@@ -356,6 +356,33 @@ def test_an_overwrite_with_other_settings_removes_the_replaced_runs_images_and_g
     assert len(listed) == 2 and not list(out.rglob(gen.GRID))
 
 
+def test_an_overwrite_under_two_ranks_removes_what_any_manifest_listed(loaded, tmp_path):
+    """Each rank decided alone whether the settings changed: the rank that read run.json after the other rewrote it
+    saw no change and, finishing last, removed nothing; images listed only in a killed run's rank parts survived."""
+    out = tmp_path / "out"
+    for rank in (0, 1):
+        _run(loaded, out, num=3, rank=rank, world_size=2)
+    (out / gen.MANIFEST).unlink()  # as if killed before the merge: only the rank parts list the images
+    for rank in (0, 1):  # rank 1 reads run.json after rank 0 rewrote it: no change for it, and it finishes last
+        _run(loaded, out, num=1, seed=4, rank=rank, world_size=2, overwrite=True, grid=False)
+    listed = sorted(r["file"] for r in read_jsonl(out / gen.MANIFEST))
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == listed and len(listed) == 2
+    assert gen.REPLACES not in json.loads((out / gen.RUN_FILE).read_text())
+
+
+def test_an_interrupted_overwrite_removes_the_replaced_files_when_resumed(loaded, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    _run(loaded, out, num=3)
+    with monkeypatch.context() as m:
+        m.setattr(gen, "_finish", lambda *a, **k: None)  # killed after its images, before the merge
+        _run(loaded, out, num=1, seed=4, overwrite=True)
+    assert len(json.loads((out / gen.RUN_FILE).read_text())[gen.REPLACES]) == 8  # 6 images, 2 grids
+    resumed = _run(loaded, out, num=1, seed=4)
+    assert (resumed.written, resumed.skipped) == (0, 2)
+    assert len(list(out.rglob("*.png"))) == 4  # the two new images and their grids
+    assert gen.REPLACES not in json.loads((out / gen.RUN_FILE).read_text())
+
+
 def test_prompts_with_words_the_model_does_not_know_are_refused(tmp_path, monkeypatch, capsys):
     """The built-in models' word-level tokenizer read "a zebra" and "a giraffe" as one unknown token: generate wrote
     the same images under both names (exit 0), where eval, pretrain and training refuse such captions."""

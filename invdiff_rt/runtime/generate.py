@@ -30,6 +30,7 @@ from ..errors import InvdiffError
 MANIFEST = "manifest.jsonl"
 RUN_FILE = "run.json"
 GRID = "grid.png"
+REPLACES = "replaces"  # run.json: the replaced runs' files, removed when the --overwrite run finishes
 GRID_TILES = 64  # a grid shows a prompt's first 64 images: 1,000 SD images would tile into a 16k x 16k PNG
 _PART_RE = re.compile(r"^manifest\.rank(\d+)-of-(\d+)\.jsonl$")
 
@@ -144,7 +145,8 @@ def make_settings(*, seed: int, steps: int, guidance_scale: float, adapter_weigh
 
 def check_run_file(out_dir: Path, settings: dict, overwrite: bool = False) -> bool:
     """Write DIR/run.json on first use; refuse different settings unless `overwrite`. True if the recorded settings
-    were others (a damaged run.json replaced under --overwrite is not: every manifest line carries its settings)."""
+    were others (a damaged run.json replaced under --overwrite is not: every manifest line carries its settings);
+    then run.json also lists the files of the runs it replaces (`REPLACES`), for the rank that finishes to remove."""
     path = out_dir / RUN_FILE
     old = _old_settings(path, overwrite) if path.exists() else None
     if path.exists() and old == settings:
@@ -152,7 +154,9 @@ def check_run_file(out_dir: Path, settings: dict, overwrite: bool = False) -> bo
     if old is not None and not overwrite:
         raise InvdiffError(f"{path}: {out_dir} was generated with other settings ({_diff(old, settings)}); "
                            f"use a new --out or pass --overwrite")
-    atomic_write_json(path, {"settings": settings, "versions": package_versions()})
+    replaces = _listed_files(out_dir) if old is not None else []  # removed once the new run has finished
+    atomic_write_json(path, {"settings": settings, "versions": package_versions(),
+                             **({REPLACES: replaces} if replaces else {})})
     return old is not None
 
 
@@ -317,7 +321,7 @@ def run_generation(runtime, prompts: Sequence[str], out_dir: str | Path, *, num:
     made = [p for p in (*reversed(out_dir.parents), out_dir, out_dir / RUN_FILE) if not p.exists()]
     out_dir.mkdir(parents=True, exist_ok=True)
     part = out_dir / part_name(rank, world_size)
-    kept = _replaceable(out_dir, part) if overwrite else {}
+    kept = _replaceable(out_dir, part) if overwrite and world_size == 1 else {}
     changed = check_run_file(out_dir, settings, overwrite)
     kept = kept if changed else {}
     _prepare_part(out_dir, part, changed)
@@ -332,7 +336,7 @@ def run_generation(runtime, prompts: Sequence[str], out_dir: str | Path, *, num:
         raise
     seconds = time.perf_counter() - start
     result = GenerationResult(out_dir, len(todo), len(mine) - len(todo), seconds, backend, rank, world_size)
-    _finish(result, jobs, settings, grid, _listed_files(kept))
+    _finish(result, jobs, settings, grid)
     return result
 
 
@@ -369,8 +373,8 @@ def _prepare_part(out_dir: Path, part: Path, settings_changed: bool) -> None:
 
 
 def _replaceable(out_dir: Path, part: Path) -> dict[Path, bytes]:
-    """What an --overwrite run with other settings replaces at its start (run.json, the manifests): kept to put back
-    if it fails before its first image, and to find the earlier run's files once it has finished."""
+    """What a single-process --overwrite run with other settings replaces at its start (run.json, the manifest):
+    kept to put back if it fails before its first image."""
     return {path: path.read_bytes() for path in (out_dir / RUN_FILE, out_dir / MANIFEST, part) if path.is_file()}
 
 
@@ -390,15 +394,25 @@ def _undo_empty_run(made: list[Path], part: Path, kept: Mapping[Path, bytes]) ->
         atomic_write_bytes(path, data)
 
 
-def _listed_files(kept: Mapping[Path, bytes]) -> set[str]:
-    """The images (and their prompts' grids) the replaced manifests listed."""
-    files = set()
-    for data in kept.values():
-        for line in data.decode(errors="replace").splitlines():
+def _listed_files(out_dir: Path) -> list[str]:
+    """The images every manifest of DIR lists (the rank parts of a killed run too), their prompts' grids, and what
+    an interrupted --overwrite run had still to remove."""
+    files = set(_replaced(out_dir))
+    for manifest in (m for m in manifest_files(out_dir) if m.is_file()):
+        for line in manifest.read_text(errors="replace").splitlines():
             record = _record(line)
             if isinstance(record.get("file"), str):
                 files |= {record["file"], f"{Path(record['file']).parent.as_posix()}/{GRID}"}
-    return files
+    return sorted(files)
+
+
+def _replaced(out_dir: Path) -> list[str]:
+    """run.json's list of the replaced runs' files (empty when it has none or cannot be read)."""
+    try:
+        files = json.loads((out_dir / RUN_FILE).read_text()).get(REPLACES, [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [f for f in files if isinstance(f, str)] if isinstance(files, list) else []
 
 
 def _record(line: str) -> dict:
@@ -409,14 +423,20 @@ def _record(line: str) -> dict:
     return record if isinstance(record, dict) else {}
 
 
-def _remove_replaced(out_dir: Path, files: Iterable[str], records: Mapping) -> None:
-    """After an --overwrite run with other settings has finished: the earlier run's images it did not make again
-    (a smaller --num, other prompts) and its grids, which would mix two settings in one folder."""
+def _remove_replaced(out_dir: Path, records: Mapping) -> None:
+    """Once an --overwrite run with other settings has finished (whichever rank, after however many resumes): the
+    replaced runs' images it did not make again (a smaller --num, other prompts) and their grids, which would mix
+    two settings in one folder; then run.json drops the list."""
+    replaced = _replaced(out_dir)
+    if not replaced:
+        return
     new = {record["file"] for record in records.values()}
-    for rel in sorted(set(files) - new):
+    for rel in sorted(set(replaced) - new):
         path = out_dir / rel
         if path.resolve().is_relative_to(out_dir.resolve()) and path.suffix == ".png":
             path.unlink(missing_ok=True)
+    run = read_json(out_dir / RUN_FILE, "run settings")
+    atomic_write_json(out_dir / RUN_FILE, {k: v for k, v in run.items() if k != REPLACES})
 
 
 def _generate_records(manifest: Path) -> bool:
@@ -442,15 +462,14 @@ def check_own_folder(out_dir: Path) -> None:
                            "replaced; pass a new or empty folder")
 
 
-def _finish(result: GenerationResult, jobs: Sequence[Job], settings: dict, grid: bool,
-            replaced: Iterable[str] = ()) -> None:
-    """If every planned job is finished (over all ranks), write the merged manifest, remove what a replaced run
-    left (`replaced`: its files) and write the grids."""
+def _finish(result: GenerationResult, jobs: Sequence[Job], settings: dict, grid: bool) -> None:
+    """If every planned job is finished (over all ranks), write the merged manifest, remove what the runs an
+    --overwrite replaced left, and write the grids."""
     records = finished_records(result.out_dir, settings)
     if any(job.key not in records for job in jobs):
         return  # other ranks still running: the last one to finish merges
     result.manifest = merge_manifests(result.out_dir, settings, records)
-    _remove_replaced(result.out_dir, replaced, records)
+    _remove_replaced(result.out_dir, records)
     if grid:
         prompts = {job.prompt for job in jobs}
         result.grids = write_grids(result.out_dir, {k: r for k, r in records.items() if k[0] in prompts})
