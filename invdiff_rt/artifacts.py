@@ -289,10 +289,15 @@ def _cpu_model() -> str:
 
 # ---------------------------------------------------------------- one writer per output
 
-def _lock_file(path: Path) -> Path:
-    """The lock of an output lives outside the working folder (nothing is created next to --out), one per rank so
-    that the ranks of one `torchrun` job can share an output folder."""
-    rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) if os.environ.get("WORLD_SIZE", "1") != "1" else ""
+def _launcher_rank() -> str | None:
+    """This process's rank in a launcher job (torchrun, accelerate), None for a plain process."""
+    if os.environ.get("WORLD_SIZE", "1") == "1":
+        return None
+    return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
+
+
+def _lock_file(path: Path, rank: str) -> Path:
+    """The lock of an output lives outside the working folder (nothing is created next to --out)."""
     key = sha256_bytes(f"{Path(path).resolve()}|{rank}".encode())[:32]
     folder = Path(tempfile.gettempdir()) / f"invdiff-locks-{os.getuid()}"
     folder.mkdir(mode=0o700, exist_ok=True)
@@ -301,28 +306,48 @@ def _lock_file(path: Path) -> Path:
 
 @contextlib.contextmanager
 def output_lock(path: str | Path, flag: str = "--out") -> Iterator[None]:
-    """Advisory lock (flock) on an output path for the duration of a command: a second process refuses at once."""
+    """Advisory lock (flock) on an output path for the duration of a command: a second process refuses at once.
+    The ranks of one launcher job share the output: each holds its rank's lock, and all of them share the plain
+    lock that a plain process (or a second job's rank) would need whole."""
+    rank = _launcher_rank()
+    with contextlib.ExitStack() as stack:
+        if rank is not None:
+            stack.enter_context(_flock(_lock_file(Path(path), ""), path, flag, shared=True))
+        stack.enter_context(_flock(_lock_file(Path(path), rank or ""), path, flag, shared=False))
+        yield
+
+
+@contextlib.contextmanager
+def _flock(lock: Path, path, flag: str, shared: bool) -> Iterator[None]:
     import fcntl
 
-    lock = _lock_file(Path(path))
+    fd = _acquire(lock, path, flag, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+    try:
+        os.ftruncate(fd, 0)  # the holder's pid for a refused process's message; a shared lock has several
+        if not shared:
+            os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        if not shared:  # a shared lock stays: another rank may hold it still
+            lock.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def _acquire(lock: Path, path, flag: str, mode: int) -> int:
+    import fcntl
+
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            holder = os.read(fd, 32).decode(errors="replace").strip()
             os.close(fd)
-            raise InvdiffError(f"{flag} {path}: another invdiff process (pid {holder}) is writing it; "
-                               "wait for it to finish or pass another path") from None
+            who = f"another invdiff process (pid {holder}) is" if holder else "a launcher job's invdiff ranks are"
+            raise InvdiffError(f"{flag} {path}: {who} writing it; wait for it to finish or pass another "
+                               "path") from None
         if _same_file(fd, lock):  # not unlinked by a releasing holder between our open and our flock
-            break
-        os.close(fd)
-    try:
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        yield
-    finally:
-        lock.unlink(missing_ok=True)
+            return fd
         os.close(fd)
 
 

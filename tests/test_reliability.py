@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import struct
+import os
 import subprocess
 import sys
 import zlib
@@ -225,6 +226,36 @@ def test_two_outputs_naming_one_path_are_refused(tmp_path, monkeypatch, capsys, 
                      "--plot", second.replace("OUT", str(out)))
     assert code == 2 and f"--plot {second.replace('OUT', str(out))}: the same path as --json; pass another" in err
     assert not out.exists()
+
+
+def test_a_launcher_jobs_ranks_share_an_output_and_nothing_else_does(tmp_path, monkeypatch):
+    """A plain `invdiff generate` on the --out of a running torchrun job was not refused (each rank locked its own
+    key, the plain process another): it duplicated the ranks' work and could remove their temporaries."""
+    out = tmp_path / "out"
+    code = ("import time\nfrom invdiff_rt.artifacts import output_lock\n"
+            f"with output_lock({str(out)!r}):\n    print('held', flush=True)\n    time.sleep(30)")
+    rank1 = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "WORLD_SIZE": "2", "RANK": "1"})
+    try:
+        assert rank1.stdout.readline().strip() == "held"
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", "0")
+        with output_lock(out):  # the same job's other rank
+            pass
+        monkeypatch.setenv("RANK", "1")  # a second job's rank 1
+        with pytest.raises(InvdiffError, match=rf"pid {rank1.pid}\)"):
+            with output_lock(out):
+                pass
+        monkeypatch.delenv("WORLD_SIZE")
+        monkeypatch.delenv("RANK")
+        with pytest.raises(InvdiffError, match=rf"^--out {out}: a launcher job's invdiff ranks are writing it"):
+            with output_lock(out):  # a plain process
+                pass
+    finally:
+        rank1.kill()
+        rank1.wait()
+    with output_lock(out):
+        pass
 
 
 def test_lock_is_held_across_processes_and_released(tmp_path):
