@@ -365,6 +365,7 @@ def test_export_manifest_errors_are_one_line(tmp_path):
                        "malformed \\(KeyError: 'denoiser'"),
                       *(({k: v for k, v in good.items() if k != key}, f"malformed \\(KeyError: '{key}'")
                         for key in RUNTIME_FIELDS),
+                      ({**good, "precision": "int8"}, "malformed \\(ValueError: precision 'int8', not one of"),
                       ({**good, "format_version": 2},
                        "malformed \\(ValueError: format_version 2, this invdiff-rt reads 1"),
                       ({**good, "components": {"denoiser": {"spec": {**spec, "sizes": [[32, 32], [64, 64]]}}}},

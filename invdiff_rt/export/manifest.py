@@ -136,8 +136,9 @@ def file_hashes(root: Path) -> dict[str, str]:
 def read_manifest(export_dir: str | Path, verify: bool = True) -> dict[str, Any]:
     """The export manifest; with `verify`, every listed file must exist with its recorded sha256."""
     export_dir = Path(export_dir)
-    if not export_dir.is_dir():
-        raise InvdiffError(f"--export {export_dir}: not an export folder; run `invdiff export` first")
+    if not (export_dir / MANIFEST_NAME).is_file():
+        raise InvdiffError(f"--export {export_dir}: not an export folder (no {MANIFEST_NAME}); run `invdiff export` "
+                           "first")
     manifest = artifacts.read_json(export_dir / MANIFEST_NAME, "export manifest")
     if manifest.get("format") != FORMAT:
         raise InvdiffError(f"{export_dir / MANIFEST_NAME}: not an invdiff-rt export manifest; re-run `invdiff export`")
@@ -168,6 +169,8 @@ def check_structure(manifest: dict, path: Path) -> None:
         if any(not isinstance(v, str) for v in dict(manifest.get("refit_map") or {}).values()):
             raise ValueError("refit_map values must be initializer names")
         manifest["components"]["denoiser"]
+        if manifest.get("precision", "fp32") not in PRECISIONS:
+            raise ValueError(f"precision {manifest.get('precision')!r}, not one of {', '.join(PRECISIONS)}")
         if len([int(d) for d in manifest["latent_shape"]]) != 3:
             raise ValueError("latent_shape must be (C, h, w)")
         dict(manifest["scheduler_config"])
