@@ -36,14 +36,18 @@ def generate(
                                 help="auto, torch, torch-cuda, openvino, onnxruntime, onnxruntime-cuda or tensorrt."),
     scheduler: str = typer.Option("ddim", "--scheduler", help="ddim, dpm or euler."),
     precision: str = typer.Option("fp32", "--precision", help="fp32; fp16 (torch-cuda); bf16 (openvino, lossy)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for the backend."),
+    threads: Optional[int] = typer.Option(None, "--threads",
+                                          help="CPU threads for the backend (on torch a run setting: a resume "
+                                               "keeps it)."),
     engines: Path = typer.Option(Path("engines"), "--engines", help="TensorRT engine cache (`invdiff build --out`)."),
     no_grid: bool = typer.Option(False, "--no-grid",
                                  help="Do not write a grid PNG per prompt (of its first 64 images)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Reuse --out even if its settings differ."),
     merge: bool = typer.Option(False, "--merge", help="Only merge the rank manifests in --out (and grids)."),
-    height: Optional[int] = typer.Option(None, "--height", help="Image height (default: the model's)."),
-    width: Optional[int] = typer.Option(None, "--width", help="Image width (default: the model's)."),
+    height: Optional[int] = typer.Option(None, "--height", help="Image height (default: the model's, or an export's "
+                                         "opt size when its range leaves that out)."),
+    width: Optional[int] = typer.Option(None, "--width", help="Image width (default: the model's, or an export's opt "
+                                        "size when its range leaves that out)."),
 ) -> None:
     """Generate N images per prompt; rerun the same command to resume; runs one shard per rank under torchrun."""
     from rich.console import Console
