@@ -61,7 +61,7 @@ class Stages:
         if record.exists():
             old = read_json(record, f"{name} stage record")
             if old.get("key") == key:
-                self.console.print(f"[dim]{name}: reusing {folder}[/dim]")
+                self.console.print(f"{name}: reusing {folder}", style="dim", markup=False)
                 self.timings[name] = 0.0
                 return _paths(old["result"], OUT_TOKEN, str(self.out))
             record.unlink()  # stale: first the record, so an interruption below cannot leave it looking valid
@@ -242,7 +242,7 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), console: Console |
     from .runtime.sampling import DEFAULT_GUIDANCE
 
     weight, how = resolve_weight(None, DEFAULT_GUIDANCE, adapter_dir=adapter["path"])
-    console.print(f"adapter weight {weight:g}: {how}", highlight=False)
+    console.print(f"adapter weight {weight:g}: {how}", highlight=False, markup=False)
     # "outputs" names the folders the stage writes: a record from before it also wrote onnx-base is not reused
     export = stages.run("export", {**base, "adapter": adapter["fingerprint"], "outputs": ["onnx", "onnx-base"]},
                         lambda f: _export(f, model, adapter["path"]))

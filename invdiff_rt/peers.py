@@ -7,8 +7,9 @@
 Each pipeline is exported from the diffusers model folder once (into the bench's temporary folder), given the same
 scheduler as ours (--scheduler; DDIM without x0 clipping) and --threads, and called with the same prompts, steps, CFG
 scale and batch. A call covers what ours covers per image: tokenize + text encoder, the denoising loop, the VAE
-decode (numpy output, no PIL conversion). The packages are an optional extra (`pip install 'invdiff-rt[peers]'`);
-without them a peer is skipped with one printed line.
+decode (numpy output, no PIL conversion). The packages are an optional extra in their own venv
+(`make peers-venv`, then `--peers-python .venv-peers/bin/python`); without them a peer is skipped with one printed
+line.
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ def missing_reason(name: str) -> str | None:
 
 def skip_line(name: str, reason: str) -> str:
     """The one line printed for a peer that cannot run."""
-    return (f"peer {name}: skipped ({reason}); pip install 'invdiff-rt[peers]' (or pass --peers-python "
-            "with a venv that has it)")
+    return (f"peer {name}: skipped ({reason}); `make peers-venv`, then pass --peers-python "
+            ".venv-peers/bin/python (the peers pin older transformers: their own venv)")
 
 
 def versions(name: str) -> dict[str, str]:

@@ -415,8 +415,9 @@ def test_missing_peer_is_skipped_with_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench_peers.importlib.metadata, "version",
                         lambda dist: (_ for _ in ()).throw(bench_peers.importlib.metadata.PackageNotFoundError(dist)))
     hello = bench_peers.PeerServer({"peer": "openvino", "config": {}}).hello()
-    assert hello == {"skip": "peer openvino: skipped (optimum-intel is not installed); pip install "
-                             "'invdiff-rt[peers]' (or pass --peers-python with a venv that has it)"}
+    assert hello == {"skip": "peer openvino: skipped (optimum-intel is not installed); `make peers-venv`, then "
+                             "pass --peers-python .venv-peers/bin/python (the peers pin older transformers: their "
+                             "own venv)"}
     if bench_peers.missing_reason("optimum-ort") is None:
         pytest.skip("the [peers] extra is installed here: the worker process would load the pipeline")
     job = {"peer": "optimum-ort", "config": {}}
@@ -426,7 +427,7 @@ def test_missing_peer_is_skipped_with_one_line(tmp_path, monkeypatch, capsys):
     worker.close()
     assert kinds == {}
     lines = [s for s in capsys.readouterr().out.splitlines() if s.strip()]
-    assert len(lines) == 1 and lines[0].startswith("peer optimum-ort: skipped (") and "[peers]" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("peer optimum-ort: skipped (") and "make peers-venv" in lines[0]
 
 
 def test_bad_peer_name_is_one_line_error():

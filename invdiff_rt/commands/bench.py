@@ -60,7 +60,7 @@ def bench(
     adapter_weight, how = resolve_weight(adapter_weight, guidance_scale, adapter, export)
     if adapter is None and export is None:  # timed with a fresh adapter of the default architecture
         how = "a fresh adapter of the default architecture (" + ("--adapter-weight" if given else "default") + ")"
-    console.print(f"adapter weight {adapter_weight:g}: {how}", highlight=False)
+    console.print(f"adapter weight {adapter_weight:g}: {how}", highlight=False, markup=False)
     config = b.BenchConfig(
         backends=b.parse_list(backends, "--backends"), batch_sizes=b.parse_list(batch_sizes, "--batch-sizes", int),
         model=model, adapter=str(adapter) if adapter else None, export=str(export) if export else None,
@@ -71,9 +71,9 @@ def bench(
         peers_python=str(peers_python) if peers_python else None,
         latent_shape=list(shape) if shape else None,
     ).check()
-    result = b.run_bench(config, log=lambda s: console.print(s, highlight=False, style="dim"))
+    result = b.run_bench(config, log=lambda s: console.print(s, highlight=False, markup=False, style="dim"))
     b.write_json(result, json_out)
     console.print(b.table(result))
     if plot_out is not None:
         b.plot(result, plot_out)
-    console.print(f"wrote {json_out}" + (f" and {plot_out}" if plot_out else ""), highlight=False)
+    console.print(f"wrote {json_out}" + (f" and {plot_out}" if plot_out else ""), highlight=False, markup=False)

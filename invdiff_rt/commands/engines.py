@@ -39,7 +39,7 @@ def build(
         return
     trt_export.require_tensorrt("invdiff build")
     for name, plan, reused in trt_export.build_export(onnx, out, options, components=component):
-        console.print(f"{name}: {'cached' if reused else 'built'} {plan}", highlight=False)
+        console.print(f"{name}: {'cached' if reused else 'built'} {plan}", highlight=False, markup=False)
 
 
 def _print_plan(console, rows) -> None:
@@ -50,9 +50,9 @@ def _print_plan(console, rows) -> None:
         console.print(f"{row['component']}: engine key {row['key']} (TensorRT {row['tensorrt']}, GPU "
                       f"{row['gpu']['name']} {row['gpu']['compute_capability']})"
                       + ("; placeholders: on the GPU machine with TensorRT the key differs" if placeholder else ""),
-                      highlight=False)
+                      highlight=False, markup=False)
         for name, (lo, opt, hi) in row["profile"].items():
-            console.print(f"  {name}: min {lo} opt {opt} max {hi}", highlight=False)
+            console.print(f"  {name}: min {lo} opt {opt} max {hi}", highlight=False, markup=False)
 
 
 def refit(
@@ -70,4 +70,4 @@ def refit(
 
     trt_export.require_tensorrt("invdiff refit")
     plan = trt_export.refit_export_engine(engine, adapter, export_dir=onnx, out_dir=out)
-    Console().print(f"refitted {engine.name} with {adapter}: {plan}", highlight=False)
+    Console().print(f"refitted {engine.name} with {adapter}: {plan}", highlight=False, markup=False)

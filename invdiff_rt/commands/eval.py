@@ -22,7 +22,8 @@ def eval_command(
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="Debiasing adapter folder."),
     adapter_weight: Optional[float] = typer.Option(
         None, "--adapter-weight", "--guidance-weight",
-        help="Weight W of the adapter's guidance (default: the adapter's recommended weight; 0 = the base)."),
+        help="Weight W of the adapter's guidance (default: the weight calibrated for this CFG scale in "
+             "adapter.json, else its recommended weight; 0 = the base)."),
     classifier: Optional[Path] = typer.Option(None, "--classifier",
                                               help="Classifier folder (default: shipped one for built-in data)."),
     steps: int = typer.Option(25, "--steps", help="Denoising steps."),
@@ -81,4 +82,4 @@ def _print_summary(report: dict, json_out: Path, grid: Path) -> None:
         table.add_row(label, _fmt(report[key]))
     console = Console()
     console.print(table)
-    console.print(f"report: {json_out}\ngrid:   {grid}", highlight=False)
+    console.print(f"report: {json_out}\ngrid:   {grid}", highlight=False, markup=False)

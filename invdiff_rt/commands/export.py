@@ -21,7 +21,7 @@ def export(
     out: Path = typer.Option(..., "--out", help="Export folder to write, e.g. export/NAME."),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="Trained adapter directory to fuse in."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 or fp16 (fp16 graph; CFG/adapter math in fp32)."),
-    opset: int = typer.Option(18, "--opset", help="ONNX opset (>= 18)."),
+    opset: int = typer.Option(18, "--opset", help="ONNX opset (18-25)."),
     max_batch: int = typer.Option(32, "--max-batch", help="Largest batch in the engine profiles."),
     no_cfg: bool = typer.Option(False, "--no-cfg", help="Export the guidance_scale == 1 denoiser (no uncond half)."),
     min_size: Optional[str] = typer.Option(None, "--min-size", help="Smallest image size, N or HxW (dynamic H/W)."),
@@ -42,7 +42,7 @@ def export(
         path = export_model(model, out, adapter, precision=precision, opset=opset, max_batch=max_batch,
                             cfg=not no_cfg, progress=lambda name: status.update(f"exporting {name}"),
                             sizes=size_range)
-    console.print(f"wrote {path} ({precision}, opset {opset}, cfg={'off' if no_cfg else 'on'})")
+    console.print(f"wrote {path} ({precision}, opset {opset}, cfg={'off' if no_cfg else 'on'})", markup=False)
 
 
 def check(

@@ -64,16 +64,16 @@ def generate(
     adapter_weight, how = resolve_weight(adapter_weight, guidance_scale, adapter, export)
     console = Console()
     if adapter is not None or export is not None:
-        console.print(f"adapter weight {adapter_weight:g}: {how}", highlight=False, soft_wrap=True)
+        console.print(f"adapter weight {adapter_weight:g}: {how}", highlight=False, markup=False, soft_wrap=True)
     result = gen.generate(prompts, out, model=model, adapter=adapter, export=export, backend=backend,
                           precision=precision, threads=threads, num=num, seed=seed, steps=steps,
                           guidance_scale=guidance_scale, adapter_weight=adapter_weight, scheduler=scheduler,
                           batch_size=batch_size, overwrite=overwrite, grid=not no_grid, height=height, width=width,
                           engines=engines)
-    console.print(result.summary(), highlight=False, soft_wrap=True)
+    console.print(result.summary(), highlight=False, markup=False, soft_wrap=True)
     if result.manifest is None:
         console.print(f"rank {result.rank}: other ranks still running; the last to finish writes "
-                      f"{out / gen.MANIFEST}", highlight=False, soft_wrap=True)
+                      f"{out / gen.MANIFEST}", highlight=False, markup=False, soft_wrap=True)
 
 
 def _prompts(prompt: Optional[List[str]], prompts_file: Optional[Path]) -> list[str]:
@@ -95,5 +95,5 @@ def _merge(out: Path, grid: bool) -> None:
     gen.remove_stale_tmp(out, [gen.MANIFEST, *(f"{gen.prompt_slug(p)}/{gen.GRID}" for p, _ in records)])
     path = gen.merge_manifests(out, settings, records)
     grids = gen.write_grids(out, records) if grid else []
-    Console().print(f"merged {len(records)} images into {path}; {len(grids)} grids", highlight=False,
+    Console().print(f"merged {len(records)} images into {path}; {len(grids)} grids", highlight=False, markup=False,
                     soft_wrap=True)

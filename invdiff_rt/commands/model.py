@@ -22,7 +22,7 @@ def build_sd(
     from ..models.sd import build_sd as build
 
     path = build(variant, out, seed)
-    Console(stderr=True).print(f"wrote {path} ({variant}, seed {seed})")
+    Console(stderr=True).print(f"wrote {path} ({variant}, seed {seed})", markup=False)
 
 
 def register(app: typer.Typer) -> None:
