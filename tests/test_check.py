@@ -114,6 +114,17 @@ def test_check_asks_tensorrt_for_the_given_engine_cache(exported, monkeypatch):
     assert candidates == ["runtime"] and calls[0][0] == "tensorrt" and calls[0][1]["engines_dir"] == Path("my-engines")
 
 
+@pytest.mark.parametrize("backends", ["torch,torch", "torch,onnxruntime,onnxruntime", "onnxruntime,torch", "torch"])
+def test_check_backends_must_compare_torch_with_others_each_once(exported, backends):
+    """`--backends torch,torch` passed (exit 0) while testing nothing of the export."""
+    from invdiff_rt.cli import app
+
+    args = ["check", "--model", str(exported["model_dir"]), "--export", str(exported["out"]), "--backends", backends]
+    result = CliRunner().invoke(app, args)
+    assert isinstance(result.exception, InvdiffError) and str(result.exception) == (
+        f"--backends {backends}: start with torch (the reference) and name at least one other backend, each once")
+
+
 def test_check_cli_refuses_missing_adapter(exported):
     from invdiff_rt.cli import app
 
