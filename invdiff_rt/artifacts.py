@@ -307,8 +307,8 @@ def _lock_file(path: Path, rank: str) -> Path:
 @contextlib.contextmanager
 def output_lock(path: str | Path, flag: str = "--out") -> Iterator[None]:
     """Advisory lock (flock) on an output path for the duration of a command: a second process refuses at once.
-    The ranks of one launcher job share the output: each holds its rank's lock, and all of them share the plain
-    lock that a plain process (or a second job's rank) would need whole."""
+    Launcher ranks share the output: each holds its rank's lock (a second job is refused at every rank number the
+    first has; torchrun then stops it), and all of them share the plain lock that a plain process needs whole."""
     rank = _launcher_rank()
     with contextlib.ExitStack() as stack:
         if rank is not None:
@@ -349,6 +349,20 @@ def _acquire(lock: Path, path, flag: str, mode: int) -> int:
         if _same_file(fd, lock):  # not unlinked by a releasing holder between our open and our flock
             return fd
         os.close(fd)
+
+
+@contextlib.contextmanager
+def taking_turns(path: str | Path, step: str) -> Iterator[None]:
+    """A blocking exclusive flock around a step that the processes sharing an output (a launcher job's ranks) must
+    take one at a time, e.g. replacing run.json."""
+    import fcntl
+
+    fd = os.open(_lock_file(Path(path), step), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # the lock file stays: unlinking it could let two processes lock two files
 
 
 def _same_file(fd: int, path: Path) -> bool:

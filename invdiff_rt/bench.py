@@ -533,7 +533,7 @@ def check_base_export(base_export: str, adapter_export: str, config: BenchConfig
     flag = f"--base-export {base_export}"
     if not Path(base_export).is_dir():
         raise InvdiffError(f"{flag}: not an export folder; run `invdiff export --model MODEL` without --adapter")
-    base, with_adapter = read_manifest(base_export), read_manifest(adapter_export, verify=False)
+    base, with_adapter = read_manifest(base_export, flag="--base-export"), read_manifest(adapter_export, verify=False)
     if base.get("adapter"):
         raise InvdiffError(f"{flag}: exported with an adapter; export the base model without --adapter")
     if base.get("base_fingerprint") != with_adapter.get("base_fingerprint"):

@@ -383,6 +383,23 @@ def test_an_interrupted_overwrite_removes_the_replaced_files_when_resumed(loaded
     assert gen.REPLACES not in json.loads((out / gen.RUN_FILE).read_text())
 
 
+def test_merge_removes_what_an_overwrite_replaced_when_its_last_rank_died(loaded, tmp_path, monkeypatch, capsys):
+    from invdiff_rt import cli
+
+    out = tmp_path / "out"
+    _run(loaded, out, num=3)
+    with monkeypatch.context() as m:
+        m.setattr(gen, "_finish", lambda *a, **k: None)  # the last rank died before merging
+        for rank in (0, 1):
+            _run(loaded, out, num=1, seed=4, rank=rank, world_size=2, overwrite=True)
+    monkeypatch.setattr(sys, "argv", ["invdiff", "generate", "--merge", "--out", str(out)])
+    cli.main()
+    listed = sorted(r["file"] for r in read_jsonl(out / gen.MANIFEST))
+    pngs = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png") if p.name != gen.GRID)
+    assert pngs == listed and len(listed) == 2 and len(list(out.rglob(gen.GRID))) == 2  # the new grids
+    assert gen.REPLACES not in json.loads((out / gen.RUN_FILE).read_text())
+
+
 def test_prompts_with_words_the_model_does_not_know_are_refused(tmp_path, monkeypatch, capsys):
     """The built-in models' word-level tokenizer read "a zebra" and "a giraffe" as one unknown token: generate wrote
     the same images under both names (exit 0), where eval, pretrain and training refuse such captions."""

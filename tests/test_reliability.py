@@ -228,7 +228,7 @@ def test_two_outputs_naming_one_path_are_refused(tmp_path, monkeypatch, capsys, 
     assert not out.exists()
 
 
-def test_a_launcher_jobs_ranks_share_an_output_and_nothing_else_does(tmp_path, monkeypatch):
+def test_a_launcher_jobs_ranks_share_an_output_and_a_plain_process_is_refused(tmp_path, monkeypatch):
     """A plain `invdiff generate` on the --out of a running torchrun job was not refused (each rank locked its own
     key, the plain process another): it duplicated the ranks' work and could remove their temporaries."""
     out = tmp_path / "out"
@@ -256,6 +256,28 @@ def test_a_launcher_jobs_ranks_share_an_output_and_nothing_else_does(tmp_path, m
         rank1.wait()
     with output_lock(out):
         pass
+
+
+def test_ranks_replace_run_json_one_at_a_time(tmp_path):
+    """Two ranks replacing run.json at once each listed the files to remove and the last writer won, dropping the
+    images the other had read from a part it then deleted: the step is taken in turns."""
+    import threading
+
+    from invdiff_rt.artifacts import taking_turns
+
+    order = []
+
+    def second():
+        with taking_turns(tmp_path, "run.json"):
+            order.append("second")
+
+    with taking_turns(tmp_path, "run.json"):
+        thread = threading.Thread(target=second)
+        thread.start()
+        thread.join(0.5)
+        order.append("first done")
+    thread.join(5)
+    assert order == ["first done", "second"]
 
 
 def test_lock_is_held_across_processes_and_released(tmp_path):

@@ -37,8 +37,8 @@ def generate(
     scheduler: str = typer.Option("ddim", "--scheduler", help="ddim, dpm or euler."),
     precision: str = typer.Option("fp32", "--precision", help="fp32; fp16 (torch-cuda); bf16 (openvino, lossy)."),
     threads: Optional[int] = typer.Option(None, "--threads",
-                                          help="CPU threads for the backend (on torch a run setting: a resume "
-                                               "keeps it)."),
+                                          help="CPU threads for the backend (on torch a run setting: resume "
+                                               "with the same)."),
     engines: Path = typer.Option(Path("engines"), "--engines", help="TensorRT engine cache (`invdiff build --out`)."),
     no_grid: bool = typer.Option(False, "--no-grid",
                                  help="Do not write a grid PNG per prompt (of its first 64 images)."),
@@ -94,6 +94,7 @@ def _merge(out: Path, grid: bool) -> None:
     records = gen.finished_records(out, settings)
     gen.remove_stale_tmp(out, [gen.MANIFEST, *(f"{gen.prompt_slug(p)}/{gen.GRID}" for p, _ in records)])
     path = gen.merge_manifests(out, settings, records)
+    gen.remove_replaced(out, records)  # what an --overwrite run replaced, when its last rank died before merging
     grids = gen.write_grids(out, records) if grid else []
     Console().print(f"merged {len(records)} images into {path}; {len(grids)} grids", highlight=False, markup=False,
                     soft_wrap=True)

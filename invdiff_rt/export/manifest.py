@@ -133,11 +133,12 @@ def file_hashes(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST_NAME}
 
 
-def read_manifest(export_dir: str | Path, verify: bool = True) -> dict[str, Any]:
-    """The export manifest; with `verify`, every listed file must exist with its recorded sha256."""
+def read_manifest(export_dir: str | Path, verify: bool = True, flag: str = "--export") -> dict[str, Any]:
+    """The export manifest; with `verify`, every listed file must exist with its recorded sha256. `flag`: the
+    option that named the folder (for the error)."""
     export_dir = Path(export_dir)
     if not (export_dir / MANIFEST_NAME).is_file():
-        raise InvdiffError(f"--export {export_dir}: not an export folder (no {MANIFEST_NAME}); run `invdiff export` "
+        raise InvdiffError(f"{flag} {export_dir}: not an export folder (no {MANIFEST_NAME}); run `invdiff export` "
                            "first")
     manifest = artifacts.read_json(export_dir / MANIFEST_NAME, "export manifest")
     if manifest.get("format") != FORMAT:

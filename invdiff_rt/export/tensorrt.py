@@ -392,7 +392,7 @@ def read_export_manifest(export_dir: str | Path) -> dict[str, Any]:
         raise InvdiffError(f"--onnx {export_dir}: not an export folder; run `invdiff export` first")
     from .manifest import read_manifest
 
-    return read_manifest(export_dir, verify=False)  # the ONNX files are checked one by one (`verify_onnx`)
+    return read_manifest(export_dir, verify=False, flag="--onnx")  # ONNX files are checked one by one (`verify_onnx`)
 
 
 def export_components(export_dir: str | Path, names: list[str] | None = None) -> list[ExportedComponent]:

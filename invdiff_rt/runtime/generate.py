@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from ..artifacts import (append_jsonl, atomic_save_image, atomic_write_bytes, atomic_write_json, atomic_write_text,
-                         package_versions, read_json, read_jsonl, sha256_bytes, sha256_file)
+                         package_versions, read_json, read_jsonl, sha256_bytes, sha256_file, taking_turns)
 from ..errors import InvdiffError
 
 MANIFEST = "manifest.jsonl"
@@ -321,10 +321,10 @@ def run_generation(runtime, prompts: Sequence[str], out_dir: str | Path, *, num:
     made = [p for p in (*reversed(out_dir.parents), out_dir, out_dir / RUN_FILE) if not p.exists()]
     out_dir.mkdir(parents=True, exist_ok=True)
     part = out_dir / part_name(rank, world_size)
-    kept = _replaceable(out_dir, part) if overwrite and world_size == 1 else {}
-    changed = check_run_file(out_dir, settings, overwrite)
-    kept = kept if changed else {}
-    _prepare_part(out_dir, part, changed)
+    with taking_turns(out_dir, "run.json"):  # ranks: the first replaces run.json (and lists what it replaces)
+        kept = _replaceable(out_dir, part) if overwrite and world_size == 1 and _replacing(out_dir, settings) else {}
+        changed = check_run_file(out_dir, settings, overwrite)
+        _prepare_part(out_dir, part, changed)
     remove_stale_tmp(out_dir, _owned_files(jobs, mine, world_size))
     todo = pending(mine, out_dir, settings)
     start = time.perf_counter()
@@ -372,6 +372,12 @@ def _prepare_part(out_dir: Path, part: Path, settings_changed: bool) -> None:
     repair_torn_tail(part)
 
 
+def _replacing(out_dir: Path, settings: dict) -> bool:
+    """Whether an --overwrite run replaces DIR's recorded settings (only then is the old run kept aside)."""
+    path = out_dir / RUN_FILE
+    return path.is_file() and _old_settings(path, True) not in (None, settings)
+
+
 def _replaceable(out_dir: Path, part: Path) -> dict[Path, bytes]:
     """What a single-process --overwrite run with other settings replaces at its start (run.json, the manifest):
     kept to put back if it fails before its first image."""
@@ -398,12 +404,19 @@ def _listed_files(out_dir: Path) -> list[str]:
     """The images every manifest of DIR lists (the rank parts of a killed run too), their prompts' grids, and what
     an interrupted --overwrite run had still to remove."""
     files = set(_replaced(out_dir))
-    for manifest in (m for m in manifest_files(out_dir) if m.is_file()):
-        for line in manifest.read_text(errors="replace").splitlines():
+    for manifest in manifest_files(out_dir):
+        for line in _lines(manifest):
             record = _record(line)
             if isinstance(record.get("file"), str):
                 files |= {record["file"], f"{Path(record['file']).parent.as_posix()}/{GRID}"}
     return sorted(files)
+
+
+def _lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return []
 
 
 def _replaced(out_dir: Path) -> list[str]:
@@ -423,10 +436,10 @@ def _record(line: str) -> dict:
     return record if isinstance(record, dict) else {}
 
 
-def _remove_replaced(out_dir: Path, records: Mapping) -> None:
-    """Once an --overwrite run with other settings has finished (whichever rank, after however many resumes): the
-    replaced runs' images it did not make again (a smaller --num, other prompts) and their grids, which would mix
-    two settings in one folder; then run.json drops the list."""
+def remove_replaced(out_dir: Path, records: Mapping) -> None:
+    """Once an --overwrite run with other settings has finished (whichever rank, after however many resumes) or its
+    parts are merged (`generate --merge`): the replaced runs' images it did not make again (a smaller --num, other
+    prompts) and their grids, which would mix two settings in one folder; then run.json drops the list."""
     replaced = _replaced(out_dir)
     if not replaced:
         return
@@ -469,7 +482,7 @@ def _finish(result: GenerationResult, jobs: Sequence[Job], settings: dict, grid:
     if any(job.key not in records for job in jobs):
         return  # other ranks still running: the last one to finish merges
     result.manifest = merge_manifests(result.out_dir, settings, records)
-    _remove_replaced(result.out_dir, records)
+    remove_replaced(result.out_dir, records)
     if grid:
         prompts = {job.prompt for job in jobs}
         result.grids = write_grids(result.out_dir, {k: r for k, r in records.items() if k[0] in prompts})
