@@ -66,7 +66,8 @@ def check(
 
     sizes = _batch_sizes(batch_sizes)
     names = [b.strip() for b in backends.split(",") if b.strip()]
-    if not names or names[0] != "torch" or len(names) < 2 or "torch" in names[1:] or len(set(names)) < len(names):
+    others = names[1:]
+    if not names or names[0] != "torch" or set(others) <= {"torch"} or len(set(others)) < len(others):
         raise InvdiffError(f"--backends {backends}: start with torch (the reference) and name at least one other "
                            "backend, each once")
     limits = limits_of_manifest(read_manifest(export_dir, verify=False), export_dir)
