@@ -404,19 +404,12 @@ def _listed_files(out_dir: Path) -> list[str]:
     """The images every manifest of DIR lists (the rank parts of a killed run too), their prompts' grids, and what
     an interrupted --overwrite run had still to remove."""
     files = set(_replaced(out_dir))
-    for manifest in manifest_files(out_dir):
-        for line in _lines(manifest):
+    for manifest in (m for m in manifest_files(out_dir) if m.is_file()):  # ranks list and delete them in turns
+        for line in manifest.read_text(errors="replace").splitlines():
             record = _record(line)
             if isinstance(record.get("file"), str):
                 files |= {record["file"], f"{Path(record['file']).parent.as_posix()}/{GRID}"}
     return sorted(files)
-
-
-def _lines(path: Path) -> list[str]:
-    try:
-        return path.read_text(errors="replace").splitlines()
-    except FileNotFoundError:
-        return []
 
 
 def _replaced(out_dir: Path) -> list[str]:
