@@ -8,6 +8,7 @@ what the `rb` target trains the adapter towards (up to the base's own error). Sa
 eval`'s (DDIM 25, CFG 3.0 unless given), so the rows compare with the README's debiasing table.
 
     python bench/ideal_shift.py --model colored-digits --data DATA --attribute color --from-t 800 --weight 1
+    python bench/ideal_shift.py ... --oracle-shares-from BASE_REPORT  # the shift from what the guided base draws
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ import torch
 class IdealShift(torch.nn.Module):
     """`GuidanceAdapter`'s call signature; delta = Posterior.shift of each row's prompt (-1: the empty prompt)."""
 
-    def __init__(self, inputs, sampling: torch.Tensor, alphas_cumprod: torch.Tensor, from_t: int):
+    def __init__(self, inputs, sampling: torch.Tensor, alphas_cumprod: torch.Tensor, from_t: int,
+                 prior: torch.Tensor | None = None):
         from invdiff_rt.method.targets import Posterior
 
         super().__init__()
         self.alphas_cumprod, self.from_t = alphas_cumprod, from_t
-        self.posterior = Posterior.build(inputs.latents, inputs.prompt_ids, sampling)
+        self.posterior = Posterior.build(inputs.latents, inputs.prompt_ids, sampling, prior)
         self.table = torch.cat([inputs.text_embeddings, inputs.uncond_embedding.reshape(1, *inputs.text_embeddings.shape[1:])]).flatten(1)
 
     def prompt_of(self, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
@@ -50,6 +52,8 @@ def main() -> None:
     p.add_argument("--guidance-scale", type=float, default=None)
     p.add_argument("--per-prompt", type=int, default=32)
     p.add_argument("--json", default=None)
+    p.add_argument("--oracle-shares-from", default=None, help="an `invdiff eval --json` report of the base: shift "
+                   "from the shares the guided base draws, not the data's (`invdiff train --oracle-shares-from`)")
     a = p.parse_args()
     from invdiff_rt.eval.evaluate import evaluate
     from invdiff_rt.method.cache import base_inputs
@@ -61,7 +65,13 @@ def main() -> None:
     inputs = base_inputs(model, a.data)
     grouping = group_from_flags(hidden_minority(a.data, a.attribute, inputs.prompt_ids), inputs.prompt_ids,
                                 "invdiff-rt")
-    ideal = IdealShift(inputs, grouping.sampling, make_noise_scheduler(model).alphas_cumprod, a.from_t)
+    prior = None
+    if a.oracle_shares_from:
+        from invdiff_rt.method.train import TrainConfig, _oracle_prior
+
+        config = TrainConfig(oracle_column=a.attribute, oracle_shares=a.oracle_shares_from)
+        prior = _oracle_prior(model, inputs, a.data, config)[0]
+    ideal = IdealShift(inputs, grouping.sampling, make_noise_scheduler(model).alphas_cumprod, a.from_t, prior)
     report = evaluate(model, a.data, a.attribute, per_prompt=a.per_prompt, adapter=ideal, adapter_weight=a.weight,
                       guidance_scale=a.guidance_scale)
     shares = [v["majority_share"] for v in report["per_prompt"].values()]

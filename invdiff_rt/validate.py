@@ -207,6 +207,7 @@ RULES: dict[str, Rule] = {
     "--onnx": Rule(path="dir"),
     "--classifier": Rule(path="dir"),
     "--prompts": Rule(path="file"),
+    "--oracle-shares-from": Rule(path="file"),
     "--engine": Rule(path="file"),
     "train --groups": Rule(path="prefix"),
     "calibrate --groups": Rule(path="prefix"),

@@ -46,6 +46,24 @@ def test_posterior_shift_two_latents_by_hand():
                        torch.zeros(1, 1, 1, 1))  # uniform weights: no shift
 
 
+def test_posterior_with_the_samplers_prior_by_hand():
+    """With a prior q (what the guided base draws), the shift runs from q to the sampler's weights s and the rb target
+    adds the prior's own move from the data: E_s - E_q + E_1 in place of E_s."""
+    latents = torch.tensor([[1.0], [-1.0]]).reshape(2, 1, 1, 1)
+    ids, t, x_t, row = torch.zeros(2, dtype=torch.long), torch.tensor([999]), torch.zeros(1, 1, 1, 1), torch.tensor([0])
+    a, s = ABAR[999].sqrt(), (1 - ABAR[999]).sqrt()
+    sampling, prior = torch.tensor([1.0, 3.0]), torch.tensor([3.0, 1.0])  # x_t equidistant: E_s -0.5, E_q +0.5, E_1 0
+    post = Posterior.build(latents, ids, sampling, prior)
+    assert torch.allclose(post.shift(x_t, t, row, ABAR).flatten(), (-(a / s) * (-0.5 - 0.5)).reshape(1), rtol=1e-5)
+    assert torch.allclose(post.eps(x_t, t, row, ABAR).flatten(), ((0 - a * (-0.5 - 0.5 + 0.0)) / s).reshape(1),
+                          rtol=1e-5)
+    plain = Posterior.build(latents, ids, sampling)  # a uniform prior is no prior: the same bytes
+    uniform = Posterior.build(latents, ids, sampling, torch.ones(2))
+    x = torch.tensor([0.3]).reshape(1, 1, 1, 1)
+    assert torch.equal(plain.shift(x, t, row, ABAR), uniform.shift(x, t, row, ABAR))
+    assert torch.allclose(plain.eps(x, t, row, ABAR), uniform.eps(x, t, row, ABAR), atol=1e-6)
+
+
 def test_rb_target_is_the_drawn_noise_at_low_t_and_masks_other_prompts():
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(6, 4, 2, 2, generator=g)

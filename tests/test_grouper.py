@@ -128,3 +128,12 @@ def test_auroc_hand_values_with_ties():
     # pairs (pos, neg): (0.4,0.1)=1, (0.4,0.4)=0.5, (0.8,0.1)=1, (0.8,0.4)=1 -> 3.5 / 4
     assert grouper.auroc(score, pos) == 0.875
     assert grouper.auroc(score, torch.zeros(4, dtype=torch.bool)) != grouper.auroc(score, torch.zeros(4, dtype=torch.bool))
+
+
+def test_sampler_prior_reweights_each_prompt_to_the_drawn_shares():
+    """Prompt 0: one minority row of four (data 0.75 majority), drawn at 0.9 -> majority rows 0.9 / 0.75, the
+    minority row 0.1 / 0.25; prompt 1 has no minority row and keeps 1."""
+    minority = torch.tensor([True, False, False, False, False, False])
+    ids = torch.tensor([0, 0, 0, 0, 1, 1])
+    got = grouper.sampler_prior(minority, ids, [0.9, 0.99])
+    assert torch.allclose(got, torch.tensor([0.4, 1.2, 1.2, 1.2, 1.0, 1.0]))

@@ -355,6 +355,46 @@ def test_a_diverged_or_interrupted_training_leaves_no_adapter_and_keeps_its_chec
 
 
 @pytest.mark.slow
+def test_oracle_shares_from_a_base_report(setup):
+    """--oracle-shares-from: the base's per-prompt majority shares from an eval report (clamped to 0.5/n..1-0.5/n)
+    become the target's prior and adapter.json records them; a report that is not of this base on the oracle column
+    is refused in one line before anything is written."""
+    from invdiff_rt.models.loader import load_model
+
+    model, data, tmp = setup
+    fingerprint = load_model(model).fingerprint
+    report = {"attribute": "color", "n_per_prompt": 8, "settings": {"model_fingerprint": fingerprint,
+              "adapter_fingerprint": None, "guidance_scale": 3.0},
+              "per_prompt": {PROMPTS[0]: {"majority_share": 0.875}, PROMPTS[1]: {"majority_share": 1.0}}}
+    (tmp / "base.json").write_text(json.dumps(report))
+    base = ["train", "--model", str(model), "--data", str(data), "--steps", "2", "--batch-size", "4"]
+    outs = {}
+    for name, extra in (("plain", []), ("prior", ["--oracle-shares-from", str(tmp / "base.json")])):
+        r = _invoke(*base, "--oracle-groups-from", "color", "--out", str(tmp / name), *extra)
+        assert r.exit_code == 0, r.output
+        outs[name] = json.loads((tmp / name / "adapter.json").read_text())
+    recorded = outs["prior"]["sampler_prior"]
+    assert recorded["majority_share"] == {PROMPTS[0]: 0.875, PROMPTS[1]: 1 - 0.5 / 8}
+    assert recorded["source"] == "oracle:color" and recorded["guidance_scale"] == 3.0
+    assert "sampler_prior" not in outs["plain"] and outs["plain"]["weights_sha256"] != outs["prior"]["weights_sha256"]
+    wrong = {"adapter": {**report, "settings": {**report["settings"], "adapter_fingerprint": "ab"}},
+             "attribute": {**report, "attribute": "shape"},
+             "model": {**report, "settings": {**report["settings"], "model_fingerprint": "cd"}}}
+    messages = {"adapter": "a report of an adapter's samples", "attribute": "a report on attribute 'shape'",
+                "model": "a report of another base model"}
+    for name, bad in wrong.items():
+        path = tmp / f"report_{name}.json"
+        path.write_text(json.dumps(bad))
+        r = _invoke(*base, "--oracle-groups-from", "color", "--out", str(tmp / "refused"), "--oracle-shares-from",
+                    str(path))
+        assert str(r.exception).startswith(f"--oracle-shares-from {path}: {messages[name]}; "), r.output
+    r = _invoke(*base, "--out", str(tmp / "refused"), "--oracle-shares-from",
+                str(tmp / "base.json"))
+    assert str(r.exception).startswith("--oracle-shares-from: needs --oracle-groups-from with one column")
+    assert not (tmp / "refused").exists()
+
+
+@pytest.mark.slow
 def test_groups_and_train_refuse_what_cannot_act(setup):
     from invdiff_rt.commands.method import calibrate
     from invdiff_rt.method.grouper import group_diagnostics

@@ -231,6 +231,21 @@ def group_from_flags(minority: torch.Tensor, prompt_ids: torch.Tensor, recipe: s
                     else {})
 
 
+def sampler_prior(minority: torch.Tensor, prompt_ids: torch.Tensor, majority_share: list[float]) -> torch.Tensor:
+    """[N] row weights of what the guided base draws relative to the data (`targets.Posterior`'s prior): each
+    prompt's majority rows at q / (data majority share), its minority rows at (1 - q) / (data minority share), for
+    q = `majority_share[prompt id]` (e.g. 0.98 drawn where the data has 0.95); a prompt without minority rows
+    keeps 1."""
+    prior = torch.ones(len(prompt_ids))
+    for p, q in enumerate(majority_share):
+        rows = prompt_ids == p
+        pi = minority[rows].float().mean()
+        if 0 < pi < 1:
+            prior[rows & minority] = (1 - q) / pi
+            prior[rows & ~minority] = q / (1 - pi)
+    return prior
+
+
 def group_erm(n: int) -> Grouping:
     return Grouping(torch.ones(n, 1), torch.zeros(n), torch.ones(n), torch.zeros(n, dtype=torch.bool), {})
 

@@ -54,51 +54,67 @@ def draw_timesteps(probs: torch.Tensor, n: int, generator: torch.Generator) -> t
 @dataclass(frozen=True)
 class Posterior:
     """The empirical posterior over the training latents under a sampler's weights: per prompt id, that prompt's
-    latents (flat, float64), their squared norms and log sampling weights; id -1 (a dropped caption) holds every
-    latent. Built once per run: rebuilding these every batch was a fifth of an adapter training step."""
+    latents (flat, float64), their squared norms, log sampling weights and log prior weights; id -1 (a dropped
+    caption) holds every latent. Built once per run: rebuilding these every batch was a fifth of an adapter training
+    step.
+
+    `prior` (optional, [N]): what the base's sampler draws, as a weight per training row relative to the data (the
+    groups at the shares the guided base actually draws them at, e.g. 0.98 where the data has 0.95): the shift is then
+    taken from that distribution to the sampler's weights, not from the data's (None: the data's, uniform)."""
 
     tables: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    has_prior: bool = False
 
     @classmethod
-    def build(cls, latents: torch.Tensor, prompt_ids: torch.Tensor, sampling: torch.Tensor) -> "Posterior":
+    def build(cls, latents: torch.Tensor, prompt_ids: torch.Tensor, sampling: torch.Tensor,
+              prior: torch.Tensor | None = None) -> "Posterior":
         log_s = sampling.clamp_min(1e-12).log()
+        log_q = torch.zeros_like(log_s) if prior is None else prior.clamp_min(1e-12).log()
+        log_w = torch.stack([log_s, log_q, torch.zeros_like(log_s)])
         masks = {-1: torch.ones_like(prompt_ids, dtype=torch.bool)}
         masks.update({int(p): prompt_ids == p for p in prompt_ids.unique()})
-        return cls({p: _table(latents[m], log_s[m]) for p, m in masks.items()})
+        return cls({p: _table(latents[m], log_w[:, m]) for p, m in masks.items()}, prior is not None)
 
     def shift(self, x_t: torch.Tensor, t: torch.Tensor, prompt: torch.Tensor,
               alphas_cumprod: torch.Tensor) -> torch.Tensor:
         """delta* [B,C,h,w] for a batch; `prompt` [B] holds each row's prompt id, or -1 for a dropped caption."""
         alpha, sigma = _alpha_sigma(alphas_cumprod, t)
-        plain, weighted = self._means(x_t, alpha, sigma, prompt, plain=True)
-        shift = -(alpha / sigma)[:, None] * (weighted - plain)
+        weighted, prior = self._means(x_t, alpha, sigma, prompt, (SAMPLER, PRIOR))
+        shift = -(alpha / sigma)[:, None] * (weighted - prior)
         return shift.reshape(x_t.shape).float()
 
     def eps(self, x_t: torch.Tensor, t: torch.Tensor, prompt: torch.Tensor,
             alphas_cumprod: torch.Tensor) -> torch.Tensor:
-        """eps_s(x_t) [B,C,h,w]: the empirical denoiser of the sampler-weighted training latents (`rb` target)."""
+        """eps_s(x_t) [B,C,h,w]: the empirical denoiser of the sampler-weighted training latents (`rb` target); with
+        a prior, plus the prior's shift from the data, eps_1 - eps_q (the base predicts eps_1, its sampler draws q)."""
         alpha, sigma = _alpha_sigma(alphas_cumprod, t)
-        _, weighted = self._means(x_t, alpha, sigma, prompt, plain=False)
-        eps = (x_t.flatten(1).double() - alpha[:, None] * weighted) / sigma[:, None]
+        if self.has_prior:
+            weighted, prior, plain = self._means(x_t, alpha, sigma, prompt, (SAMPLER, PRIOR, PLAIN))
+            mean = weighted - prior + plain
+        else:
+            mean = self._means(x_t, alpha, sigma, prompt, (SAMPLER,))[0]
+        eps = (x_t.flatten(1).double() - alpha[:, None] * mean) / sigma[:, None]
         return eps.reshape(x_t.shape).float()
 
-    def _means(self, x_t, alpha, sigma, prompt, plain: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """E_1[x0 | x_t] (when `plain`) and E_s[x0 | x_t] of each row over its own prompt's latents, in float64."""
-        out_plain = torch.empty(x_t.shape[0], x_t[0].numel(), dtype=torch.float64) if plain else None
-        weighted = torch.empty(x_t.shape[0], x_t[0].numel(), dtype=torch.float64)
+    def _means(self, x_t, alpha, sigma, prompt, weightings: tuple[int, ...]) -> torch.Tensor:
+        """[len(weightings), B, D]: E[x0 | x_t] of each row over its own prompt's latents in float64, under each
+        weighting of the latents (`SAMPLER`: the sampler's, `PRIOR`: the prior's, `PLAIN`: uniform)."""
+        means = torch.empty(len(weightings), x_t.shape[0], x_t[0].numel(), dtype=torch.float64)
         for p in prompt.unique().tolist():
             rows = prompt == p
-            flat, sq_norms, log_s = self.tables[p]
+            flat, sq_norms, log_w = self.tables[p]
             logits = _logits(x_t[rows], alpha[rows], sigma[rows], flat, sq_norms)
-            weighted[rows] = torch.softmax(logits + log_s[None], dim=1) @ flat
-            if plain:
-                out_plain[rows] = torch.softmax(logits, dim=1) @ flat
-        return out_plain, weighted
+            for i, k in enumerate(weightings):
+                means[i, rows] = torch.softmax(logits + log_w[k], dim=1) @ flat
+        return means
 
 
-def _table(latents: torch.Tensor, log_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+SAMPLER, PRIOR, PLAIN = range(3)  # the rows of a Posterior table's log weights
+
+
+def _table(latents: torch.Tensor, log_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     flat = latents.flatten(1).double()
-    return flat, flat.pow(2).sum(1), log_s.double()
+    return flat, flat.pow(2).sum(1), log_w.double()
 
 
 def _alpha_sigma(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,13 +140,13 @@ FROM_T_GRID_STEP = 50
 
 
 def shift_profile(noise_scheduler, latents: torch.Tensor, prompt_ids: torch.Tensor, sampling: torch.Tensor,
-                  grid: list[int], n: int = 256, seed: int = 1) -> list[float]:
+                  grid: list[int], n: int = 256, seed: int = 1, prior: torch.Tensor | None = None) -> list[float]:
     """rms of `Posterior.shift` at each t of `grid`, on `n` training samples drawn from the groups' sampler."""
     gen = torch.Generator().manual_seed(seed)
     idx = torch.multinomial(sampling, n, replacement=True, generator=gen)
     x0 = latents[idx]
     noise = torch.randn(x0.shape, generator=gen)
-    posterior = Posterior.build(latents, prompt_ids, sampling)
+    posterior = Posterior.build(latents, prompt_ids, sampling, prior)
     rms = []
     for t in grid:
         tt = torch.full((n,), t)
@@ -141,12 +157,12 @@ def shift_profile(noise_scheduler, latents: torch.Tensor, prompt_ids: torch.Tens
 
 
 def active_from_t(noise_scheduler, latents: torch.Tensor, prompt_ids: torch.Tensor, sampling: torch.Tensor,
-                  fraction: float = FROM_T_FRACTION) -> tuple[int, dict[str, float]]:
+                  fraction: float = FROM_T_FRACTION, prior: torch.Tensor | None = None) -> tuple[int, dict[str, float]]:
     """(from_t, profile): the first t of a grid where the groups' reweighting moves the posterior by at least
     `fraction` of its largest move (where the spurious attribute is decided; 0 when it moves nowhere), and the
     rms profile that decided it. Label-free: it uses only the training latents and the sampler's weights."""
     grid = list(range(0, noise_scheduler.config.num_train_timesteps, FROM_T_GRID_STEP))
-    rms = shift_profile(noise_scheduler, latents, prompt_ids, sampling, grid)
+    rms = shift_profile(noise_scheduler, latents, prompt_ids, sampling, grid, prior=prior)
     top = max(rms)
     from_t = next((t for t, r in zip(grid, rms) if r >= fraction * top), 0) if top > 1e-6 else 0  # 0: no move
     return from_t, {str(t): round(r, 5) for t, r in zip(grid, rms)}

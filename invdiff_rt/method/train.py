@@ -23,7 +23,8 @@ from ..errors import InvdiffError
 from ..parallel import map_ahead
 from .adapter import MANIFEST_NAME, GuidanceAdapter, config_for_unet, parameter_count, write_adapter
 from .defaults import ADAPTER_STEPS, CALIBRATION_MIN_SAMPLES, CALIBRATION_PER_PROMPT
-from .grouper import Grouping, GroupsResult, check_groups_match, group_erm, group_from_flags, hidden_minority
+from .grouper import (Grouping, GroupsResult, check_groups_match, group_erm, group_from_flags, hidden_minority,
+                      sampler_prior)
 from .losses import (NUM_TRAIN_TIMESTEPS, _gen, denoising_target, make_noise_scheduler, progress_bar,
                      target_from_eps)
 from . import splits
@@ -68,6 +69,7 @@ class TrainConfig:
     checkpoint_every: int = 250
     resume: bool = False
     oracle_column: str | None = None
+    oracle_shares: str | None = None  # an `invdiff eval --json` report of the base: the shares its sampler draws
     show_progress: bool = True
     t_sampling: str | None = None  # uniform | snr (targets.py); None: the recipe's
     target: str | None = None  # noise | posterior | rb (targets.py); None: the recipe's
@@ -116,6 +118,18 @@ def check_train_config(config: TrainConfig) -> None:
     for flag, value, allowed in (("--t-sampling", config.t_sampling, T_SAMPLING), ("--target", config.target, TARGETS)):
         if value not in allowed:
             raise InvdiffError(f"{flag} {value}: unknown; use one of {', '.join(allowed)}")
+    _check_oracle_shares(config)
+
+
+def _check_oracle_shares(config: TrainConfig) -> None:
+    if config.oracle_shares is None:
+        return
+    if not config.oracle_column or "," in config.oracle_column:
+        raise InvdiffError("--oracle-shares-from: needs --oracle-groups-from with one column (the report's "
+                           "attribute); drop --oracle-shares-from or add --oracle-groups-from COLUMN")
+    if config.target not in POSTERIOR_TARGETS:
+        raise InvdiffError(f"--oracle-shares-from: target {config.target} has no posterior to shift; use --target "
+                           "rb or posterior")
 
 
 def _resolve_grouping(groups: GroupsResult | None, inputs, data_dir, config: TrainConfig) -> tuple[Grouping, dict]:
@@ -210,6 +224,7 @@ def _step_loss(adapter, batch: Batch, eps_base: torch.Tensor | None, lam: float,
 
 _NOT_IN_KEY = ("resume", "show_progress", "checkpoint_every", "calibrate", "calibrate_scales", "calibrate_per_prompt",
                "calibrate_min_samples")  # they do not change the steps: a resume may change them
+_KEYED_WHEN_SET = ("oracle_shares",)  # fields added later: unset, they leave earlier checkpoints' keys as they were
 
 
 def _run_key(config: TrainConfig, meta: dict, processes: int | None) -> str:
@@ -218,7 +233,8 @@ def _run_key(config: TrainConfig, meta: dict, processes: int | None) -> str:
     written after the test holds its verdict). `processes` None: the key of checkpoints written before 2026-12-06
     (every config field, no process count), still resumed."""
     drop = ("resume", "show_progress") if processes is None else _NOT_IN_KEY
-    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in drop}
+    fields = {k: v for k, v in dataclasses.asdict(config).items()
+              if k not in drop and not (k in _KEYED_WHEN_SET and v is None)}
     split = splits.TEST_SETTINGS if _tests_split(config) else None
     return artifacts.sha256_json({"config": fields, **meta, **({} if processes is None else {"processes": processes}),
                                   **({"split_test": split} if split else {})})
@@ -253,11 +269,43 @@ def _make_optimizer(adapter, config: TrainConfig):
     return optimizer, get_cosine_schedule_with_warmup(optimizer, warmup, config.steps)
 
 
-def _from_t(noise_scheduler, inputs, grouping: Grouping, config: TrainConfig) -> dict:
+def _oracle_prior(model, inputs, data_dir, config: TrainConfig) -> tuple[torch.Tensor | None, dict]:
+    """`--oracle-shares-from REPORT`: the prior of `targets.Posterior` from the base's per-prompt majority shares in
+    an `invdiff eval --json` report of the base on the oracle column (comparison only; None without the flag)."""
+    if config.oracle_shares is None:
+        return None, {}
+    report = _base_report(config.oracle_shares, model, inputs, config.oracle_column)
+    n = report["n_per_prompt"]
+    shares = [min(max(report["per_prompt"][p]["majority_share"], 0.5 / n), 1 - 0.5 / n) for p in inputs.prompts]
+    minority = hidden_minority(data_dir, config.oracle_column, inputs.prompt_ids)
+    meta = {"source": f"oracle:{config.oracle_column}", "report": str(config.oracle_shares),
+            "report_sha256": artifacts.sha256_file(config.oracle_shares),
+            "guidance_scale": report["settings"]["guidance_scale"], "majority_share": dict(zip(inputs.prompts, shares))}
+    return sampler_prior(minority, inputs.prompt_ids, shares), {"sampler_prior": meta}
+
+
+def _base_report(path, model, inputs, column: str) -> dict:
+    """The `invdiff eval --json` report at `path`, checked to be of this base's own samples on `column`."""
+    fix = f"give the report of `invdiff eval --model M --data DATA --attribute {column} --json REPORT` (no --adapter)"
+    report = artifacts.read_json(path, "eval report", fix)
+    settings = report.get("settings") or {}
+    problems = [(report.get("attribute") != column, f"a report on attribute {report.get('attribute')!r}"),
+                (settings.get("adapter_fingerprint") is not None, "a report of an adapter's samples"),
+                (settings.get("model_fingerprint") != model.fingerprint, "a report of another base model"),
+                (not set(inputs.prompts) <= set(report.get("per_prompt") or {}), "a report without every prompt"),
+                (not report.get("n_per_prompt"), "a report without n_per_prompt")]
+    bad = next((what for wrong, what in problems if wrong), None)
+    if bad:
+        raise InvdiffError(f"--oracle-shares-from {path}: {bad}; {fix}")
+    return report
+
+
+def _from_t(noise_scheduler, inputs, grouping: Grouping, config: TrainConfig, prior=None) -> dict:
     """adapter.json's `from_t` (and, for "auto", the shift profile that chose it)."""
     if config.from_t != "auto":
         return {"from_t": int(config.from_t)}
-    from_t, profile = active_from_t(noise_scheduler, inputs.latents, inputs.prompt_ids, grouping.sampling)
+    from_t, profile = active_from_t(noise_scheduler, inputs.latents, inputs.prompt_ids, grouping.sampling,
+                                    prior=prior)
     return {"from_t": from_t, "from_t_rule": {"fraction": FROM_T_FRACTION, "shift_rms": profile}}
 
 
@@ -283,6 +331,7 @@ class _Run:
     key: str
     ckpt: Path
     split_test: dict | None = None  # the second-split test's record, once made (splits.py)
+    prior: torch.Tensor | None = None  # what the base's sampler draws (`--oracle-shares-from`; targets.Posterior)
 
 
 def _train_step(accelerator, run: _Run, config: TrainConfig, step: int, first: bool,
@@ -391,7 +440,7 @@ def _finetune(accelerator, run: _Run, config: TrainConfig, show: bool) -> dict:
     steps = run.split_test["finetune_steps"]
     run.grouping = splits.with_second_split(run.grouping, run.inputs.prompt_ids)
     if run.posterior is not None:
-        run.posterior = Posterior.build(run.inputs.latents, run.inputs.prompt_ids, run.grouping.sampling)
+        run.posterior = Posterior.build(run.inputs.latents, run.inputs.prompt_ids, run.grouping.sampling, run.prior)
     optimizer, run.lr_scheduler = _make_optimizer(accelerator.unwrap_model(run.adapter),
                                                   dataclasses.replace(config, steps=steps))
     run.optimizer = accelerator.prepare(optimizer)
@@ -421,8 +470,10 @@ def train_adapter(model, data_dir: str | Path, groups: GroupsResult | None, out_
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     inputs = base_inputs(model, data_dir)
     grouping, group_meta = _resolve_grouping(groups, inputs, data_dir, config)
+    prior, prior_meta = _oracle_prior(model, inputs, data_dir, config)
     noise_scheduler = make_noise_scheduler(model)
-    meta = {**_run_meta(model, inputs, group_meta, config), **_from_t(noise_scheduler, inputs, grouping, config)}
+    meta = {**_run_meta(model, inputs, group_meta, config), **prior_meta,
+            **_from_t(noise_scheduler, inputs, grouping, config, prior)}
     config = dataclasses.replace(config, from_t=meta["from_t"])  # "auto" resolved: draw_batch may start there
     unet = model.unet.to(accelerator.device).eval().requires_grad_(False)
     torch.manual_seed(config.seed)
@@ -433,10 +484,10 @@ def train_adapter(model, data_dir: str | Path, groups: GroupsResult | None, out_
     start_step, split_test = (load_checkpoint(ckpt, keys, adapter, optimizer, lr_scheduler) if config.resume
                               else (0, None))
     adapter, optimizer = accelerator.prepare(adapter, optimizer)  # the LR schedule is stepped by hand, once a step
-    posterior = (Posterior.build(inputs.latents, inputs.prompt_ids, grouping.sampling)
+    posterior = (Posterior.build(inputs.latents, inputs.prompt_ids, grouping.sampling, prior)
                  if config.target in POSTERIOR_TARGETS else None)
     run = _Run(unet, adapter, optimizer, lr_scheduler, noise_scheduler, inputs, grouping, posterior, key, ckpt,
-               split_test)
+               split_test, prior)
     last = _train(accelerator, run, config, start_step)
     if accelerator.is_main_process:
         meta.update(num_processes=accelerator.num_processes, resumed_from_step=start_step, final=last,
