@@ -48,20 +48,27 @@ def test_posterior_shift_two_latents_by_hand():
 
 def test_posterior_with_the_samplers_prior_by_hand():
     """With a prior q (what the guided base draws), the shift runs from q to the sampler's weights s and the rb target
-    adds the prior's own move from the data: E_s - E_q + E_1 in place of E_s."""
+    adds the prior's own move from the data: E_s - E_q + E_1 in place of E_s (a dropped caption: every latent)."""
     latents = torch.tensor([[1.0], [-1.0]]).reshape(2, 1, 1, 1)
-    ids, t, x_t, row = torch.zeros(2, dtype=torch.long), torch.tensor([999]), torch.zeros(1, 1, 1, 1), torch.tensor([0])
-    a, s = ABAR[999].sqrt(), (1 - ABAR[999]).sqrt()
-    sampling, prior = torch.tensor([1.0, 3.0]), torch.tensor([3.0, 1.0])  # x_t equidistant: E_s -0.5, E_q +0.5, E_1 0
+    ids, t, x = torch.zeros(2, dtype=torch.long), torch.tensor([500, 500]), 0.3
+    x_t, rows = torch.full((2, 1, 1, 1), x), torch.tensor([0, -1])
+    a, s = float(ABAR[500].sqrt()), float((1 - ABAR[500]).sqrt())
+    sampling, prior = torch.tensor([1.0, 3.0]), torch.tensor([3.0, 1.0])
+
+    def mean(w_plus: float, w_minus: float) -> float:  # E_w[x0 | x_t] over the latents +1 and -1, by hand
+        plus, minus = w_plus * math.exp(-(x - a) ** 2 / (2 * s * s)), w_minus * math.exp(-(x + a) ** 2 / (2 * s * s))
+        return (plus - minus) / (plus + minus)
+
+    e_s, e_q, e_1 = mean(1, 3), mean(3, 1), mean(1, 1)
     post = Posterior.build(latents, ids, sampling, prior)
-    assert torch.allclose(post.shift(x_t, t, row, ABAR).flatten(), (-(a / s) * (-0.5 - 0.5)).reshape(1), rtol=1e-5)
-    assert torch.allclose(post.eps(x_t, t, row, ABAR).flatten(), ((0 - a * (-0.5 - 0.5 + 0.0)) / s).reshape(1),
-                          rtol=1e-5)
-    plain = Posterior.build(latents, ids, sampling)  # a uniform prior is no prior: the same bytes
+    want_shift, want_eps = -(a / s) * (e_s - e_q), (x - a * (e_s - e_q + e_1)) / s
+    assert torch.allclose(post.shift(x_t, t, rows, ABAR).flatten(), torch.full((2,), want_shift), rtol=1e-5)
+    assert torch.allclose(post.eps(x_t, t, rows, ABAR).flatten(), torch.full((2,), want_eps), rtol=1e-5)
+    assert abs(e_1) > 0.1  # x_t off centre: a sign slip on E_1 would show
+    plain = Posterior.build(latents, ids, sampling)  # a uniform prior is no prior: the same values
     uniform = Posterior.build(latents, ids, sampling, torch.ones(2))
-    x = torch.tensor([0.3]).reshape(1, 1, 1, 1)
-    assert torch.equal(plain.shift(x, t, row, ABAR), uniform.shift(x, t, row, ABAR))
-    assert torch.allclose(plain.eps(x, t, row, ABAR), uniform.eps(x, t, row, ABAR), atol=1e-6)
+    assert torch.equal(plain.shift(x_t, t, rows, ABAR), uniform.shift(x_t, t, rows, ABAR))
+    assert torch.allclose(plain.eps(x_t, t, rows, ABAR), uniform.eps(x_t, t, rows, ABAR), atol=1e-6)
 
 
 def test_rb_target_is_the_drawn_noise_at_low_t_and_masks_other_prompts():

@@ -355,42 +355,60 @@ def test_a_diverged_or_interrupted_training_leaves_no_adapter_and_keeps_its_chec
 
 
 @pytest.mark.slow
-def test_oracle_shares_from_a_base_report(setup):
+def test_oracle_shares_from_a_base_report(setup, monkeypatch):
     """--oracle-shares-from: the base's per-prompt majority shares from an eval report (clamped to 0.5/n..1-0.5/n)
-    become the target's prior and adapter.json records them; a report that is not of this base on the oracle column
-    is refused in one line before anything is written."""
+    become the target's prior and adapter.json records them; a report that is not of this base and data on the oracle
+    column, or is malformed, is refused in one line before anything is written."""
+    from invdiff_rt.data.folder import data_fingerprint
+    from invdiff_rt.method import train
     from invdiff_rt.models.loader import load_model
 
     model, data, tmp = setup
-    fingerprint = load_model(model).fingerprint
-    report = {"attribute": "color", "n_per_prompt": 8, "settings": {"model_fingerprint": fingerprint,
-              "adapter_fingerprint": None, "guidance_scale": 3.0},
+    report = {"attribute": "color", "n_per_prompt": 8,
+              "settings": {"model_fingerprint": load_model(model).fingerprint, "adapter_fingerprint": None,
+                           "data_fingerprint": data_fingerprint(data, "train"), "guidance_scale": 3.0},
               "per_prompt": {PROMPTS[0]: {"majority_share": 0.875}, PROMPTS[1]: {"majority_share": 1.0}}}
     (tmp / "base.json").write_text(json.dumps(report))
     base = ["train", "--model", str(model), "--data", str(data), "--steps", "2", "--batch-size", "4"]
+    priors, build = [], train.Posterior.build.__func__
+    monkeypatch.setattr(train.Posterior, "build", classmethod(
+        lambda cls, *args: priors.append(args[3] if len(args) > 3 else None) or build(cls, *args)))
     outs = {}
     for name, extra in (("plain", []), ("prior", ["--oracle-shares-from", str(tmp / "base.json")])):
-        r = _invoke(*base, "--oracle-groups-from", "color", "--out", str(tmp / name), *extra)
+        r = _invoke(*base, "--oracle-groups-from", "color", "--from-t", "500", "--out", str(tmp / name), *extra)
         assert r.exit_code == 0, r.output
         outs[name] = json.loads((tmp / name / "adapter.json").read_text())
+    # 2 of each prompt's 10 rows are its minority: prompt 0 drawn at 0.875 -> 0.125 / 0.2 and 0.875 / 0.8; prompt 1
+    # at 1.0, clamped to 1 - 0.5 / 8 -> 0.0625 / 0.2 and 0.9375 / 0.8
+    assert priors[0] is None and sorted({round(float(v), 6) for v in priors[-1]}) == [0.3125, 0.625, 1.09375, 1.171875]
     recorded = outs["prior"]["sampler_prior"]
     assert recorded["majority_share"] == {PROMPTS[0]: 0.875, PROMPTS[1]: 1 - 0.5 / 8}
     assert recorded["source"] == "oracle:color" and recorded["guidance_scale"] == 3.0
     assert "sampler_prior" not in outs["plain"] and outs["plain"]["weights_sha256"] != outs["prior"]["weights_sha256"]
-    wrong = {"adapter": {**report, "settings": {**report["settings"], "adapter_fingerprint": "ab"}},
-             "attribute": {**report, "attribute": "shape"},
-             "model": {**report, "settings": {**report["settings"], "model_fingerprint": "cd"}}}
-    messages = {"adapter": "a report of an adapter's samples", "attribute": "a report on attribute 'shape'",
-                "model": "a report of another base model"}
-    for name, bad in wrong.items():
-        path = tmp / f"report_{name}.json"
+    settings, shares = report["settings"], report["per_prompt"]
+    wrong = {"a report of an adapter's samples": {"settings": {**settings, "adapter_fingerprint": "ab"}},
+             "a report on attribute 'shape'": {"attribute": "shape"},
+             "a report of another base model": {"settings": [1]},
+             "a report on other data": {"settings": {**settings, "data_fingerprint": "ef"}},
+             "a report without a majority_share in 0..1 for every prompt": {"per_prompt": {PROMPTS[0]: shares[PROMPTS[0]]}},
+             "a report without a positive n_per_prompt": {"n_per_prompt": "8"},
+             "a report without its guidance_scale": {"settings": {**settings, "guidance_scale": None}}}
+    bad_shares = ([{**shares, PROMPTS[1]: {"majority_share": v}} for v in ("0.9", None, float("nan"), 1.5, True)]
+                  + [[1, 2], {**shares, PROMPTS[1]: 0.5}])
+    cases = [(message, {**report, **change}) for message, change in wrong.items()]
+    cases += [("a report without a majority_share in 0..1 for every prompt", {**report, "per_prompt": bad})
+              for bad in bad_shares]
+    for i, (message, bad) in enumerate(cases):
+        path = tmp / f"report_{i}.json"
         path.write_text(json.dumps(bad))
         r = _invoke(*base, "--oracle-groups-from", "color", "--out", str(tmp / "refused"), "--oracle-shares-from",
                     str(path))
-        assert str(r.exception).startswith(f"--oracle-shares-from {path}: {messages[name]}; "), r.output
-    r = _invoke(*base, "--out", str(tmp / "refused"), "--oracle-shares-from",
-                str(tmp / "base.json"))
+        assert str(r.exception).startswith(f"--oracle-shares-from {path}: {message}; "), (message, r.output)
+    r = _invoke(*base, "--out", str(tmp / "refused"), "--oracle-shares-from", str(tmp / "base.json"))
     assert str(r.exception).startswith("--oracle-shares-from: needs --oracle-groups-from with one column")
+    r = _invoke(*base, "--oracle-groups-from", "color", "--target", "noise", "--out", str(tmp / "refused"),
+                "--oracle-shares-from", str(tmp / "base.json"))
+    assert str(r.exception).startswith("--oracle-shares-from: target noise has no posterior to shift")
     assert not (tmp / "refused").exists()
 
 

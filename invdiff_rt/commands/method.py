@@ -146,7 +146,7 @@ def train(
                 ("active_only", active_only), ("from_t", _from_t_option(from_t)))
     config = TrainConfig(recipe=recipe, lam=lam, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
                          checkpoint_every=checkpoint_every, resume=resume, oracle_column=oracle_groups_from,
-                         oracle_shares=None if oracle_shares_from is None else str(oracle_shares_from),
+                         oracle_shares=None if oracle_shares_from is None else str(oracle_shares_from.resolve()),
                          second_split=second_split, calibrate_per_prompt=calibrate_per_prompt,
                          calibrate_min_samples=calibrate_min_samples, **{k: v for k, v in optional if v is not None})
     check_train_config(config)

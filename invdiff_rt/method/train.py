@@ -285,19 +285,32 @@ def _oracle_prior(model, inputs, data_dir, config: TrainConfig) -> tuple[torch.T
 
 
 def _base_report(path, model, inputs, column: str) -> dict:
-    """The `invdiff eval --json` report at `path`, checked to be of this base's own samples on `column`."""
+    """The `invdiff eval --json` report at `path`, checked to be of this base's own samples of this data on `column`,
+    with a share in 0..1 for every prompt."""
     fix = f"give the report of `invdiff eval --model M --data DATA --attribute {column} --json REPORT` (no --adapter)"
-    report = artifacts.read_json(path, "eval report", fix)
-    settings = report.get("settings") or {}
+    report = artifacts.read_json(path, "--oracle-shares-from report", fix)
+    settings, per_prompt = _mapping(report.get("settings")), _mapping(report.get("per_prompt"))
+    shares = [_mapping(per_prompt.get(p)).get("majority_share") for p in inputs.prompts]
     problems = [(report.get("attribute") != column, f"a report on attribute {report.get('attribute')!r}"),
                 (settings.get("adapter_fingerprint") is not None, "a report of an adapter's samples"),
                 (settings.get("model_fingerprint") != model.fingerprint, "a report of another base model"),
-                (not set(inputs.prompts) <= set(report.get("per_prompt") or {}), "a report without every prompt"),
-                (not report.get("n_per_prompt"), "a report without n_per_prompt")]
+                (settings.get("data_fingerprint") != inputs.data_fingerprint, "a report on other data"),
+                (not all(_real(v, 0, 1) for v in shares), "a report without a majority_share in 0..1 for every prompt"),
+                (not _real(report.get("n_per_prompt"), 1, math.inf), "a report without a positive n_per_prompt"),
+                (not _real(settings.get("guidance_scale"), 0, math.inf), "a report without its guidance_scale")]
     bad = next((what for wrong, what in problems if wrong), None)
     if bad:
         raise InvdiffError(f"--oracle-shares-from {path}: {bad}; {fix}")
     return report
+
+
+def _mapping(value) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _real(value, low: float, high: float) -> bool:
+    """A JSON number (not a bool) in [low, high]; NaN is not."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
 
 
 def _from_t(noise_scheduler, inputs, grouping: Grouping, config: TrainConfig, prior=None) -> dict:
