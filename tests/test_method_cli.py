@@ -390,7 +390,7 @@ def test_oracle_shares_from_a_base_report(setup, monkeypatch):
              "a report on attribute 'shape'": {"attribute": "shape"},
              "a report of another base model": {"settings": [1]},
              "a report on other data": {"settings": {**settings, "data_fingerprint": "ef"}},
-             "a report without a majority_share in 0..1 for every prompt": {"per_prompt": {PROMPTS[0]: shares[PROMPTS[0]]}},
+             "a report without a majority_share in 0..1 for every prompt": {"per_prompt": {PROMPTS[0]: {}}},
              "a report without a positive n_per_prompt": {"n_per_prompt": "8"},
              "a report without its guidance_scale": {"settings": {**settings, "guidance_scale": None}}}
     bad_shares = ([{**shares, PROMPTS[1]: {"majority_share": v}} for v in ("0.9", None, float("nan"), 1.5, True)]
