@@ -61,9 +61,9 @@ class Posterior:
     `prior` (optional, [N]): what the base's sampler draws, as a weight per training row relative to the data (the
     groups at the shares the guided base actually draws them at, e.g. 0.98 where the data has 0.95): the shift is then
     taken from that distribution to the sampler's weights, not from the data's (None: the data's, uniform). The
-    dropped-caption table (-1) takes the same row weights: a measured choice (colored-digits, oracle groups, README),
-    not a derivation: the guided output mixes both branches, and the unguided empty prompt alone draws about the
-    data's shares."""
+    dropped-caption table (-1) takes the same row weights: a choice, not a derivation (the guided output mixes both
+    branches, and the unguided empty prompt alone draws about the data's shares); the data's weights there measured
+    the same (colored-digits, bench/results/debiasing.md)."""
 
     tables: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     has_prior: bool = False
