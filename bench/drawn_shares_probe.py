@@ -18,16 +18,12 @@ import torch
 
 def training_flags(detector, inputs, grouping, config):
     """(flags, prompt ids, inferred) of the calibration's reference rows, the detector fitted on them."""
-    from invdiff_rt.method import calibrate as cal
+    from invdiff_rt.method.calibrate import reference_flags
 
-    uniform, inferred = cal.reference_subset(inputs.prompt_ids, grouping.inferred, config.reference_per_prompt,
-                                             config.seed)
+    flags, uniform, inferred = reference_flags(detector, inputs, grouping, config)
     rows = torch.cat([uniform, inferred])
-    scores = detector.log_score(inputs.latents[rows], inputs.prompt_ids[rows], config.seed, config.batch_size,
-                                cal.reference_pairs(config, inferred.numel()))
-    detector.fit(scores[:, :uniform.numel()], inputs.prompt_ids[uniform], len(inputs.prompts))
     is_inferred = torch.cat([grouping.inferred[uniform], torch.ones(inferred.numel(), dtype=torch.bool)])
-    return detector.flags(scores, inputs.prompt_ids[rows]), inputs.prompt_ids[rows], is_inferred
+    return flags, inputs.prompt_ids[rows], is_inferred
 
 
 def main() -> None:

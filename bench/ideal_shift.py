@@ -67,10 +67,10 @@ def main() -> None:
                                 "invdiff-rt")
     prior = None
     if a.oracle_shares_from:
-        from invdiff_rt.method.train import TrainConfig, _oracle_prior
+        from invdiff_rt.method.train import TrainConfig, oracle_prior
 
         config = TrainConfig(oracle_column=a.attribute, oracle_shares=a.oracle_shares_from)
-        prior = _oracle_prior(model, inputs, a.data, config)[0]
+        prior = oracle_prior(model, inputs, grouping, config)[0]
     ideal = IdealShift(inputs, grouping.sampling, make_noise_scheduler(model).alphas_cumprod, a.from_t, prior)
     report = evaluate(model, a.data, a.attribute, per_prompt=a.per_prompt, adapter=ideal, adapter_weight=a.weight,
                       guidance_scale=a.guidance_scale)

@@ -193,16 +193,23 @@ def reference_pairs(config: CalibrateConfig, n_inferred: int) -> int:
 MAX_REFERENCE_PAIRS = 16
 
 
-def fit_reference(detector: Detector, inputs, grouping, config: CalibrateConfig) -> float:
-    """Set the detector's per-prompt median / MAD from re-scored training samples; return the target rate r*."""
+def reference_flags(detector: Detector, inputs, grouping,
+                    config: CalibrateConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Set the detector's per-prompt median / MAD from re-scored training samples (the uniform subset); return the
+    flags of the reference rows, the uniform subset's then every inferred row's, and those two row sets."""
     uniform, inferred = reference_subset(inputs.prompt_ids, grouping.inferred, config.reference_per_prompt,
                                          config.seed)
     rows = torch.cat([uniform, inferred])
     scores = detector.log_score(inputs.latents[rows], inputs.prompt_ids[rows], config.seed, config.batch_size,
                                 reference_pairs(config, inferred.numel()))
+    detector.fit(scores[:, :uniform.numel()], inputs.prompt_ids[uniform], len(inputs.prompts))
+    return detector.flags(scores, inputs.prompt_ids[rows]), uniform, inferred
+
+
+def fit_reference(detector: Detector, inputs, grouping, config: CalibrateConfig) -> float:
+    """Set the detector's per-prompt median / MAD from re-scored training samples; return the target rate r*."""
+    flags, uniform, inferred = reference_flags(detector, inputs, grouping, config)
     n_u, n_prompts = uniform.numel(), len(inputs.prompts)
-    detector.fit(scores[:, :n_u], inputs.prompt_ids[uniform], n_prompts)
-    flags = detector.flags(scores, inputs.prompt_ids[rows])
     rest = ~grouping.inferred
     rest_mass = torch.zeros(n_prompts, dtype=torch.float64).index_add_(0, inputs.prompt_ids[rest],
                                                                        grouping.sampling[rest].double())

@@ -269,19 +269,19 @@ def _make_optimizer(adapter, config: TrainConfig):
     return optimizer, get_cosine_schedule_with_warmup(optimizer, warmup, config.steps)
 
 
-def _oracle_prior(model, inputs, data_dir, config: TrainConfig) -> tuple[torch.Tensor | None, dict]:
+def oracle_prior(model, inputs, grouping: Grouping, config: TrainConfig) -> tuple[torch.Tensor | None, dict]:
     """`--oracle-shares-from REPORT`: the prior of `targets.Posterior` from the base's per-prompt majority shares in
-    an `invdiff eval --json` report of the base on the oracle column (comparison only; None without the flag)."""
+    an `invdiff eval --json` report of the base on the oracle column (comparison only; None without the flag).
+    `grouping`: the oracle groups of that one column (their inferred rows are its minority)."""
     if config.oracle_shares is None:
         return None, {}
     report = _base_report(config.oracle_shares, model, inputs, config.oracle_column)
     n = report["n_per_prompt"]
     shares = [min(max(report["per_prompt"][p]["majority_share"], 0.5 / n), 1 - 0.5 / n) for p in inputs.prompts]
-    minority = hidden_minority(data_dir, config.oracle_column, inputs.prompt_ids)
     meta = {"source": f"oracle:{config.oracle_column}", "report": str(config.oracle_shares),
             "report_sha256": artifacts.sha256_file(config.oracle_shares),
             "guidance_scale": report["settings"]["guidance_scale"], "majority_share": dict(zip(inputs.prompts, shares))}
-    return sampler_prior(minority, inputs.prompt_ids, shares), {"sampler_prior": meta}
+    return sampler_prior(grouping.inferred, inputs.prompt_ids, shares), {"sampler_prior": meta}
 
 
 def _base_report(path, model, inputs, column: str) -> dict:
@@ -483,7 +483,7 @@ def train_adapter(model, data_dir: str | Path, groups: GroupsResult | None, out_
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     inputs = base_inputs(model, data_dir)
     grouping, group_meta = _resolve_grouping(groups, inputs, data_dir, config)
-    prior, prior_meta = _oracle_prior(model, inputs, data_dir, config)
+    prior, prior_meta = oracle_prior(model, inputs, grouping, config)
     noise_scheduler = make_noise_scheduler(model)
     meta = {**_run_meta(model, inputs, group_meta, config), **prior_meta,
             **_from_t(noise_scheduler, inputs, grouping, config, prior)}
