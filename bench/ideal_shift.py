@@ -69,7 +69,7 @@ def main() -> None:
     if a.oracle_shares_from:
         from invdiff_rt.method.train import TrainConfig, oracle_prior
 
-        config = TrainConfig(oracle_column=a.attribute, oracle_shares=a.oracle_shares_from)
+        config = TrainConfig(oracle_column=a.attribute, oracle_shares=(a.oracle_shares_from,))
         prior = oracle_prior(model, inputs, grouping, config)[0]
     ideal = IdealShift(inputs, grouping.sampling, make_noise_scheduler(model).alphas_cumprod, a.from_t, prior)
     report = evaluate(model, a.data, a.attribute, per_prompt=a.per_prompt, adapter=ideal, adapter_weight=a.weight,

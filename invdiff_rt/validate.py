@@ -111,6 +111,12 @@ def _targets():
     return TARGETS
 
 
+def _shares_from():
+    from .method.train import SHARES_FROM
+
+    return SHARES_FROM
+
+
 def _t_sampling():
     from .method.targets import T_SAMPLING
 
@@ -194,6 +200,7 @@ RULES: dict[str, Rule] = {
     "train --recipe": Rule(choices=_fixed("invdiff-rt", "paper", "erm")),
     "--score": Rule(choices=_scores),
     "--target": Rule(choices=_targets),
+    "--shares-from": Rule(choices=_shares_from),
     "--t-sampling": Rule(choices=_t_sampling),
     "--strip": Rule(choices=_strip_modes),
     "--refit": Rule(choices=_refit_modes),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -382,8 +383,9 @@ def test_oracle_shares_from_a_base_report(setup, monkeypatch):
     # at 1.0, clamped to 1 - 0.5 / 8 -> 0.0625 / 0.2 and 0.9375 / 0.8
     assert priors[0] is None and sorted({round(float(v), 6) for v in priors[-1]}) == [0.3125, 0.625, 1.09375, 1.171875]
     recorded = outs["prior"]["sampler_prior"]
-    assert recorded["majority_share"] == {PROMPTS[0]: 0.875, PROMPTS[1]: 1 - 0.5 / 8}
-    assert recorded["source"] == "oracle:color" and recorded["guidance_scale"] == 3.0
+    assert recorded["source"] == "oracle:color" and list(recorded["by_attribute"]) == ["color"]
+    assert recorded["by_attribute"]["color"]["majority_share"] == {PROMPTS[0]: 0.875, PROMPTS[1]: 1 - 0.5 / 8}
+    assert recorded["by_attribute"]["color"]["guidance_scale"] == 3.0
     assert "sampler_prior" not in outs["plain"] and outs["plain"]["weights_sha256"] != outs["prior"]["weights_sha256"]
     settings, shares = report["settings"], report["per_prompt"]
     wrong = {"a report of an adapter's samples": {"settings": {**settings, "adapter_fingerprint": "ab"}},
@@ -405,10 +407,92 @@ def test_oracle_shares_from_a_base_report(setup, monkeypatch):
                     str(path))
         assert str(r.exception).startswith(f"--oracle-shares-from {path}: {message}; "), (message, r.output)
     r = _invoke(*base, "--out", str(tmp / "refused"), "--oracle-shares-from", str(tmp / "base.json"))
-    assert str(r.exception).startswith("--oracle-shares-from: needs --oracle-groups-from with one column")
+    assert str(r.exception).startswith("--oracle-shares-from: needs --oracle-groups-from")
+    r = _invoke(*base, "--oracle-groups-from", "color", "--out", str(tmp / "refused"), "--oracle-shares-from",
+                str(tmp / "base.json"), "--oracle-shares-from", str(tmp / "base.json"))
+    assert str(r.exception).startswith("--oracle-shares-from: 2 report(s) for 1 --oracle-groups-from column(s)")
     r = _invoke(*base, "--oracle-groups-from", "color", "--target", "noise", "--out", str(tmp / "refused"),
                 "--oracle-shares-from", str(tmp / "base.json"))
     assert str(r.exception).startswith("--oracle-shares-from: target noise has no posterior to shift")
+    assert not (tmp / "refused").exists()
+
+
+@pytest.mark.slow
+def test_shares_from_samples(setup, monkeypatch):
+    """--shares-from samples: the target's prior is `sampler_prior` on the reader's flags with the majority shares
+    the readers leave on the base's own samples; adapter.json records both; refused beside --oracle-shares-from and
+    without a posterior target, before anything is written."""
+    from invdiff_rt.method import drawn, train
+
+    model, data, tmp = setup
+    monkeypatch.setattr(drawn, "PER_PROMPT", 8)
+    priors, build, reads, real_read = [], train.Posterior.build.__func__, [], drawn.drawn_majority
+    monkeypatch.setattr(train.Posterior, "build", classmethod(
+        lambda cls, *args: priors.append(args[3]) or build(cls, *args)))
+    monkeypatch.setattr(drawn, "drawn_majority", lambda *args: reads.append(real_read(*args)) or reads[-1])
+    base = ["train", "--model", str(model), "--data", str(data), "--steps", "2", "--batch-size", "4",
+            "--oracle-groups-from", "color", "--from-t", "500"]
+    r = _invoke(*base, "--shares-from", "samples", "--out", str(tmp / "samples"))
+    assert r.exit_code == 0, r.output
+    recorded = json.loads((tmp / "samples" / "adapter.json").read_text())["sampler_prior"]
+    assert recorded["source"] == "samples" and recorded["per_prompt"] == 8 and recorded["guidance_scale"] == 3.0
+    assert list(recorded["majority_share"].values()) == reads[0] and len(reads) == 1
+    for p, prompt in enumerate(PROMPTS):  # each row at (1 - q) / pi or q / (1 - pi), pi the reader's minority share
+        q, pi = recorded["majority_share"][prompt], 1 - recorded["data_majority_share"][prompt]
+        want = {round((1 - q) / pi, 5), round(q / (1 - pi), 5)} if 0 < pi < 1 else {1.0}
+        assert {round(float(v), 5) for v in priors[-1][p * 10:(p + 1) * 10]} == want, (prompt, q, pi)
+    refusals = {"--shares-from samples: --oracle-shares-from gives the drawn shares already":
+                ["--oracle-shares-from", str(tmp / "any.json")],
+                "--shares-from samples: recipe paper with target noise has no groups' posterior": ["--recipe",
+                                                                                                   "paper"]}
+    (tmp / "any.json").write_text("{}")
+    for message, extra in refusals.items():
+        r = _invoke(*base, "--shares-from", "samples", "--out", str(tmp / "refused"), *extra)
+        assert str(r.exception).startswith(message), r.output
+    assert not (tmp / "refused").exists()
+
+@pytest.mark.slow
+def test_oracle_shares_from_two_reports(setup, monkeypatch):
+    """Two oracle columns, one base report each (matched by attribute, in any order): each row's prior is the
+    product of its two attributes' weights; a missing column's report is refused in one line."""
+    from invdiff_rt.data.folder import data_fingerprint
+    from invdiff_rt.method import train
+    from invdiff_rt.models.loader import load_model
+
+    model, data, tmp = setup
+    data2 = tmp / "data_two"
+    shutil.copytree(data, data2)
+    lines = [json.loads(x) for x in (data2 / "train" / "metadata.jsonl").read_text().splitlines()]
+    for row in lines:  # rows 4-6 of each prompt thick: 3 of its 10
+        row["stroke"] = "thick" if int(row["file_name"].split("_")[1][:-4]) in (4, 5, 6) else "thin"
+    (data2 / "train" / "metadata.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    settings = {"model_fingerprint": load_model(model).fingerprint, "adapter_fingerprint": None,
+                "data_fingerprint": data_fingerprint(data2, "train"), "guidance_scale": 3.0}
+    for column, shares in (("color", (0.875, 1.0)), ("stroke", (0.75, 0.5))):
+        (tmp / f"two_{column}.json").write_text(json.dumps({
+            "attribute": column, "n_per_prompt": 8, "settings": settings,
+            "per_prompt": {p: {"majority_share": q} for p, q in zip(PROMPTS, shares)}}))
+    priors, build = [], train.Posterior.build.__func__
+    monkeypatch.setattr(train.Posterior, "build", classmethod(
+        lambda cls, *args: priors.append(args[3]) or build(cls, *args)))
+    base = ["train", "--model", str(model), "--data", str(data2), "--steps", "2", "--batch-size", "4",
+            "--oracle-groups-from", "color,stroke", "--from-t", "500"]
+    r = _invoke(*base, "--out", str(tmp / "two"), "--oracle-shares-from", str(tmp / "two_stroke.json"),
+                "--oracle-shares-from", str(tmp / "two_color.json"))
+    assert r.exit_code == 0, r.output
+    # colour (rows 0-1 minority, pi 0.2): prompt 0 0.125 / 0.2 and 0.875 / 0.8, prompt 1 (clamped 0.9375) 0.0625 / 0.2
+    # and 0.9375 / 0.8; stroke (pi 0.3): prompt 0 0.25 / 0.3 and 0.75 / 0.7, prompt 1 0.5 / 0.3 and 0.5 / 0.7
+    expected = [0.625 * 0.75 / 0.7, 1.09375 * 0.25 / 0.3, 1.09375 * 0.75 / 0.7,
+                0.3125 * 0.5 / 0.7, 1.171875 * 0.5 / 0.3, 1.171875 * 0.5 / 0.7]
+    assert sorted({round(float(v), 5) for v in priors[-1]}) == sorted(round(v, 5) for v in expected)
+    recorded = json.loads((tmp / "two" / "adapter.json").read_text())["sampler_prior"]
+    assert recorded["source"] == "oracle:color,stroke" and list(recorded["by_attribute"]) == ["color", "stroke"]
+    assert recorded["by_attribute"]["stroke"]["majority_share"] == dict(zip(PROMPTS, (0.75, 0.5)))
+    r = _invoke(*base, "--out", str(tmp / "refused"), "--oracle-shares-from", str(tmp / "two_color.json"),
+                "--oracle-shares-from", str(tmp / "two_color.json"))
+    assert str(r.exception).startswith("--oracle-shares-from: no report on attribute stroke; "), r.output
+    r = _invoke(*base, "--out", str(tmp / "refused"), "--oracle-shares-from", str(tmp / "two_color.json"))
+    assert str(r.exception).startswith("--oracle-shares-from: 1 report(s) for 2 --oracle-groups-from column(s)")
     assert not (tmp / "refused").exists()
 
 

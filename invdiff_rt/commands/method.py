@@ -110,10 +110,14 @@ def train(
     oracle_groups_from: Optional[str] = typer.Option(
         None, "--oracle-groups-from", help="Groups from this hidden column, or several: a,b "
         "(invdiff-rt: each attribute's minority balanced on its own) (comparison only)."),
-    oracle_shares_from: Optional[Path] = typer.Option(
-        None, "--oracle-shares-from", help="With --oracle-groups-from COLUMN: an `invdiff eval --attribute COLUMN "
-        "--json` report of the base; the adapter balances the per-prompt shares the guided base draws, not the "
-        "data's (comparison only)."),
+    oracle_shares_from: Optional[List[Path]] = typer.Option(
+        None, "--oracle-shares-from", help="With --oracle-groups-from: an `invdiff eval --attribute COLUMN --json` "
+        "report of the base, one per column (repeatable); the adapter balances the per-prompt shares the guided "
+        "base draws, not the data's (comparison only)."),
+    shares_from: str = typer.Option("data", "--shares-from", help="The group shares the target shifts from: data "
+                                    "(the training data's) or samples (the base's own samples at CFG 3.0, the "
+                                    "scale the weight is calibrated at, read by a classifier of the groups' split; "
+                                    "label-free)."),
     threads: int = typer.Option(0, "--threads", help=THREADS_HELP),
     t_sampling: Optional[str] = typer.Option(None, "--t-sampling", help="uniform | snr (default: the recipe's)."),
     target: Optional[str] = typer.Option(None, "--target", help="noise | posterior | rb (default: the recipe's)."),
@@ -146,8 +150,8 @@ def train(
                 ("active_only", active_only), ("from_t", _from_t_option(from_t)))
     config = TrainConfig(recipe=recipe, lam=lam, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
                          checkpoint_every=checkpoint_every, resume=resume, oracle_column=oracle_groups_from,
-                         oracle_shares=None if oracle_shares_from is None else str(oracle_shares_from.resolve()),
-                         second_split=second_split, calibrate_per_prompt=calibrate_per_prompt,
+                         oracle_shares=tuple(str(p.resolve()) for p in oracle_shares_from or ()) or None,
+                         shares_from=shares_from, second_split=second_split, calibrate_per_prompt=calibrate_per_prompt,
                          calibrate_min_samples=calibrate_min_samples, **{k: v for k, v in optional if v is not None})
     check_train_config(config)
     _set_threads(threads)

@@ -195,6 +195,7 @@ class Grouping:
     inferred: torch.Tensor
     info: dict = field(default_factory=dict)
     candidate: torch.Tensor | None = None  # bool [N]: a candidate second split (splits.py), or None
+    flags: torch.Tensor | None = None  # bool [N,A]: oracle groups' hidden minority flags, one column per attribute
 
 
 def group_paper(losses: torch.Tensor, groups: int, seed: int, iters: int = 500) -> Grouping:
@@ -228,14 +229,17 @@ def group_from_flags(minority: torch.Tensor, prompt_ids: torch.Tensor, recipe: s
     sampling = raked_sampling_weights(flags, prompt_ids) if recipe == "invdiff-rt" else torch.ones(len(flags))
     inferred = flags.any(1)
     return Grouping(w, inferred.float(), sampling, inferred, {"attributes": flags.shape[1]} if flags.shape[1] > 1
-                    else {})
+                    else {}, flags=flags.bool())
 
 
-def sampler_prior(minority: torch.Tensor, prompt_ids: torch.Tensor, majority_share: list[float]) -> torch.Tensor:
+def sampler_prior(minority: torch.Tensor, prompt_ids: torch.Tensor, majority_share: list) -> torch.Tensor:
     """[N] row weights of what the guided base draws relative to the data (`targets.Posterior`'s prior): each
     prompt's majority rows at q / (data majority share), its minority rows at (1 - q) / (data minority share), for
     q = `majority_share[prompt id]` (e.g. 0.98 drawn where the data has 0.95); a prompt without minority rows
-    keeps 1."""
+    keeps 1. Several attributes (minority [N,A], one list of shares per attribute): the product of each attribute's
+    weights, as if the base drew the attributes independently given the prompt."""
+    if minority.dim() == 2:
+        return torch.stack([sampler_prior(minority[:, a], prompt_ids, q) for a, q in enumerate(majority_share)]).prod(0)
     prior = torch.ones(len(prompt_ids))
     for p, q in enumerate(majority_share):
         rows = prompt_ids == p

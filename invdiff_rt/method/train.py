@@ -32,6 +32,7 @@ from .objective import invariance_objective, per_sample_loss
 from .targets import (FROM_T_FRACTION, POSTERIOR_TARGETS, T_SAMPLING, TARGETS, Posterior, active_from_t,
                       draw_timesteps, timestep_probs)
 
+SHARES_FROM = ("data", "samples")  # `--shares-from`: the data's group shares, or the base's samples' (drawn.py)
 # lambda, whether the variance is scale-aware, the fallback adapter weight w (used when there is no label-free
 # calibration, calibrate.py), the training target and t sampling (targets.py) and the steps, per recipe (README).
 RECIPE_DEFAULTS = {
@@ -69,7 +70,8 @@ class TrainConfig:
     checkpoint_every: int = 250
     resume: bool = False
     oracle_column: str | None = None
-    oracle_shares: str | None = None  # an `invdiff eval --json` report of the base: the shares its sampler draws
+    oracle_shares: tuple[str, ...] | None = None  # `invdiff eval --json` reports of the base, one per oracle column
+    shares_from: str = "data"  # the shares the target shifts from: the data's, or the base's samples' (drawn.py)
     show_progress: bool = True
     t_sampling: str | None = None  # uniform | snr (targets.py); None: the recipe's
     target: str | None = None  # noise | posterior | rb (targets.py); None: the recipe's
@@ -119,14 +121,31 @@ def check_train_config(config: TrainConfig) -> None:
         if value not in allowed:
             raise InvdiffError(f"{flag} {value}: unknown; use one of {', '.join(allowed)}")
     _check_oracle_shares(config)
+    _check_shares_from(config)
+
+
+def _check_shares_from(config: TrainConfig) -> None:
+    if config.shares_from not in SHARES_FROM:
+        raise InvdiffError(f"--shares-from {config.shares_from}: unknown; use one of {', '.join(SHARES_FROM)}")
+    if config.shares_from == "data":
+        return
+    if config.oracle_shares is not None:
+        raise InvdiffError("--shares-from samples: --oracle-shares-from gives the drawn shares already; drop one")
+    if config.recipe == "erm" or config.target not in POSTERIOR_TARGETS:
+        raise InvdiffError(f"--shares-from samples: recipe {config.recipe} with target {config.target} has no "
+                           "groups' posterior to shift; use --recipe invdiff-rt (or --target rb) or drop the flag")
 
 
 def _check_oracle_shares(config: TrainConfig) -> None:
     if config.oracle_shares is None:
         return
-    if not config.oracle_column or "," in config.oracle_column:
-        raise InvdiffError("--oracle-shares-from: needs --oracle-groups-from with one column (the report's "
-                           "attribute); drop --oracle-shares-from or add --oracle-groups-from COLUMN")
+    if not config.oracle_column:
+        raise InvdiffError("--oracle-shares-from: needs --oracle-groups-from (the reports' attributes); drop "
+                           "--oracle-shares-from or add --oracle-groups-from COLUMN")
+    columns = _columns(config)
+    if len(config.oracle_shares) != len(columns):
+        raise InvdiffError(f"--oracle-shares-from: {len(config.oracle_shares)} report(s) for {len(columns)} "
+                           f"--oracle-groups-from column(s) ({', '.join(columns)}); give one report per column")
     if config.target not in POSTERIOR_TARGETS:
         raise InvdiffError(f"--oracle-shares-from: target {config.target} has no posterior to shift; use --target "
                            "rb or posterior")
@@ -224,7 +243,8 @@ def _step_loss(adapter, batch: Batch, eps_base: torch.Tensor | None, lam: float,
 
 _NOT_IN_KEY = ("resume", "show_progress", "checkpoint_every", "calibrate", "calibrate_scales", "calibrate_per_prompt",
                "calibrate_min_samples")  # they do not change the steps: a resume may change them
-_KEYED_WHEN_SET = ("oracle_shares",)  # fields added later: unset, they leave earlier checkpoints' keys as they were
+_KEYED_WHEN_SET = {"oracle_shares": None, "shares_from": "data"}  # fields added later: at these values they leave
+# earlier checkpoints' keys as they were
 
 
 def _run_key(config: TrainConfig, meta: dict, processes: int | None) -> str:
@@ -234,7 +254,7 @@ def _run_key(config: TrainConfig, meta: dict, processes: int | None) -> str:
     (every config field, no process count), still resumed."""
     drop = ("resume", "show_progress") if processes is None else _NOT_IN_KEY
     fields = {k: v for k, v in dataclasses.asdict(config).items()
-              if k not in drop and not (k in _KEYED_WHEN_SET and v is None)}
+              if k not in drop and not (k in _KEYED_WHEN_SET and v == _KEYED_WHEN_SET[k])}
     split = splits.TEST_SETTINGS if _tests_split(config) else None
     return artifacts.sha256_json({"config": fields, **meta, **({} if processes is None else {"processes": processes}),
                                   **({"split_test": split} if split else {})})
@@ -269,29 +289,58 @@ def _make_optimizer(adapter, config: TrainConfig):
     return optimizer, get_cosine_schedule_with_warmup(optimizer, warmup, config.steps)
 
 
+def _columns(config: TrainConfig) -> list[str]:
+    return [c.strip() for c in config.oracle_column.split(",")]
+
+
+def sampler_prior_of(model, data_dir, inputs, grouping: Grouping, config: TrainConfig) -> tuple[torch.Tensor | None,
+                                                                                             dict]:
+    """The prior the target shifts from (`targets.Posterior`) and its adapter.json record: None (the data's shares),
+    the base's samples read label-free (`--shares-from samples`, drawn.py) or oracle reports."""
+    if config.shares_from == "samples":
+        from .drawn import drawn_prior
+
+        return drawn_prior(model, data_dir, inputs, grouping.inferred, config.calibrate_scales[0], config.seed)
+    return oracle_prior(model, inputs, grouping, config)
+
+
 def oracle_prior(model, inputs, grouping: Grouping, config: TrainConfig) -> tuple[torch.Tensor | None, dict]:
-    """`--oracle-shares-from REPORT`: the prior of `targets.Posterior` from the base's per-prompt majority shares in
-    an `invdiff eval --json` report of the base on the oracle column (comparison only; None without the flag).
-    `grouping`: the oracle groups of that one column (their inferred rows are its minority)."""
+    """`--oracle-shares-from REPORT...`: the prior of `targets.Posterior` from the base's per-prompt majority shares
+    in `invdiff eval --json` reports of the base, one per oracle column (comparison only; None without the flag).
+    `grouping`: the oracle groups of those columns (their `flags`)."""
     if config.oracle_shares is None:
         return None, {}
-    report = _base_report(config.oracle_shares, model, inputs, config.oracle_column)
+    columns = _columns(config)
+    reports = {r["attribute"]: (path, r) for path, r in
+               ((path, _base_report(path, model, inputs, columns)) for path in config.oracle_shares)}
+    missing = [c for c in columns if c not in reports]
+    if missing:
+        raise InvdiffError(f"--oracle-shares-from: no report on attribute {missing[0]}; give one report per "
+                           f"--oracle-groups-from column ({', '.join(columns)})")
+    recorded = {c: _drawn_shares(*reports[c], inputs.prompts) for c in columns}
+    shares = [list(recorded[c]["majority_share"].values()) for c in columns]
+    meta = {"source": f"oracle:{config.oracle_column}", "by_attribute": recorded}
+    return sampler_prior(grouping.flags, inputs.prompt_ids, shares), {"sampler_prior": meta}
+
+
+def _drawn_shares(path: str, report: dict, prompts: list[str]) -> dict:
+    """adapter.json's record of one report: where it is, its hash, its CFG scale and its per-prompt shares, clamped
+    to 0.5/n..1 - 0.5/n."""
     n = report["n_per_prompt"]
-    shares = [min(max(report["per_prompt"][p]["majority_share"], 0.5 / n), 1 - 0.5 / n) for p in inputs.prompts]
-    meta = {"source": f"oracle:{config.oracle_column}", "report": str(config.oracle_shares),
-            "report_sha256": artifacts.sha256_file(config.oracle_shares),
-            "guidance_scale": report["settings"]["guidance_scale"], "majority_share": dict(zip(inputs.prompts, shares))}
-    return sampler_prior(grouping.inferred, inputs.prompt_ids, shares), {"sampler_prior": meta}
+    shares = [min(max(report["per_prompt"][p]["majority_share"], 0.5 / n), 1 - 0.5 / n) for p in prompts]
+    return {"report": str(path), "report_sha256": artifacts.sha256_file(path),
+            "guidance_scale": report["settings"]["guidance_scale"], "majority_share": dict(zip(prompts, shares))}
 
 
-def _base_report(path, model, inputs, column: str) -> dict:
-    """The `invdiff eval --json` report at `path`, checked to be of this base's own samples of this data on `column`,
-    with a share in 0..1 for every prompt."""
-    fix = f"give the report of `invdiff eval --model M --data DATA --attribute {column} --json REPORT` (no --adapter)"
+def _base_report(path, model, inputs, columns: list[str]) -> dict:
+    """The `invdiff eval --json` report at `path`, checked to be of this base's own samples of this data on one of
+    `columns`, with a share in 0..1 for every prompt."""
+    fix = (f"give the report of `invdiff eval --model M --data DATA --attribute {'|'.join(columns)} --json REPORT` "
+           "(no --adapter)")
     report = artifacts.read_json(path, "--oracle-shares-from report", fix)
     settings, per_prompt = _mapping(report.get("settings")), _mapping(report.get("per_prompt"))
     shares = [_mapping(per_prompt.get(p)).get("majority_share") for p in inputs.prompts]
-    problems = [(report.get("attribute") != column, f"a report on attribute {report.get('attribute')!r}"),
+    problems = [(report.get("attribute") not in columns, f"a report on attribute {report.get('attribute')!r}"),
                 (settings.get("adapter_fingerprint") is not None, "a report of an adapter's samples"),
                 (settings.get("model_fingerprint") != model.fingerprint, "a report of another base model"),
                 (settings.get("data_fingerprint") != inputs.data_fingerprint, "a report on other data"),
@@ -483,7 +532,7 @@ def train_adapter(model, data_dir: str | Path, groups: GroupsResult | None, out_
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     inputs = base_inputs(model, data_dir)
     grouping, group_meta = _resolve_grouping(groups, inputs, data_dir, config)
-    prior, prior_meta = oracle_prior(model, inputs, grouping, config)
+    prior, prior_meta = sampler_prior_of(model, data_dir, inputs, grouping, config)
     noise_scheduler = make_noise_scheduler(model)
     meta = {**_run_meta(model, inputs, group_meta, config), **prior_meta,
             **_from_t(noise_scheduler, inputs, grouping, config, prior)}

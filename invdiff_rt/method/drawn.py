@@ -1,0 +1,107 @@
+"""What the guided base draws, label-free: a reader of the groups' split, read on the base's own samples.
+
+The `rb` target shifts each prompt's posterior from a prior to the groups' sampler (`targets.Posterior`). By default
+the prior is the data. The guided base, though, draws each prompt's majority more often than the data holds it
+(colored-digits at CFG 3.0: 0.98 where the data has 0.95), so a shift from the data's shares leaves the sampler short
+of the balance and the weight makes up the rest (README: *Why the default needs w ≈ 1.3*).
+`invdiff train --shares-from samples` estimates the drawn shares without labels:
+
+1. The reader, a small CNN (`eval.classifiers.SmallCNN`) with one class per (prompt, flag) cell and every cell the
+   same total loss weight, learns the groups' inferred flags from the training images in two folds, so each training
+   row is read by the fold model that did not see it: its flags there are the data's shares as the reader sees them.
+2. Both fold models read the base's own samples (`PER_PROMPT` a prompt at the CFG scale, seed `SEED`): the drawn shares.
+3. The prior is `grouper.sampler_prior` on the reader's training flags with those drawn shares, as for
+   `--oracle-shares-from`, whose reports read the same from the hidden column.
+
+Measured with `bench/drawn_shares_reader.py` (128 base samples a prompt, CFG 3.0): on colored-digits the reader's
+drawn minority share is 0.019 against the evaluation classifier's 0.020 (per prompt: correlation 0.98), and on the
+training rows 0.052 against the data's 0.051; the groups' diffusion detector read 0.004 (`drawn_shares_probe.py`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from ..errors import InvdiffError
+from .grouper import sampler_prior
+
+PER_PROMPT = 128  # base samples a prompt the drawn shares are read on
+SEED = 2000  # their sampling seed: not the evaluation's (0) nor the calibration's (1000)
+EPOCHS = 8  # the reader's epochs per fold
+MAX_SIZE = 64  # the reader's input: the training images at their own size, at most this
+
+
+def reader_images(data_dir: str | Path) -> torch.Tensor:
+    """The training images as float [N,3,H,W] in [-1,1], at their own size or at most `MAX_SIZE`."""
+    from ..data.folder import load_images, native_size, read_split
+
+    records = read_split(data_dir, "train")
+    width, height = native_size(records) or (0, 0)
+    return load_images(records, None if 0 < width == height <= MAX_SIZE else MAX_SIZE)
+
+
+def fit_reader(x: torch.Tensor, prompt_ids: torch.Tensor, flags: torch.Tensor, prompts: int, seed: int):
+    """A SmallCNN with 2 classes per prompt (its majority, its flagged rows), every (prompt, flag) cell weighted
+    alike."""
+    import numpy as np
+
+    from ..eval.classifiers import SmallCNN, cell_weights, fit
+
+    torch.manual_seed(seed)
+    cells = (prompt_ids * 2 + flags.long()).numpy()
+    net = SmallCNN(x.shape[1], 2 * prompts)
+    fit(net, x, torch.as_tensor(cells), cell_weights(cells, np.zeros_like(cells)), EPOCHS, seed)
+    return net.eval()
+
+
+def read(net, x: torch.Tensor, prompt_ids: torch.Tensor) -> torch.Tensor:
+    """P(flagged | image, its prompt): the softmax of the image's own prompt's two logits."""
+    with torch.no_grad():
+        logits = torch.cat([net(x[i:i + 512]) for i in range(0, len(x), 512)])
+    return logits.view(len(x), -1, 2)[torch.arange(len(x)), prompt_ids].softmax(1)[:, 1]
+
+
+def cross_fit(x: torch.Tensor, prompt_ids: torch.Tensor, flags: torch.Tensor, prompts: int,
+              seed: int) -> tuple[list, torch.Tensor]:
+    """Two fold readers (even rows, odd rows) and each training row's flag from the reader that did not see it."""
+    fold = torch.arange(len(x)) % 2 == 0
+    nets = [fit_reader(x[rows], prompt_ids[rows], flags[rows], prompts, seed + i)
+            for i, rows in enumerate((fold, ~fold))]
+    held = torch.empty(len(x), dtype=torch.bool)
+    held[fold], held[~fold] = read(nets[1], x[fold], prompt_ids[fold]) > 0.5, read(nets[0], x[~fold],
+                                                                                  prompt_ids[~fold]) > 0.5
+    return nets, held
+
+
+def drawn_majority(nets: list, images, prompts: int, per_prompt: int, size: int) -> list[float]:
+    """Per prompt, the share of `images` (uint8 [P*N,H,W,3], grouped by prompt) both readers leave unflagged, clamped
+    to 0.5/n..1 - 0.5/n."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    ids = torch.arange(prompts).repeat_interleave(per_prompt)
+    flagged = torch.stack([read(net, x, ids) for net in nets]).mean(0) > 0.5
+    return [min(max(1 - flagged[ids == p].sum().item() / per_prompt, 0.5 / per_prompt), 1 - 0.5 / per_prompt)
+            for p in range(prompts)]
+
+
+def drawn_prior(model, data_dir, inputs, inferred: torch.Tensor, guidance_scale: float,
+                seed: int) -> tuple[torch.Tensor, dict]:
+    """`--shares-from samples`: the prior of `targets.Posterior` and adapter.json's `sampler_prior` record."""
+    from ..eval.evaluate import generate_images
+
+    if not inferred.any():
+        raise InvdiffError("--shares-from samples: the groups flag no row, so there is nothing to read; use "
+                           "--shares-from data")
+    x = reader_images(data_dir)
+    nets, flags = cross_fit(x, inputs.prompt_ids, inferred, len(inputs.prompts), seed)
+    images = generate_images(model, inputs.prompts, PER_PROMPT, SEED, guidance_scale=guidance_scale)
+    drawn = drawn_majority(nets, images, len(inputs.prompts), PER_PROMPT, x.shape[-1])
+    data = [1 - flags[inputs.prompt_ids == p].sum().item() / (inputs.prompt_ids == p).sum().item()
+            for p in range(len(inputs.prompts))]
+    meta = {"source": "samples", "guidance_scale": guidance_scale, "per_prompt": PER_PROMPT, "seed": SEED,
+            "majority_share": dict(zip(inputs.prompts, drawn)), "data_majority_share": dict(zip(inputs.prompts, data))}
+    return sampler_prior(flags, inputs.prompt_ids, drawn), {"sampler_prior": meta}

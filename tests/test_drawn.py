@@ -1,0 +1,55 @@
+"""drawn.py: the reader of the groups' split learns the attribute behind it (it flags minority rows the groups missed)
+and reads the drawn shares off generated images; the prior it gives is `sampler_prior` on its flags."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from invdiff_rt.method import drawn, grouper
+
+
+def _squares(colours: list[str], seed: int) -> np.ndarray:
+    """uint8 [N,16,16,3]: a red or green square at a random place on black."""
+    rng = np.random.default_rng(seed)
+    out = np.zeros((len(colours), 16, 16, 3), np.uint8)
+    for i, c in enumerate(colours):
+        y, x = rng.integers(0, 8, 2)
+        out[i, y:y + 8, x:x + 8, 0 if c == "red" else 1] = rng.integers(150, 256)
+    return out
+
+
+def _as_input(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def test_reader_learns_the_attribute_and_reads_drawn_shares(monkeypatch):
+    monkeypatch.setattr(drawn, "EPOCHS", 12)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _check_reader()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_reader():
+    # two prompts of 160 rows: prompt 0 red with 16 green (minority), prompt 1 green with 16 red
+    colours = [("green" if i < 16 else "red") if p == 0 else ("red" if i < 16 else "green")
+               for p in range(2) for i in range(160)]
+    ids = torch.arange(2).repeat_interleave(160)
+    truth = torch.tensor([(i % 160) < 16 for i in range(320)])
+    inferred = truth.clone()
+    inferred[[0, 1, 160]] = False  # the groups missed three minority rows
+    x = _as_input(_squares(colours, seed=0))
+    nets, held = drawn.cross_fit(x, ids, inferred, 2, seed=0)
+    assert torch.equal(held, truth)  # the missed rows are read as minority too
+    # generated: prompt 0 draws 3 of 10 in green, prompt 1 none of 10 (clamped to 1 - 0.5 / 10)
+    samples = _squares(["green"] * 3 + ["red"] * 7 + ["green"] * 10, seed=1)
+    assert drawn.drawn_majority(nets, samples, 2, 10, 16) == [0.7, 0.95]
+    # at 32 px, resized to the reader's 16
+    big = np.repeat(np.repeat(samples, 2, axis=1), 2, axis=2)
+    assert drawn.drawn_majority(nets, big, 2, 10, 16) == [0.7, 0.95]
+    prior = grouper.sampler_prior(held, ids, [0.7, 0.95])
+    assert torch.allclose(prior[:16], torch.full((16,), 0.3 / 0.1)) and torch.allclose(prior[16:160],
+                                                                                       torch.full((144,), 0.7 / 0.9))
