@@ -21,6 +21,13 @@ import time
 import numpy as np
 
 
+def _correlation(a: list, b: list) -> float | None:
+    """Pearson's r, or None (JSON null) where it is undefined: fewer than 3 prompts or a constant column."""
+    if len(a) < 3 or np.std(a) == 0 or np.std(b) == 0:
+        return None
+    return float(np.corrcoef(a, b)[0, 1])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for flag in ("--model", "--data", "--groups", "--attribute"):
@@ -62,7 +69,7 @@ def main() -> None:
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()}))
     keys = ("data_minority", "f_t", "f_s", "q_hat", "q_drawn")
     pooled = {k: float(np.mean([r[k] for r in rows])) for k in keys}
-    corr = {k: float(np.corrcoef([r[k] for r in rows], [r["q_drawn"] for r in rows])[0, 1]) for k in ("f_s", "q_hat")}
+    corr = {k: _correlation([r[k] for r in rows], [r["q_drawn"] for r in rows]) for k in ("f_s", "q_hat")}
     summary = {"pooled": pooled, "per_prompt_correlation_with_q_drawn": corr, "reader_seconds": round(trained, 1),
                "settings": vars(a)}
     print(json.dumps(summary))

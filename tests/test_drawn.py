@@ -53,3 +53,36 @@ def _check_reader():
     prior = grouper.sampler_prior(held, ids, [0.7, 0.95])
     assert torch.allclose(prior[:16], torch.full((16,), 0.3 / 0.1)) and torch.allclose(prior[16:160],
                                                                                        torch.full((144,), 0.7 / 0.9))
+
+
+def test_folds_halve_every_cell_whatever_the_row_order():
+    """Every other row of each (prompt, flag) cell, in row order: here the flagged rows all sit at even indices, which
+    a split by row parity would put in one fold."""
+    ids = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 0, 0])
+    flags = torch.tensor([1, 0, 1, 0, 0, 0, 1, 1, 0, 0]).bool()
+    assert drawn.folds(ids, flags).int().tolist() == [1, 1, 0, 0, 1, 0, 1, 0, 1, 0]
+
+
+def test_reader_images_follow_the_metadata_and_no_flag_is_refused(tmp_path):
+    """reader_images: the training rows in metadata order (as `base_inputs` reads them), at their own size up to
+    MAX_SIZE; drawn_prior refuses groups that flag no row before it samples anything."""
+    import json
+
+    import pytest
+    from PIL import Image
+
+    from invdiff_rt.errors import InvdiffError
+
+    train = tmp_path / "train"
+    train.mkdir()
+    levels = [30, 200, 120]
+    for i, level in enumerate(levels):
+        Image.fromarray(np.full((96, 96, 3), level, np.uint8)).save(train / f"{i}.png")
+    order = [2, 0, 1]
+    (train / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", "text": "a"}) + "\n"
+                                                  for i in order))
+    x = drawn.reader_images(tmp_path)
+    assert x.shape == (3, 3, drawn.MAX_SIZE, drawn.MAX_SIZE)
+    assert [round((v.item() + 1) * 127.5) for v in x.mean((1, 2, 3))] == [levels[i] for i in order]
+    with pytest.raises(InvdiffError, match="--shares-from samples: the groups flag no row"):
+        drawn.drawn_prior(None, tmp_path, None, torch.zeros(3, dtype=torch.bool), 3.0, 0)

@@ -138,7 +138,9 @@ def test_sampler_prior_reweights_each_prompt_to_the_drawn_shares():
     got = grouper.sampler_prior(minority, ids, [0.9, 0.99])
     assert torch.allclose(got, torch.tensor([0.4, 1.2, 1.2, 1.2, 1.0, 1.0]))
     # a second attribute, minority rows 1 and 4 (prompt 0: 0.25 of the data, drawn 0.5 -> its minority 0.5 / 0.25,
-    # majority 0.5 / 0.75; prompt 1: 0.5 of the data, drawn 0.8 -> 0.2 / 0.5 and 0.8 / 0.5): each row's product
+    # majority 0.5 / 0.75; prompt 1: 0.5 of the data, drawn 0.8 -> 0.2 / 0.5 and 0.8 / 0.5): each row's product,
+    # rescaled to mean 1 per prompt (prompt 0's products average 16 / 15: its two attributes are not independent)
     second = torch.tensor([False, True, False, False, True, False])
     got = grouper.sampler_prior(torch.stack([minority, second], 1), ids, [[0.9, 0.99], [0.5, 0.8]])
-    assert torch.allclose(got, torch.tensor([0.4 * 2 / 3, 1.2 * 2, 1.2 * 2 / 3, 1.2 * 2 / 3, 0.4, 1.6]))
+    product_0 = torch.tensor([0.4 * 2 / 3, 1.2 * 2, 1.2 * 2 / 3, 1.2 * 2 / 3])
+    assert torch.allclose(got, torch.cat([product_0 * 15 / 16, torch.tensor([0.4, 1.6])]))

@@ -408,6 +408,9 @@ def test_oracle_shares_from_a_base_report(setup, monkeypatch):
         assert str(r.exception).startswith(f"--oracle-shares-from {path}: {message}; "), (message, r.output)
     r = _invoke(*base, "--out", str(tmp / "refused"), "--oracle-shares-from", str(tmp / "base.json"))
     assert str(r.exception).startswith("--oracle-shares-from: needs --oracle-groups-from")
+    r = _invoke(*base, "--recipe", "erm", "--target", "rb", "--oracle-groups-from", "color", "--out",
+                str(tmp / "refused"), "--oracle-shares-from", str(tmp / "base.json"))
+    assert str(r.exception).startswith("--oracle-shares-from: needs --oracle-groups-from"), r.output
     r = _invoke(*base, "--oracle-groups-from", "color", "--out", str(tmp / "refused"), "--oracle-shares-from",
                 str(tmp / "base.json"), "--oracle-shares-from", str(tmp / "base.json"))
     assert str(r.exception).startswith("--oracle-shares-from: 2 report(s) for 1 --oracle-groups-from column(s)")
@@ -439,7 +442,8 @@ def test_shares_from_samples(setup, monkeypatch):
     assert list(recorded["majority_share"].values()) == reads[0] and len(reads) == 1
     for p, prompt in enumerate(PROMPTS):  # each row at (1 - q) / pi or q / (1 - pi), pi the reader's minority share
         q, pi = recorded["majority_share"][prompt], 1 - recorded["data_majority_share"][prompt]
-        want = {round((1 - q) / pi, 5), round(q / (1 - pi), 5)} if 0 < pi < 1 else {1.0}
+        assert 0 < pi < 1  # the reader flags some of the prompt's rows (here its 2 minority rows)
+        want = {round((1 - q) / pi, 5), round(q / (1 - pi), 5)}
         assert {round(float(v), 5) for v in priors[-1][p * 10:(p + 1) * 10]} == want, (prompt, q, pi)
     refusals = {"--shares-from samples: --oracle-shares-from gives the drawn shares already":
                 ["--oracle-shares-from", str(tmp / "any.json")],
@@ -450,6 +454,7 @@ def test_shares_from_samples(setup, monkeypatch):
         r = _invoke(*base, "--shares-from", "samples", "--out", str(tmp / "refused"), *extra)
         assert str(r.exception).startswith(message), r.output
     assert not (tmp / "refused").exists()
+
 
 @pytest.mark.slow
 def test_oracle_shares_from_two_reports(setup, monkeypatch):
@@ -481,9 +486,14 @@ def test_oracle_shares_from_two_reports(setup, monkeypatch):
                 "--oracle-shares-from", str(tmp / "two_color.json"))
     assert r.exit_code == 0, r.output
     # colour (rows 0-1 minority, pi 0.2): prompt 0 0.125 / 0.2 and 0.875 / 0.8, prompt 1 (clamped 0.9375) 0.0625 / 0.2
-    # and 0.9375 / 0.8; stroke (pi 0.3): prompt 0 0.25 / 0.3 and 0.75 / 0.7, prompt 1 0.5 / 0.3 and 0.5 / 0.7
-    expected = [0.625 * 0.75 / 0.7, 1.09375 * 0.25 / 0.3, 1.09375 * 0.75 / 0.7,
-                0.3125 * 0.5 / 0.7, 1.171875 * 0.5 / 0.3, 1.171875 * 0.5 / 0.7]
+    # and 0.9375 / 0.8; stroke (rows 4-6, pi 0.3): prompt 0 0.25 / 0.3 and 0.75 / 0.7, prompt 1 0.5 / 0.3 and 0.5 / 0.7;
+    # each prompt's products (2 rows colour-minority, 3 stroke-minority, 5 neither) rescaled to mean 1
+    expected = []
+    for (c_min, c_maj), (s_min, s_maj) in (((0.625, 1.09375), (0.25 / 0.3, 0.75 / 0.7)),
+                                           ((0.3125, 1.171875), (0.5 / 0.3, 0.5 / 0.7))):
+        values = [c_min * s_maj, c_maj * s_min, c_maj * s_maj]
+        mean = (2 * values[0] + 3 * values[1] + 5 * values[2]) / 10
+        expected += [v / mean for v in values]
     assert sorted({round(float(v), 5) for v in priors[-1]}) == sorted(round(v, 5) for v in expected)
     recorded = json.loads((tmp / "two" / "adapter.json").read_text())["sampler_prior"]
     assert recorded["source"] == "oracle:color,stroke" and list(recorded["by_attribute"]) == ["color", "stroke"]

@@ -26,7 +26,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch.nn import functional as F
 
 from ..errors import InvdiffError
 from .grouper import sampler_prior
@@ -67,10 +66,21 @@ def read(net, x: torch.Tensor, prompt_ids: torch.Tensor) -> torch.Tensor:
     return logits.view(len(x), -1, 2)[torch.arange(len(x)), prompt_ids].softmax(1)[:, 1]
 
 
+def folds(prompt_ids: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+    """bool [N]: the first fold, every other row of each (prompt, flag) cell in row order (each fold holds half of
+    every cell, however the rows are ordered)."""
+    cells = prompt_ids * 2 + flags.long()
+    order = torch.argsort(cells, stable=True)
+    first_of_cell = torch.searchsorted(cells[order], cells[order])
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order)) - first_of_cell
+    return rank % 2 == 0
+
+
 def cross_fit(x: torch.Tensor, prompt_ids: torch.Tensor, flags: torch.Tensor, prompts: int,
               seed: int) -> tuple[list, torch.Tensor]:
-    """Two fold readers (even rows, odd rows) and each training row's flag from the reader that did not see it."""
-    fold = torch.arange(len(x)) % 2 == 0
+    """Two fold readers (`folds`) and each training row's flag from the reader that did not see it."""
+    fold = folds(prompt_ids, flags)
     nets = [fit_reader(x[rows], prompt_ids[rows], flags[rows], prompts, seed + i)
             for i, rows in enumerate((fold, ~fold))]
     held = torch.empty(len(x), dtype=torch.bool)
@@ -80,11 +90,11 @@ def cross_fit(x: torch.Tensor, prompt_ids: torch.Tensor, flags: torch.Tensor, pr
 
 
 def drawn_majority(nets: list, images, prompts: int, per_prompt: int, size: int) -> list[float]:
-    """Per prompt, the share of `images` (uint8 [P*N,H,W,3], grouped by prompt) both readers leave unflagged, clamped
-    to 0.5/n..1 - 0.5/n."""
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    if x.shape[-1] != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    """Per prompt, the share of `images` (uint8 [P*N,H,W,3], grouped by prompt) the readers leave unflagged (their
+    mean P(flagged) at most 0.5), clamped to 0.5/n..1 - 0.5/n."""
+    from ..eval.classifiers import to_model_input
+
+    x = to_model_input(images, size)
     ids = torch.arange(prompts).repeat_interleave(per_prompt)
     flagged = torch.stack([read(net, x, ids) for net in nets]).mean(0) > 0.5
     return [min(max(1 - flagged[ids == p].sum().item() / per_prompt, 0.5 / per_prompt), 1 - 0.5 / per_prompt)

@@ -237,9 +237,13 @@ def sampler_prior(minority: torch.Tensor, prompt_ids: torch.Tensor, majority_sha
     prompt's majority rows at q / (data majority share), its minority rows at (1 - q) / (data minority share), for
     q = `majority_share[prompt id]` (e.g. 0.98 drawn where the data has 0.95); a prompt without minority rows
     keeps 1. Several attributes (minority [N,A], one list of shares per attribute): the product of each attribute's
-    weights, as if the base drew the attributes independently given the prompt."""
+    weights, as if the base drew the attributes independently given the prompt, rescaled to mean 1 over each prompt's
+    rows (each prompt keeps its data share; where the data holds the attributes independently it is already 1)."""
     if minority.dim() == 2:
-        return torch.stack([sampler_prior(minority[:, a], prompt_ids, q) for a, q in enumerate(majority_share)]).prod(0)
+        product = torch.stack([sampler_prior(minority[:, a], prompt_ids, q)
+                               for a, q in enumerate(majority_share)]).prod(0)
+        means = torch.zeros(int(prompt_ids.max()) + 1).index_add_(0, prompt_ids, product) / torch.bincount(prompt_ids)
+        return product / means[prompt_ids]
     prior = torch.ones(len(prompt_ids))
     for p, q in enumerate(majority_share):
         rows = prompt_ids == p

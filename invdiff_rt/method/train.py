@@ -139,9 +139,10 @@ def _check_shares_from(config: TrainConfig) -> None:
 def _check_oracle_shares(config: TrainConfig) -> None:
     if config.oracle_shares is None:
         return
-    if not config.oracle_column:
-        raise InvdiffError("--oracle-shares-from: needs --oracle-groups-from (the reports' attributes); drop "
-                           "--oracle-shares-from or add --oracle-groups-from COLUMN")
+    if not config.oracle_column or config.recipe == "erm":
+        raise InvdiffError("--oracle-shares-from: needs --oracle-groups-from (the reports' attributes) and a recipe "
+                           "with groups; drop --oracle-shares-from, or add --oracle-groups-from COLUMN without "
+                           "--recipe erm")
     columns = _columns(config)
     if len(config.oracle_shares) != len(columns):
         raise InvdiffError(f"--oracle-shares-from: {len(config.oracle_shares)} report(s) for {len(columns)} "
