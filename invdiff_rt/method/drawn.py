@@ -14,10 +14,10 @@ of the balance and the weight makes up the rest (README: *Why the default needs 
    `--oracle-shares-from`, whose reports read the same from the hidden column.
 
 Measured with `bench/drawn_shares_reader.py` (128 base samples a prompt, CFG 3.0): on colored-digits the reader's
-drawn minority share is 0.0195 against the evaluation classifier's 0.0195 (per prompt: correlation 0.97), and on the
+drawn minority share is 0.019 against the evaluation classifier's 0.020 (per prompt: correlation 0.91), and on the
 training rows 0.052 against the data's 0.051; the groups' diffusion detector read 0.004 (`drawn_shares_probe.py`).
-It needs a split that holds one attribute with fair recall: from shapes-habitats' 30 inferred rows it reads 0.016
-against 0.102, from styled-digits' mixed second split the stroke at correlation 0.21 (README: opt-in, not the
+It needs a split that holds one attribute with fair recall: from shapes-habitats' 30 inferred rows it reads 0.027
+against 0.102, from styled-digits' mixed second split the stroke at correlation 0.36 (README: opt-in, not the
 default).
 """
 
