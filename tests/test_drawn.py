@@ -86,3 +86,25 @@ def test_reader_images_follow_the_metadata_and_no_flag_is_refused(tmp_path):
     assert [round((v.item() + 1) * 127.5) for v in x.mean((1, 2, 3))] == [levels[i] for i in order]
     with pytest.raises(InvdiffError, match="--shares-from samples: the groups flag no row"):
         drawn.drawn_prior(None, tmp_path, None, torch.zeros(3, dtype=torch.bool), 3.0, 0)
+
+
+def test_cross_fit_reads_each_row_with_the_fold_model_that_did_not_see_it(monkeypatch):
+    """Each fold model is trained on one fold (`folds`) and reads only the other's rows; every row is read once."""
+    trained, read_by = [], {}
+
+    def fit(x, prompt_ids, flags, prompts, seed):
+        trained.append(set(x.flatten().tolist()))
+        return len(trained) - 1
+
+    def read(net, x, prompt_ids):
+        read_by[net] = set(x.flatten().tolist())
+        return torch.zeros(len(x))
+
+    monkeypatch.setattr(drawn, "fit_reader", fit)
+    monkeypatch.setattr(drawn, "read", read)
+    ids = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 0, 0])
+    flags = torch.tensor([1, 0, 1, 0, 0, 0, 1, 1, 0, 0]).bool()
+    drawn.cross_fit(torch.arange(10.0).view(10, 1, 1, 1), ids, flags, 2, seed=0)
+    first = {float(i) for i in torch.nonzero(drawn.folds(ids, flags)).flatten().tolist()}
+    assert trained == [first, set(map(float, range(10))) - first]
+    assert read_by == {1: first, 0: trained[1]}
