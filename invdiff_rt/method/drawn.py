@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InvdiffError
-from .grouper import sampler_prior
+from .grouper import clamped_share, sampler_prior
 
 PER_PROMPT = 128  # base samples a prompt the drawn shares are read on
 SEED = 2000  # their sampling seed: not the evaluation's (0) nor the calibration's (1000)
@@ -97,8 +97,7 @@ def drawn_majority(nets: list, images, prompts: int, per_prompt: int, size: int)
     x = to_model_input(images, size)
     ids = torch.arange(prompts).repeat_interleave(per_prompt)
     flagged = torch.stack([read(net, x, ids) for net in nets]).mean(0) > 0.5
-    return [min(max(1 - flagged[ids == p].sum().item() / per_prompt, 0.5 / per_prompt), 1 - 0.5 / per_prompt)
-            for p in range(prompts)]
+    return [clamped_share(1 - flagged[ids == p].sum().item() / per_prompt, per_prompt) for p in range(prompts)]
 
 
 def drawn_prior(model, data_dir, inputs, inferred: torch.Tensor, guidance_scale: float,

@@ -232,6 +232,11 @@ def group_from_flags(minority: torch.Tensor, prompt_ids: torch.Tensor, recipe: s
                     else {}, flags=flags.bool())
 
 
+def clamped_share(share: float, n: int) -> float:
+    """A share read off n samples, kept half a sample from 0 and 1 (its log-odds stay finite in the prior)."""
+    return min(max(share, 0.5 / n), 1 - 0.5 / n)
+
+
 def sampler_prior(minority: torch.Tensor, prompt_ids: torch.Tensor, majority_share: list) -> torch.Tensor:
     """[N] row weights of what the guided base draws relative to the data (`targets.Posterior`'s prior): each
     prompt's majority rows at q / (data majority share), its minority rows at (1 - q) / (data minority share), for

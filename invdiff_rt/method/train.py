@@ -23,8 +23,8 @@ from ..errors import InvdiffError
 from ..parallel import map_ahead
 from .adapter import MANIFEST_NAME, GuidanceAdapter, config_for_unet, parameter_count, write_adapter
 from .defaults import ADAPTER_STEPS, CALIBRATION_MIN_SAMPLES, CALIBRATION_PER_PROMPT
-from .grouper import (Grouping, GroupsResult, check_groups_match, group_erm, group_from_flags, hidden_minority,
-                      sampler_prior)
+from .grouper import (Grouping, GroupsResult, check_groups_match, clamped_share, group_erm, group_from_flags,
+                      hidden_minority, sampler_prior)
 from .losses import (NUM_TRAIN_TIMESTEPS, _gen, denoising_target, make_noise_scheduler, progress_bar,
                      target_from_eps)
 from . import splits
@@ -328,7 +328,7 @@ def _drawn_shares(path: str, report: dict, prompts: list[str]) -> dict:
     """adapter.json's record of one report: where it is, its hash, its CFG scale and its per-prompt shares, clamped
     to 0.5/n..1 - 0.5/n."""
     n = report["n_per_prompt"]
-    shares = [min(max(report["per_prompt"][p]["majority_share"], 0.5 / n), 1 - 0.5 / n) for p in prompts]
+    shares = [clamped_share(report["per_prompt"][p]["majority_share"], n) for p in prompts]
     return {"report": str(path), "report_sha256": artifacts.sha256_file(path),
             "guidance_scale": report["settings"]["guidance_scale"], "majority_share": dict(zip(prompts, shares))}
 
