@@ -154,6 +154,7 @@ RULES: dict[str, Rule] = {
     "--num": Rule(min=1, max=1_000_000, note="a run plans every image up front; split larger runs over --out folders"),
     "--per-prompt": Rule(min=1),
     "--calibrate-per-prompt": Rule(min=1),
+    "--shares-per-prompt": Rule(min=1),
     "--calibrate-min-samples": Rule(min=0),
     "--min-samples": Rule(min=0),
     "--batch-size": Rule(min=1),

@@ -85,7 +85,7 @@ def test_reader_images_follow_the_metadata_and_no_flag_is_refused(tmp_path):
     assert x.shape == (3, 3, drawn.MAX_SIZE, drawn.MAX_SIZE)
     assert [round((v.item() + 1) * 127.5) for v in x.mean((1, 2, 3))] == [levels[i] for i in order]
     with pytest.raises(InvdiffError, match="--shares-from samples: the groups flag no row"):
-        drawn.drawn_prior(None, tmp_path, None, torch.zeros(3, dtype=torch.bool), 3.0, 0)
+        drawn.drawn_prior(None, tmp_path, None, torch.zeros(3, dtype=torch.bool), 3.0, 0, 8)
 
 
 def test_cross_fit_reads_each_row_with_the_fold_model_that_did_not_see_it(monkeypatch):

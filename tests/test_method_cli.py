@@ -424,22 +424,23 @@ def test_oracle_shares_from_a_base_report(setup, monkeypatch):
 def test_shares_from_samples(setup, monkeypatch):
     """--shares-from samples: the target's prior is `sampler_prior` on the reader's flags with the majority shares
     the readers leave on the base's own samples; adapter.json records both; refused beside --oracle-shares-from and
-    without a posterior target, before anything is written."""
+    without a posterior target, before anything is written; --shares-per-prompt sets the samples read, and is
+    refused without --shares-from samples."""
     from invdiff_rt.method import drawn, train
 
     model, data, tmp = setup
-    monkeypatch.setattr(drawn, "PER_PROMPT", 8)
     priors, build, reads, real_read = [], train.Posterior.build.__func__, [], drawn.drawn_majority
     monkeypatch.setattr(train.Posterior, "build", classmethod(
         lambda cls, *args: priors.append(args[3]) or build(cls, *args)))
     monkeypatch.setattr(drawn, "drawn_majority", lambda *args: reads.append(real_read(*args)) or reads[-1])
     base = ["train", "--model", str(model), "--data", str(data), "--steps", "2", "--batch-size", "4",
             "--oracle-groups-from", "color", "--from-t", "500"]
-    r = _invoke(*base, "--shares-from", "samples", "--out", str(tmp / "samples"))
+    r = _invoke(*base, "--shares-from", "samples", "--shares-per-prompt", "8", "--out", str(tmp / "samples"))
     assert r.exit_code == 0, r.output
     recorded = json.loads((tmp / "samples" / "adapter.json").read_text())["sampler_prior"]
     assert recorded["source"] == "samples" and recorded["per_prompt"] == 8 and recorded["guidance_scale"] == 3.0
     assert list(recorded["majority_share"].values()) == reads[0] and len(reads) == 1
+    assert {v * 8 % 1 for v in reads[0]} <= {0.0, 0.5}  # shares of 8 samples, or the 0.5/n clamp
     for p, prompt in enumerate(PROMPTS):  # each row at (1 - q) / pi or q / (1 - pi), pi the reader's minority share
         q, pi = recorded["majority_share"][prompt], 1 - recorded["data_majority_share"][prompt]
         assert 0 < pi < 1  # the reader flags some of the prompt's rows (here its 2 minority rows)
@@ -448,10 +449,12 @@ def test_shares_from_samples(setup, monkeypatch):
     refusals = {"--shares-from samples: --oracle-shares-from gives the drawn shares already":
                 ["--oracle-shares-from", str(tmp / "any.json")],
                 "--shares-from samples: recipe paper with target noise has no groups' posterior": ["--recipe",
-                                                                                                   "paper"]}
+                                                                                                   "paper"],
+                "--shares-per-prompt: only --shares-from samples reads base samples": ["--shares-from", "data"]}
     (tmp / "any.json").write_text("{}")
     for message, extra in refusals.items():
-        r = _invoke(*base, "--shares-from", "samples", "--out", str(tmp / "refused"), *extra)
+        r = _invoke(*base, "--shares-from", "samples", "--shares-per-prompt", "8", "--out", str(tmp / "refused"),
+                    *extra)
         assert str(r.exception).startswith(message), r.output
     assert not (tmp / "refused").exists()
 

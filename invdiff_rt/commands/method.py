@@ -118,6 +118,9 @@ def train(
                                     "(the training data's) or samples (the base's own samples at CFG 3.0, the "
                                     "scale the weight is calibrated at, read by a classifier of the groups' split; "
                                     "label-free)."),
+    shares_per_prompt: Optional[int] = typer.Option(None, "--shares-per-prompt", help="With --shares-from samples: "
+                                                    "the base samples a prompt it reads (default 128; fewer are "
+                                                    "cheaper with many prompts or an SD-scale model, and noisier)."),
     threads: int = typer.Option(0, "--threads", help=THREADS_HELP),
     t_sampling: Optional[str] = typer.Option(None, "--t-sampling", help="uniform | snr (default: the recipe's)."),
     target: Optional[str] = typer.Option(None, "--target", help="noise | posterior | rb (default: the recipe's)."),
@@ -151,8 +154,9 @@ def train(
     config = TrainConfig(recipe=recipe, lam=lam, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
                          checkpoint_every=checkpoint_every, resume=resume, oracle_column=oracle_groups_from,
                          oracle_shares=tuple(str(p.resolve()) for p in oracle_shares_from or ()) or None,
-                         shares_from=shares_from, second_split=second_split, calibrate_per_prompt=calibrate_per_prompt,
-                         calibrate_min_samples=calibrate_min_samples, **{k: v for k, v in optional if v is not None})
+                         shares_from=shares_from, shares_per_prompt=shares_per_prompt, second_split=second_split,
+                         calibrate_per_prompt=calibrate_per_prompt, calibrate_min_samples=calibrate_min_samples,
+                         **{k: v for k, v in optional if v is not None})
     check_train_config(config)
     _set_threads(threads)
     group_result = None

@@ -9,7 +9,8 @@ of the balance and the weight makes up the rest (README: *Why the default needs 
 1. The reader, a small CNN (`eval.classifiers.SmallCNN`) with one class per (prompt, flag) cell and every cell the
    same total loss weight, learns the groups' inferred flags from the training images in two folds, so each training
    row is read by the fold model that did not see it: its flags there are the data's shares as the reader sees them.
-2. Both fold models read the base's own samples (`PER_PROMPT` a prompt at the CFG scale, seed `SEED`): the drawn shares.
+2. Both fold models read the base's own samples (`PER_PROMPT` a prompt unless `--shares-per-prompt` says otherwise, at
+   the CFG scale, seed `SEED`): the drawn shares.
 3. The prior is `grouper.sampler_prior` on the reader's training flags with those drawn shares, as for
    `--oracle-shares-from`, whose reports read the same from the hidden column.
 
@@ -30,7 +31,7 @@ import torch
 from ..errors import InvdiffError
 from .grouper import clamped_share, sampler_prior
 
-PER_PROMPT = 128  # base samples a prompt the drawn shares are read on
+PER_PROMPT = 128  # base samples a prompt the drawn shares are read on (`invdiff train --shares-per-prompt`)
 SEED = 2000  # their sampling seed: not the evaluation's (0) nor the calibration's (1000)
 EPOCHS = 8  # the reader's epochs per fold
 MAX_SIZE = 64  # the reader's input: the training images at their own size, at most this
@@ -100,9 +101,10 @@ def drawn_majority(nets: list, images, prompts: int, per_prompt: int, size: int)
     return [clamped_share(1 - flagged[ids == p].sum().item() / per_prompt, per_prompt) for p in range(prompts)]
 
 
-def drawn_prior(model, data_dir, inputs, inferred: torch.Tensor, guidance_scale: float,
-                seed: int) -> tuple[torch.Tensor, dict]:
-    """`--shares-from samples`: the prior of `targets.Posterior` and adapter.json's `sampler_prior` record."""
+def drawn_prior(model, data_dir, inputs, inferred: torch.Tensor, guidance_scale: float, seed: int,
+                per_prompt: int) -> tuple[torch.Tensor, dict]:
+    """`--shares-from samples`: the prior of `targets.Posterior` and adapter.json's `sampler_prior` record, read on
+    `per_prompt` base samples a prompt."""
     from ..eval.evaluate import generate_images
 
     if not inferred.any():
@@ -110,10 +112,10 @@ def drawn_prior(model, data_dir, inputs, inferred: torch.Tensor, guidance_scale:
                            "--shares-from data")
     x = reader_images(data_dir)
     nets, flags = cross_fit(x, inputs.prompt_ids, inferred, len(inputs.prompts), seed)
-    images = generate_images(model, inputs.prompts, PER_PROMPT, SEED, guidance_scale=guidance_scale)
-    drawn = drawn_majority(nets, images, len(inputs.prompts), PER_PROMPT, x.shape[-1])
+    images = generate_images(model, inputs.prompts, per_prompt, SEED, guidance_scale=guidance_scale)
+    drawn = drawn_majority(nets, images, len(inputs.prompts), per_prompt, x.shape[-1])
     data = [1 - flags[inputs.prompt_ids == p].sum().item() / (inputs.prompt_ids == p).sum().item()
             for p in range(len(inputs.prompts))]
-    meta = {"source": "samples", "guidance_scale": guidance_scale, "per_prompt": PER_PROMPT, "seed": SEED,
+    meta = {"source": "samples", "guidance_scale": guidance_scale, "per_prompt": per_prompt, "seed": SEED,
             "majority_share": dict(zip(inputs.prompts, drawn)), "data_majority_share": dict(zip(inputs.prompts, data))}
     return sampler_prior(flags, inputs.prompt_ids, drawn), {"sampler_prior": meta}

@@ -72,6 +72,7 @@ class TrainConfig:
     oracle_column: str | None = None
     oracle_shares: tuple[str, ...] | None = None  # `invdiff eval --json` reports of the base, one per oracle column
     shares_from: str = "data"  # the shares the target shifts from: the data's, or the base's samples' (drawn.py)
+    shares_per_prompt: int | None = None  # base samples a prompt `shares_from` samples reads; None: drawn.PER_PROMPT
     show_progress: bool = True
     t_sampling: str | None = None  # uniform | snr (targets.py); None: the recipe's
     target: str | None = None  # noise | posterior | rb (targets.py); None: the recipe's
@@ -128,6 +129,9 @@ def _check_shares_from(config: TrainConfig) -> None:
     if config.shares_from not in SHARES_FROM:
         raise InvdiffError(f"--shares-from {config.shares_from}: unknown; use one of {', '.join(SHARES_FROM)}")
     if config.shares_from == "data":
+        if config.shares_per_prompt is not None:
+            raise InvdiffError("--shares-per-prompt: only --shares-from samples reads base samples; add it or drop "
+                               "--shares-per-prompt")
         return
     if config.oracle_shares is not None:
         raise InvdiffError("--shares-from samples: --oracle-shares-from gives the drawn shares already; drop one")
@@ -244,7 +248,7 @@ def _step_loss(adapter, batch: Batch, eps_base: torch.Tensor | None, lam: float,
 
 _NOT_IN_KEY = ("resume", "show_progress", "checkpoint_every", "calibrate", "calibrate_scales", "calibrate_per_prompt",
                "calibrate_min_samples")  # they do not change the steps: a resume may change them
-_KEYED_WHEN_SET = {"oracle_shares": None, "shares_from": "data"}  # fields added later: at these values they leave
+_KEYED_WHEN_SET = {"oracle_shares": None, "shares_from": "data", "shares_per_prompt": None}  # fields added later: at these values they leave
 # earlier checkpoints' keys as they were
 
 
@@ -299,9 +303,10 @@ def sampler_prior_of(model, data_dir, inputs, grouping: Grouping, config: TrainC
     """The prior the target shifts from (`targets.Posterior`) and its adapter.json record: None (the data's shares),
     the base's samples read label-free (`--shares-from samples`, drawn.py) or oracle reports."""
     if config.shares_from == "samples":
-        from .drawn import drawn_prior
+        from .drawn import PER_PROMPT, drawn_prior
 
-        return drawn_prior(model, data_dir, inputs, grouping.inferred, config.calibrate_scales[0], config.seed)
+        return drawn_prior(model, data_dir, inputs, grouping.inferred, config.calibrate_scales[0], config.seed,
+                           config.shares_per_prompt or PER_PROMPT)
     return oracle_prior(model, inputs, grouping, config)
 
 
