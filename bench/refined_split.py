@@ -8,7 +8,8 @@ per prompt the rows it ranks highest, as many as the cleaned candidate had; repe
 is written as a groups artifact (the groups with their candidate replaced), so `invdiff train --groups OUT` trains on
 it with every default.
 
-    python bench/refined_split.py --model styled-digits --data DATA --groups GROUPS --out REFINED --attribute stroke [--rounds 4]
+    python bench/refined_split.py --model styled-digits --data DATA --groups GROUPS --out REFINED --attribute stroke
+        [--rounds 4]
 """
 
 from __future__ import annotations

@@ -248,8 +248,8 @@ def _step_loss(adapter, batch: Batch, eps_base: torch.Tensor | None, lam: float,
 
 _NOT_IN_KEY = ("resume", "show_progress", "checkpoint_every", "calibrate", "calibrate_scales", "calibrate_per_prompt",
                "calibrate_min_samples")  # they do not change the steps: a resume may change them
-_KEYED_WHEN_SET = {"oracle_shares": None, "shares_from": "data", "shares_per_prompt": None}  # fields added later: at these values they leave
-# earlier checkpoints' keys as they were
+_KEYED_WHEN_SET = {"oracle_shares": None, "shares_from": "data",  # fields added later: at these values they leave
+                   "shares_per_prompt": None}  # earlier checkpoints' keys as they were
 
 
 def _run_key(config: TrainConfig, meta: dict, processes: int | None) -> str:
