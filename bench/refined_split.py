@@ -20,17 +20,6 @@ import json
 import torch
 
 
-def held_out_probability(x, prompt_ids, flags, prompts: int, seed: int) -> torch.Tensor:
-    """Each row's P(flagged) from the fold reader that did not see it."""
-    from invdiff_rt.method import drawn
-
-    fold, p = drawn.folds(prompt_ids, flags), torch.empty(len(x))
-    nets = [drawn.fit_reader(x[rows], prompt_ids[rows], flags[rows], prompts, seed + i)
-            for i, rows in enumerate((fold, ~fold))]
-    p[fold], p[~fold] = drawn.read(nets[1], x[fold], prompt_ids[fold]), drawn.read(nets[0], x[~fold], prompt_ids[~fold])
-    return p
-
-
 def top_per_prompt(p: torch.Tensor, prompt_ids, allowed, counts: list[int]) -> torch.Tensor:
     """bool [N]: per prompt, its `counts[prompt]` allowed rows of highest p."""
     flags = torch.zeros(len(p), dtype=torch.bool)
@@ -73,7 +62,7 @@ def main() -> None:
     rounds = {"candidate": score(result.grouping.candidate, truth, prompt_ids, len(prompts)),
               "cleaned": score(flags, truth, prompt_ids, len(prompts))}
     for r in range(a.rounds):
-        prob = held_out_probability(x, prompt_ids, flags, len(prompts), a.seed + 10 + 2 * r)
+        prob = drawn.cross_fit_probability(x, prompt_ids, flags, len(prompts), a.seed + 10 + 2 * r)[1]
         flags = top_per_prompt(prob, prompt_ids, allowed, counts)
         rounds[f"round {r}"] = score(flags, truth, prompt_ids, len(prompts))
         print(f"round {r}: precision {rounds[f'round {r}']['precision']}, recall {rounds[f'round {r}']['recall']}")

@@ -78,16 +78,22 @@ def folds(prompt_ids: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
     return rank % 2 == 0
 
 
-def cross_fit(x: torch.Tensor, prompt_ids: torch.Tensor, flags: torch.Tensor, prompts: int,
-              seed: int) -> tuple[list, torch.Tensor]:
-    """Two fold readers (`folds`) and each training row's flag from the reader that did not see it."""
+def cross_fit_probability(x: torch.Tensor, prompt_ids: torch.Tensor, flags: torch.Tensor, prompts: int,
+                          seed: int) -> tuple[list, torch.Tensor]:
+    """Two fold readers (`folds`) and each training row's P(flagged) from the reader that did not see it."""
     fold = folds(prompt_ids, flags)
     nets = [fit_reader(x[rows], prompt_ids[rows], flags[rows], prompts, seed + i)
             for i, rows in enumerate((fold, ~fold))]
-    held = torch.empty(len(x), dtype=torch.bool)
-    held[fold], held[~fold] = read(nets[1], x[fold], prompt_ids[fold]) > 0.5, read(nets[0], x[~fold],
-                                                                                  prompt_ids[~fold]) > 0.5
+    held = torch.empty(len(x))
+    held[fold], held[~fold] = read(nets[1], x[fold], prompt_ids[fold]), read(nets[0], x[~fold], prompt_ids[~fold])
     return nets, held
+
+
+def cross_fit(x: torch.Tensor, prompt_ids: torch.Tensor, flags: torch.Tensor, prompts: int,
+              seed: int) -> tuple[list, torch.Tensor]:
+    """Two fold readers (`folds`) and each training row's flag from the reader that did not see it."""
+    nets, held = cross_fit_probability(x, prompt_ids, flags, prompts, seed)
+    return nets, held > 0.5
 
 
 def drawn_majority(nets: list, images, prompts: int, per_prompt: int, size: int) -> list[float]:
