@@ -56,8 +56,7 @@ def oracle_reads(model, data, adapter, weight: float, attributes: list[str], per
 
 def reader_reads(model, data, adapter, weight: float, inputs, flags, per_prompt: int) -> tuple[list, list]:
     """Per split, (targets, reads): the readers' flag share on the training rows under the raked sampler, and on the
-    adapter's samples."""
-    from invdiff_rt.eval.classifiers import to_model_input
+    adapter's samples (`drawn.drawn_majority`'s reading, kept half a sample from 0 and 1)."""
     from invdiff_rt.eval.evaluate import generate_images
     from invdiff_rt.method import drawn
     from invdiff_rt.method.adapter import load_adapter
@@ -67,14 +66,12 @@ def reader_reads(model, data, adapter, weight: float, inputs, flags, per_prompt:
     x, sampling = drawn.reader_images(data), raked_sampling_weights(flags, pid)
     images = generate_images(model, inputs.prompts, per_prompt, SEED, adapter=load_adapter(adapter, model),
                              adapter_weight=weight)
-    xs, ids = to_model_input(images, x.shape[-1]), torch.arange(prompts).repeat_interleave(per_prompt)
     targets, reads = [], []
     for col in range(flags.shape[1]):
         nets, held = drawn.cross_fit(x, pid, flags[:, col], prompts, 100 * col)
-        flagged = torch.stack([drawn.read(net, xs, ids) for net in nets]).mean(0) > 0.5
         targets.append([float((sampling[pid == p] * held[pid == p]).sum() / sampling[pid == p].sum())
                         for p in range(prompts)])
-        reads.append([float(flagged[ids == p].float().mean()) for p in range(prompts)])
+        reads.append([1 - q for q in drawn.drawn_majority(nets, images, prompts, per_prompt, x.shape[-1])])
     return targets, reads
 
 
