@@ -101,6 +101,16 @@ def effective(flags: torch.Tensor, prompt_ids: torch.Tensor) -> list[list[float]
              for p in range(int(prompt_ids.max()) + 1)] for c in range(flags.shape[1])]
 
 
+def _second(data, inputs, grouping) -> torch.Tensor:
+    """The second split the fine-tune balances: the refined candidate (`splits.refine`, since 2026-12-07; the runs
+    recorded before that used the candidate as the groups hold it)."""
+    from invdiff_rt.method import splits
+    from invdiff_rt.method.drawn import reader_images
+
+    return splits.refine(reader_images(data), inputs.prompt_ids, grouping.inferred.bool(), grouping.candidate.bool(),
+                         len(inputs.prompts))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for flag in ("--model", "--data", "--groups", "--adapter", "--out"):
@@ -121,7 +131,7 @@ def main() -> None:
 
     model, groups = load_model(a.model), load_groups(a.groups)
     inputs = base_inputs(model, a.data)
-    flags = torch.stack([groups.grouping.inferred, groups.grouping.candidate], 1).bool()
+    flags = torch.stack([groups.grouping.inferred, _second(a.data, inputs, groups.grouping)], 1).bool()
     weight = resolve_weight(None, 3.0, adapter_dir=a.adapter)[0]
     if a.source == "oracle":
         reads = oracle_reads(model, a.data, a.adapter, weight, a.attributes.split(","), a.per_prompt)

@@ -5,8 +5,10 @@ The candidate (`invdiff_rt/method/splits.py`) mixes a second attribute's minorit
 Label-free refinement, in rounds: drop from the candidate the rows the first split's reader (`drawn.cross_fit`)
 flags, train the reader on what is left (two folds, each row read by the fold model that did not see it), and keep
 per prompt the rows it ranks highest, as many as the cleaned candidate had; repeat on that split. The refined split
-is written as a groups artifact (the groups with their candidate replaced), so `invdiff train --groups OUT` trains on
-it with every default.
+is written as a groups artifact (the groups with their candidate replaced). Since 2026-12-07 `invdiff train` does
+one such round itself on a candidate its test keeps (`splits.refine`), so `invdiff train --groups OUT` refines the
+written split once more; the results recorded before that (`bench/results/refined_split.json`) trained on it as
+written. `--rounds 1` writes the split the default fine-tunes on.
 
     python bench/refined_split.py --model styled-digits --data DATA --groups GROUPS --out REFINED --attribute stroke
         [--rounds 4]
@@ -18,15 +20,6 @@ import argparse
 import json
 
 import torch
-
-
-def top_per_prompt(p: torch.Tensor, prompt_ids, allowed, counts: list[int]) -> torch.Tensor:
-    """bool [N]: per prompt, its `counts[prompt]` allowed rows of highest p."""
-    flags = torch.zeros(len(p), dtype=torch.bool)
-    for prompt, k in enumerate(counts):
-        rows = torch.nonzero((prompt_ids == prompt) & allowed).squeeze(1)
-        flags[rows[p[rows].argsort(descending=True)[:k]]] = True
-    return flags
 
 
 def score(flags, truth, prompt_ids, prompts: int) -> dict:
@@ -46,7 +39,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
     a = p.parse_args()
-    from invdiff_rt.method import drawn
+    from invdiff_rt.method import drawn, splits
     from invdiff_rt.method.cache import base_inputs
     from invdiff_rt.method.grouper import hidden_minority, load_groups, save_groups
     from invdiff_rt.models.loader import load_model
@@ -55,15 +48,12 @@ def main() -> None:
     prompts, prompt_ids = inputs.prompts, inputs.prompt_ids
     truth = hidden_minority(a.data, a.attribute, prompt_ids)
     x, first = drawn.reader_images(a.data), result.grouping.inferred
-    _, first_read = drawn.cross_fit(x, prompt_ids, first, len(prompts), a.seed)
-    allowed = ~first & ~first_read
-    flags = result.grouping.candidate & allowed
+    flags, allowed = splits.clean(x, prompt_ids, first, result.grouping.candidate, len(prompts), a.seed)
     counts = [int((flags & (prompt_ids == q)).sum()) for q in range(len(prompts))]
     rounds = {"candidate": score(result.grouping.candidate, truth, prompt_ids, len(prompts)),
               "cleaned": score(flags, truth, prompt_ids, len(prompts))}
     for r in range(a.rounds):
-        prob = drawn.cross_fit_probability(x, prompt_ids, flags, len(prompts), a.seed + 10 + 2 * r)[1]
-        flags = top_per_prompt(prob, prompt_ids, allowed, counts)
+        flags = splits.rerank(x, prompt_ids, flags, allowed, counts, len(prompts), a.seed + 10 + 2 * r)
         rounds[f"round {r}"] = score(flags, truth, prompt_ids, len(prompts))
         print(f"round {r}: precision {rounds[f'round {r}']['precision']}, recall {rounds[f'round {r}']['recall']}")
     result.grouping.candidate = flags

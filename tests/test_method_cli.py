@@ -249,7 +249,7 @@ def test_second_split_is_tested_after_training_and_a_resumed_fine_tune_replays_i
         return real_draw(inputs, grouping, scheduler, config, rank, step, posterior)
 
     def batches_drawn(first_split: range, both_splits: range) -> bool:
-        raked = splits.with_second_split(groups.grouping, torch.arange(20) // 10).sampling
+        raked = splits.with_second_split(groups.grouping, torch.arange(20) // 10, refined).sampling
         return (sorted(seen) == list(first_split) + list(both_splits)
                 and all(torch.equal(seen[s], groups.grouping.sampling) for s in first_split)
                 and all(torch.equal(seen[s], raked) for s in both_splits))
@@ -262,6 +262,12 @@ def test_second_split_is_tested_after_training_and_a_resumed_fine_tune_replays_i
     test = manifest["second_split"]
     assert test["second_attribute"] and test["candidate_size"] == int(candidate.sum()) and test["rows"] == 20
     assert test["finetune_steps"] == manifest["finetune_steps"] == 3
+    # the fine-tune's second split is the refined candidate: outside the first split, as many rows a prompt as the
+    # candidate keeps once cleaned (at most the candidate's), listed in the record
+    refined = splits.refined_flags(test, 20)
+    assert test["refined_rounds"] == 1 and 0 < test["refined_size"] == int(refined.sum()) == len(test["refined_rows"])
+    assert not (refined & groups.grouping.inferred).any()
+    assert all(int(refined[p * 10:(p + 1) * 10].sum()) <= int(candidate[p * 10:(p + 1) * 10].sum()) for p in (0, 1))
     assert batches_drawn(range(10), range(10, 13))  # the fine-tune's batches (seeds 10-12) come from both splits
     # a crash in the fine-tune resumes from the checkpoint written after the test, which is read, not re-run
     crash_at(monkeypatch, 11, lambda: train.train_adapter(model, data, groups, tmp / "split-resumed", cfg))

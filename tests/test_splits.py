@@ -127,7 +127,7 @@ def test_describe_says_what_was_decided():
     assert splits.describe(None) == "no candidate second split was tested"
 
 
-def test_as_trained_adds_the_second_split_only_when_the_test_did():
+def test_as_trained_adds_the_second_split_only_when_the_test_did_and_the_refined_one_where_listed():
     pids = torch.arange(40) // 20
     g = grouper.group_robust(torch.rand(40), pids)
     g.candidate = torch.zeros(40, dtype=torch.bool)
@@ -138,3 +138,47 @@ def test_as_trained_adds_the_second_split_only_when_the_test_did():
     two = splits.as_trained(groups, {"second_split": {"second_attribute": True}}, pids)
     assert two.meta is groups.meta
     assert torch.equal(two.grouping.sampling, splits.with_second_split(g, pids).sampling)
+    # adapters trained since the refinement list their second split; calibration weighs that one
+    refined = {"second_split": {"second_attribute": True, "refined_rows": [6, 7, 26]}}
+    second = torch.zeros(40, dtype=torch.bool)
+    second[[6, 7, 26]] = True
+    assert torch.equal(splits.refined_flags(refined["second_split"], 40), second)
+    assert torch.equal(splits.as_trained(groups, refined, pids).grouping.sampling,
+                       splits.with_second_split(g, pids, second).sampling)
+    assert not torch.equal(second, g.candidate)
+
+
+def _planted(seed: int = 0):
+    """Two prompts of 120 images (8x8, 3 channels, noise): a first attribute (the red channel bright, rows 0-11 of
+    each prompt, all in the first split) and a second one (a bright bar in the top rows, rows 12-35); a candidate that
+    holds 12 of the 24 second-attribute rows of each prompt, 6 first-attribute rows the first split missed (the first
+    split holds 6 of its 12) and 12 plain rows."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(240, 3, 8, 8, generator=g) * 0.3
+    pids = torch.arange(240) // 120
+    first, candidate = torch.zeros(240, dtype=torch.bool), torch.zeros(240, dtype=torch.bool)
+    truth = torch.zeros(240, dtype=torch.bool)
+    for p in (0, 1):
+        o = 120 * p
+        x[o:o + 12, 0] += 2.0
+        x[o + 12:o + 36, :, :2] += 2.0
+        truth[o + 12:o + 36] = True
+        first[o:o + 6] = True
+        candidate[o + 6:o + 12] = candidate[o + 12:o + 24] = candidate[o + 60:o + 72] = True
+    return x, pids, first, candidate, truth
+
+
+def test_refine_cleans_the_candidate_of_the_first_attribute_and_reranks_it_by_a_reader():
+    x, pids, first, candidate, truth = _planted()
+    refined = splits.refine(x, pids, first, candidate, 2)
+    assert torch.equal(splits.refine(x, pids, first, candidate, 2), refined)  # seeded: the same split every time
+    assert not (refined & first).any() and not (refined & ~truth & (torch.arange(240) % 120 < 12)).any()
+    sizes = [int(refined[pids == p].sum()) for p in (0, 1)]
+    cleaned, allowed = splits.clean(x, pids, first, candidate, 2)
+    assert sizes == [int(cleaned[pids == p].sum()) for p in (0, 1)] and 24 <= sum(sizes) <= 60
+    assert not (cleaned & (torch.arange(240) % 120 < 12)).any()  # the first attribute's missed rows are dropped
+    precision = lambda flags: float((flags & truth).sum() / flags.sum())  # noqa: E731
+    assert precision(candidate) == pytest.approx(0.4) and precision(refined) > 0.9  # 12 / 30 -> the bar rows
+    assert int((refined & truth).sum()) > int((candidate & truth).sum())  # and more of them than the candidate had
+    empty = splits.refine(x, pids, first, candidate & (torch.arange(240) % 120 < 12), 2)
+    assert not empty.any()  # a candidate of first-attribute rows only: nothing left to refine

@@ -400,6 +400,7 @@ class _Run:
     ckpt: Path
     split_test: dict | None = None  # the second-split test's record, once made (splits.py)
     prior: torch.Tensor | None = None  # what the base's sampler draws (`--oracle-shares-from`; targets.Posterior)
+    data_dir: str | Path | None = None  # the training images' folder (the second split's refinement reads them)
 
 
 def _train_step(accelerator, run: _Run, config: TrainConfig, step: int, first: bool,
@@ -494,7 +495,8 @@ def _split_test(accelerator, run: _Run, config: TrainConfig) -> dict:
         result = splits.attribute_test(run.unet, adapter, run.noise_scheduler, run.inputs, run.grouping.inferred,
                                        run.grouping.candidate, splits.TEST_WEIGHT, config.seed, splits.SCORE_BATCH)
         record[0] = {**result.record(), "candidate_size": int(run.grouping.candidate.sum()),
-                     "finetune_steps": splits.finetune_steps(config.steps) if result.second_attribute else 0}
+                     "finetune_steps": splits.finetune_steps(config.steps) if result.second_attribute else 0,
+                     **(_refined(run) if result.second_attribute else {})}
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
@@ -502,11 +504,22 @@ def _split_test(accelerator, run: _Run, config: TrainConfig) -> dict:
     return record[0]
 
 
+def _refined(run: _Run) -> dict:
+    """The second split the fine-tune balances (`splits.refine`), as the test's record lists it."""
+    from .drawn import reader_images
+
+    flags = splits.refine(reader_images(run.data_dir), run.inputs.prompt_ids, run.grouping.inferred,
+                          run.grouping.candidate, len(run.inputs.prompts))
+    return {"refined_rounds": splits.REFINE_ROUNDS, "refined_size": int(flags.sum()),
+            "refined_rows": torch.nonzero(flags).squeeze(1).tolist()}
+
+
 def _finetune(accelerator, run: _Run, config: TrainConfig, show: bool) -> dict:
     """`splits.finetune_steps` more steps (steps S.. of the batch seeds) on both splits' raked sampler, with a fresh
     optimizer and LR schedule; no checkpoints (a crash resumes from the end of the first run)."""
     steps = run.split_test["finetune_steps"]
-    run.grouping = splits.with_second_split(run.grouping, run.inputs.prompt_ids)
+    second = splits.refined_flags(run.split_test, len(run.inputs.prompt_ids))  # None: a checkpoint from before
+    run.grouping = splits.with_second_split(run.grouping, run.inputs.prompt_ids, second)  # the refinement
     if run.posterior is not None:
         run.posterior = Posterior.build(run.inputs.latents, run.inputs.prompt_ids, run.grouping.sampling, run.prior)
     optimizer, run.lr_scheduler = _make_optimizer(accelerator.unwrap_model(run.adapter),
@@ -555,7 +568,7 @@ def train_adapter(model, data_dir: str | Path, groups: GroupsResult | None, out_
     posterior = (Posterior.build(inputs.latents, inputs.prompt_ids, grouping.sampling, prior)
                  if config.target in POSTERIOR_TARGETS else None)
     run = _Run(unet, adapter, optimizer, lr_scheduler, noise_scheduler, inputs, grouping, posterior, key, ckpt,
-               split_test, prior)
+               split_test, prior, data_dir)
     last = _train(accelerator, run, config, start_step)
     if accelerator.is_main_process:
         meta.update(num_processes=accelerator.num_processes, resumed_from_step=start_step, final=last,
