@@ -150,9 +150,9 @@ def test_as_trained_adds_the_second_split_only_when_the_test_did_and_the_refined
 
 def _planted(seed: int = 0):
     """Two prompts of 120 images (8x8, 3 channels, noise): a first attribute (the red channel bright, rows 0-11 of
-    each prompt, all in the first split) and a second one (a bright bar in the top rows, rows 12-35); a candidate that
-    holds 12 of the 24 second-attribute rows of each prompt, 6 first-attribute rows the first split missed (the first
-    split holds 6 of its 12) and 12 plain rows."""
+    each prompt; the first split holds rows 0-5) and a second one (a bright bar in the top rows, rows 12-35); a
+    candidate that holds the 6 first-attribute rows the first split missed, 12 of the 24 second-attribute rows and
+    12 plain rows of each prompt."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(240, 3, 8, 8, generator=g) * 0.3
     pids = torch.arange(240) // 120
