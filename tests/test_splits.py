@@ -124,6 +124,8 @@ def test_describe_says_what_was_decided():
         "removed an undefined share (no excess to remove) of its excess score relative to the first split's "
         "(threshold 0.1) -> nothing to compare with: not added")
     assert splits.describe({**test, "second_attribute": False}).endswith("-> more of the first attribute: not added")
+    assert splits.describe({**test, "refined_size": 347}).endswith(
+        "-> a second attribute, refined to 347 rows: fine-tuned 1500 steps with both splits balanced")
     assert splits.describe(None) == "no candidate second split was tested"
 
 

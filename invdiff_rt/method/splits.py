@@ -227,7 +227,8 @@ def describe(test: dict | None) -> str:
     if not test:
         return "no candidate second split was tested"
     ratio = "an undefined share (no excess to remove)" if test["ratio"] is None else f"{test['ratio']:.2f}"
-    verdict = (f"a second attribute: fine-tuned {test['finetune_steps']} steps with both splits balanced"
+    refined = f", refined to {test['refined_size']} rows" if "refined_size" in test else ""
+    verdict = (f"a second attribute{refined}: fine-tuned {test['finetune_steps']} steps with both splits balanced"
                if test["second_attribute"] else "nothing to compare with: not added" if test["ratio"] is None
                else "more of the first attribute: not added")
     return (f"candidate second split ({test['candidate_size']} rows): the trained adapter at w {test['weight']:g} "
