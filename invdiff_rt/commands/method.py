@@ -132,8 +132,8 @@ def train(
     active_only: Optional[bool] = typer.Option(None, "--active-only/--all-t", help="Train only at the t the adapter "
                                                "acts at (t >= from t) (default: the recipe's)."),
     second_split: bool = typer.Option(True, "--second-split/--no-second-split",
-                                      help="invdiff-rt: test the groups' candidate second split after training and "
-                                      "fine-tune on it when it is a second attribute (default: on)."),
+                                      help="invdiff-rt: test the groups' candidate second split after training and, "
+                                      "when it is a second attribute, refine it and fine-tune on it (default: on)."),
     calibrate_per_prompt: int = typer.Option(CALIBRATION_PER_PROMPT, "--calibrate-per-prompt",
                                              help="invdiff-rt: the weight rule's samples per prompt at each tried "
                                              "weight (`invdiff calibrate --per-prompt`)."),
