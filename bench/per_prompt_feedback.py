@@ -1,8 +1,9 @@
 """Does per-prompt feedback on what an adapter draws bring every prompt into range? (a probe on two-split groups;
 `--source oracle` reads the hidden columns; not a pipeline feature)
 
-One weight serves every prompt, and under it the prompts respond differently (styled-digits with the defaults: the
-colour of 7 and 9 overshoots to 0.23-0.29, the stroke of 5 and 9 stays at 0.94). The probe reads an adapter's own
+One weight serves every prompt, and under it the prompts respond differently (styled-digits with the defaults before
+the second split was refined: the colour of 7 and 9 overshoots to 0.23-0.29, the stroke of 5 and 9 stays at 0.94).
+The probe reads an adapter's own
 samples per prompt (N a prompt at its recorded weight, seed 3000: not the evaluation's), sets each prompt's share
 of each split in the fine-tune's raked sampler to
 
