@@ -48,12 +48,11 @@ def main() -> None:
     prompts, prompt_ids = inputs.prompts, inputs.prompt_ids
     truth = hidden_minority(a.data, a.attribute, prompt_ids)
     x, first = drawn.reader_images(a.data), result.grouping.inferred
-    flags, allowed = splits.clean(x, prompt_ids, first, result.grouping.candidate, len(prompts), a.seed)
-    counts = [int((flags & (prompt_ids == q)).sum()) for q in range(len(prompts))]
+    steps = splits.refinement(x, prompt_ids, first, result.grouping.candidate, len(prompts), a.seed)
+    flags = next(steps)
     rounds = {"candidate": score(result.grouping.candidate, truth, prompt_ids, len(prompts)),
               "cleaned": score(flags, truth, prompt_ids, len(prompts))}
-    for r in range(a.rounds):
-        flags = splits.rerank(x, prompt_ids, flags, allowed, counts, len(prompts), a.seed + 10 + 2 * r)
+    for r, flags in zip(range(a.rounds), steps):
         rounds[f"round {r}"] = score(flags, truth, prompt_ids, len(prompts))
         print(f"round {r}: precision {rounds[f'round {r}']['precision']}, recall {rounds[f'round {r}']['recall']}")
     result.grouping.candidate = flags

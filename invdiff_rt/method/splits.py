@@ -33,8 +33,10 @@ and hardly the next one (stroke: AUROC 0.74). Two label-free steps add the secon
 
 from __future__ import annotations
 
+import itertools
 import math
 import types
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -211,14 +213,23 @@ def rerank(x: torch.Tensor, prompt_ids: torch.Tensor, flags: torch.Tensor, allow
     return top_per_prompt(cross_fit_probability(x, prompt_ids, flags, prompts, seed)[1], prompt_ids, allowed, counts)
 
 
+def refinement(x: torch.Tensor, prompt_ids: torch.Tensor, first: torch.Tensor, candidate: torch.Tensor, prompts: int,
+               seed: int = REFINE_SEED) -> Iterator[torch.Tensor]:
+    """The cleaned candidate (`clean`), then each reader round's split (`rerank`, round r at seed + 10 + 2r), one
+    after the other; nothing after an empty cleaned candidate. `x`: the training images (`drawn.reader_images`)."""
+    flags, allowed = clean(x, prompt_ids, first, candidate, prompts, seed)
+    counts = [int((flags & (prompt_ids == p)).sum()) for p in range(prompts)]
+    yield flags
+    for r in itertools.count() if flags.any() else ():
+        flags = rerank(x, prompt_ids, flags, allowed, counts, prompts, seed + 10 + 2 * r)
+        yield flags
+
+
 def refine(x: torch.Tensor, prompt_ids: torch.Tensor, first: torch.Tensor, candidate: torch.Tensor,
            prompts: int) -> torch.Tensor:
-    """bool [N]: the candidate as the fine-tune's second split (step 3 of the module's docstring); `x` the training
-    images (`drawn.reader_images`)."""
-    flags, allowed = clean(x, prompt_ids, first, candidate, prompts)
-    counts = [int((flags & (prompt_ids == p)).sum()) for p in range(prompts)]
-    for r in range(REFINE_ROUNDS if flags.any() else 0):
-        flags = rerank(x, prompt_ids, flags, allowed, counts, prompts, REFINE_SEED + 10 + 2 * r)
+    """bool [N]: the candidate as the fine-tune's second split (step 3 of the module's docstring): `refinement`
+    after `REFINE_ROUNDS` rounds."""
+    *_, flags = itertools.islice(refinement(x, prompt_ids, first, candidate, prompts), REFINE_ROUNDS + 1)
     return flags
 
 
