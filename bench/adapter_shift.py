@@ -6,6 +6,9 @@ each t it prints its rms and, per adapter, the rms of the adapter's delta, its p
 (<delta, d*> / |d*|^2: 1 = all of it) and the mean cosine, on the same 128 noised training samples.
 
     python bench/adapter_shift.py --model colored-digits --data runs/data/colored-digits --attribute color ADAPTER...
+    python bench/adapter_shift.py ... --attribute color,stroke ADAPTER...  # two columns' raked oracle groups
+    python bench/adapter_shift.py ... --groups GROUPS --split-of A ADAPTER...  # label-free: the groups as adapter A
+        # was trained on them (its refined second split)
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+from ideal_shift import grouping_for
 
 
 def main() -> None:
@@ -22,18 +26,19 @@ def main() -> None:
     p.add_argument("--data", required=True)
     p.add_argument("--attribute", required=True)
     p.add_argument("--n", type=int, default=128)
+    p.add_argument("--groups", default=None, help="label-free groups instead of the oracle's (`ideal_shift.py`)")
+    p.add_argument("--split-of", default=None, help="with --groups: the adapter whose second split to use")
+    p.add_argument("--t", default="500,700,800,900,950,990", help="timesteps, comma-separated")
     a = p.parse_args()
     from invdiff_rt.method.adapter import load_adapter
     from invdiff_rt.method.cache import base_inputs
-    from invdiff_rt.method.grouper import group_from_flags, hidden_minority
     from invdiff_rt.method.losses import make_noise_scheduler
     from invdiff_rt.method.targets import Posterior
     from invdiff_rt.models.loader import load_model
 
     model = load_model(a.model)
     inputs = base_inputs(model, a.data)
-    grouping = group_from_flags(hidden_minority(a.data, a.attribute, inputs.prompt_ids), inputs.prompt_ids,
-                                "invdiff-rt")
+    grouping = grouping_for(a.data, a.attribute, inputs, a.groups, a.split_of)
     sched = make_noise_scheduler(model)
     posterior = Posterior.build(inputs.latents, inputs.prompt_ids, grouping.sampling)
     adapters = {path: load_adapter(path, model) for path in a.adapters}
@@ -42,7 +47,7 @@ def main() -> None:
     x0, noise = inputs.latents[idx], torch.randn(inputs.latents[idx].shape, generator=g)
     text, pids = inputs.text_embeddings[inputs.prompt_ids[idx]], inputs.prompt_ids[idx]
     with torch.no_grad():
-        for t in (500, 700, 800, 900, 950, 990):
+        for t in map(int, a.t.split(",")):
             tt = torch.full((a.n,), t)
             x_t = sched.add_noise(x0, noise, tt)
             ideal = posterior.shift(x_t, tt, pids, sched.alphas_cumprod)

@@ -9,6 +9,11 @@ eval`'s (DDIM 25, CFG 3.0 unless given), so the rows compare with the README's d
 
     python bench/ideal_shift.py --model colored-digits --data DATA --attribute color --from-t 800 --weight 1
     python bench/ideal_shift.py ... --oracle-shares-from BASE_REPORT  # the shift from what the guided base draws
+    python bench/ideal_shift.py --attribute color,stroke ...  # two columns' oracle groups, the raked sampler
+    python bench/ideal_shift.py --attribute color,stroke --groups GROUPS --adapter A ...  # label-free: the groups
+        # as adapter A was trained on them (its refined second split); the columns only score
+
+With several columns every one is scored on the same samples (one `invdiff eval` report per column).
 """
 
 from __future__ import annotations
@@ -52,19 +57,21 @@ def main() -> None:
     p.add_argument("--guidance-scale", type=float, default=None)
     p.add_argument("--per-prompt", type=int, default=32)
     p.add_argument("--json", default=None)
+    p.add_argument("--groups", default=None, help="label-free groups (an `invdiff groups` prefix) instead of the "
+                   "oracle's; with --adapter, as that adapter was trained on them (splits.as_trained)")
+    p.add_argument("--adapter", default=None, help="with --groups: an adapter directory whose adapter.json says "
+                   "which second split it was fine-tuned on")
     p.add_argument("--oracle-shares-from", default=None, help="an `invdiff eval --json` report of the base: shift "
                    "from the shares the guided base draws, not the data's (`invdiff train --oracle-shares-from`)")
     a = p.parse_args()
     from invdiff_rt.eval.evaluate import evaluate
     from invdiff_rt.method.cache import base_inputs
-    from invdiff_rt.method.grouper import group_from_flags, hidden_minority
     from invdiff_rt.method.losses import make_noise_scheduler
     from invdiff_rt.models.loader import load_model
 
     model = load_model(a.model)
     inputs = base_inputs(model, a.data)
-    grouping = group_from_flags(hidden_minority(a.data, a.attribute, inputs.prompt_ids), inputs.prompt_ids,
-                                "invdiff-rt")
+    grouping = grouping_for(a.data, a.attribute, inputs, a.groups, a.adapter)
     prior = None
     if a.oracle_shares_from:
         from invdiff_rt.method.train import TrainConfig, oracle_prior
@@ -72,14 +79,33 @@ def main() -> None:
         config = TrainConfig(oracle_column=a.attribute, oracle_shares=(a.oracle_shares_from,))
         prior = oracle_prior(model, inputs, grouping, config)[0]
     ideal = IdealShift(inputs, grouping.sampling, make_noise_scheduler(model).alphas_cumprod, a.from_t, prior)
-    report = evaluate(model, a.data, a.attribute, per_prompt=a.per_prompt, adapter=ideal, adapter_weight=a.weight,
-                      guidance_scale=a.guidance_scale)
-    shares = [v["majority_share"] for v in report["per_prompt"].values()]
-    print(json.dumps({"from_t": a.from_t, "weight": a.weight, **{k: report[k] for k in (
-        "bias", "bias_filtered", "majority_share", "fidelity", "fid")}, "per_prompt_share": [min(shares), max(shares)]}))
+    reports = {column: evaluate(model, a.data, column, per_prompt=a.per_prompt, adapter=ideal,
+                                adapter_weight=a.weight, guidance_scale=a.guidance_scale)
+               for column in a.attribute.split(",")}
+    for column, report in reports.items():
+        shares = [round(v["majority_share"], 3) for v in report["per_prompt"].values()]
+        print(json.dumps({"attribute": column, "from_t": a.from_t, "weight": a.weight, **{k: report[k] for k in (
+            "bias", "bias_filtered", "majority_share", "fidelity", "fid")}, "per_prompt_share": shares}))
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(report, f, indent=1)
+            json.dump(reports if len(reports) > 1 else reports[a.attribute], f, indent=1)
+
+
+def grouping_for(data: str, attribute: str, inputs, groups: str | None = None, adapter: str | None = None):
+    """The oracle groups of `attribute` (one column, or several with the raked sampler), or the label-free `groups`
+    as `adapter` was trained on them (`splits.as_trained`)."""
+    from invdiff_rt.method.grouper import group_from_flags, hidden_minority, load_groups
+
+    if groups is None:
+        return group_from_flags(hidden_minority(data, attribute, inputs.prompt_ids), inputs.prompt_ids, "invdiff-rt")
+    from invdiff_rt import artifacts
+    from invdiff_rt.method.splits import as_trained
+
+    result = load_groups(groups)
+    if adapter:
+        result = as_trained(result, artifacts.read_json(f"{adapter}/adapter.json", "--adapter", "give an adapter "
+                                                        "directory"), inputs.prompt_ids)
+    return result.grouping
 
 
 if __name__ == "__main__":
