@@ -64,6 +64,8 @@ def main() -> None:
     p.add_argument("--oracle-shares-from", default=None, help="an `invdiff eval --json` report of the base: shift "
                    "from the shares the guided base draws, not the data's (`invdiff train --oracle-shares-from`)")
     a = p.parse_args()
+    if a.groups and a.oracle_shares_from:
+        p.error("--oracle-shares-from: the oracle groups' prior; drop --groups or drop it")
     from invdiff_rt.eval.evaluate import evaluate
     from invdiff_rt.method.cache import base_inputs
     from invdiff_rt.method.losses import make_noise_scheduler
@@ -97,6 +99,8 @@ def grouping_for(data: str, attribute: str, inputs, groups: str | None = None, a
     from invdiff_rt.method.grouper import group_from_flags, hidden_minority, load_groups
 
     if groups is None:
+        if adapter:
+            raise SystemExit(f"{adapter}: an adapter's second split needs the groups it was trained on; add --groups")
         return group_from_flags(hidden_minority(data, attribute, inputs.prompt_ids), inputs.prompt_ids, "invdiff-rt")
     from invdiff_rt import artifacts
     from invdiff_rt.method.splits import as_trained
