@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from invdiff_rt.eval import classifiers
 from invdiff_rt.method import drawn, grouper
 
 
@@ -108,3 +109,22 @@ def test_cross_fit_reads_each_row_with_the_fold_model_that_did_not_see_it(monkey
     first = {float(i) for i in torch.nonzero(drawn.folds(ids, flags)).flatten().tolist()}
     assert trained == [first, set(map(float, range(10))) - first]
     assert read_by == {1: first, 0: trained[1]}
+
+
+def test_fit_reader_is_seeded_without_touching_the_global_rng(monkeypatch):
+    """The reader's initial weights come from its seed alone, and the caller's global RNG stream goes on as if the
+    reader had not been fitted (train's refinement runs between the adapter's own seeded steps)."""
+    monkeypatch.setattr(drawn, "EPOCHS", 0)  # initial weights only
+    x = _as_input(_squares(["red", "green"] * 4, seed=0))
+    ids, flags = torch.zeros(8, dtype=torch.long), torch.tensor([False, True] * 4)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    first = drawn.fit_reader(x, ids, flags, 1, seed=7)
+    assert torch.equal(torch.rand(3), expected)
+    torch.manual_seed(999)
+    second = drawn.fit_reader(x, ids, flags, 1, seed=7)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+    torch.manual_seed(7)
+    plain = classifiers.SmallCNN(3, 2)  # the weights seeding the global RNG gave before
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), plain.state_dict().values()))

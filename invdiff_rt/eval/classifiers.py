@@ -55,6 +55,13 @@ class SmallCNN(nn.Module):
         return self.head(self.body(x))
 
 
+def seeded_cnn(in_channels: int, num_classes: int, seed: int, width: int = 16) -> SmallCNN:
+    """A SmallCNN initialised from `seed`, leaving the global torch RNG as it was (callers' own draws unchanged)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return SmallCNN(in_channels, num_classes, width)
+
+
 STRIP_MODES = ("none", "max", "max-min")
 DEFAULT_STRIP = "max-min"
 
@@ -173,9 +180,8 @@ def worst_cell_accuracy(pred: np.ndarray, target: np.ndarray, confound: np.ndarr
 def train_one(x: torch.Tensor, y: np.ndarray, confound: np.ndarray, num_classes: int, strip: str,
               epochs: int, seed: int, width: int = 16) -> tuple[SmallCNN, float]:
     """Train one SmallCNN on float `[N,3,H,W]` images in [-1,1] (stripped by `strip`), cell-balanced loss."""
-    torch.manual_seed(seed)
     inputs = strip_colour(x, strip)
-    net = SmallCNN(inputs.shape[1], num_classes, width)
+    net = seeded_cnn(inputs.shape[1], num_classes, seed, width)
     loss = fit(net, inputs, torch.as_tensor(y, dtype=torch.long), cell_weights(y, confound), epochs, seed)
     return net, loss
 

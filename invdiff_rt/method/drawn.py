@@ -51,11 +51,10 @@ def fit_reader(x: torch.Tensor, prompt_ids: torch.Tensor, flags: torch.Tensor, p
     alike."""
     import numpy as np
 
-    from ..eval.classifiers import SmallCNN, cell_weights, fit
+    from ..eval.classifiers import cell_weights, fit, seeded_cnn
 
-    torch.manual_seed(seed)
     cells = (prompt_ids * 2 + flags.long()).numpy()
-    net = SmallCNN(x.shape[1], 2 * prompts)
+    net = seeded_cnn(x.shape[1], 2 * prompts, seed)
     fit(net, x, torch.as_tensor(cells), cell_weights(cells, np.zeros_like(cells)), EPOCHS, seed)
     return net.eval()
 
