@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import torch
 
@@ -100,7 +101,9 @@ def grouping_for(data: str, attribute: str, inputs, groups: str | None = None, a
 
     if groups is None:
         if adapter:
-            raise SystemExit(f"{adapter}: an adapter's second split needs the groups it was trained on; add --groups")
+            print(f"{adapter}: an adapter's second split needs the groups it was trained on; add --groups",
+                  file=sys.stderr)
+            raise SystemExit(2)
         return group_from_flags(hidden_minority(data, attribute, inputs.prompt_ids), inputs.prompt_ids, "invdiff-rt")
     from invdiff_rt import artifacts
     from invdiff_rt.method.splits import as_trained
