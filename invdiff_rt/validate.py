@@ -464,6 +464,9 @@ def _check_prefix(flag: str, path: Path) -> None:
 
 
 def _check_out_prefix(flag: str, path: Path) -> None:
+    if path.is_dir():  # a prefix names files, so PATH.json would land beside the folder, not in it
+        raise InvdiffError(f"{flag} {path}: is a folder; pass a file prefix, e.g. {path / 'groups'} (writes "
+                           "groups.json and groups.safetensors inside it)")
     folder = next((p for p in _prefix_files(path) if p.is_dir()), None)
     if folder is not None:
         raise InvdiffError(f"{flag} {path}: {folder} is a folder, so the groups cannot be written there; pass "

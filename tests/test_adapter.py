@@ -1,3 +1,4 @@
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -7,7 +8,7 @@ from diffusers import UNet2DConditionModel
 
 from invdiff_rt.errors import InvdiffError
 from invdiff_rt.method.adapter import (AdapterConfig, GuidanceAdapter, adapter_fingerprint, adapter_param_budget,
-                                       config_for_unet, load_adapter, parameter_count, save_adapter)
+                                       check_record, config_for_unet, load_adapter, parameter_count, save_adapter)
 from invdiff_rt.models.configs import TinyArch
 
 
@@ -70,6 +71,44 @@ def test_save_load_round_trip_and_fingerprint_mismatch(tmp_path):
     (out / "adapter.safetensors").write_bytes(b"corrupt")
     with pytest.raises(InvdiffError, match="adapter.safetensors"):
         load_adapter(out, SimpleNamespace(fingerprint="a" * 64))
+
+
+MALFORMED = [  # hand-edited adapter.json fields that reached a TypeError deep inside sampling, and the line now
+    ({"from_t": "late"}, r"from_t 'late' is not a timestep"),
+    ({"from_t": -100}, r"from_t -100 is not a timestep"),
+    ({"recommended_weight": float("inf")}, r"recommended_weight inf is not a finite number"),
+    ({"calibration": "oops"}, r"calibration.by_guidance_scale is not a table"),
+    ({"calibration": {"by_guidance_scale": [1]}}, r"calibration.by_guidance_scale is not a table"),
+    ({"calibration": {"by_guidance_scale": {"3": {"weight": None}}}}, r"by_guidance_scale\['3'\] is not a CFG scale"),
+    ({"calibration": {"by_guidance_scale": {"3": {"weight": "high"}}}}, r"by_guidance_scale\['3'\]"),
+    ({"calibration": {"by_guidance_scale": {"x": {"weight": 1.2}}}}, r"by_guidance_scale\['x'\]"),
+    ({"config": [1]}, r"config \[1\] is not an adapter config"),
+    ({"config": {"width": 8, "colour": 3}}, r"is not an adapter config"),
+    ({"config": {"width": -5}}, r"config.width -5 is not a positive int"),
+    ({"config": {"width": "wide"}}, r"config.width 'wide' is not a positive int"),
+    ({"config": {"use_eps_base": 1}}, r"config.use_eps_base 1 is not a bool"),
+]
+
+
+@pytest.mark.parametrize("edit, message", MALFORMED)
+def test_malformed_manifest_fields_fail_in_one_line(tmp_path, edit, message):
+    adapter = GuidanceAdapter(AdapterConfig(cross_attention_dim=16, width=8, depth=1, time_dim=16))
+    out = save_adapter(adapter, tmp_path / "ad", {"base_fingerprint": "a" * 64, "from_t": 700,
+                                                  "calibration": {"by_guidance_scale": {"3": {"weight": 1.2}}}})
+    manifest = json.loads((out / "adapter.json").read_text())
+    load_adapter(out, SimpleNamespace(fingerprint="a" * 64))  # the written one loads
+    if "config" in edit and isinstance(edit["config"], dict):
+        edit = {"config": {**manifest["config"], **edit["config"]}}
+    (out / "adapter.json").write_text(json.dumps({**manifest, **edit}))
+    with pytest.raises(InvdiffError, match=rf"adapter.json: malformed \(.*{message}.*\); retrain with `invdiff train`"):
+        load_adapter(out, SimpleNamespace(fingerprint="a" * 64))
+
+
+def test_an_uncalibrated_manifest_passes_the_field_check():
+    check_record({"config": dataclasses.asdict(AdapterConfig()), "from_t": None, "recommended_weight": None,
+                  "calibration": None})
+    check_record({"calibration": {}})
+    check_record({})
 
 
 @pytest.mark.slow

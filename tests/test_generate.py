@@ -194,7 +194,8 @@ def test_the_model_size_given_explicitly_resumes_the_same_folder(model_dir, tmp_
 
 
 def test_a_folder_with_someone_elses_manifest_or_run_file_is_refused(loaded, tmp_path):
-    """The merge rewrites manifest.jsonl and run.json: ones generate did not write are refused, before any work."""
+    """The merge rewrites manifest.jsonl and run.json: ones generate did not write are refused, before any work; so
+    is a folder of other files that holds no generate run."""
     for name, text in ((gen.MANIFEST, '{"id": 1, "note": "my data"}\n'), (gen.RUN_FILE, '{"my": "config"}')):
         out = tmp_path / name
         out.mkdir()
@@ -203,6 +204,16 @@ def test_a_folder_with_someone_elses_manifest_or_run_file_is_refused(loaded, tmp
             with pytest.raises(InvdiffError, match=rf"^--out {out}: {name} was not written by `invdiff generate`"):
                 _run(loaded, out, overwrite=overwrite)
         assert [p.name for p in out.iterdir()] == [name] and (out / name).read_text() == text
+    other = tmp_path / "adapter"  # another tool's folder, e.g. an adapter's: its PNGs would mix into it
+    (other / "sub").mkdir(parents=True)
+    (other / "adapter.json").write_text("{}")
+    with pytest.raises(InvdiffError, match=rf"^--out {other}: holds adapter.json, which `invdiff generate` did not "
+                                           "write, and no generate run; pass a new or empty folder$"):
+        _run(loaded, other)
+    assert sorted(p.name for p in other.iterdir()) == ["adapter.json", "sub"] and not any((other / "sub").iterdir())
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / ".hidden").write_text("")  # an empty folder (dot files aside) is a new run's
+    assert _run(loaded, tmp_path / "empty").written == 4
     ours = _run(loaded, tmp_path / "ours")
     (tmp_path / "ours" / gen.RUN_FILE).unlink()  # generate's own records, run.json deleted: still resumed
     assert (_run(loaded, tmp_path / "ours").skipped, ours.written) == (4, 4)
@@ -251,7 +262,7 @@ def _export_manifest(path: Path, adapter) -> Path:
 
     path.mkdir()
     (path / MANIFEST_NAME).write_text(json.dumps({"format": FORMAT, "components": {"denoiser": {"profile": {}}},
-                                                       "latent_shape": [4, 8, 8], "scheduler_config": {},
+                                                       "latent_shape": [4, 8, 8], "scheduler_config": {}, "files": {},
                                                        "adapter": adapter}))
     return path
 

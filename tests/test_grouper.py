@@ -144,3 +144,19 @@ def test_sampler_prior_reweights_each_prompt_to_the_drawn_shares():
     got = grouper.sampler_prior(torch.stack([minority, second], 1), ids, [[0.9, 0.99], [0.5, 0.8]])
     product_0 = torch.tensor([0.4 * 2 / 3, 1.2 * 2, 1.2 * 2 / 3, 1.2 * 2 / 3])
     assert torch.allclose(got, torch.cat([product_0 * 15 / 16, torch.tensor([0.4, 1.6])]))
+
+
+@pytest.mark.parametrize("field, value", [("grouping", None), ("profile", "x"), ("groups", "two"), ("prompts", "0")])
+def test_a_groups_file_with_a_malformed_field_is_refused_in_one_line(tmp_path, field, value):
+    import json
+
+    from invdiff_rt.errors import InvdiffError
+
+    g = grouper.Grouping(torch.ones(4, 2), torch.zeros(4), torch.ones(4), torch.zeros(4, dtype=torch.bool))
+    _, json_path = grouper.save_groups(grouper.GroupsResult(g, {"groups": 2, "grouping": {}, "profile": {}}),
+                                       tmp_path / "G")
+    assert grouper.load_groups(tmp_path / "G").meta["groups"] == 2
+    json_path.write_text(json.dumps({**json.loads(json_path.read_text()), field: value}))
+    with pytest.raises(InvdiffError, match=rf"^{json_path}: malformed \({field} is not a "
+                                           rf"{grouper.META_TYPES[field].__name__}\); rerun `invdiff groups`$"):
+        grouper.load_groups(tmp_path / "G")

@@ -527,6 +527,9 @@ def test_groups_and_train_refuse_what_cannot_act(setup):
     r = _invoke("groups", *base, "--out", str(tmp / "gd" / "X"))
     assert "gd/X.json is a folder, so the groups cannot be written there" in str(r.exception)
     assert sorted(p.name for p in (tmp / "gd").iterdir()) == ["X.json"]
+    r = _invoke("groups", *base, "--out", str(tmp / "gd"))  # a folder: PREFIX.json would land beside it
+    assert f"--out {tmp / 'gd'}: is a folder; pass a file prefix, e.g. {tmp / 'gd' / 'groups'}" in str(r.exception)
+    assert sorted(p.name for p in tmp.iterdir() if p.name.startswith("gd")) == ["gd"]  # (exit 2: main() maps it)
     cases = {("groups", "--recipe", "paper", "--outlier-k", "9"): "--outlier-k: only for --recipe invdiff-rt",
              ("groups", "--recipe", "paper", "--independent-draws"): "--independent-draws: only for --recipe",
              ("groups", "--oracle-groups-from", "color", "--groups", "5"): "--groups 5: oracle groups are the",

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 GPU = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
 PROFILE = {"sample": ((1, 4, 8, 8), (2, 4, 8, 8), (8, 4, 8, 8)), "encoder_hidden_states": ((2, 8, 16), (4, 8, 16),
                                                                                             (16, 8, 16))}
-RUNTIME_FIELDS = {"latent_shape": [4, 8, 8], "scheduler_config": {}}  # what every export manifest records
+RUNTIME_FIELDS = {"latent_shape": [4, 8, 8], "scheduler_config": {}, "files": {}}  # what every export manifest records
 
 
 def _ingredients(**overrides):
@@ -366,6 +366,10 @@ def test_export_manifest_errors_are_one_line(tmp_path):
                       *(({k: v for k, v in good.items() if k != key}, f"malformed \\(KeyError: '{key}'")
                         for key in RUNTIME_FIELDS),
                       ({**good, "precision": "int8"}, "malformed \\(ValueError: precision 'int8', not one of"),
+                      ({**good, "image_size": "big"}, "malformed \\(ValueError: image_size 'big' is not a positive"),
+                      ({**good, "adapter": {"from_t": "late"}}, "malformed \\(ValueError: from_t 'late' is not a"),
+                      ({**good, "adapter": {"calibration": {"by_guidance_scale": {"3": {"weight": None}}}}},
+                       "malformed \\(ValueError: calibration.by_guidance_scale\\['3'\\] is not a CFG scale"),
                       ({**good, "format_version": 2},
                        "malformed \\(ValueError: format_version 2, this invdiff-rt reads 1"),
                       ({**good, "components": {"denoiser": {"spec": {**spec, "sizes": [[32, 32], [64, 64]]}}}},

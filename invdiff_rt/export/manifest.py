@@ -157,6 +157,8 @@ def check_structure(manifest: dict, path: Path) -> None:
     """The fields every reader indexes (the denoiser and every component's spec, refit map, latent shape, scheduler
     config) are there and well formed: a hand-edited manifest fails here in one line, not with a KeyError deep inside
     a backend. Every export since the first format has written all of them."""
+    from ..method.adapter import check_record
+
     try:
         if manifest.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
             raise ValueError(f"format_version {manifest.get('format_version')!r}, this invdiff-rt reads "
@@ -175,6 +177,10 @@ def check_structure(manifest: dict, path: Path) -> None:
         if len([int(d) for d in manifest["latent_shape"]]) != 3:
             raise ValueError("latent_shape must be (C, h, w)")
         dict(manifest["scheduler_config"])
+        if not isinstance(manifest.get("image_size", 1), int) or manifest.get("image_size", 1) < 1:
+            raise ValueError(f"image_size {manifest['image_size']!r} is not a positive int")
+        dict(manifest["files"])
+        check_record(manifest.get("adapter") or {})
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
         raise InvdiffError(f"{path}: malformed ({type(e).__name__}: {e}); re-run `invdiff export`") from None
 

@@ -4,10 +4,13 @@ adapter's weights as named initializers (TensorRT refit targets them), and symbo
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -133,7 +136,7 @@ def write_torch_export(module: torch.nn.Module, spec: ExportSpec, path: Path, op
         kwargs = {"adapter_params": dict(weights)}
         dynamic["adapter_params"] = {k: None for k in weights}
         names += [weight_input_name(k) for k in weights]
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), quiet_loggers("torch.onnx"):
         warnings.simplefilter("ignore")
         torch.onnx.export(module, args, str(path), kwargs=kwargs, dynamo=True, opset_version=opset,
                           input_names=names, output_names=spec.output_names, dynamic_shapes=dynamic,
@@ -147,8 +150,25 @@ def weight_input_name(state_name: str) -> str:
 def fold(model):
     """Polygraphy constant folding (graph inputs, hence the adapter weights, are never folded)."""
     from polygraphy.backend.onnx import fold_constants
+    from polygraphy.logger import G_LOGGER
 
-    return fold_constants(model, allow_onnxruntime_shape_inference=True, error_ok=False)
+    with G_LOGGER.verbosity(G_LOGGER.WARNING), quiet_loggers("onnxruntime.tools.symbolic_shape_infer"):
+        return fold_constants(model, allow_onnxruntime_shape_inference=True, error_ok=False)
+
+
+@contextlib.contextmanager
+def quiet_loggers(*names: str) -> Iterator[None]:
+    """Only errors from these loggers for the duration: the exporter's notes on torchvision ops it skips and the
+    shape inference's "treat as equal" guesses say nothing about the export, and buried its one line of output."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def weights_to_initializers(model, weights: dict[str, torch.Tensor]):

@@ -5,6 +5,7 @@ prediction, eps = eps_base + w * G_psi(x_t, t, text, eps_base). Zero at init, so
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,7 +148,61 @@ def read_adapter_manifest(adapter_dir: str | Path, require: tuple[str, ...] = ()
     if missing:
         raise InvdiffError(f"{adapter_dir / MANIFEST_NAME}: adapter manifest without {', '.join(missing)}; "
                            "retrain with `invdiff train`")
+    try:
+        check_record(manifest)
+    except ValueError as e:
+        raise InvdiffError(f"{adapter_dir / MANIFEST_NAME}: malformed ({e}); retrain with `invdiff train`") from None
     return manifest
+
+
+def check_record(record: dict) -> None:
+    """ValueError naming the first malformed field that loading, weighting or scheduling an adapter reads, in its
+    adapter.json or in the record an export keeps of it: a hand-edited file fails in one line, not deep inside
+    sampling."""
+    if record.get("config") is not None:
+        _check_config(record["config"])
+    from_t = record.get("from_t")
+    if from_t is not None and not (_is_int(from_t) and from_t >= 0):
+        raise ValueError(f"from_t {from_t!r} is not a timestep")
+    weight = record.get("recommended_weight")
+    if weight is not None and not _is_finite(weight):
+        raise ValueError(f"recommended_weight {weight!r} is not a finite number")
+    _check_calibration(record.get("calibration"))
+
+
+def _check_config(config: Any) -> None:
+    if not isinstance(config, dict) or not set(config) <= {f.name for f in dataclasses.fields(AdapterConfig)}:
+        raise ValueError(f"config {config!r} is not an adapter config")
+    bad = next((k for k, v in config.items() if not (isinstance(v, bool) if k == "use_eps_base"
+                                                      else _is_int(v) and v > 0)), None)
+    if bad is not None:
+        raise ValueError(f"config.{bad} {config[bad]!r} is not a {'bool' if bad == 'use_eps_base' else 'positive int'}")
+
+
+def _check_calibration(calibration: Any) -> None:
+    if not calibration:  # None or {}: not calibrated
+        return
+    table = calibration.get("by_guidance_scale", {}) if isinstance(calibration, dict) else None
+    if not isinstance(table, dict):
+        raise ValueError("calibration.by_guidance_scale is not a table of CFG scales")
+    for scale, entry in table.items():
+        if not (_is_finite(_as_float(scale)) and isinstance(entry, dict) and _is_finite(entry.get("weight"))):
+            raise ValueError(f"calibration.by_guidance_scale[{scale!r}] is not a CFG scale with a finite weight")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _as_float(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def load_adapter(adapter_dir: str | Path, model) -> GuidanceAdapter:

@@ -306,6 +306,9 @@ def save_groups(result: GroupsResult, prefix: str | Path) -> tuple[Path, Path]:
     return weights_path, json_path
 
 
+META_TYPES = {"grouping": dict, "profile": dict, "groups": int, "prompts": list}  # the fields readers index
+
+
 def load_groups(prefix: str | Path) -> GroupsResult:
     """Read a groups artifact; refuses a missing, foreign or mismatched (json vs tensors) pair."""
     from safetensors.torch import load_file
@@ -314,6 +317,10 @@ def load_groups(prefix: str | Path) -> GroupsResult:
     meta = artifacts.read_json(json_path, "groups manifest")
     if meta.get("format") != GROUPS_FORMAT:
         raise InvdiffError(f"{json_path}: not an invdiff-rt groups file; make one with `invdiff groups`")
+    bad = next((k for k, kind in META_TYPES.items() if k in meta and not isinstance(meta[k], kind)), None)
+    if bad is not None:
+        raise InvdiffError(f"{json_path}: malformed ({bad} is not a {META_TYPES[bad].__name__}); "
+                           "rerun `invdiff groups`")
     if not weights_path.exists() or artifacts.sha256_file(weights_path) != meta.get("tensors_sha256"):
         raise InvdiffError(f"{weights_path}: missing or does not match {json_path.name}; rerun `invdiff groups`")
     t = load_file(str(weights_path))

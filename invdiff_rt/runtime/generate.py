@@ -466,6 +466,18 @@ def check_own_folder(out_dir: Path) -> None:
     if foreign is not None:
         raise InvdiffError(f"--out {out_dir}: {foreign.name} was not written by `invdiff generate` and would be "
                            "replaced; pass a new or empty folder")
+    other = _other_entry(out_dir)
+    if other is not None:
+        raise InvdiffError(f"--out {out_dir}: holds {other.name}, which `invdiff generate` did not write, and no "
+                           "generate run; pass a new or empty folder")
+
+
+def _other_entry(out_dir: Path) -> Path | None:
+    """The first visible entry of a --out that holds no generate run (no run.json, no manifest): another tool's
+    folder, into which images would be mixed. None for a new, empty or generate folder."""
+    if not out_dir.is_dir() or (out_dir / RUN_FILE).exists() or any(p.exists() for p in manifest_files(out_dir)):
+        return None
+    return next((p for p in sorted(out_dir.iterdir()) if not p.name.startswith(".")), None)
 
 
 def _finish(result: GenerationResult, jobs: Sequence[Job], settings: dict, grid: bool) -> None:
