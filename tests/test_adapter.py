@@ -74,6 +74,7 @@ def test_save_load_round_trip_and_fingerprint_mismatch(tmp_path):
 
 
 MALFORMED = [  # hand-edited adapter.json fields that reached a TypeError deep inside sampling, and the line now
+    ({"format_version": 99}, r"format_version 99, this invdiff-rt reads 1"),
     ({"from_t": "late"}, r"from_t 'late' is not a timestep"),
     ({"from_t": -100}, r"from_t -100 is not a timestep"),
     ({"recommended_weight": float("inf")}, r"recommended_weight inf is not a finite number"),
@@ -201,3 +202,14 @@ def test_weight_zero_reproduces_base_through_fused_denoiser(unet):
         w1 = FusedDenoiser(unet, adapter)(x, t, text, s, torch.tensor(1.0))
     assert torch.equal(base, w0)
     assert not torch.allclose(base, w1)
+
+
+def test_an_export_folder_given_as_adapter_says_so(tmp_path):
+    from invdiff_rt.method.adapter import read_adapter_manifest
+
+    (tmp_path / "manifest.json").write_text("{}")
+    with pytest.raises(InvdiffError, match=rf"^{tmp_path}: an export folder, not an adapter; pass it as --export"):
+        read_adapter_manifest(tmp_path)
+    (tmp_path / "manifest.json").unlink()
+    with pytest.raises(InvdiffError, match=r"adapter.json: adapter manifest not found; pass the folder `invdiff train "):
+        read_adapter_manifest(tmp_path)

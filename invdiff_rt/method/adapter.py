@@ -140,7 +140,13 @@ IDENTITY = ("base_fingerprint", "weights_sha256", "config")  # the fields that l
 
 def read_adapter_manifest(adapter_dir: str | Path, require: tuple[str, ...] = ()) -> dict:
     adapter_dir = Path(adapter_dir)
-    manifest = artifacts.read_json(adapter_dir / MANIFEST_NAME, "adapter manifest")
+    if (adapter_dir / "manifest.json").is_file() and not (adapter_dir / MANIFEST_NAME).exists():
+        raise InvdiffError(f"{adapter_dir}: an export folder, not an adapter; pass it as --export, or pass the "
+                           "folder `invdiff train --out` wrote as --adapter")
+    if not (adapter_dir / MANIFEST_NAME).exists():
+        raise InvdiffError(f"{adapter_dir / MANIFEST_NAME}: adapter manifest not found; pass the folder `invdiff "
+                           "train --out` wrote")
+    manifest = artifacts.read_json(adapter_dir / MANIFEST_NAME, "adapter manifest", "retrain with `invdiff train`")
     if manifest.get("format") != FORMAT:
         raise InvdiffError(f"{adapter_dir / MANIFEST_NAME}: not an invdiff-rt adapter manifest; "
                            "point to a directory written by `invdiff train`")
@@ -159,6 +165,9 @@ def check_record(record: dict) -> None:
     """ValueError naming the first malformed field that loading, weighting or scheduling an adapter reads, in its
     adapter.json or in the record an export keeps of it: a hand-edited file fails in one line, not deep inside
     sampling."""
+    version = record.get("format_version")
+    if version is not None and version != FORMAT_VERSION:
+        raise ValueError(f"format_version {version!r}, this invdiff-rt reads {FORMAT_VERSION}")
     if record.get("config") is not None:
         _check_config(record["config"])
     from_t = record.get("from_t")
