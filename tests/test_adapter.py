@@ -211,5 +211,5 @@ def test_an_export_folder_given_as_adapter_says_so(tmp_path):
     with pytest.raises(InvdiffError, match=rf"^{tmp_path}: an export folder, not an adapter; pass it as --export"):
         read_adapter_manifest(tmp_path)
     (tmp_path / "manifest.json").unlink()
-    with pytest.raises(InvdiffError, match=r"adapter.json: adapter manifest not found; pass the folder `invdiff train "):
+    with pytest.raises(InvdiffError, match=r"adapter.json: adapter manifest not found; pass the folder `invdiff"):
         read_adapter_manifest(tmp_path)

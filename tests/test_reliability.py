@@ -83,7 +83,8 @@ def test_a_manifest_that_is_not_a_json_object_is_one_line(tiny_model_dir, tmp_pa
     _foreign_adapter(tmp_path / "ad")
     (tmp_path / "ad" / "adapter.json").write_text("[1, 2]\n")  # valid JSON, not an object: was an AttributeError
     code, err = _cli(monkeypatch, capsys, *_generate(tiny_model_dir, tmp_path / "out", "--adapter", tmp_path / "ad"))
-    assert code == 2 and "adapter.json: adapter manifest is not a JSON object (got list); retrain with `invdiff train`" in err
+    assert code == 2 and ("adapter.json: adapter manifest is not a JSON object (got list); retrain with `invdiff "
+                          "train`") in err
     assert not (tmp_path / "out").exists()
 
 
