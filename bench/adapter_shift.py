@@ -29,6 +29,8 @@ def main() -> None:
     p.add_argument("--groups", default=None, help="label-free groups instead of the oracle's (`ideal_shift.py`)")
     p.add_argument("--split-of", default=None, help="with --groups: the adapter whose second split to use")
     p.add_argument("--t", default="500,700,800,900,950,990", help="timesteps, comma-separated")
+    p.add_argument("--temperature", type=float, default=1.0, help="the shift from posteriors at logits / T "
+                   "(`ideal_shift.py --temperature`); 1: exact")
     a = p.parse_args()
     from invdiff_rt.method.adapter import load_adapter
     from invdiff_rt.method.cache import base_inputs
@@ -40,7 +42,7 @@ def main() -> None:
     inputs = base_inputs(model, a.data)
     grouping = grouping_for(a.data, a.attribute, inputs, a.groups, a.split_of)
     sched = make_noise_scheduler(model)
-    posterior = Posterior.build(inputs.latents, inputs.prompt_ids, grouping.sampling)
+    posterior = Posterior.build(inputs.latents, inputs.prompt_ids, grouping.sampling, temperature=a.temperature)
     adapters = {path: load_adapter(path, model) for path in a.adapters}
     g = torch.Generator().manual_seed(1)
     idx = torch.multinomial(grouping.sampling, a.n, replacement=True, generator=g)

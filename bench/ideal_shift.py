@@ -29,12 +29,12 @@ class IdealShift(torch.nn.Module):
     """`GuidanceAdapter`'s call signature; delta = Posterior.shift of each row's prompt (-1: the empty prompt)."""
 
     def __init__(self, inputs, sampling: torch.Tensor, alphas_cumprod: torch.Tensor, from_t: int,
-                 prior: torch.Tensor | None = None):
+                 prior: torch.Tensor | None = None, temperature: float = 1.0):
         from invdiff_rt.method.targets import Posterior
 
         super().__init__()
         self.alphas_cumprod, self.from_t = alphas_cumprod, from_t
-        self.posterior = Posterior.build(inputs.latents, inputs.prompt_ids, sampling, prior)
+        self.posterior = Posterior.build(inputs.latents, inputs.prompt_ids, sampling, prior, temperature)
         self.table = torch.cat([inputs.text_embeddings, inputs.uncond_embedding.reshape(1, *inputs.text_embeddings.shape[1:])]).flatten(1)
 
     def prompt_of(self, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
@@ -64,6 +64,8 @@ def main() -> None:
                    "which second split it was fine-tuned on")
     p.add_argument("--oracle-shares-from", default=None, help="an `invdiff eval --json` report of the base: shift "
                    "from the shares the guided base draws, not the data's (`invdiff train --oracle-shares-from`)")
+    p.add_argument("--temperature", type=float, default=1.0, help="the shift from posteriors at logits / T "
+                   "(targets.Posterior; the second split's fine-tune: splits.FINETUNE_TEMPERATURE); 1: exact")
     a = p.parse_args()
     if a.groups and a.oracle_shares_from:
         p.error("--oracle-shares-from: the oracle groups' prior; drop --groups or drop it")
@@ -81,14 +83,16 @@ def main() -> None:
 
         config = TrainConfig(oracle_column=a.attribute, oracle_shares=(a.oracle_shares_from,))
         prior = oracle_prior(model, inputs, grouping, config)[0]
-    ideal = IdealShift(inputs, grouping.sampling, make_noise_scheduler(model).alphas_cumprod, a.from_t, prior)
+    ideal = IdealShift(inputs, grouping.sampling, make_noise_scheduler(model).alphas_cumprod, a.from_t, prior,
+                       a.temperature)
     reports = {column: evaluate(model, a.data, column, per_prompt=a.per_prompt, adapter=ideal,
                                 adapter_weight=a.weight, guidance_scale=a.guidance_scale)
                for column in a.attribute.split(",")}
     for column, report in reports.items():
         shares = [round(v["majority_share"], 3) for v in report["per_prompt"].values()]
-        print(json.dumps({"attribute": column, "from_t": a.from_t, "weight": a.weight, **{k: report[k] for k in (
-            "bias", "bias_filtered", "majority_share", "fidelity", "fid")}, "per_prompt_share": shares}))
+        keys = ("bias", "bias_filtered", "majority_share", "fidelity", "fid")
+        print(json.dumps({"attribute": column, "from_t": a.from_t, "weight": a.weight, "temperature": a.temperature,
+                          **{k: report[k] for k in keys}, "per_prompt_share": shares}))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(reports if len(reports) > 1 else reports[a.attribute], f, indent=1)

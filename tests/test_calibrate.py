@@ -71,6 +71,33 @@ def test_posterior_with_the_samplers_prior_by_hand():
     assert torch.allclose(plain.eps(x_t, t, rows, ABAR), uniform.eps(x_t, t, rows, ABAR), atol=1e-6)
 
 
+def test_tempered_shift_by_hand():
+    """At temperature T the reweighting's shift comes from posteriors at logits / T and is added to the data's exact
+    denoiser; T = 1 is the exact target to the bit."""
+    latents = torch.tensor([[1.0], [-1.0]]).reshape(2, 1, 1, 1)
+    ids, t, x = torch.zeros(2, dtype=torch.long), torch.tensor([500, 500]), 0.3
+    x_t, rows = torch.full((2, 1, 1, 1), x), torch.tensor([0, -1])
+    a, s = float(ABAR[500].sqrt()), float((1 - ABAR[500]).sqrt())
+    sampling, prior = torch.tensor([1.0, 3.0]), torch.tensor([3.0, 1.0])
+
+    def mean(w_plus: float, w_minus: float, temp: float = 1.0) -> float:
+        plus = w_plus * math.exp(-(x - a) ** 2 / (2 * s * s * temp))
+        minus = w_minus * math.exp(-(x + a) ** 2 / (2 * s * s * temp))
+        return (plus - minus) / (plus + minus)
+
+    for q, (wq_plus, wq_minus) in ((None, (1, 1)), (prior, (3, 1))):
+        post = Posterior.build(latents, ids, sampling, q, temperature=3.0)
+        shift = mean(1, 3, 3.0) - mean(wq_plus, wq_minus, 3.0)
+        assert abs(shift) > abs(mean(1, 3) - mean(wq_plus, wq_minus)) + 1e-3  # off centre: flatter moves more
+        want_eps = (x - a * (mean(1, 1) + shift)) / s
+        assert torch.allclose(post.shift(x_t, t, rows, ABAR).flatten(), torch.full((2,), -(a / s) * shift), rtol=1e-5)
+        assert torch.allclose(post.eps(x_t, t, rows, ABAR).flatten(), torch.full((2,), want_eps), rtol=1e-5)
+        exact = Posterior.build(latents, ids, sampling, q)
+        for fn in ("shift", "eps"):
+            at_one = Posterior.build(latents, ids, sampling, q, temperature=1.0)
+            assert torch.equal(getattr(at_one, fn)(x_t, t, rows, ABAR), getattr(exact, fn)(x_t, t, rows, ABAR))
+
+
 def test_rb_target_is_the_drawn_noise_at_low_t_and_masks_other_prompts():
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(6, 4, 2, 2, generator=g)

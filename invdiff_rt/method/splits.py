@@ -163,6 +163,7 @@ def attribute_test(unet, adapter, scheduler, inputs: ScoreInputs, first: torch.T
 
 
 FINETUNE_FRACTION = 0.3  # fine-tune steps with both splits, as a fraction of the adapter's training steps
+FINETUNE_TEMPERATURE = 2.0  # ... whose target shift comes from posteriors at logits / 2 (targets.Posterior)
 TEST_SETTINGS = {"level": TEST_LEVEL, "threshold": TEST_THRESHOLD, "weight": TEST_WEIGHT,
                  "finetune_fraction": FINETUNE_FRACTION}
 
@@ -239,7 +240,9 @@ def describe(test: dict | None) -> str:
         return "no candidate second split was tested"
     ratio = "an undefined share (no excess to remove)" if test["ratio"] is None else f"{test['ratio']:.2f}"
     refined = f", refined to {test['refined_size']} rows" if "refined_size" in test else ""
+    tempered = f" (posterior temperature {test['finetune_temperature']:g})" if "finetune_temperature" in test else ""
     verdict = (f"a second attribute{refined}: fine-tuned {test['finetune_steps']} steps with both splits balanced"
+               f"{tempered}"
                if test["second_attribute"] else "nothing to compare with: not added" if test["ratio"] is None
                else "more of the first attribute: not added")
     return (f"candidate second split ({test['candidate_size']} rows): the trained adapter at w {test['weight']:g} "

@@ -21,6 +21,13 @@ Targets (`target`):
   denoiser eps_s(x_t) = (x_t - alpha_t E_s[x0 | x_t]) / sigma_t. Under the sampler's (empirical) distribution
   E[eps | x_t] = eps_s(x_t), so the optimum is the `noise` target's; where the posterior is concentrated (low t)
   eps_s(x_t) is the drawn noise itself (the `noise` target), where it is spread (high t) the noise term is gone.
+
+Temperature (`Posterior.temperature`, the second split's fine-tune: `splits.FINETUNE_TEMPERATURE`): the reweighting's
+shift E_s - E_q is taken from posteriors whose log-likelihood is divided by T > 1, and added to the data's exact
+denoiser. At t = 650-850, where a stroke style is decided, the exact posterior rests on the few training latents next
+to x_t, so its shift is specific to each sample (a 44k-parameter adapter fits a third of it) and moves the digits
+whose minority is rarest least; the flatter posterior spreads the reweighting over more of the prompt's latents
+(bench/results/debiasing.md, *A tempered shift for the second split*).
 """
 
 from __future__ import annotations
@@ -67,22 +74,23 @@ class Posterior:
 
     tables: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     has_prior: bool = False
+    temperature: float = 1.0  # the reweighting's shift from posteriors at logits / T (`shift`, `eps`); 1: exact
 
     @classmethod
     def build(cls, latents: torch.Tensor, prompt_ids: torch.Tensor, sampling: torch.Tensor,
-              prior: torch.Tensor | None = None) -> "Posterior":
+              prior: torch.Tensor | None = None, temperature: float = 1.0) -> "Posterior":
         log_s = sampling.clamp_min(1e-12).log()
         log_q = torch.zeros_like(log_s) if prior is None else prior.clamp_min(1e-12).log()
         log_w = torch.stack([log_s, log_q, torch.zeros_like(log_s)])
         masks = {-1: torch.ones_like(prompt_ids, dtype=torch.bool)}
         masks.update({int(p): prompt_ids == p for p in prompt_ids.unique()})
-        return cls({p: _table(latents[m], log_w[:, m]) for p, m in masks.items()}, prior is not None)
+        return cls({p: _table(latents[m], log_w[:, m]) for p, m in masks.items()}, prior is not None, temperature)
 
     def shift(self, x_t: torch.Tensor, t: torch.Tensor, prompt: torch.Tensor,
               alphas_cumprod: torch.Tensor) -> torch.Tensor:
         """delta* [B,C,h,w] for a batch; `prompt` [B] holds each row's prompt id, or -1 for a dropped caption."""
         alpha, sigma = _alpha_sigma(alphas_cumprod, t)
-        weighted, prior = self._means(x_t, alpha, sigma, prompt, (SAMPLER, PRIOR))
+        weighted, prior = self._means(x_t, alpha, sigma, prompt, (SAMPLER, PRIOR), self.temperature)
         shift = -(alpha / sigma)[:, None] * (weighted - prior)
         return shift.reshape(x_t.shape).float()
 
@@ -91,7 +99,10 @@ class Posterior:
         """eps_s(x_t) [B,C,h,w]: the empirical denoiser of the sampler-weighted training latents (`rb` target); with
         a prior, plus the prior's shift from the data, eps_1 - eps_q (the base predicts eps_1, its sampler draws q)."""
         alpha, sigma = _alpha_sigma(alphas_cumprod, t)
-        if self.has_prior:
+        if self.temperature != 1.0:  # the data's exact denoiser plus the tempered shift
+            weighted, prior = self._means(x_t, alpha, sigma, prompt, (SAMPLER, PRIOR), self.temperature)
+            mean = self._means(x_t, alpha, sigma, prompt, (PLAIN,))[0] + weighted - prior
+        elif self.has_prior:
             weighted, prior, plain = self._means(x_t, alpha, sigma, prompt, (SAMPLER, PRIOR, PLAIN))
             mean = weighted - prior + plain
         else:
@@ -99,14 +110,15 @@ class Posterior:
         eps = (x_t.flatten(1).double() - alpha[:, None] * mean) / sigma[:, None]
         return eps.reshape(x_t.shape).float()
 
-    def _means(self, x_t, alpha, sigma, prompt, weightings: tuple[int, ...]) -> torch.Tensor:
+    def _means(self, x_t, alpha, sigma, prompt, weightings: tuple[int, ...], temperature: float = 1.0) -> torch.Tensor:
         """[len(weightings), B, D]: E[x0 | x_t] of each row over its own prompt's latents in float64, under each
-        weighting of the latents (`SAMPLER`: the sampler's, `PRIOR`: the prior's, `PLAIN`: uniform)."""
+        weighting of the latents (`SAMPLER`: the sampler's, `PRIOR`: the prior's, `PLAIN`: uniform), with the
+        likelihood's log at 1 / `temperature` (a flatter posterior above 1)."""
         means = torch.empty(len(weightings), x_t.shape[0], x_t[0].numel(), dtype=torch.float64)
         for p in prompt.unique().tolist():
             rows = prompt == p
             flat, sq_norms, log_w = self.tables[p]
-            logits = _logits(x_t[rows], alpha[rows], sigma[rows], flat, sq_norms)
+            logits = _logits(x_t[rows], alpha[rows], sigma[rows], flat, sq_norms) / temperature
             for i, k in enumerate(weightings):
                 means[i, rows] = torch.softmax(logits + log_w[k], dim=1) @ flat
         return means

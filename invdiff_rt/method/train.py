@@ -497,6 +497,8 @@ def _split_test(accelerator, run: _Run, config: TrainConfig) -> dict:
         record[0] = {**result.record(), "candidate_size": int(run.grouping.candidate.sum()),
                      "finetune_steps": splits.finetune_steps(config.steps) if result.second_attribute else 0,
                      **(_refined(run) if result.second_attribute else {})}
+        if result.second_attribute:
+            record[0]["finetune_temperature"] = splits.FINETUNE_TEMPERATURE
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
@@ -520,8 +522,9 @@ def _finetune(accelerator, run: _Run, config: TrainConfig, show: bool) -> dict:
     steps = run.split_test["finetune_steps"]
     second = splits.refined_flags(run.split_test, len(run.inputs.prompt_ids))  # None: a checkpoint from before
     run.grouping = splits.with_second_split(run.grouping, run.inputs.prompt_ids, second)  # the refinement
-    if run.posterior is not None:
-        run.posterior = Posterior.build(run.inputs.latents, run.inputs.prompt_ids, run.grouping.sampling, run.prior)
+    if run.posterior is not None:  # adapters and checkpoints from before the temperature: the exact shift
+        run.posterior = Posterior.build(run.inputs.latents, run.inputs.prompt_ids, run.grouping.sampling, run.prior,
+                                        run.split_test.get("finetune_temperature", 1.0))
     optimizer, run.lr_scheduler = _make_optimizer(accelerator.unwrap_model(run.adapter),
                                                   dataclasses.replace(config, steps=steps))
     run.optimizer = accelerator.prepare(optimizer)
