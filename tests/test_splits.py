@@ -126,6 +126,8 @@ def test_describe_says_what_was_decided():
     assert splits.describe({**test, "second_attribute": False}).endswith("-> more of the first attribute: not added")
     assert splits.describe({**test, "refined_size": 347}).endswith(
         "-> a second attribute, refined to 347 rows: fine-tuned 1500 steps with both splits balanced")
+    assert splits.describe({**test, "refined_size": 347, "finetune_temperature": 2.0}).endswith(
+        "refined to 347 rows: fine-tuned 1500 steps with both splits balanced (posterior temperature 2)")
     assert splits.describe(None) == "no candidate second split was tested"
 
 
