@@ -245,14 +245,16 @@ def test_second_split_is_tested_after_training_and_a_resumed_fine_tune_replays_i
     real_draw = train.draw_batch
 
     def record(inputs, grouping, scheduler, config, rank, step, posterior=None):
-        seen[step] = grouping.sampling.clone()
+        seen[step] = grouping.sampling.clone(), posterior.temperature
         return real_draw(inputs, grouping, scheduler, config, rank, step, posterior)
 
     def batches_drawn(first_split: range, both_splits: range) -> bool:
+        """From the groups' sampler and the exact shift, then from both splits' and the tempered shift."""
         raked = splits.with_second_split(groups.grouping, torch.arange(20) // 10, refined).sampling
         return (sorted(seen) == list(first_split) + list(both_splits)
-                and all(torch.equal(seen[s], groups.grouping.sampling) for s in first_split)
-                and all(torch.equal(seen[s], raked) for s in both_splits))
+                and all(torch.equal(seen[s][0], groups.grouping.sampling) and seen[s][1] == 1.0 for s in first_split)
+                and all(torch.equal(seen[s][0], raked) and seen[s][1] == splits.FINETUNE_TEMPERATURE == 2.0
+                        for s in both_splits))
 
     monkeypatch.setattr(train, "draw_batch", record)
     monkeypatch.setattr(splits.AttributeTest, "second_attribute", property(lambda self: True))  # whatever the ratio
@@ -261,7 +263,7 @@ def test_second_split_is_tested_after_training_and_a_resumed_fine_tune_replays_i
     manifest = json.loads((straight / "adapter.json").read_text())
     test = manifest["second_split"]
     assert test["second_attribute"] and test["candidate_size"] == int(candidate.sum()) and test["rows"] == 20
-    assert test["finetune_steps"] == manifest["finetune_steps"] == 3
+    assert test["finetune_steps"] == manifest["finetune_steps"] == 3 and test["finetune_temperature"] == 2.0
     # the fine-tune's second split is the refined candidate: outside the first split, as many rows a prompt as the
     # candidate keeps once cleaned (at most the candidate's), listed in the record
     refined = splits.refined_flags(test, 20)
