@@ -125,7 +125,8 @@ def test_spec_symbolic_sizes_profile_and_round_trip(tmp_path):
     assert vae.shapes(2, (48, 32))["images"] == (2, 3, 48, 32) and den.trace_size() == (32, 48)
     assert text.profile()["input_ids"] == ((1, 16), (4, 16), (16, 16))  # text stays static (L)
     assert ExportSpec.from_json(json.loads(json.dumps(den.to_json()))) == den
-    manifest = {"components": {"denoiser": {"spec": den.to_json()}}, "latent_shape": [4, 8, 8], "scheduler_config": {}}
+    manifest = {"components": {"denoiser": {"spec": den.to_json()}}, "latent_shape": [4, 8, 8], "scheduler_config": {},
+                "files": {}}
     assert resolution.limits_of_manifest(manifest).default == (32, 32)  # the model's size, inside the range
     above = component_specs(model, max_batch=8, sizes=((48, 48), (48, 64), (64, 64)))["denoiser"]
     manifest["components"]["denoiser"]["spec"] = above.to_json()  # a range without the model's own 32x32
@@ -219,7 +220,7 @@ def _fake_export(root, lo=(32, 32), hi=(64, 64)):
     spec = denoiser_spec(model, sizes=(lo, lo, hi))
     root.mkdir()
     (root / "manifest.json").write_text(json.dumps({"format": FORMAT, "latent_shape": [4, 8, 8], "scheduler_config": {},
-                                                    "components": {
+                                                    "files": {}, "components": {
         "denoiser": {"spec": spec.to_json()}}}))
     return root
 
@@ -387,7 +388,7 @@ def test_static_export_accepts_only_its_size(tmp_path):
     root = tmp_path / "static"
     root.mkdir()
     (root / "manifest.json").write_text(json.dumps({"format": FORMAT, "latent_shape": [4, 8, 8], "scheduler_config": {},
-                                                    "image_size": 32,
+                                                    "image_size": 32, "files": {},
                                                     "components": {"denoiser": {"spec": spec.to_json()}}}))
     assert resolution.requested_latent_shape(export=root, height=32, width=32) == (4, 8, 8)
     with pytest.raises(InvdiffError, match=r"48x32: outside the range of --export .* \(32x32 to 32x32\)"):
