@@ -90,7 +90,8 @@ class Posterior:
               alphas_cumprod: torch.Tensor) -> torch.Tensor:
         """delta* [B,C,h,w] for a batch; `prompt` [B] holds each row's prompt id, or -1 for a dropped caption."""
         alpha, sigma = _alpha_sigma(alphas_cumprod, t)
-        weighted, prior = self._means(x_t, alpha, sigma, prompt, (SAMPLER, PRIOR), self.temperature)
+        temp = self.temperature
+        weighted, prior = self._means(x_t, alpha, sigma, prompt, (SAMPLER, PRIOR), (temp, temp))
         shift = -(alpha / sigma)[:, None] * (weighted - prior)
         return shift.reshape(x_t.shape).float()
 
@@ -100,8 +101,9 @@ class Posterior:
         a prior, plus the prior's shift from the data, eps_1 - eps_q (the base predicts eps_1, its sampler draws q)."""
         alpha, sigma = _alpha_sigma(alphas_cumprod, t)
         if self.temperature != 1.0:  # the data's exact denoiser plus the tempered shift
-            weighted, prior = self._means(x_t, alpha, sigma, prompt, (SAMPLER, PRIOR), self.temperature)
-            mean = self._means(x_t, alpha, sigma, prompt, (PLAIN,))[0] + weighted - prior
+            temp = self.temperature
+            plain, weighted, prior = self._means(x_t, alpha, sigma, prompt, (PLAIN, SAMPLER, PRIOR), (1.0, temp, temp))
+            mean = plain + weighted - prior
         elif self.has_prior:
             weighted, prior, plain = self._means(x_t, alpha, sigma, prompt, (SAMPLER, PRIOR, PLAIN))
             mean = weighted - prior + plain
@@ -110,17 +112,20 @@ class Posterior:
         eps = (x_t.flatten(1).double() - alpha[:, None] * mean) / sigma[:, None]
         return eps.reshape(x_t.shape).float()
 
-    def _means(self, x_t, alpha, sigma, prompt, weightings: tuple[int, ...], temperature: float = 1.0) -> torch.Tensor:
+    def _means(self, x_t, alpha, sigma, prompt, weightings: tuple[int, ...],
+               temperatures: tuple[float, ...] | None = None) -> torch.Tensor:
         """[len(weightings), B, D]: E[x0 | x_t] of each row over its own prompt's latents in float64, under each
-        weighting of the latents (`SAMPLER`: the sampler's, `PRIOR`: the prior's, `PLAIN`: uniform), with the
-        likelihood's log at 1 / `temperature` (a flatter posterior above 1)."""
+        weighting of the latents (`SAMPLER`: the sampler's, `PRIOR`: the prior's, `PLAIN`: uniform), each with the
+        likelihood's log at 1 / its temperature (a flatter posterior above 1; None: all 1). The likelihood is
+        computed once per prompt."""
+        temperatures = temperatures or (1.0,) * len(weightings)
         means = torch.empty(len(weightings), x_t.shape[0], x_t[0].numel(), dtype=torch.float64)
         for p in prompt.unique().tolist():
             rows = prompt == p
             flat, sq_norms, log_w = self.tables[p]
-            logits = _logits(x_t[rows], alpha[rows], sigma[rows], flat, sq_norms) / temperature
-            for i, k in enumerate(weightings):
-                means[i, rows] = torch.softmax(logits + log_w[k], dim=1) @ flat
+            logits = _logits(x_t[rows], alpha[rows], sigma[rows], flat, sq_norms)
+            for i, (k, temperature) in enumerate(zip(weightings, temperatures)):
+                means[i, rows] = torch.softmax(logits / temperature + log_w[k], dim=1) @ flat
         return means
 
 
