@@ -88,9 +88,9 @@ def main() -> None:
     reports = {column: evaluate(model, a.data, column, per_prompt=a.per_prompt, adapter=ideal,
                                 adapter_weight=a.weight, guidance_scale=a.guidance_scale)
                for column in a.attribute.split(",")}
+    keys = ("bias", "bias_filtered", "majority_share", "fidelity", "fid")
     for column, report in reports.items():
         shares = [round(v["majority_share"], 3) for v in report["per_prompt"].values()]
-        keys = ("bias", "bias_filtered", "majority_share", "fidelity", "fid")
         print(json.dumps({"attribute": column, "from_t": a.from_t, "weight": a.weight, "temperature": a.temperature,
                           **{k: report[k] for k in keys}, "per_prompt_share": shares}))
     if a.json:
@@ -109,13 +109,12 @@ def grouping_for(data: str, attribute: str, inputs, groups: str | None = None, a
                   file=sys.stderr)
             raise SystemExit(2)
         return group_from_flags(hidden_minority(data, attribute, inputs.prompt_ids), inputs.prompt_ids, "invdiff-rt")
-    from invdiff_rt import artifacts
+    from invdiff_rt.method.adapter import read_adapter_manifest
     from invdiff_rt.method.splits import as_trained
 
     result = load_groups(groups)
     if adapter:
-        result = as_trained(result, artifacts.read_json(f"{adapter}/adapter.json", "--adapter", "give an adapter "
-                                                        "directory"), inputs.prompt_ids)
+        result = as_trained(result, read_adapter_manifest(adapter), inputs.prompt_ids)
     return result.grouping
 
 

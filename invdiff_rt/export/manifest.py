@@ -177,8 +177,9 @@ def check_structure(manifest: dict, path: Path) -> None:
         if len([int(d) for d in manifest["latent_shape"]]) != 3:
             raise ValueError("latent_shape must be (C, h, w)")
         dict(manifest["scheduler_config"])
-        if not isinstance(manifest.get("image_size", 1), int) or manifest.get("image_size", 1) < 1:
-            raise ValueError(f"image_size {manifest['image_size']!r} is not a positive int")
+        size = manifest.get("image_size", 1)
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"image_size {size!r} is not a positive int")
         dict(manifest["files"])
         check_record(manifest.get("adapter") or {})
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
