@@ -207,8 +207,8 @@ def test_a_folder_with_someone_elses_manifest_or_run_file_is_refused(loaded, tmp
     other = tmp_path / "adapter"  # another tool's folder, e.g. an adapter's: its PNGs would mix into it
     (other / "sub").mkdir(parents=True)
     (other / "adapter.json").write_text("{}")
-    with pytest.raises(InvdiffError, match=rf"^--out {other}: holds adapter.json, which `invdiff generate` did not "
-                                           "write, and no generate run; pass a new or empty folder$"):
+    refusal = rf"^--out {{}}: holds {{}} but no generate run \(no run.json or manifest.jsonl\) to add images to; pass a new"
+    with pytest.raises(InvdiffError, match=refusal.format(other, "adapter.json") + " or empty folder$"):
         _run(loaded, other)
     assert sorted(p.name for p in other.iterdir()) == ["adapter.json", "sub"] and not any((other / "sub").iterdir())
     (tmp_path / "empty").mkdir()
@@ -217,6 +217,11 @@ def test_a_folder_with_someone_elses_manifest_or_run_file_is_refused(loaded, tmp
     ours = _run(loaded, tmp_path / "ours")
     (tmp_path / "ours" / gen.RUN_FILE).unlink()  # generate's own records, run.json deleted: still resumed
     assert (_run(loaded, tmp_path / "ours").skipped, ours.written) == (4, 4)
+    for record in [gen.RUN_FILE, *(p.name for p in (tmp_path / "ours").glob("manifest*.jsonl"))]:
+        (tmp_path / "ours" / record).unlink()  # only the images are left: nothing says which run they belong to
+    first = sorted(p.name for p in (tmp_path / "ours").iterdir())[0]
+    with pytest.raises(InvdiffError, match=refusal.format(tmp_path / "ours", first)):
+        _run(loaded, tmp_path / "ours")
 
 
 def test_an_interrupted_overwrite_lists_no_image_of_the_old_settings(loaded, tmp_path, monkeypatch):

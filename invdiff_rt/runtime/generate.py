@@ -468,8 +468,8 @@ def check_own_folder(out_dir: Path) -> None:
                            "replaced; pass a new or empty folder")
     other = _other_entry(out_dir)
     if other is not None:
-        raise InvdiffError(f"--out {out_dir}: holds {other.name}, which `invdiff generate` did not write, and no "
-                           "generate run; pass a new or empty folder")
+        raise InvdiffError(f"--out {out_dir}: holds {other.name} but no generate run (no {RUN_FILE} or {MANIFEST}) "
+                           "to add images to; pass a new or empty folder")
 
 
 def _other_entry(out_dir: Path) -> Path | None:
