@@ -41,9 +41,13 @@ _register_all()
 validate.guard(app)  # every command: options checked, then its outputs locked, before it runs
 
 
+IN_PLACE = {"calibrate": "--adapter"}  # commands that write into an input's folder (calibrate: its adapter.json)
+
+
 def _output_flag(argv: list[str]) -> str:
-    """`--out PATH` (or `--json PATH`) as given, naming where a write without a file name failed (a full disk)."""
-    for flag in ("--out", "--json"):
+    """`--out PATH` (or `--json PATH`, or the folder a command writes in place) as given, naming where a write
+    without a file name failed (a full disk)."""
+    for flag in ("--out", "--json", *[IN_PLACE[a] for a in argv[:1] if a in IN_PLACE]):
         for i, arg in enumerate(argv):
             if arg.startswith(flag + "="):
                 return f"{flag} {arg.split('=', 1)[1]}"

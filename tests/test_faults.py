@@ -122,6 +122,16 @@ def test_generate_on_a_full_disk_is_one_line_and_a_rerun_completes(tiny_model_di
     assert _tree(out) == _tree(tmp_path / "reference") and not _temporaries(out)
 
 
+@pytest.mark.parametrize("argv, named", [
+    (["generate", "--prompt", "x", "--out=runs/a"], "--out runs/a"),
+    (["eval", "--adapter", "ad", "--json", "r.json"], "--json r.json"),
+    (["calibrate", "--adapter", "runs/ad", "--guidance-scale", "7.5"], "--adapter runs/ad"),  # its adapter.json
+    (["bench", "--adapter", "runs/ad"], "output"),  # reads the adapter, writes nothing there
+])
+def test_a_write_without_a_file_name_names_the_output_flag(argv, named):
+    assert cli._output_flag(argv) == named
+
+
 # ---------------------------------------------------------------- kill -9 at a random moment, then the same command
 
 def _dataset(root: Path, per_prompt: int = 8) -> Path:
