@@ -25,8 +25,8 @@ def sampler(model, a):
     """(the adapter or the target shift, its weight)."""
     from invdiff_rt.method.adapter import read_adapter_manifest
     from invdiff_rt.method.cache import base_inputs
-    from invdiff_rt.method.losses import make_noise_scheduler
     from invdiff_rt.method.calibrate import recorded_weight
+    from invdiff_rt.method.losses import make_noise_scheduler
 
     if not a.target:
         return a.adapter, a.weight if a.weight is not None else recorded_weight(read_adapter_manifest(a.adapter),
@@ -65,7 +65,8 @@ def main() -> None:
     p.add_argument("--data", required=True)
     p.add_argument("--adapter", required=True)
     p.add_argument("--attributes", default="color,stroke", help="two hidden columns: first,second")
-    p.add_argument("--weight", type=float, default=None, help="default: the adapter's recorded weight (1 with --target)")
+    p.add_argument("--weight", type=float, default=None,
+                   help="default: the adapter's recorded weight (1 with --target)")
     p.add_argument("--guidance-scale", type=float, default=3.0)
     p.add_argument("--per-prompt", type=int, default=128)
     p.add_argument("--target", action="store_true", help="sample with the adapter's target shift instead")
