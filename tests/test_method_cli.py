@@ -250,7 +250,8 @@ def test_second_split_is_tested_after_training_and_a_resumed_fine_tune_replays_i
 
     def batches_drawn(first_split: range, both_splits: range) -> bool:
         """From the groups' sampler and the exact shift, then from both splits' and the tempered shift."""
-        raked = splits.with_second_split(groups.grouping, torch.arange(20) // 10, refined).sampling
+        trained = splits.trained_splits(test, 20)  # the refined split and the joint rows
+        raked = splits.with_second_split(groups.grouping, torch.arange(20) // 10, *trained).sampling
         return (sorted(seen) == list(first_split) + list(both_splits)
                 and all(torch.equal(seen[s][0], groups.grouping.sampling) and seen[s][1] == 1.0 for s in first_split)
                 and all(torch.equal(seen[s][0], raked) and seen[s][1] == splits.FINETUNE_TEMPERATURE == 2.0
@@ -269,6 +270,8 @@ def test_second_split_is_tested_after_training_and_a_resumed_fine_tune_replays_i
     refined = splits.refined_flags(test, 20)
     assert test["refined_rounds"] == 1 and 0 < test["refined_size"] == int(refined.sum()) == len(test["refined_rows"])
     assert not (refined & groups.grouping.inferred).any()
+    joint = splits.refined_flags(test, 20, "joint_rows")  # the first split's rows read as the refined split
+    assert test["joint_fraction"] == splits.JOINT_FRACTION and not (joint & ~groups.grouping.inferred).any()
     assert all(int(refined[p * 10:(p + 1) * 10].sum()) <= int(candidate[p * 10:(p + 1) * 10].sum()) for p in (0, 1))
     assert batches_drawn(range(10), range(10, 13))  # the fine-tune's batches (seeds 10-12) come from both splits
     # a crash in the fine-tune resumes from the checkpoint written after the test, which is read, not re-run

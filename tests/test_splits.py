@@ -128,6 +128,9 @@ def test_describe_says_what_was_decided():
         "-> a second attribute, refined to 347 rows: fine-tuned 1500 steps with both splits balanced")
     assert splits.describe({**test, "refined_size": 347, "finetune_temperature": 2.0}).endswith(
         "refined to 347 rows: fine-tuned 1500 steps with both splits balanced (posterior temperature 2)")
+    assert splits.describe({**test, "refined_size": 347, "joint_rows": [4, 9, 17]}).endswith(
+        "refined to 347 rows, 3 first-split rows read as it weighed up: fine-tuned 1500 steps with both splits "
+        "balanced")
     assert splits.describe(None) == "no candidate second split was tested"
 
 
@@ -150,6 +153,25 @@ def test_as_trained_adds_the_second_split_only_when_the_test_did_and_the_refined
     assert torch.equal(splits.as_trained(groups, refined, pids).grouping.sampling,
                        splits.with_second_split(g, pids, second).sampling)
     assert not torch.equal(second, g.candidate)
+    # ... and, since the joint rows, the first split's rows weighed up with their fraction
+    joint = {"second_split": {**refined["second_split"], "joint_rows": [0, 1], "joint_fraction": 0.3}}
+    flags = torch.zeros(40, dtype=torch.bool)
+    flags[[0, 1]] = True
+    assert torch.equal(splits.as_trained(groups, joint, pids).grouping.sampling,
+                       splits.with_second_split(g, pids, second, flags & g.inferred, 0.3).sampling)
+    assert splits.trained_splits({}, 40) == (None, None, splits.JOINT_FRACTION)
+
+
+def test_fill_joint_moves_mass_inside_the_first_split_only():
+    pids = torch.arange(12) // 6
+    first = torch.tensor([1, 1, 1, 0, 0, 0, 1, 1, 0, 0, 0, 0], dtype=torch.bool)
+    joint = torch.tensor([1, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0], dtype=torch.bool)  # prompt 1: every first row
+    sampling = torch.tensor([0.1, 0.1, 0.3, 0.2, 0.2, 0.1, 0.25, 0.25, 0.1, 0.1, 0.2, 0.1])
+    filled = splits.fill_joint(sampling, pids, first, joint, 0.5)
+    # prompt 0: the first split's 0.5 -> 0.25 on row 0, 0.25 on rows 1-2 as 1 : 3; the rest and prompt 1 unchanged
+    expected = torch.tensor([0.25, 0.0625, 0.1875, 0.2, 0.2, 0.1, 0.25, 0.25, 0.1, 0.1, 0.2, 0.1])
+    assert torch.allclose(filled, expected, atol=1e-7) and filled.dtype == sampling.dtype
+    assert torch.equal(splits.fill_joint(sampling, pids, first, torch.zeros(12, dtype=torch.bool)), sampling)
 
 
 def _planted(seed: int = 0):
@@ -170,6 +192,21 @@ def _planted(seed: int = 0):
         first[o:o + 6] = True
         candidate[o + 6:o + 12] = candidate[o + 12:o + 24] = candidate[o + 60:o + 72] = True
     return x, pids, first, candidate, truth
+
+
+def test_joint_rows_are_the_first_splits_rows_that_look_like_the_second_attribute():
+    x, pids, first, candidate, truth = _planted()
+    for p in (0, 1):  # rows 0-2 of each prompt's first split also carry the second attribute's bar
+        x[120 * p:120 * p + 3, :, :2] += 2.0
+    second = truth & ~first
+    joint = splits.joint_rows(x, pids, first, second, 2)
+    assert torch.equal(splits.joint_rows(x, pids, first, second, 2), joint)  # seeded
+    assert not (joint & ~first).any()
+    expected = torch.zeros(240, dtype=torch.bool)
+    expected[[0, 1, 2, 120, 121, 122]] = True
+    assert torch.equal(joint, expected)
+    x[:, 0] += 3.0  # a bright red channel on every image: the readers see grey images (max over channels), and
+    assert torch.equal(splits.joint_rows(x, pids, first, second, 2), expected)  # still the bar
 
 
 def test_refine_cleans_the_candidate_of_the_first_attribute_and_reranks_it_by_a_reader():

@@ -29,6 +29,14 @@ and hardly the next one (stroke: AUROC 0.74). Two label-free steps add the secon
    every digit's colour in range (bench/results/debiasing.md, *One round of refinement in the defaults*). More
    rounds raise the split's precision (0.47 -> 0.59 after 4) but narrow a digit's split to one kind of its
    minority, which the adapter then does not draw (*Feedback on the refined split*).
+4. `invdiff train` (the *joint rows*): the two splits are disjoint, so the target's first-split mass holds almost
+   only the second attribute's majority, and the adapter then draws the second minority only inside the first
+   attribute's majority (styled-digits: 0.24 of its colour-minority samples are stroke minorities, its target's
+   0.54; red fives 1 of 61 thick, so digit 5's stroke stays at 0.83-0.87). Readers of the refined split, trained on
+   the rows outside the first split on grey images (the first attribute may be their colour), read the first
+   split's rows; per prompt the rows they flag (`joint_rows`) get `JOINT_FRACTION` of the first split's mass in the
+   fine-tune's sampler (`fill_joint`). On styled-digits they find 29 of the first split's 135 rows, 22 of them
+   stroke minorities (bench/results/debiasing.md, *Where the stroke minority is drawn*, *Both minorities*).
 """
 
 from __future__ import annotations
@@ -56,6 +64,8 @@ TEST_THRESHOLD = 0.1  # the candidate is a second attribute when the adapter rem
 # excess, relative to the first split's
 REFINE_ROUNDS = 1  # reader rounds of `refine`
 REFINE_SEED = 0  # the readers' seed: the refined split belongs to the groups, not to the adapter's training seed
+JOINT_FRACTION = 0.5  # of each prompt's first-split mass in the fine-tune, given to its `joint_rows`
+JOINT_SEED = 100  # the joint-row readers' seeds: JOINT_SEED, JOINT_SEED + 1
 
 
 def level_draws(shape: torch.Size, t: int, seed: int, level: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -176,15 +186,48 @@ def finetune_steps(steps: int) -> int:
     return max(1, int(steps * FINETUNE_FRACTION))
 
 
-def with_second_split(grouping, prompt_ids: torch.Tensor, second: torch.Tensor | None = None):
+def with_second_split(grouping, prompt_ids: torch.Tensor, second: torch.Tensor | None = None,
+                      joint: torch.Tensor | None = None, joint_fraction: float = JOINT_FRACTION):
     """The grouping with a second split, `second` (default: its candidate): one group per combination of the two
     flags, the raked sampler (each split's rows half of every prompt's mass: the splits are disjoint, so the rows in
-    neither keep almost none of it, ~0.3 %); the first split's score is kept (the weight rule's detector)."""
+    neither keep almost none of it, ~0.3 %), with the first split's `joint` rows weighed up (`fill_joint`; None:
+    none); the first split's score is kept (the weight rule's detector)."""
     from .grouper import Grouping, group_from_flags
 
     second = grouping.candidate if second is None else second
     two = group_from_flags(torch.stack([grouping.inferred, second], 1), prompt_ids, "invdiff-rt")
-    return Grouping(two.weights, grouping.score, two.sampling, two.inferred, {**grouping.info, "second_split": True})
+    sampling = (two.sampling if joint is None else
+                fill_joint(two.sampling, prompt_ids, grouping.inferred, joint, joint_fraction))
+    return Grouping(two.weights, grouping.score, sampling, two.inferred, {**grouping.info, "second_split": True})
+
+
+def fill_joint(sampling: torch.Tensor, prompt_ids: torch.Tensor, first: torch.Tensor, joint: torch.Tensor,
+               fraction: float = JOINT_FRACTION) -> torch.Tensor:
+    """The sampler with, in every prompt that has both, `fraction` of the first split's mass on its `joint` rows
+    and the rest on its other rows, each set scaled as it was (every prompt's mass, and the first split's, kept)."""
+    s = sampling.clone().double()
+    for p in range(int(prompt_ids.max()) + 1):
+        on, off = first & joint & (prompt_ids == p), first & ~joint & (prompt_ids == p)
+        if on.any() and off.any():
+            mass = s[on].sum() + s[off].sum()
+            s[on] *= fraction * mass / s[on].sum()
+            s[off] *= (1 - fraction) * mass / s[off].sum()
+    return s.to(sampling.dtype)
+
+
+def joint_rows(x: torch.Tensor, prompt_ids: torch.Tensor, first: torch.Tensor, second: torch.Tensor, prompts: int,
+               seed: int = JOINT_SEED) -> torch.Tensor:
+    """bool [N]: the first split's rows that two readers of `second` (trained on the rows outside the first split,
+    on grey images: max over channels) flag, by their mean P(flagged) over 0.5. `x`: `drawn.reader_images`."""
+    from .drawn import fit_reader, read
+
+    grey = x.amax(1, keepdim=True).expand_as(x).contiguous()
+    rest = ~first
+    nets = [fit_reader(grey[rest], prompt_ids[rest], second[rest], prompts, seed + i) for i in range(2)]
+    p = torch.stack([read(net, grey[first], prompt_ids[first]) for net in nets]).mean(0)
+    flags = torch.zeros_like(first)
+    flags[first] = p > 0.5
+    return flags
 
 
 def top_per_prompt(p: torch.Tensor, prompt_ids: torch.Tensor, allowed: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -240,6 +283,8 @@ def describe(test: dict | None) -> str:
         return "no candidate second split was tested"
     ratio = "an undefined share (no excess to remove)" if test["ratio"] is None else f"{test['ratio']:.2f}"
     refined = f", refined to {test['refined_size']} rows" if "refined_size" in test else ""
+    refined += (f", {len(test['joint_rows'])} first-split rows read as it weighed up"
+                if test.get("joint_rows") else "")
     tempered = f" (posterior temperature {test['finetune_temperature']:g})" if "finetune_temperature" in test else ""
     verdict = (f"a second attribute{refined}: fine-tuned {test['finetune_steps']} steps with both splits balanced"
                f"{tempered}"
@@ -250,14 +295,22 @@ def describe(test: dict | None) -> str:
             f"-> {verdict}")
 
 
-def refined_flags(test: dict, n: int) -> torch.Tensor | None:
-    """The refined second split that adapter.json's `second_split` record lists (`refined_rows`), as bool [n];
-    None for adapters trained before the refinement (their second split is the candidate)."""
-    if "refined_rows" not in test:
+def refined_flags(test: dict, n: int, key: str = "refined_rows") -> torch.Tensor | None:
+    """The rows adapter.json's `second_split` record lists under `key` as bool [n]: the refined second split
+    (`refined_rows`; None for adapters trained before the refinement: their second split is the candidate) or the
+    first split's joint rows (`joint_rows`; None for adapters trained before them)."""
+    if key not in test:
         return None
     flags = torch.zeros(n, dtype=torch.bool)
-    flags[torch.as_tensor(test["refined_rows"], dtype=torch.long)] = True
+    flags[torch.as_tensor(test[key], dtype=torch.long)] = True
     return flags
+
+
+def trained_splits(test: dict, n: int) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
+    """`with_second_split`'s (second, joint, joint_fraction) as adapter.json's `second_split` record lists them
+    (None where an adapter from before the refinement or the joint rows has none)."""
+    second, joint = (refined_flags(test, n, key) for key in ("refined_rows", "joint_rows"))
+    return second, joint, test.get("joint_fraction", JOINT_FRACTION)
 
 
 def as_trained(groups, manifest: dict, prompt_ids: torch.Tensor):
@@ -269,5 +322,5 @@ def as_trained(groups, manifest: dict, prompt_ids: torch.Tensor):
     test = manifest.get("second_split") or {}
     if not test.get("second_attribute") or groups is None or groups.grouping.candidate is None:
         return groups
-    second = refined_flags(test, len(prompt_ids))
-    return GroupsResult(with_second_split(groups.grouping, prompt_ids, second), groups.meta)
+    return GroupsResult(with_second_split(groups.grouping, prompt_ids, *trained_splits(test, len(prompt_ids))),
+                        groups.meta)

@@ -507,21 +507,25 @@ def _split_test(accelerator, run: _Run, config: TrainConfig) -> dict:
 
 
 def _refined(run: _Run) -> dict:
-    """The second split the fine-tune balances (`splits.refine`), as the test's record lists it."""
+    """The second split the fine-tune balances (`splits.refine`) and the first split's rows read as it
+    (`splits.joint_rows`), as the test's record lists them."""
     from .drawn import reader_images
 
-    flags = splits.refine(reader_images(run.data_dir), run.inputs.prompt_ids, run.grouping.inferred,
-                          run.grouping.candidate, len(run.inputs.prompts))
+    x, first, prompts = reader_images(run.data_dir), run.grouping.inferred, len(run.inputs.prompts)
+    pids = run.inputs.prompt_ids
+    flags = splits.refine(x, pids, first, run.grouping.candidate, prompts)
+    joint = splits.joint_rows(x, pids, first, flags, prompts)
     return {"refined_rounds": splits.REFINE_ROUNDS, "refined_size": int(flags.sum()),
-            "refined_rows": torch.nonzero(flags).squeeze(1).tolist()}
+            "refined_rows": torch.nonzero(flags).squeeze(1).tolist(), "joint_fraction": splits.JOINT_FRACTION,
+            "joint_rows": torch.nonzero(joint).squeeze(1).tolist()}
 
 
 def _finetune(accelerator, run: _Run, config: TrainConfig, show: bool) -> dict:
     """`splits.finetune_steps` more steps (steps S.. of the batch seeds) on both splits' raked sampler, with a fresh
     optimizer and LR schedule; no checkpoints (a crash resumes from the end of the first run)."""
     steps = run.split_test["finetune_steps"]
-    second = splits.refined_flags(run.split_test, len(run.inputs.prompt_ids))  # None: a checkpoint from before
-    run.grouping = splits.with_second_split(run.grouping, run.inputs.prompt_ids, second)  # the refinement
+    trained = splits.trained_splits(run.split_test, len(run.inputs.prompt_ids))  # a checkpoint from before: fewer
+    run.grouping = splits.with_second_split(run.grouping, run.inputs.prompt_ids, *trained)
     if run.posterior is not None:  # adapters and checkpoints from before the temperature: the exact shift
         run.posterior = Posterior.build(run.inputs.latents, run.inputs.prompt_ids, run.grouping.sampling, run.prior,
                                         run.split_test.get("finetune_temperature", 1.0))
