@@ -128,9 +128,9 @@ def test_describe_says_what_was_decided():
         "-> a second attribute, refined to 347 rows: fine-tuned 1500 steps with both splits balanced")
     assert splits.describe({**test, "refined_size": 347, "finetune_temperature": 2.0}).endswith(
         "refined to 347 rows: fine-tuned 1500 steps with both splits balanced (posterior temperature 2)")
-    assert splits.describe({**test, "refined_size": 347, "joint_rows": [4, 9, 17]}).endswith(
-        "refined to 347 rows, 3 first-split rows read as it weighed up: fine-tuned 1500 steps with both splits "
-        "balanced")
+    assert splits.describe({**test, "refined_size": 347, "joint_rows": [4, 9, 17], "joint_fraction": 0.5}).endswith(
+        "refined to 347 rows (3 first-split rows that read like it get 0.5 of the first split's mass): fine-tuned "
+        "1500 steps with both splits balanced")
     assert splits.describe(None) == "no candidate second split was tested"
 
 

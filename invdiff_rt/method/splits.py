@@ -283,8 +283,8 @@ def describe(test: dict | None) -> str:
         return "no candidate second split was tested"
     ratio = "an undefined share (no excess to remove)" if test["ratio"] is None else f"{test['ratio']:.2f}"
     refined = f", refined to {test['refined_size']} rows" if "refined_size" in test else ""
-    refined += (f", {len(test['joint_rows'])} first-split rows read as it weighed up"
-                if test.get("joint_rows") else "")
+    refined += (f" ({len(test['joint_rows'])} first-split rows that read like it get {test['joint_fraction']:g} of "
+                "the first split's mass)" if test.get("joint_rows") else "")
     tempered = f" (posterior temperature {test['finetune_temperature']:g})" if "finetune_temperature" in test else ""
     verdict = (f"a second attribute{refined}: fine-tuned {test['finetune_steps']} steps with both splits balanced"
                f"{tempered}"
