@@ -267,10 +267,10 @@ def test_second_split_is_tested_after_training_and_a_resumed_fine_tune_replays_i
     assert test["finetune_steps"] == manifest["finetune_steps"] == 3 and test["finetune_temperature"] == 2.0
     # the fine-tune's second split is the refined candidate: outside the first split, as many rows a prompt as the
     # candidate keeps once cleaned (at most the candidate's), listed in the record
-    refined = splits.refined_flags(test, 20)
+    refined = splits.recorded_rows(test, 20)
     assert test["refined_rounds"] == 1 and 0 < test["refined_size"] == int(refined.sum()) == len(test["refined_rows"])
     assert not (refined & groups.grouping.inferred).any()
-    joint = splits.refined_flags(test, 20, "joint_rows")  # the first split's rows read as the refined split
+    joint = splits.recorded_rows(test, 20, "joint_rows")  # the first split's rows read as the refined split
     assert test["joint_fraction"] == splits.JOINT_FRACTION and not (joint & ~groups.grouping.inferred).any()
     assert all(int(refined[p * 10:(p + 1) * 10].sum()) <= int(candidate[p * 10:(p + 1) * 10].sum()) for p in (0, 1))
     assert batches_drawn(range(10), range(10, 13))  # the fine-tune's batches (seeds 10-12) come from both splits

@@ -149,7 +149,7 @@ def test_as_trained_adds_the_second_split_only_when_the_test_did_and_the_refined
     refined = {"second_split": {"second_attribute": True, "refined_rows": [6, 7, 26]}}
     second = torch.zeros(40, dtype=torch.bool)
     second[[6, 7, 26]] = True
-    assert torch.equal(splits.refined_flags(refined["second_split"], 40), second)
+    assert torch.equal(splits.recorded_rows(refined["second_split"], 40), second)
     assert torch.equal(splits.as_trained(groups, refined, pids).grouping.sampling,
                        splits.with_second_split(g, pids, second).sampling)
     assert not torch.equal(second, g.candidate)
@@ -207,6 +207,8 @@ def test_joint_rows_are_the_first_splits_rows_that_look_like_the_second_attribut
     assert torch.equal(joint, expected)
     x[:, 0] += 3.0  # a bright red channel on every image: the readers see grey images (max over channels), and
     assert torch.equal(splits.joint_rows(x, pids, first, second, 2), expected)  # still the bar
+    none = torch.zeros(240, dtype=torch.bool)
+    assert not splits.joint_rows(x, pids, first, none, 2).any()  # an empty second split: nothing to read it as
 
 
 def test_refine_cleans_the_candidate_of_the_first_attribute_and_reranks_it_by_a_reader():

@@ -1,7 +1,7 @@
 """A second split: the minority of a second spurious attribute, found without labels, kept only when it is one.
 
 One robust-z split of the groups' score finds the attribute the frozen model ranks first (colour on styled-digits)
-and hardly the next one (stroke: AUROC 0.74). Two label-free steps add the second attribute's minority:
+and hardly the next one (stroke: AUROC 0.74). Label-free steps add the second attribute's minority:
 
 1. `invdiff groups` (the *candidate*): per prompt, among the rows outside the first split, robust z > `CANDIDATE_K`
    of the log contrast summed over t >= 700: one antithetic pair at each of `CANDIDATE_LEVELS` plus the first
@@ -221,6 +221,8 @@ def joint_rows(x: torch.Tensor, prompt_ids: torch.Tensor, first: torch.Tensor, s
     on grey images: max over channels) flag, by their mean P(flagged) over 0.5. `x`: `drawn.reader_images`."""
     from .drawn import fit_reader, read
 
+    if not (first.any() and second.any()):
+        return torch.zeros_like(first)  # nothing to read, or nothing to read it as
     grey = x.amax(1, keepdim=True).expand_as(x).contiguous()
     rest = ~first
     nets = [fit_reader(grey[rest], prompt_ids[rest], second[rest], prompts, seed + i) for i in range(2)]
@@ -295,7 +297,7 @@ def describe(test: dict | None) -> str:
             f"-> {verdict}")
 
 
-def refined_flags(test: dict, n: int, key: str = "refined_rows") -> torch.Tensor | None:
+def recorded_rows(test: dict, n: int, key: str = "refined_rows") -> torch.Tensor | None:
     """The rows adapter.json's `second_split` record lists under `key` as bool [n]: the refined second split
     (`refined_rows`; None for adapters trained before the refinement: their second split is the candidate) or the
     first split's joint rows (`joint_rows`; None for adapters trained before them)."""
@@ -309,7 +311,7 @@ def refined_flags(test: dict, n: int, key: str = "refined_rows") -> torch.Tensor
 def trained_splits(test: dict, n: int) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
     """`with_second_split`'s (second, joint, joint_fraction) as adapter.json's `second_split` record lists them
     (None where an adapter from before the refinement or the joint rows has none)."""
-    second, joint = (refined_flags(test, n, key) for key in ("refined_rows", "joint_rows"))
+    second, joint = (recorded_rows(test, n, key) for key in ("refined_rows", "joint_rows"))
     return second, joint, test.get("joint_fraction", JOINT_FRACTION)
 
 
