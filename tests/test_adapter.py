@@ -88,6 +88,11 @@ MALFORMED = [  # hand-edited adapter.json fields that reached a TypeError deep i
     ({"config": {"width": -5}}, r"config.width -5 is not a positive int"),
     ({"config": {"width": "wide"}}, r"config.width 'wide' is not a positive int"),
     ({"config": {"use_eps_base": 1}}, r"config.use_eps_base 1 is not a bool"),
+    ({"second_split": [1]}, r"second_split \[1\] is not a record"),
+    ({"second_split": {"joint_rows": [3, "x"]}}, r"second_split.joint_rows is not a list of row numbers"),
+    ({"second_split": {"refined_rows": [-1]}}, r"second_split.refined_rows is not a list of row numbers"),
+    ({"second_split": {"joint_fraction": 1.5}}, r"second_split.joint_fraction 1.5 is not in \(0, 1\]"),
+    ({"second_split": {"finetune_temperature": 0}}, r"second_split.finetune_temperature 0 is not a positive number"),
 ]
 
 

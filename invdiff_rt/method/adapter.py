@@ -177,6 +177,24 @@ def check_record(record: dict) -> None:
     if weight is not None and not _is_finite(weight):
         raise ValueError(f"recommended_weight {weight!r} is not a finite number")
     _check_calibration(record.get("calibration"))
+    _check_second_split(record.get("second_split"))
+
+
+def _check_second_split(test: Any) -> None:
+    """The second split's fields that calibration and the fine-tune read back (`splits.trained_splits`)."""
+    if test is None:
+        return
+    if not isinstance(test, dict):
+        raise ValueError(f"second_split {test!r} is not a record")
+    for key in ("refined_rows", "joint_rows"):
+        rows = test.get(key, [])
+        if not (isinstance(rows, list) and all(_is_int(r) and r >= 0 for r in rows)):
+            raise ValueError(f"second_split.{key} is not a list of row numbers")
+    fraction, temperature = test.get("joint_fraction", 0.5), test.get("finetune_temperature", 1.0)
+    if not (_is_finite(fraction) and 0 < fraction <= 1):
+        raise ValueError(f"second_split.joint_fraction {fraction!r} is not in (0, 1]")
+    if not (_is_finite(temperature) and temperature > 0):
+        raise ValueError(f"second_split.finetune_temperature {temperature!r} is not a positive number")
 
 
 def _check_config(config: Any) -> None:
