@@ -118,5 +118,17 @@ def grouping_for(data: str, attribute: str, inputs, groups: str | None = None, a
     return result.grouping
 
 
+def adapter_target(model, data: str, attributes: str, groups: str, adapter: str, from_t: int,
+                   temperature: float) -> IdealShift:
+    """The shift `adapter` was trained towards: the label-free `groups` as it was trained on them (its second split,
+    `grouping_for`), at `temperature`, acting from `from_t`."""
+    from invdiff_rt.method.cache import base_inputs
+    from invdiff_rt.method.losses import make_noise_scheduler
+
+    inputs = base_inputs(model, data)
+    grouping = grouping_for(data, attributes, inputs, groups, adapter)
+    return IdealShift(inputs, grouping.sampling, make_noise_scheduler(model).alphas_cumprod, from_t, None, temperature)
+
+
 if __name__ == "__main__":
     main()

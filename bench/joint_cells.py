@@ -18,23 +18,18 @@ import json
 from pathlib import Path
 
 import numpy as np
-from ideal_shift import IdealShift, grouping_for
+from ideal_shift import adapter_target
 
 
 def sampler(model, a):
     """(the adapter or the target shift, its weight)."""
     from invdiff_rt.method.adapter import read_adapter_manifest
-    from invdiff_rt.method.cache import base_inputs
     from invdiff_rt.method.calibrate import recorded_weight
-    from invdiff_rt.method.losses import make_noise_scheduler
 
     if not a.target:
         return a.adapter, a.weight if a.weight is not None else recorded_weight(read_adapter_manifest(a.adapter),
                                                                                a.guidance_scale)[0]
-    inputs = base_inputs(model, a.data)
-    grouping = grouping_for(a.data, ",".join(a.attributes), inputs, a.groups, a.adapter)
-    shift = IdealShift(inputs, grouping.sampling, make_noise_scheduler(model).alphas_cumprod, a.from_t, None,
-                       a.temperature)
+    shift = adapter_target(model, a.data, ",".join(a.attributes), a.groups, a.adapter, a.from_t, a.temperature)
     return shift, 1.0 if a.weight is None else a.weight
 
 

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 import torch
-from ideal_shift import IdealShift, grouping_for
+from ideal_shift import IdealShift, adapter_target
 
 BRANCHES = ("combined", "cond", "uncond")
 
@@ -68,21 +68,17 @@ def main() -> None:
     a = p.parse_args()
     from invdiff_rt.eval.evaluate import evaluate
     from invdiff_rt.method.adapter import load_adapter, read_adapter_manifest
-    from invdiff_rt.method.cache import base_inputs
     from invdiff_rt.method.calibrate import recorded_weight
-    from invdiff_rt.method.losses import make_noise_scheduler
     from invdiff_rt.models.loader import load_model
 
     model = load_model(a.model)
-    inputs = base_inputs(model, a.data)
-    grouping = grouping_for(a.data, a.attributes, inputs, a.groups, a.adapter)
-    target = IdealShift(inputs, grouping.sampling, make_noise_scheduler(model).alphas_cumprod, 0, None, a.temperature)
+    target = adapter_target(model, a.data, a.attributes, a.groups, a.adapter, 0, a.temperature)
     probe = PathProbe(load_adapter(a.adapter, model), target, a.guidance_scale)
     weight = a.weight if a.weight is not None else recorded_weight(read_adapter_manifest(a.adapter),
                                                                    a.guidance_scale)[0]
     report = evaluate(model, a.data, a.attributes.split(",")[-1], per_prompt=a.per_prompt, adapter=probe,
                       adapter_weight=weight, guidance_scale=a.guidance_scale)
-    out = {"weight": weight, "temperature": a.temperature, **probe.table(len(inputs.prompts)),
+    out = {"weight": weight, "temperature": a.temperature, **probe.table(len(report["per_prompt"])),
            "majority_share": [round(v["majority_share"], 3) for v in report["per_prompt"].values()]}
     for branch, rows in out["projection"].items():
         print(branch)

@@ -190,10 +190,10 @@ def _check_second_split(test: Any) -> None:
         rows = test.get(key, [])
         if not (isinstance(rows, list) and all(_is_int(r) and r >= 0 for r in rows)):
             raise ValueError(f"second_split.{key} is not a list of row numbers")
-    fraction, temperature = test.get("joint_fraction", 0.5), test.get("finetune_temperature", 1.0)
-    if not (_is_finite(fraction) and 0 < fraction <= 1):
+    fraction, temperature = test.get("joint_fraction"), test.get("finetune_temperature")  # None: an older record
+    if fraction is not None and not (_is_finite(fraction) and 0 < fraction <= 1):
         raise ValueError(f"second_split.joint_fraction {fraction!r} is not in (0, 1]")
-    if not (_is_finite(temperature) and temperature > 0):
+    if temperature is not None and not (_is_finite(temperature) and temperature > 0):
         raise ValueError(f"second_split.finetune_temperature {temperature!r} is not a positive number")
 
 

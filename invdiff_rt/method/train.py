@@ -524,7 +524,7 @@ def _finetune(accelerator, run: _Run, config: TrainConfig, show: bool) -> dict:
     """`splits.finetune_steps` more steps (steps S.. of the batch seeds) on both splits' raked sampler, with a fresh
     optimizer and LR schedule; no checkpoints (a crash resumes from the end of the first run)."""
     steps = run.split_test["finetune_steps"]
-    trained = splits.trained_splits(run.split_test, len(run.inputs.prompt_ids))  # a checkpoint from before: fewer
+    trained = splits.trained_splits(run.split_test, len(run.inputs.prompt_ids))  # None where an older record lacks it
     run.grouping = splits.with_second_split(run.grouping, run.inputs.prompt_ids, *trained)
     if run.posterior is not None:  # adapters and checkpoints from before the temperature: the exact shift
         run.posterior = Posterior.build(run.inputs.latents, run.inputs.prompt_ids, run.grouping.sampling, run.prior,
