@@ -514,6 +514,18 @@ def test_calibrate_refuses_an_adapter_the_rule_does_not_apply_to(manifest, messa
                            _groups_of("f" * 64), "A", "G")
 
 
+def test_calibrate_refuses_listed_rows_past_the_data():
+    """A hand-edited second_split listing a row past the data reached an IndexError inside calibration."""
+    manifest = {"recipe": "invdiff-rt", "groups_source": "inferred", "groups_fingerprint": "f" * 64,
+                "second_split": {"refined_rows": [0, 3], "joint_rows": [1, 4]}}
+    with pytest.raises(InvdiffError) as e:
+        cal.check_calibratable(manifest, _groups_of("f" * 64), "A", "G")
+    assert str(e.value) == ("--adapter A: adapter.json's second_split.joint_rows lists row 4, past the data's 4 rows; "
+                            "restore its adapter.json or train it again")
+    manifest["second_split"]["joint_rows"] = [1, 3]
+    cal.check_calibratable(manifest, _groups_of("f" * 64), "A", "G")
+
+
 def test_groups_of_another_dataset_are_refused():
     from types import SimpleNamespace
 

@@ -434,6 +434,16 @@ def check_calibratable(manifest: dict, groups, adapter_dir, groups_prefix) -> No
         raise InvdiffError(f"--groups {groups_prefix}: the adapter was trained on other groups "
                            f"({str(manifest.get('groups_fingerprint'))[:12]}, these are {groups.fingerprint[:12]}); "
                            "pass the groups it was trained with")
+    _check_listed_rows(manifest.get("second_split") or {}, len(groups.grouping.weights), adapter_dir)
+
+
+def _check_listed_rows(test: dict, rows: int, adapter_dir) -> None:
+    """The second split's listed rows (`splits.trained_splits`) are rows of the groups' data."""
+    for key in ("refined_rows", "joint_rows"):
+        past = [r for r in test.get(key, []) if r >= rows]
+        if past:
+            raise InvdiffError(f"--adapter {adapter_dir}: adapter.json's second_split.{key} lists row {past[0]}, "
+                               f"past the data's {rows} rows; restore its adapter.json or train it again")
 
 
 def calibrate_adapter(model, adapter_dir, inputs, groups, config: CalibrateConfig = CalibrateConfig()) -> dict:
