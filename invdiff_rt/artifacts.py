@@ -6,6 +6,7 @@ into place, so an interrupted run never leaves a truncated file behind.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import errno
 import hashlib
@@ -213,13 +214,29 @@ def append_jsonl(path: str | Path, record: dict) -> None:
         os.close(fd)
 
 
+def read_utf8(path: Path, where: str = "") -> str:
+    """A UTF-8 text file's text (a leading byte-order mark, as Windows editors write, dropped), or a one-line error
+    naming `where` (default: the path): unreadable (a folder, no permission) or not UTF-8 (with the line)."""
+    where = where or str(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise InvdiffError(f"{where}: unreadable ({e.strerror}); check the file") from e
+    data = data.removeprefix(codecs.BOM_UTF8)  # then the line and byte of an error are the file's
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise InvdiffError(f"{where}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save it as UTF-8") from None
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     """Read complete JSON lines; a torn last line (no newline) from a killed writer is ignored."""
     path = Path(path)
     if not path.exists():
         return []
     out = []
-    data = path.read_text()
+    data = read_utf8(path)
     lines = data.split("\n")
     for i, line in enumerate(lines[:-1] if not data.endswith("\n") else lines, start=1):
         if not line.strip():
@@ -239,7 +256,7 @@ def read_json(path: str | Path, what: str = "file", fix: str = "regenerate it") 
     if not path.exists():
         raise InvdiffError(f"{path}: {what} not found")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_utf8(path))
     except json.JSONDecodeError as e:
         raise InvdiffError(f"{path}: {what} is not valid JSON (line {e.lineno}: {e.msg}); {fix}") from e
     if not isinstance(data, dict):

@@ -141,6 +141,9 @@ def _threads(low: int) -> Rule:
     return Rule(min=low, max=CORES, note="the cores this process may use")
 
 
+MAX_BATCH = 4096  # images a batch: far past what one GPU holds at SD scale (a typo would hang for hours)
+BATCH_NOTE = "one batch is sampled at once; run larger jobs as several batches"
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # Keys: "--flag" for every command, or "command --flag" (command path joined by spaces) to override it.
 RULES: dict[str, Rule] = {
@@ -157,7 +160,7 @@ RULES: dict[str, Rule] = {
     "--shares-per-prompt": Rule(min=1),
     "--calibrate-min-samples": Rule(min=0),
     "--min-samples": Rule(min=0),
-    "--batch-size": Rule(min=1),
+    "--batch-size": Rule(min=1, max=MAX_BATCH, note=BATCH_NOTE),
     "--threads": _threads(0),
     "generate --threads": _threads(1),
     "bench --threads": _threads(1),
@@ -175,7 +178,7 @@ RULES: dict[str, Rule] = {
     "--repeats": Rule(min=1),
     "--opset": Rule(min=18, max=25, note="the opsets the pinned exporter writes a valid graph for"),  # 26 fails
     # the checker (GroupNormalization); 25 runs on ONNX Runtime 1.32 and OpenVINO 2026.4 (checked 2026-12-06)
-    "--max-batch": Rule(min=1),
+    "--max-batch": Rule(min=1, max=MAX_BATCH, note=BATCH_NOTE),
     "--bias": Rule(min=0.0, max=1.0),
     "--guidance-scale": Rule(min=0.0, max=100.0, note="classifier-free guidance is used at 1-20; far above, the "
                              "images saturate to flat colour"),
@@ -190,7 +193,7 @@ RULES: dict[str, Rule] = {
     "--backend": Rule(choices=_backends_auto),
     "--backends": Rule(choices=_backends, comma=True),
     "bench --backends": Rule(choices=_bench_backends, comma=True),  # eager included, no CUDA variants
-    "--batch-sizes": Rule(min=1, comma=True),
+    "--batch-sizes": Rule(min=1, max=MAX_BATCH, comma=True, note=BATCH_NOTE),
     "--peers": Rule(choices=_peers, comma=True),
     "--peers-python": Rule(path="file"),
     "--rounds": Rule(min=1),

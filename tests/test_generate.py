@@ -359,6 +359,24 @@ def test_an_overwrite_that_fails_before_its_first_image_puts_the_finished_run_ba
     assert (again.written, again.skipped) == (0, 4)
 
 
+@pytest.mark.parametrize("error", [MemoryError(), RuntimeError("DefaultCPUAllocator: can't allocate memory"),
+                                   KeyboardInterrupt()])
+def test_a_fresh_out_is_removed_whatever_stops_the_run_before_its_first_image(loaded, tmp_path, monkeypatch, error):
+    """Only an InvdiffError undid the fresh folder: out of memory at a huge --height (or Ctrl-C) left run.json, and
+    the corrected rerun was refused as "other settings"."""
+    from invdiff_rt.runtime import sampling
+
+    def fail(*args, **kw):
+        raise error
+
+    monkeypatch.setattr(sampling, "sample_images", fail)
+    with pytest.raises(type(error)):
+        _run(loaded, tmp_path / "new" / "out")
+    assert not (tmp_path / "new").exists()
+    monkeypatch.undo()
+    assert _run(loaded, tmp_path / "new" / "out").written == 4
+
+
 def test_an_overwrite_with_other_settings_removes_the_replaced_runs_images_and_grids(loaded, tmp_path):
     """--overwrite left the earlier run's grids (stale under --no-grid) and the images it did not make again (a
     smaller --num) beside the new ones, listed in no manifest: a folder of two settings."""

@@ -88,6 +88,61 @@ def test_a_manifest_that_is_not_a_json_object_is_one_line(tiny_model_dir, tmp_pa
     assert not (tmp_path / "out").exists()
 
 
+def test_an_adapter_json_saved_as_utf16_is_one_line(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """Notepad's "Unicode" (UTF-16) reached a UnicodeDecodeError traceback."""
+    _foreign_adapter(tmp_path / "ad")
+    manifest = tmp_path / "ad" / "adapter.json"
+    manifest.write_bytes(manifest.read_text().encode("utf-16"))
+    code, err = _cli(monkeypatch, capsys, *_generate(tiny_model_dir, tmp_path / "out", "--adapter", tmp_path / "ad"))
+    assert code == 2 and f"{manifest}:1: not UTF-8 text (byte 0xff); save it as UTF-8" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: {**m, "config": {**m["config"], "width": 4}}, "does not fit adapter.safetensors; restore"),
+    (lambda m: {**m, "config": None}, "its config None does not fit adapter.safetensors"),
+    (lambda m: {**m, "base_fingerprint": None}, "trained for base None, got"),  # the base check
+])
+def test_a_hand_edited_adapter_json_that_passes_the_field_check_is_one_line(tiny_model_dir, tmp_path, monkeypatch,
+                                                                           capsys, edit, message):
+    """A config the weights do not fit reached load_state_dict's 70-line size mismatch; a null fingerprint a
+    TypeError while the refusal was being written."""
+    _foreign_adapter(tmp_path / "ad")
+    manifest = tmp_path / "ad" / "adapter.json"
+    record = json.loads(manifest.read_text())
+    from invdiff_rt.models.loader import model_fingerprint
+
+    record["base_fingerprint"] = model_fingerprint(Path(tiny_model_dir))  # this base's: the config is read next
+    manifest.write_text(json.dumps(edit(record)))
+    code, err = _cli(monkeypatch, capsys, *_generate(tiny_model_dir, tmp_path / "out", "--adapter", tmp_path / "ad"))
+    assert code == 2 and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_missing_its_unet_weights_is_one_line(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """diffusers logged "An error occurred while trying to fetch ..." and more before the one-line error."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    for weights in (model / "unet").glob("*.safetensors"):
+        weights.unlink()
+    code, err = _cli(monkeypatch, capsys, *_generate(model, tmp_path / "out"))
+    assert code == 2 and f"--model {model}: cannot load" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--height", "1048576", "--width", "64"], "--height/--width 1048576x64: larger than 8192 px a side"),
+    (["--batch-size", "100000000000"], "--batch-size 100000000000: must be at most 4096"),
+])
+def test_sizes_and_batches_past_any_memory_are_refused(tiny_model_dir, tmp_path, monkeypatch, capsys, argv, message):
+    """A 1048576-px side reached the CPU allocator's traceback (and left run.json); a batch of 1e11 hung."""
+    code, err = _cli(monkeypatch, capsys, *_generate(tiny_model_dir, tmp_path / "out", *argv))
+    assert code == 2 and message in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_unknown_scheduler_leaves_no_run_json(tiny_model_dir, tmp_path, monkeypatch, capsys):
     code, err = _cli(monkeypatch, capsys, *_generate(tiny_model_dir, tmp_path / "out", "--scheduler", "bogus"))
     assert code == 2 and "--scheduler bogus" in err and "ddim" in err
@@ -353,6 +408,24 @@ def test_metadata_not_utf8_and_blank_text(tmp_path):
     meta.write_text(json.dumps({"file_name": "a.png", "text": "  "}) + "\n")
     with pytest.raises(InvdiffError, match=r'metadata\.jsonl:1: "text" must be a non-empty string'):
         read_split(root)
+
+
+def test_json_artifacts_with_a_byte_order_mark_read_and_other_encodings_or_folders_are_one_line(tmp_path):
+    """Every manifest and record reader (`read_json`, `read_jsonl`) reads as metadata.jsonl does: a BOM is dropped,
+    UTF-16 or Latin-1 is refused naming the line, a folder in the file's place is "unreadable"."""
+    from invdiff_rt.artifacts import read_json, read_jsonl
+
+    path = tmp_path / "run.json"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"a": 1}\n')
+    assert read_json(path) == {"a": 1}
+    path.write_bytes(b'{"a": 1}\n{"b": "caf\xe9"}\n')
+    with pytest.raises(InvdiffError, match=r"run.json:2: not UTF-8 text \(byte 0xe9\); save it as UTF-8$"):
+        read_jsonl(path)
+    path.unlink()
+    path.mkdir()
+    for reader in (read_json, read_jsonl):
+        with pytest.raises(InvdiffError, match=r"run.json: unreadable \(Is a directory\); check the file$"):
+            reader(path)
 
 
 def test_metadata_with_a_byte_order_mark_reads(tmp_path):

@@ -14,7 +14,6 @@ What is accepted, and what is refused with one line naming the file (and the met
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import json
 import logging
@@ -24,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from ..artifacts import fingerprint_files
+from ..artifacts import fingerprint_files, read_utf8
 from ..errors import InvdiffError
 
 METADATA = "metadata.jsonl"
@@ -100,17 +99,7 @@ def read_text_lines(path: Path, flag: str = "") -> list[str]:
     """The lines of a UTF-8 text file (a leading byte-order mark, as Windows editors write, is dropped; \\n, \\r\\n
     or \\r ends a line, a U+2028 pasted from a web page does not); a byte sequence that is not UTF-8 is an error
     naming its line."""
-    where = f"{flag} {path}" if flag else str(path)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise InvdiffError(f"{where}: unreadable ({e.strerror}); check the file") from e
-    data = data.removeprefix(codecs.BOM_UTF8)  # then the line and byte of an error are the file's
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise InvdiffError(f"{where}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save it as UTF-8") from None
+    text = read_utf8(path, f"{flag} {path}" if flag else str(path))
     return _LINE_END.split(text.removesuffix("\n").removesuffix("\r")) if text else []  # not str.splitlines()
 
 

@@ -240,17 +240,28 @@ def load_adapter(adapter_dir: str | Path, model) -> GuidanceAdapter:
 
     trained, got = manifest.get("base_fingerprint", ""), model.fingerprint
     if not matches_model(trained, getattr(model, "path", None), got):
-        raise InvdiffError(f"{adapter_dir / MANIFEST_NAME}: trained for base {trained[:12]}, got {got[:12]}; "
+        raise InvdiffError(f"{adapter_dir / MANIFEST_NAME}: trained for base {str(trained)[:12]}, got {got[:12]}; "
                            "retrain with --model pointing to this base")
     weights = adapter_dir / WEIGHTS_NAME
-    if not weights.exists() or artifacts.sha256_file(weights) != manifest.get("weights_sha256"):
+    if not weights.is_file() or artifacts.sha256_file(weights) != manifest.get("weights_sha256"):
         raise InvdiffError(f"{weights}: missing or does not match {MANIFEST_NAME}; retrain with `invdiff train`")
-    from safetensors.torch import load_file
-
-    adapter = GuidanceAdapter(AdapterConfig(**manifest["config"]))
-    adapter.load_state_dict(load_file(str(weights)))
+    adapter = _with_weights(manifest.get("config"), weights)
     adapter.from_t = manifest.get("from_t")
     adapter.eval().requires_grad_(False)
+    return adapter
+
+
+def _with_weights(config: Any, weights: Path) -> GuidanceAdapter:
+    """The adapter `config` describes, holding `weights`; a config whose shapes the weights do not fit (a hand-edited
+    adapter.json) is one line."""
+    from safetensors.torch import load_file
+
+    try:
+        adapter = GuidanceAdapter(AdapterConfig(**config))
+        adapter.load_state_dict(load_file(str(weights)))
+    except (TypeError, RuntimeError) as e:  # not a mapping, or missing / mis-shaped tensors
+        raise InvdiffError(f"{weights.parent / MANIFEST_NAME}: its config {config!r} does not fit {WEIGHTS_NAME}; "
+                           "restore the adapter.json it was trained with, or retrain with `invdiff train`") from e
     return adapter
 
 

@@ -337,7 +337,7 @@ def check_groups_match(groups: GroupsResult, inputs) -> None:
         made = groups.meta.get(key, "")
         if made != have:
             what = "--data" if key.startswith("data") else "--model"
-            raise InvdiffError(f"--groups: made for {what} {made[:12]}, got {have[:12]}; rerun `invdiff groups` "
+            raise InvdiffError(f"--groups: made for {what} {str(made)[:12]}, got {have[:12]}; rerun `invdiff groups` "
                                f"with this {what}")
     if groups.grouping.weights.shape[0] != inputs.latents.shape[0]:
         raise InvdiffError("--groups: row count does not match the dataset; rerun `invdiff groups`")

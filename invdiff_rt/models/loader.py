@@ -3,12 +3,13 @@ and for the embedded mini-SD models that ship inside the package (addressable by
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -202,6 +203,19 @@ def _note_truncated(tokenizer, prompts: Sequence[str]) -> None:
                                                 f"first {limit}, the rest is ignored")
 
 
+@contextlib.contextmanager
+def _quiet_diffusers() -> Iterator[None]:
+    """diffusers' log silenced (it logs a missing weights file as an error, then falls back), as it was after."""
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
 def load_model(name_or_path: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32, flag: str = "--model") -> LatentDiffusionModel:
     """Load tokenizer, text encoder, VAE, UNet and scheduler config; everything frozen and in eval mode."""
@@ -212,11 +226,12 @@ def load_model(name_or_path: str | Path, device: str | torch.device = "cpu",
     path = resolve_model(name_or_path, flag)
     transformers_logging.disable_progress_bar()  # its "Loading weights" bar on stderr, before a one-line error too
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
-        text_encoder, vae, unet = (cls.from_pretrained(path / name, torch_dtype=dtype,
-                                                       variant=weights_variant(path / name))
-                                   for cls, name in ((CLIPTextModel, "text_encoder"), (AutoencoderKL, "vae"),
-                                                     (UNet2DConditionModel, "unet")))
+        with _quiet_diffusers():  # its notes on a missing weights file, before the one-line error
+            tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
+            text_encoder, vae, unet = (cls.from_pretrained(path / name, torch_dtype=dtype,
+                                                           variant=weights_variant(path / name))
+                                       for cls, name in ((CLIPTextModel, "text_encoder"), (AutoencoderKL, "vae"),
+                                                         (UNet2DConditionModel, "unet")))
     except (OSError, ValueError) as e:
         raise InvdiffError(f"{flag} {path}: cannot load ({str(e).splitlines()[0]})") from e
     scheduler_config = read_json(path / "scheduler" / "scheduler_config.json", "scheduler config")

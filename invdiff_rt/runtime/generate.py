@@ -320,18 +320,19 @@ def run_generation(runtime, prompts: Sequence[str], out_dir: str | Path, *, num:
     check_own_folder(out_dir)
     made = [p for p in (*reversed(out_dir.parents), out_dir, out_dir / RUN_FILE) if not p.exists()]
     out_dir.mkdir(parents=True, exist_ok=True)
-    part = out_dir / part_name(rank, world_size)
-    with taking_turns(out_dir, "run.json"):  # ranks: the first replaces run.json (and lists what it replaces)
-        kept = _replaceable(out_dir, part) if overwrite and world_size == 1 and _replacing(out_dir, settings) else {}
-        changed = check_run_file(out_dir, settings, overwrite)
-        _prepare_part(out_dir, part, changed)
-    remove_stale_tmp(out_dir, _owned_files(jobs, mine, world_size))
-    todo = pending(mine, out_dir, settings)
-    start = time.perf_counter()
+    part, kept = out_dir / part_name(rank, world_size), {}
     try:
+        with taking_turns(out_dir, "run.json"):  # ranks: the first replaces run.json (and lists what it replaces)
+            if overwrite and world_size == 1 and _replacing(out_dir, settings):
+                kept = _replaceable(out_dir, part)
+            changed = check_run_file(out_dir, settings, overwrite)
+            _prepare_part(out_dir, part, changed)
+        remove_stale_tmp(out_dir, _owned_files(jobs, mine, world_size))
+        todo = pending(mine, out_dir, settings)
+        start = time.perf_counter()
         _generate(runtime, todo, out_dir, part, settings, batch_size, progress, f"rank {rank}/{world_size}")
-    except InvdiffError:  # e.g. non-finite values at the first batch: a fresh folder is left as it was found
-        if world_size == 1:
+    except BaseException:  # e.g. non-finite values at the first batch, out of memory, Ctrl-C: a folder with no image
+        if world_size == 1:  # yet is left as it was found
             _undo_empty_run(made, part, kept)
         raise
     seconds = time.perf_counter() - start

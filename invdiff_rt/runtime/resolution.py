@@ -13,6 +13,7 @@ from pathlib import Path
 from ..errors import InvdiffError
 
 Size = tuple[int, int]
+MAX_SIDE = 8192  # px: the largest --height/--width/--sizes accepted (SDXL's 1024 x 8)
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,9 @@ def check_size(limits: SizeLimits, height: int | None = None, width: int | None 
         raise InvdiffError(f"{text}: not a multiple of {limits.multiple} (VAE factor "
                            f"{limits.downsample} x UNet {limits.multiple // limits.downsample}); pass multiples of "
                            f"{limits.multiple}, e.g. {limits.default[0]}x{limits.default[1]}")
+    if max(size) > MAX_SIDE:
+        raise InvdiffError(f"{text}: larger than {MAX_SIDE} px a side, where one sample's latents and activations "
+                           f"outgrow memory (SD checkpoints are trained at 512-1024 px); pass a smaller size")
     if limits.min is not None and not _within(size, limits.min, limits.max):
         raise InvdiffError(f"{text}: outside the range of {limits.source} "
                            f"({_fmt(limits.min)} to {_fmt(limits.max)}); pick a size in range or re-export with "
