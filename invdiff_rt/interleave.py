@@ -82,7 +82,12 @@ class ProcessWorker:
     def __init__(self, name: str, argv: list[str], log_path: Path, fix: str = ""):
         self.name, self.log_path, self.fix = name, Path(log_path), fix
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True)
+        try:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
+                                         text=True)
+        except OSError as e:  # not there, not executable
+            self._log.close()
+            raise InvdiffError(f"--backends/--peers {name}: cannot start {argv[0]} ({e.strerror}){fix}") from e
         self.hello: dict | None = None
 
     def receive(self) -> dict:
@@ -90,7 +95,11 @@ class ProcessWorker:
         if not line:
             self.proc.wait()
             raise InvdiffError(f"--backends/--peers {self.name}: its worker died ({self._last_log_line()}){self.fix}")
-        return json.loads(line)
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError:  # another program than the worker (e.g. --peers-python not a Python)
+            raise InvdiffError(f"--backends/--peers {self.name}: its worker answered {line.strip()[:40]!r}, not the "
+                               f"benchmark's JSON{self.fix}") from None
 
     def start(self) -> dict:
         """Wait for the hello (the worker has loaded its pipeline)."""

@@ -433,3 +433,20 @@ def test_missing_peer_is_skipped_with_one_line(tmp_path, monkeypatch, capsys):
 def test_bad_peer_name_is_one_line_error():
     with pytest.raises(InvdiffError, match="^--peers: unknown peer 'diffusers'; choose from optimum-ort, openvino$"):
         bench.BenchConfig(["torch"], [1], model="m", peers=["diffusers"]).check()
+
+
+def test_a_peer_interpreter_that_is_not_one_is_one_line(tmp_path):
+    """`bench --peers-python` naming a file that cannot run, or a program that is not the worker, reached a
+    PermissionError / JSONDecodeError traceback."""
+    from invdiff_rt.errors import InvdiffError
+    from invdiff_rt.interleave import ProcessWorker
+
+    script = tmp_path / "notpy"
+    script.write_text("#!/bin/sh\necho hi\n")
+    with pytest.raises(InvdiffError, match=rf"peer:x: cannot start {script} \(Permission denied\); fix$"):
+        ProcessWorker("peer:x", [str(script)], tmp_path / "a.log", "; fix")
+    script.chmod(0o755)
+    worker = ProcessWorker("peer:x", [str(script)], tmp_path / "b.log", "; fix")
+    with pytest.raises(InvdiffError, match=r"peer:x: its worker answered 'hi', not the benchmark's JSON; fix$"):
+        worker.start()
+    worker.proc.wait()

@@ -264,3 +264,26 @@ def test_classifier_train_refuses_non_square_images(tmp_path):
     with pytest.raises(InvdiffError, match=r"train: images of 48x32 pixels; the classifiers take square images"):
         classifiers.train_classifier_pair(tmp_path / "data", "color", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("edit", [lambda m: m.pop("architecture"), lambda m: m["architecture"].update(width=3),
+                                  lambda m: m.update(labels=None)])
+def test_a_hand_edited_classifier_json_is_one_line(tmp_path, edit):
+    """A missing architecture, another width or null labels reached a KeyError, a size-mismatch traceback or a
+    TypeError in `invdiff eval`."""
+    import json
+    import shutil
+
+    from invdiff_rt.eval.classifiers import ASSETS, load_classifier
+    from invdiff_rt.errors import InvdiffError
+
+    folder = tmp_path / "color"
+    shutil.copytree(ASSETS / "styled-digits" / "color", folder)
+    load_classifier(folder)  # as shipped
+    meta = json.loads((folder / "classifier.json").read_text())
+    edit(meta)
+    (folder / "classifier.json").write_text(json.dumps(meta))
+    with pytest.raises(InvdiffError) as e:
+        load_classifier(folder)
+    assert str(e.value) == (f"{folder / 'classifier.json'}: its architecture or labels do not fit model.safetensors; "
+                            "restore the classifier.json it was trained with, or retrain with `invdiff classifier train`")

@@ -132,6 +132,25 @@ def test_a_model_missing_its_unet_weights_is_one_line(tiny_model_dir, tmp_path, 
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("file, key, value, message", [
+    ("scheduler/scheduler_config.json", "num_train_timesteps", "x", "not a scheduler config diffusers builds"),
+    ("scheduler/scheduler_config.json", "prediction_type", "sample2", "prediction_type 'sample2' is not one of"),
+    ("unet/config.json", "sample_size", "x", "sample_size 'x' is not a positive int"),
+])
+def test_a_hand_edited_model_config_is_one_line(tiny_model_dir, tmp_path, monkeypatch, capsys, file, key, value,
+                                                message):
+    """Each reached a torch or diffusers traceback at the first sampling step, after run.json was written."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / file).read_text())
+    (model / file).write_text(json.dumps({**config, key: value}))
+    code, err = _cli(monkeypatch, capsys, *_generate(model, tmp_path / "out"))
+    assert code == 2 and f"{model / file}: {message}" in err and "restore it from the checkpoint" in err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--height", "1048576", "--width", "64"], "--height/--width 1048576x64: larger than 8192 px a side"),
     (["--batch-size", "100000000000"], "--batch-size 100000000000: must be at most 4096"),

@@ -78,3 +78,17 @@ def test_the_adapter_weight_is_zero_below_the_adapters_from_t(tiny_model, from_t
             1.5, 5)
     assert [t for t, _ in runtime.weights] == [999, 799, 599, 399, 199]  # DDIM, 5 of 1000 steps, trailing
     assert [w for _, w in runtime.weights] == expected
+
+
+def test_check_scheduler_config_refuses_what_the_samplers_cannot_step():
+    """The check `load_model` and export manifests run (`invdiff generate` on a hand-edited config)."""
+    from invdiff_rt.runtime.sampling import check_scheduler_config
+
+    config = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+              "prediction_type": "v_prediction"}
+    check_scheduler_config(config)
+    for key, value, message in (("num_train_timesteps", "x", "not a scheduler config diffusers builds"),
+                                ("beta_schedule", "cosine-ish", "not a scheduler config diffusers builds"),
+                                ("prediction_type", "sample2", "prediction_type 'sample2' is not one of")):
+        with pytest.raises(ValueError, match=message):
+            check_scheduler_config({**config, key: value})

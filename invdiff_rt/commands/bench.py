@@ -68,7 +68,7 @@ def bench(
         steps=steps, warmup=warmup, repeats=repeats, threads=threads, precision=precision, scheduler=scheduler,
         guidance_scale=guidance_scale, adapter_weight=adapter_weight, engines=str(engines), rounds=rounds,
         eager=eager, peers=b.parse_list(peers, "--peers") if peers else [],
-        peers_python=str(peers_python) if peers_python else None,
+        peers_python=str(peers_python.absolute()) if peers_python else None,  # not looked up on PATH
         latent_shape=list(shape) if shape else None,
     ).check()
     result = b.run_bench(config, log=lambda s: console.print(s, highlight=False, markup=False, style="dim"))

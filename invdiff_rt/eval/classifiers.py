@@ -206,8 +206,6 @@ def save_classifier(out_dir: str | Path, net: SmallCNN, meta: dict) -> Path:
 
 def load_classifier(directory: str | Path) -> Classifier:
     """Load one classifier directory (`model.safetensors` + `classifier.json`)."""
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     meta = read_json(directory / MANIFEST, "classifier manifest")
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
@@ -216,10 +214,24 @@ def load_classifier(directory: str | Path) -> Classifier:
     weights = directory / WEIGHTS
     if not weights.is_file() or sha256_file(weights) != meta.get("weights_sha256"):
         raise InvdiffError(f"{weights}: missing or does not match {MANIFEST}; retrain with `invdiff classifier train`")
-    arch = meta["architecture"]
-    net = SmallCNN(arch["in_channels"], arch["num_classes"], arch["width"], arch["feature_dim"])
-    net.load_state_dict(load_file(str(weights)))
-    return Classifier(net.eval(), meta)
+    return Classifier(_with_weights(meta, directory / MANIFEST, weights).eval(), meta)
+
+
+def _with_weights(meta: dict, manifest: Path, weights: Path) -> SmallCNN:
+    """The SmallCNN `meta` describes, holding `weights`; a hand-edited architecture or label list is one line."""
+    from safetensors.torch import load_file
+
+    labels = meta.get("labels")
+    try:
+        if not (isinstance(labels, list) and labels and all(isinstance(v, (str, int)) for v in labels)):
+            raise TypeError("labels")
+        arch = meta["architecture"]
+        net = SmallCNN(arch["in_channels"], arch["num_classes"], arch["width"], arch["feature_dim"])
+        net.load_state_dict(load_file(str(weights)))
+    except (KeyError, TypeError, RuntimeError) as e:  # missing, mistyped or mis-shaped: not what was trained
+        raise InvdiffError(f"{manifest}: its architecture or labels do not fit {WEIGHTS}; restore the "
+                           f"{MANIFEST} it was trained with, or retrain with `invdiff classifier train`") from e
+    return net
 
 
 def attribute_dir(cls_dir: Path, attribute: str | None = None) -> Path:

@@ -158,6 +158,7 @@ def check_structure(manifest: dict, path: Path) -> None:
     config) are there and well formed: a hand-edited manifest fails here in one line, not with a KeyError deep inside
     a backend. Every export since the first format has written all of them."""
     from ..method.adapter import check_record
+    from ..runtime.sampling import check_scheduler_config
 
     try:
         if manifest.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
@@ -176,7 +177,7 @@ def check_structure(manifest: dict, path: Path) -> None:
             raise ValueError(f"precision {manifest.get('precision')!r}, not one of {', '.join(PRECISIONS)}")
         if len([int(d) for d in manifest["latent_shape"]]) != 3:
             raise ValueError("latent_shape must be (C, h, w)")
-        dict(manifest["scheduler_config"])
+        check_scheduler_config(dict(manifest["scheduler_config"]))
         size = manifest.get("image_size", 1)
         if not isinstance(size, int) or size < 1:
             raise ValueError(f"image_size {size!r} is not a positive int")

@@ -237,4 +237,19 @@ def load_model(name_or_path: str | Path, device: str | torch.device = "cpu",
     scheduler_config = read_json(path / "scheduler" / "scheduler_config.json", "scheduler config")
     model = LatentDiffusionModel(path, tokenizer, text_encoder.to(device), vae.to(device), unet.to(device),
                                  scheduler_config)
+    _check_configs(model, path)
     return model.freeze()
+
+
+def _check_configs(model: LatentDiffusionModel, path: Path) -> None:
+    """The scheduler and UNet config fields sampling reads are usable (hand-edited ones failed at the first step)."""
+    from ..runtime.sampling import check_scheduler_config
+
+    try:
+        check_scheduler_config(model.scheduler_config)
+    except ValueError as e:
+        raise InvdiffError(f"{path / 'scheduler' / 'scheduler_config.json'}: {e}; restore it from the "
+                           "checkpoint") from e
+    if not all(isinstance(d, int) and d > 0 for d in model.latent_shape):
+        raise InvdiffError(f"{path / 'unet' / 'config.json'}: sample_size {model.unet.config.sample_size!r} is not a "
+                           "positive int; restore it from the checkpoint")

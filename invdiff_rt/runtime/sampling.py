@@ -45,6 +45,20 @@ def make_scheduler(config: dict, name: str = "ddim"):
     raise InvdiffError(f"--scheduler {name}: unknown; choose one of {', '.join(SCHEDULERS)}")
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # what diffusers' schedulers step
+
+
+def check_scheduler_config(config: dict) -> None:
+    """A scheduler config the samplers can step (a hand-edited one failed at the first step): ValueError if not."""
+    if config.get("prediction_type", "epsilon") not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type {config.get('prediction_type')!r} is not one of "
+                         f"{', '.join(PREDICTION_TYPES)}")
+    try:
+        make_scheduler(config).set_timesteps(2)
+    except (TypeError, ValueError, RuntimeError, ZeroDivisionError) as e:
+        raise ValueError(f"not a scheduler config diffusers builds ({type(e).__name__})") from e
+
+
 def item_seed(seed: int, prompt: str, index: int) -> int:
     """A 63-bit seed that depends only on (seed, prompt, index)."""
     digest = hashlib.sha256(f"{seed}\x00{prompt}\x00{index}".encode()).digest()
