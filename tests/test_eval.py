@@ -287,3 +287,16 @@ def test_a_hand_edited_classifier_json_is_one_line(tmp_path, edit):
         load_classifier(folder)
     assert str(e.value) == (f"{folder / 'classifier.json'}: its architecture or labels do not fit model.safetensors; "
                             "restore the classifier.json it was trained with, or retrain with `invdiff classifier train`")
+
+
+def test_a_dataset_json_whose_recipe_is_not_a_name_asks_for_a_classifier(tmp_path):
+    """`"recipe": ["x"]` reached a TypeError (unhashable list) in `invdiff eval`."""
+    import json
+
+    from invdiff_rt.errors import InvdiffError
+    from invdiff_rt.eval.evaluate import resolve_classifier_dir
+
+    (tmp_path / "dataset.json").write_text(json.dumps({"recipe": ["styled-digits"]}))
+    with pytest.raises(InvdiffError, match=rf"^--classifier: required because {tmp_path} was not made by a built-in "
+                                           "recipe; train one with `invdiff classifier train"):
+        resolve_classifier_dir(tmp_path, None)

@@ -266,3 +266,25 @@ def test_captions_with_words_the_tokenizer_does_not_know_are_refused(tiny_model,
     with pytest.raises(InvdiffError, match=r"^--data: the model's tokenizer does not know the words of \['a photo "
                                            r"of a cat', 'a photo of a dog'\].*invdiff pretrain"):
         base_inputs(tiny_model, tmp_path / "data")
+
+
+def test_an_unwritable_cache_folder_is_a_note_not_a_traceback(tiny_model, tmp_path, monkeypatch, caplog):
+    """INVDIFF_CACHE_DIR naming a file reached a NotADirectoryError traceback in every stage that reads the data;
+    the cache is an optimisation, so the stage goes on with one note."""
+    from PIL import Image
+
+    from invdiff_rt.method.cache import base_inputs
+
+    data = tmp_path / "data" / "train"
+    data.mkdir(parents=True)
+    for i in range(2):
+        Image.new("RGB", (32, 32), (200 * i, 0, 0)).save(data / f"{i}.png")
+    (data / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", "text": "a photo of the digit "
+                                                             f"{i}"}) + "\n" for i in range(2)))
+    (tmp_path / "cache").write_text("not a folder")
+    monkeypatch.setenv("INVDIFF_CACHE_DIR", str(tmp_path / "cache"))
+    inputs = base_inputs(tiny_model, tmp_path / "data")
+    assert inputs.latents.shape[0] == 2 and inputs.prompts == ["a photo of the digit 0", "a photo of the digit 1"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"note: base inputs not cached, {tmp_path / 'cache'} is not a writable folder (Not a directory); set "
+        "INVDIFF_CACHE_DIR to one"]

@@ -52,7 +52,7 @@ def resolve_classifier_dir(data_dir: Path, classifier_dir: str | Path | None, at
     manifest = data_dir / "dataset.json"
     recipe = read_json(manifest, "dataset manifest").get("recipe") if manifest.is_file() else None
     train_cmd = f"invdiff classifier train --data {data_dir} --attribute {attribute} --out CLS_DIR"
-    if recipe not in RECIPES:
+    if not isinstance(recipe, str) or recipe not in RECIPES:
         raise InvdiffError(f"--classifier: required because {data_dir} was not made by a built-in recipe; "
                            f"train one with `{train_cmd}`")
     path = default_classifier_dir(recipe)

@@ -8,6 +8,7 @@ cache file is recomputed.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,6 +115,10 @@ def base_inputs(model, data_dir: str | Path, split: str = "train") -> BaseInputs
     inputs = _compute(model, records, data_fp)
     tensors = {"latents": inputs.latents, "prompt_ids": inputs.prompt_ids, "text_embeddings": inputs.text_embeddings,
                "uncond_embedding": inputs.uncond_embedding}
-    artifacts.atomic_save_safetensors(tensors, path, metadata={"prompts": json.dumps(inputs.prompts),
-                                                                "base": model.fingerprint, "data": data_fp})
+    try:
+        artifacts.atomic_save_safetensors(tensors, path, metadata={"prompts": json.dumps(inputs.prompts),
+                                                                    "base": model.fingerprint, "data": data_fp})
+    except OSError as e:  # a cache: the command goes on without it (the next one computes the inputs again)
+        logging.getLogger(__name__).warning(f"note: base inputs not cached, {cache_dir()} is not a writable folder "
+                                            f"({e.strerror}); set INVDIFF_CACHE_DIR to one")
     return inputs
