@@ -182,7 +182,8 @@ RULES: dict[str, Rule] = {
     "--bias": Rule(min=0.0, max=1.0),
     "--guidance-scale": Rule(min=0.0, max=100.0, note="classifier-free guidance is used at 1-20; far above, the "
                              "images saturate to flat colour"),
-    "--adapter-weight": Rule(min=0.0),
+    "--adapter-weight": Rule(min=0.0, max=100.0, note="the label-free weights are about 1; far above, the "
+                             "adapter's shift swamps the model's prediction"),
     "--lr": Rule(above=0.0),
     "--ema-decay": Rule(min=0.0, below=1.0, note="the share of the average kept at each step; 1 would keep the "
                         "initial weights"),

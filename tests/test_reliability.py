@@ -154,9 +154,11 @@ def test_a_hand_edited_model_config_is_one_line(tiny_model_dir, tmp_path, monkey
 @pytest.mark.parametrize("argv, message", [
     (["--height", "1048576", "--width", "64"], "--height/--width 1048576x64: larger than 8192 px a side"),
     (["--batch-size", "100000000000"], "--batch-size 100000000000: must be at most 4096"),
+    (["--adapter-weight", "1e300"], "--adapter-weight 1e+300: must be at most 100"),
 ])
-def test_sizes_and_batches_past_any_memory_are_refused(tiny_model_dir, tmp_path, monkeypatch, capsys, argv, message):
-    """A 1048576-px side reached the CPU allocator's traceback (and left run.json); a batch of 1e11 hung."""
+def test_values_far_past_any_use_are_refused(tiny_model_dir, tmp_path, monkeypatch, capsys, argv, message):
+    """A 1048576-px side reached the CPU allocator's traceback (and left run.json); a batch of 1e11 hung; a weight
+    of 1e300 printed numpy's overflow warning before its error on the ONNX backends."""
     code, err = _cli(monkeypatch, capsys, *_generate(tiny_model_dir, tmp_path / "out", *argv))
     assert code == 2 and message in err
     assert not (tmp_path / "out").exists()

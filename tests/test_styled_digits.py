@@ -155,9 +155,13 @@ def test_pretrain_init_from_keeps_vae_and_finetunes_unet(tmp_path):
     with pytest.raises(InvdiffError, match="--init-from .*does not know the words"):
         pretrain(data, tmp_path / "x", cfg, init_from=tmp_path / "other")
     manifest = tmp_path / "start" / "invdiff_model.json"  # a model made elsewhere (build-sd) records no arch
-    manifest.write_text(json.dumps({k: v for k, v in json.loads(manifest.read_text()).items() if k != "arch"}))
+    record = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({k: v for k, v in record.items() if k != "arch"}))
     with pytest.raises(InvdiffError, match="--init-from .*records no mini-SD architecture"):  # was KeyError 'arch'
         pretrain(data, tmp_path / "y", cfg, init_from=tmp_path / "start")
+    manifest.write_text(json.dumps({**record, "arch": {**record["arch"], "heads": 2}}))  # was a TypeError
+    with pytest.raises(InvdiffError, match="--init-from .*records no mini-SD architecture .*with MiniSDArch's fields"):
+        pretrain(data, tmp_path / "z", cfg, init_from=tmp_path / "start")
 
 
 def test_per_attribute_classifier_layout(tmp_path):

@@ -8,6 +8,7 @@ that classifier-free guidance works, and an EMA of both. Each stage checkpoints 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from dataclasses import asdict, dataclass, replace
@@ -205,9 +206,11 @@ def init_components(init_from: str | Path, texts: list[str]):
     check_known_words(model.tokenizer, texts, f"--init-from {init_from}", "pretrain from scratch (drop "
                       "--init-from) or pick a model trained on these prompts")
     info = read_json(model.path / "invdiff_model.json", "model manifest")
-    if not isinstance(info.get("arch"), dict):
+    fields = {f.name for f in dataclasses.fields(MiniSDArch)}
+    if not (isinstance(info.get("arch"), dict) and set(info["arch"]) <= fields):
         raise InvdiffError(f"--init-from {init_from}: {model.path / 'invdiff_model.json'} records no mini-SD "
-                           "architecture (`arch`); --init-from takes a model made by `invdiff pretrain`")
+                           "architecture (`arch`, with MiniSDArch's fields); --init-from takes a model made by "
+                           "`invdiff pretrain`")
     arch = MiniSDArch(**{k: tuple(v) if isinstance(v, list) else v for k, v in info["arch"].items()})
     return (model.tokenizer, model.text_encoder, model.vae, model.unet), arch, model.fingerprint
 
