@@ -136,6 +136,7 @@ def test_a_model_missing_its_unet_weights_is_one_line(tiny_model_dir, tmp_path, 
     ("scheduler/scheduler_config.json", "num_train_timesteps", "x", "not a scheduler config diffusers builds"),
     ("scheduler/scheduler_config.json", "prediction_type", "sample2", "prediction_type 'sample2' is not one of"),
     ("unet/config.json", "sample_size", "x", "sample_size 'x' is not a positive int"),
+    ("unet/config.json", "sample_size", None, "sample_size None is not a positive int"),
 ])
 def test_a_hand_edited_model_config_is_one_line(tiny_model_dir, tmp_path, monkeypatch, capsys, file, key, value,
                                                 message):

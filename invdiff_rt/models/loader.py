@@ -250,6 +250,10 @@ def _check_configs(model: LatentDiffusionModel, path: Path) -> None:
     except ValueError as e:
         raise InvdiffError(f"{path / 'scheduler' / 'scheduler_config.json'}: {e}; restore it from the "
                            "checkpoint") from e
-    if not all(isinstance(d, int) and d > 0 for d in model.latent_shape):
+    try:
+        shape = model.latent_shape
+    except (TypeError, IndexError):  # sample_size null or []
+        shape = (None,)
+    if not all(isinstance(d, int) and d > 0 for d in shape):
         raise InvdiffError(f"{path / 'unet' / 'config.json'}: sample_size {model.unet.config.sample_size!r} is not a "
                            "positive int; restore it from the checkpoint")
