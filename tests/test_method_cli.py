@@ -559,3 +559,26 @@ def test_groups_and_train_refuse_what_cannot_act(setup):
     r = _invoke("train", *base, "--groups", str(prefix), "--out", str(tmp / "refused"), "--steps", "2")
     assert "--groups: no row of the 20 was inferred as a minority" in str(r.exception)
     assert not (tmp / "refused").exists()
+
+
+@pytest.mark.parametrize("edit", [lambda m: {**m, "step": "x"}, lambda m: {**m, "step": -5},
+                                  lambda m: {k: v for k, v in m.items() if k != "lr_scheduler"},
+                                  lambda m: {**m, "lr_scheduler": 5}])
+def test_a_hand_edited_checkpoint_state_is_a_damaged_checkpoint(tmp_path, edit):
+    """state.json's step and LR schedule were read outside the damaged-checkpoint guard: a ValueError, KeyError or
+    AttributeError on `train --resume`, and a step of -5 resumed."""
+    from invdiff_rt.errors import InvdiffError
+    from invdiff_rt.method import train
+    from invdiff_rt.method.adapter import AdapterConfig, GuidanceAdapter
+
+    def parts():
+        adapter = GuidanceAdapter(AdapterConfig(cross_attention_dim=16, width=8, depth=1, time_dim=16))
+        return (adapter, *train._make_optimizer(adapter, train.TrainConfig(steps=10)))
+
+    ckpt = tmp_path / "a.ckpt"
+    train.save_checkpoint(ckpt, 3, "k", *parts())
+    assert train.load_checkpoint(ckpt, "k", *parts())[0] == 3
+    state = ckpt / "state.json"
+    state.write_text(json.dumps(edit(json.loads(state.read_text()))))
+    with pytest.raises(InvdiffError, match=r"a.ckpt: damaged checkpoint \(\w+\); delete it to start over$"):
+        train.load_checkpoint(ckpt, "k", *parts())

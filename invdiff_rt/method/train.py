@@ -279,8 +279,13 @@ def load_checkpoint(path: Path, key: str | tuple[str, ...], adapter, optimizer,
         return 0, None
     meta = checkpoint.load_checkpoint(path, {"adapter": adapter}, optimizer, (key,) if isinstance(key, str) else key,
                                       "checkpoint was made with other settings/inputs; delete it or drop --resume")
-    lr_scheduler.load_state_dict(meta["lr_scheduler"])
-    return int(meta["step"]), meta.get("split_test")
+    try:
+        lr_scheduler.load_state_dict(meta["lr_scheduler"])
+        if not (isinstance(meta["step"], int) and 0 <= meta["step"]):
+            raise ValueError("step")
+    except (KeyError, TypeError, ValueError, AttributeError) as err:  # a hand-edited state.json
+        raise checkpoint.damaged(path, err) from err
+    return meta["step"], meta.get("split_test")
 
 
 # ------------------------------------------------------------------------------------------- the loop

@@ -74,8 +74,12 @@ def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer: 
             m.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
         optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
     except Exception as err:  # safetensors' header errors, missing/misshapen keys, a hand-edited state.json
-        raise InvdiffError(f"{path}: damaged checkpoint ({type(err).__name__}); delete it to start over") from err
+        raise damaged(path, err) from err
     return meta
+
+
+def damaged(path: Path, err: Exception) -> InvdiffError:
+    return InvdiffError(f"{path}: damaged checkpoint ({type(err).__name__}); delete it to start over")
 
 
 def has_checkpoint(path: Path) -> bool:
