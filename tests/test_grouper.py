@@ -160,3 +160,36 @@ def test_a_groups_file_with_a_malformed_field_is_refused_in_one_line(tmp_path, f
     with pytest.raises(InvdiffError, match=rf"^{json_path}: malformed \({field} is not a "
                                            rf"{grouper.META_TYPES[field].__name__}\); rerun `invdiff groups`$"):
         grouper.load_groups(tmp_path / "G")
+
+
+PROFILE = {"source": "inferred", "band": [950, 999], "outlier_k": 3.0, "score": "contrast"}
+
+
+@pytest.mark.parametrize("profile, tensors, message", [
+    ({k: v for k, v in PROFILE.items() if k != "band"}, {}, "profile.band None is not two timesteps"),
+    ({**PROFILE, "band": [900, 100]}, {}, r"profile.band \[900, 100\] is not two timesteps lo <= hi in 0..999"),
+    ({**PROFILE, "band": [-5, 2000]}, {}, "profile.band"),
+    ({**PROFILE, "outlier_k": "x"}, {}, "profile.outlier_k 'x' is not a positive number"),
+    ({**PROFILE, "outlier_k": -1}, {}, "profile.outlier_k -1 is not a positive number"),
+    ({**PROFILE, "score": "nope"}, {}, "profile.score 'nope' is not one of contrast, classifier"),
+    (PROFILE, {"sampling_weights": torch.tensor([1.0, float("nan"), 1.0, 1.0])}, "sampling_weights are not finite"),
+    (PROFILE, {"sampling_weights": -torch.ones(4)}, "sampling_weights are not finite"),
+    (PROFILE, {"score": torch.zeros(4, 1)}, "the tensors hold different row counts"),
+])
+def test_groups_a_training_would_fail_on_after_its_last_step_are_refused_when_loaded(tmp_path, profile, tensors,
+                                                                                      message):
+    """A hand-edited profile reached a KeyError, a randint or add_noise traceback in calibration, after `train` had
+    run every step; NaN or negative sampling weights a multinomial traceback."""
+    from invdiff_rt.errors import InvdiffError
+
+    def saved(prefix, profile, **edits):
+        t = {"weights": torch.ones(4, 2), "score": torch.zeros(4), "sampling_weights": torch.ones(4), **edits}
+        g = grouper.Grouping(t["weights"], t["score"], t["sampling_weights"], torch.zeros(4, dtype=torch.bool))
+        meta = {"groups": 2, "grouping": {}, "profile": profile}
+        return grouper.save_groups(grouper.GroupsResult(g, meta), tmp_path / prefix)[1]
+
+    saved("ok", PROFILE)
+    assert grouper.load_groups(tmp_path / "ok").meta["profile"] == PROFILE
+    json_path = saved("G", profile, **tensors)
+    with pytest.raises(InvdiffError, match=rf"^{json_path}: malformed \({message}.*\); rerun `invdiff groups`$"):
+        grouper.load_groups(tmp_path / "G")

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -324,10 +325,43 @@ def load_groups(prefix: str | Path) -> GroupsResult:
     if not weights_path.exists() or artifacts.sha256_file(weights_path) != meta.get("tensors_sha256"):
         raise InvdiffError(f"{weights_path}: missing or does not match {json_path.name}; rerun `invdiff groups`")
     t = load_file(str(weights_path))
+    problem = _profile_problem(meta.get("profile", {})) or _tensors_problem(t)
+    if problem:
+        raise InvdiffError(f"{json_path}: malformed ({problem}); rerun `invdiff groups`")
     candidate = t["candidate"].bool() if "candidate" in t else None
     g = Grouping(t["weights"], t["score"], t["sampling_weights"], t["inferred"].bool(), meta.get("grouping", {}),
                  candidate)
     return GroupsResult(g, meta)
+
+
+def _profile_problem(profile: dict) -> str:
+    """What in an inferred profile the weight rule cannot read (`calibrate.make_detector`), or ""."""
+    from .losses import NUM_TRAIN_TIMESTEPS, SCORES
+
+    if profile.get("source") != "inferred":
+        return ""
+    band, k = profile.get("band"), profile.get("outlier_k", 3.0)
+    if not (isinstance(band, list) and len(band) == 2 and all(isinstance(b, int) for b in band)
+            and 0 <= band[0] <= band[1] < NUM_TRAIN_TIMESTEPS):
+        return f"profile.band {band!r} is not two timesteps lo <= hi in 0..{NUM_TRAIN_TIMESTEPS - 1}"
+    if not (isinstance(k, (int, float)) and math.isfinite(k) and k > 0):
+        return f"profile.outlier_k {k!r} is not a positive number"
+    if profile.get("score", "contrast") not in SCORES:
+        return f"profile.score {profile.get('score')!r} is not one of {', '.join(SCORES)}"
+    return ""
+
+
+def _tensors_problem(t: dict) -> str:
+    """What in the groups' tensors training and calibration cannot use, or ""."""
+    missing = [k for k in ("weights", "score", "sampling_weights", "inferred") if k not in t]
+    if missing:
+        return f"no {', '.join(missing)} tensor"
+    n, sampling = t["weights"].shape[0], t["sampling_weights"]
+    if any(t[k].shape[0] != n or t[k].dim() != 1 for k in ("score", "sampling_weights", "inferred")):
+        return "the tensors hold different row counts"
+    if not (torch.isfinite(sampling).all() and (sampling >= 0).all() and sampling.sum() > 0):
+        return "sampling_weights are not finite, non-negative weights"
+    return ""
 
 
 def check_groups_match(groups: GroupsResult, inputs) -> None:
