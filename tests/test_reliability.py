@@ -432,6 +432,20 @@ def test_metadata_not_utf8_and_blank_text(tmp_path):
         read_split(root)
 
 
+def test_a_nan_attribute_value_names_its_line(tmp_path):
+    """pandas writes NaN for a missing value: `data info` divided by zero, and a NaN matched no level."""
+    from invdiff_rt.data.folder import attribute_values
+
+    rows = [{"file_name": "a.png", "text": PROMPT, "color": "red"}, {"file_name": "b.png", "text": PROMPT,
+                                                                        "color": float("nan")}]
+    root = _dataset(tmp_path / "d", rows, {n: Image.new("RGB", (8, 8)) for n in ("a.png", "b.png")})
+    records = read_split(root)
+    with pytest.raises(InvdiffError, match=r'metadata\.jsonl:2: column "color" is nan, not a value; write null for '
+                                           "a missing one or fix the line$"):
+        attribute_values(records, "color")
+    assert attribute_values(records[:1], "color") == ["red"]
+
+
 def test_json_artifacts_with_a_byte_order_mark_read_and_other_encodings_or_folders_are_one_line(tmp_path):
     """Every manifest and record reader (`read_json`, `read_jsonl`) reads as metadata.jsonl does: a BOM is dropped,
     UTF-16 or Latin-1 is refused naming the line, a folder in the file's place is "unreadable"."""

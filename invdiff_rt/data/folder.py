@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -239,6 +240,9 @@ def attribute_values(records: Sequence[Record], column: str) -> list:
         if not isinstance(r.attrs[column], (str, int, float, type(None))):
             raise InvdiffError(f'{_metadata_of(r)}:{r.line}: column "{column}" is {type(r.attrs[column]).__name__}, '
                                "not one value (a string or number); fix the line")
+        if isinstance(r.attrs[column], float) and not math.isfinite(r.attrs[column]):  # pandas writes NaN for missing
+            raise InvdiffError(f'{_metadata_of(r)}:{r.line}: column "{column}" is {r.attrs[column]}, not a value; '
+                               "write null for a missing one or fix the line")
     return sorted({r.attrs[column] for r in records}, key=lambda v: (str(type(v)), v))
 
 
