@@ -128,3 +128,23 @@ def test_fit_reader_is_seeded_without_touching_the_global_rng(monkeypatch):
     torch.manual_seed(7)
     plain = classifiers.SmallCNN(3, 2)  # the weights seeding the global RNG gave before
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), plain.state_dict().values()))
+
+
+def test_reader_images_smaller_than_the_readers_take_are_upsampled(tmp_path):
+    """1-3 px images reached a max_pool2d RuntimeError in the readers (`--shares-from samples`, the refinement)."""
+    import json
+
+    from PIL import Image
+
+    from invdiff_rt.eval.classifiers import MIN_SIZE
+
+    train = tmp_path / "train"
+    train.mkdir()
+    for i, size in enumerate((2, 2)):
+        Image.fromarray(np.full((size, size, 3), 100 * i, np.uint8)).save(train / f"{i}.png")
+    (train / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", "text": "a"}) + "\n"
+                                                  for i in range(2)))
+    assert drawn.reader_images(tmp_path).shape == (2, 3, drawn.MAX_SIZE, drawn.MAX_SIZE)
+    for i in range(2):
+        Image.fromarray(np.zeros((MIN_SIZE, MIN_SIZE, 3), np.uint8)).save(train / f"{i}.png")
+    assert drawn.reader_images(tmp_path).shape == (2, 3, MIN_SIZE, MIN_SIZE)

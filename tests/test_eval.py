@@ -300,3 +300,26 @@ def test_a_dataset_json_whose_recipe_is_not_a_name_asks_for_a_classifier(tmp_pat
     with pytest.raises(InvdiffError, match=rf"^--classifier: required because {tmp_path} was not made by a built-in "
                                            "recipe; train one with `invdiff classifier train"):
         resolve_classifier_dir(tmp_path, None)
+
+
+def test_classifier_train_refuses_images_smaller_than_it_reads(tmp_path):
+    """1-3 px images reached SmallCNN's max_pool2d RuntimeError ("output size 0x0")."""
+    import json
+
+    from PIL import Image
+
+    from invdiff_rt.errors import InvdiffError
+    from invdiff_rt.eval.classifiers import train_classifier_pair
+
+    for split in ("train", "test"):
+        folder = tmp_path / "d" / split
+        folder.mkdir(parents=True)
+        rows = []
+        for i in range(4):
+            Image.new("RGB", (2, 2), (200 * (i % 2), 0, 0)).save(folder / f"{i}.png")
+            rows.append({"file_name": f"{i}.png", "text": f"a photo of the digit {i // 2}", "color": i % 2})
+        (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(InvdiffError, match=r"d/train: images of 2x2 pixels; the classifiers take at least 8x8 "
+                                           r"\(resize the dataset\)$"):
+        train_classifier_pair(tmp_path / "d", "color", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -285,6 +285,9 @@ def _encode(values: Sequence, names: Sequence, where: str, what: str) -> np.ndar
     return np.array([index[v] for v in values], dtype=np.int64)
 
 
+MIN_SIZE = 8  # px: the smallest images the classifiers (and the readers of `method/drawn.py`) read
+
+
 def _check_square(records) -> None:
     """The classifiers read square images (`input_size`): a non-square split would be stretched, silently."""
     from ..data.folder import native_size
@@ -293,6 +296,9 @@ def _check_square(records) -> None:
     if width != height:
         raise InvdiffError(f"{records[0].file.parent}: images of {width}x{height} pixels; the classifiers take "
                            "square images (crop or pad the dataset to square)")
+    if width < MIN_SIZE:  # two of SmallCNN's 2x poolings would leave nothing
+        raise InvdiffError(f"{records[0].file.parent}: images of {width}x{height} pixels; the classifiers take "
+                           f"at least {MIN_SIZE}x{MIN_SIZE} (resize the dataset)")
 
 
 def labelled_split(data_dir: Path, split: str, attribute: str, prompts: list, values: list,

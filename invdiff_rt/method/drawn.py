@@ -38,12 +38,14 @@ MAX_SIZE = 64  # the reader's input: the training images at their own size, at m
 
 
 def reader_images(data_dir: str | Path) -> torch.Tensor:
-    """The training images as float [N,3,H,W] in [-1,1], at their own size or at most `MAX_SIZE`."""
+    """The training images as float [N,3,H,W] in [-1,1], at their own size, or at `MAX_SIZE` when larger, not
+    square or smaller than the readers take (`classifiers.MIN_SIZE`)."""
     from ..data.folder import load_images, native_size, read_split
+    from ..eval.classifiers import MIN_SIZE
 
     records = read_split(data_dir, "train")
     width, height = native_size(records) or (0, 0)
-    return load_images(records, None if 0 < width == height <= MAX_SIZE else MAX_SIZE)
+    return load_images(records, None if MIN_SIZE <= width == height <= MAX_SIZE else MAX_SIZE)
 
 
 def fit_reader(x: torch.Tensor, prompt_ids: torch.Tensor, flags: torch.Tensor, prompts: int, seed: int):
