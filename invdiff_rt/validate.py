@@ -444,6 +444,8 @@ def check_path(flag: str, kind: str | None, path: Path, marker: str = "") -> Non
         _check_prefix(flag, path)
     if kind == "out_prefix":
         _check_out_prefix(flag, path)
+    if kind == "out_file":
+        _check_not_an_artifacts_file(flag, path)
     if kind in OUTPUT_KINDS + CACHE_KINDS:
         _check_writable(flag, path)
     if marker:
@@ -474,6 +476,34 @@ def _check_out_prefix(flag: str, path: Path) -> None:
     folder = next((p for p in _prefix_files(path) if p.is_dir()), None)
     if folder is not None:
         raise InvdiffError(f"{flag} {path}: {folder} is a folder, so the groups cannot be written there; pass "
+                           "another prefix")
+    _check_groups_json(flag, path)
+
+
+ARTIFACT_FILES = {*FOLDER_MARKERS.values(), "metadata.jsonl", "classifier.json", "run.json", "manifest.jsonl",
+                  "invdiff_model.json", "state.json", "config.json", "scheduler_config.json"}
+ARTIFACT_SUFFIXES = {".safetensors", ".onnx", ".plan", ".engine", ".bin", ".ckpt"}
+
+
+def _check_not_an_artifacts_file(flag: str, path: Path) -> None:
+    """A report (`--json`, `--grid`, ...) never replaces a file an artifact or dataset is made of (e.g. `--json
+    EXPORT/manifest.json`): the command would succeed and the artifact be gone."""
+    if path.is_file() and (path.name in ARTIFACT_FILES or path.suffix in ARTIFACT_SUFFIXES):
+        raise InvdiffError(f"{flag} {path}: an artifact's own file ({path.name}), which this would replace; pass a "
+                           "new file name")
+
+
+def _check_groups_json(flag: str, path: Path) -> None:
+    """An existing PREFIX.json is a groups file (rerunning `groups` replaces it), not another artifact's."""
+    import json
+
+    target = _prefix_files(path)[0]
+    try:
+        ours = not target.exists() or json.loads(target.read_bytes()).get("format") == "invdiff-rt/groups"
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise InvdiffError(f"{flag} {path}: {target} is not an invdiff-rt groups file and would be replaced; pass "
                            "another prefix")
 
 

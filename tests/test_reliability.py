@@ -165,6 +165,27 @@ def test_values_far_past_any_use_are_refused(tiny_model_dir, tmp_path, monkeypat
     assert not (tmp_path / "out").exists()
 
 
+def test_a_report_or_groups_output_never_replaces_an_artifacts_own_file(tmp_path):
+    """`check --json EXPORT/manifest.json`, `--json DATA/train/metadata.jsonl` or `groups --out DATA/dataset`
+    succeeded (exit 0) and the export, dataset or adapter was gone."""
+    from invdiff_rt.validate import check_path
+
+    for name in ("manifest.json", "metadata.jsonl", "adapter.safetensors"):
+        (tmp_path / name).write_text("{}")
+        with pytest.raises(InvdiffError, match=rf"^--json {tmp_path / name}: an artifact's own file \({name}\), "
+                                               "which this would replace; pass a new file name$"):
+            check_path("--json", "out_file", tmp_path / name)
+    check_path("--json", "out_file", tmp_path / "report.json")  # new
+    (tmp_path / "report.json").write_text("{}")
+    check_path("--json", "out_file", tmp_path / "report.json")  # an earlier report: replaced
+    (tmp_path / "dataset.json").write_text('{"recipe": "colored-digits"}')
+    with pytest.raises(InvdiffError, match=rf"^--out {tmp_path / 'dataset'}: {tmp_path / 'dataset.json'} is not an "
+                                           "invdiff-rt groups file and would be replaced; pass another prefix$"):
+        check_path("--out", "out_prefix", tmp_path / "dataset")
+    (tmp_path / "g.json").write_text('{"format": "invdiff-rt/groups"}')
+    check_path("--out", "out_prefix", tmp_path / "g")  # a rerun of `groups`
+
+
 def test_unknown_scheduler_leaves_no_run_json(tiny_model_dir, tmp_path, monkeypatch, capsys):
     code, err = _cli(monkeypatch, capsys, *_generate(tiny_model_dir, tmp_path / "out", "--scheduler", "bogus"))
     assert code == 2 and "--scheduler bogus" in err and "ddim" in err
