@@ -582,3 +582,24 @@ def test_a_hand_edited_checkpoint_state_is_a_damaged_checkpoint(tmp_path, edit):
     state.write_text(json.dumps(edit(json.loads(state.read_text()))))
     with pytest.raises(InvdiffError, match=r"a.ckpt: damaged checkpoint \(\w+\); delete it to start over$"):
         train.load_checkpoint(ckpt, "k", *parts())
+
+
+def test_the_invdiff_rt_recipe_refuses_paper_groups_by_name(monkeypatch):
+    """Groups of `invdiff groups --recipe paper` flag no row, so `train` said "rerun with a lower --outlier-k", a
+    flag paper groups refuse."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from invdiff_rt.errors import InvdiffError
+    from invdiff_rt.method import train
+    from invdiff_rt.method.grouper import Grouping, GroupsResult
+
+    monkeypatch.setattr(train, "check_groups_match", lambda groups, inputs: None)
+    grouping = Grouping(torch.ones(4, 2), torch.zeros(4), torch.ones(4), torch.zeros(4, dtype=torch.bool))
+    inputs = SimpleNamespace(latents=torch.zeros(4, 1))
+    with pytest.raises(InvdiffError, match=r"^--groups: made by `invdiff groups --recipe paper`; the invdiff-rt "
+                                           r"recipe trains on `--recipe invdiff-rt` groups"):
+        train._resolve_grouping(GroupsResult(grouping, {"recipe": "paper"}), inputs, None, train.TrainConfig())
+    with pytest.raises(InvdiffError, match="lower --outlier-k"):  # its own groups, no row flagged
+        train._resolve_grouping(GroupsResult(grouping, {"recipe": "invdiff-rt"}), inputs, None, train.TrainConfig())

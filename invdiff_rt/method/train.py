@@ -169,6 +169,10 @@ def _resolve_grouping(groups: GroupsResult | None, inputs, data_dir, config: Tra
         raise InvdiffError(f"--groups: recipe {config.recipe} needs groups; run `invdiff groups` first "
                            "(or use --recipe erm / --oracle-groups-from COLUMN)")
     check_groups_match(groups, inputs)
+    made_by = groups.meta.get("recipe")
+    if config.recipe == "invdiff-rt" and made_by not in (None, "invdiff-rt"):  # paper groups infer no flags
+        raise InvdiffError(f"--groups: made by `invdiff groups --recipe {made_by}`; the invdiff-rt recipe trains on "
+                           "`--recipe invdiff-rt` groups (or pass --recipe paper to train the paper's way)")
     if config.recipe == "invdiff-rt" and not groups.grouping.inferred.any():
         raise InvdiffError(f"--groups: no row of the {n} was inferred as a minority, so there is nothing to "
                            "debias; rerun `invdiff groups` with a lower --outlier-k (or --draws 4), or check the data")
