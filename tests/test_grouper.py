@@ -146,7 +146,8 @@ def test_sampler_prior_reweights_each_prompt_to_the_drawn_shares():
     assert torch.allclose(got, torch.cat([product_0 * 15 / 16, torch.tensor([0.4, 1.6])]))
 
 
-@pytest.mark.parametrize("field, value", [("grouping", None), ("profile", "x"), ("groups", "two"), ("prompts", "0")])
+@pytest.mark.parametrize("field, value", [("grouping", None), ("profile", "x"), ("groups", "two"), ("prompts", "0"),
+                                          ("recipe", 5)])
 def test_a_groups_file_with_a_malformed_field_is_refused_in_one_line(tmp_path, field, value):
     import json
 

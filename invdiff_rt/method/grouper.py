@@ -307,7 +307,7 @@ def save_groups(result: GroupsResult, prefix: str | Path) -> tuple[Path, Path]:
     return weights_path, json_path
 
 
-META_TYPES = {"grouping": dict, "profile": dict, "groups": int, "prompts": list}  # the fields readers index
+META_TYPES = {"grouping": dict, "profile": dict, "groups": int, "prompts": list, "recipe": str}  # what readers index
 
 
 def load_groups(prefix: str | Path) -> GroupsResult:
