@@ -285,8 +285,9 @@ def test_a_hand_edited_classifier_json_is_one_line(tmp_path, edit):
     (folder / "classifier.json").write_text(json.dumps(meta))
     with pytest.raises(InvdiffError) as e:
         load_classifier(folder)
-    assert str(e.value) == (f"{folder / 'classifier.json'}: its architecture or labels do not fit model.safetensors; "
-                            "restore the classifier.json it was trained with, or retrain with `invdiff classifier train`")
+    assert str(e.value) == (f"{folder / 'classifier.json'}: its architecture or labels do not fit "
+                            "model.safetensors; restore the classifier.json it was trained with, or retrain with "
+                            "`invdiff classifier train`")
 
 
 def test_a_dataset_json_whose_recipe_is_not_a_name_asks_for_a_classifier(tmp_path):
