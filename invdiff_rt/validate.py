@@ -482,7 +482,7 @@ def _check_out_prefix(flag: str, path: Path) -> None:
 
 ARTIFACT_FILES = {*FOLDER_MARKERS.values(), "metadata.jsonl", "classifier.json", "run.json", "manifest.jsonl",
                   "invdiff_model.json", "state.json", "config.json", "scheduler_config.json"}
-ARTIFACT_SUFFIXES = {".safetensors", ".onnx", ".plan", ".engine", ".bin", ".ckpt"}
+ARTIFACT_SUFFIXES = {".safetensors", ".onnx", ".plan", ".engine"}  # not .bin or .cache: a --timing-cache may be one
 
 
 def _check_not_an_artifacts_file(flag: str, path: Path) -> None:
