@@ -115,7 +115,7 @@ def test_check_asks_tensorrt_for_the_given_engine_cache(exported, monkeypatch):
 
 
 @pytest.mark.parametrize("backends", ["torch,torch", "torch,onnxruntime,onnxruntime", "onnxruntime,torch", "torch",
-                                      "torch,torch,torch", "torch,torch,onnxruntime"])
+                                      "torch,torch,torch"])
 def test_check_backends_must_compare_torch_with_others_each_once(exported, backends):
     """`--backends torch,torch` passed (exit 0) while testing nothing of the export."""
     from invdiff_rt.cli import app

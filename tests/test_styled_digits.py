@@ -171,7 +171,8 @@ def test_per_attribute_classifier_layout(tmp_path):
 
     for name, n_out, column in (("class", 10, "text"), ("color", 2, "color"), ("stroke", 2, "stroke")):
         net = classifiers.SmallCNN(3, n_out, width=4, feature_dim=8)
-        classifiers.save_classifier(tmp_path / "cls" / name, net, {"kind": name, "attribute": column})
+        labels = [f"a photo of the digit {d}" for d in range(10)] if name == "class" else ["a", "b"]
+        classifiers.save_classifier(tmp_path / "cls" / name, net, {"kind": name, "attribute": column, "labels": labels})
     attr, cls = classifiers.load_classifier_pair(tmp_path / "cls", "stroke")
     assert attr.meta["attribute"] == "stroke" and cls.meta["kind"] == "class"
     assert classifiers.load_classifier_pair(tmp_path / "cls", "color")[0].meta["attribute"] == "color"

@@ -67,7 +67,7 @@ def check(
     sizes = _batch_sizes(batch_sizes)
     names = [b.strip() for b in backends.split(",") if b.strip()]
     others = names[1:]
-    if not names or names[0] != "torch" or not others or "torch" in others or len(set(others)) < len(others):
+    if not names or names[0] != "torch" or set(others) <= {"torch"} or len(set(others)) < len(others):
         raise InvdiffError(f"--backends {backends}: start with torch (the reference) and name at least one other "
                            "backend, each once")
     limits = limits_of_manifest(read_manifest(export_dir, verify=False), export_dir)

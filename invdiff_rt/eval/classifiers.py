@@ -223,7 +223,8 @@ def _with_weights(meta: dict, manifest: Path, weights: Path) -> SmallCNN:
 
     labels = meta.get("labels")
     try:
-        if not (isinstance(labels, list) and labels and all(isinstance(v, (str, int)) for v in labels)):
+        scalars = isinstance(labels, list) and all(isinstance(v, (str, int, float, type(None))) for v in labels)
+        if not (scalars and labels):  # the attribute's values, as `data.folder.attribute_values` reads them
             raise TypeError("labels")
         arch = meta["architecture"]
         net = SmallCNN(arch["in_channels"], arch["num_classes"], arch["width"], arch["feature_dim"])
