@@ -153,6 +153,23 @@ def test_a_hand_edited_model_config_is_one_line(tiny_model_dir, tmp_path, monkey
 
 
 @pytest.mark.parametrize("argv, message", [
+    (["groups", "--draws", "65"], "--draws 65: must be at most 64 (each draw is one more UNet pass over the data)"),
+    (["calibrate", "--groups", "G", "--adapter", "A", "--pairs", "65"], "--pairs 65: must be at most 64"),
+])
+def test_draws_and_pairs_past_any_use_are_refused(tiny_model_dir, tmp_path, monkeypatch, capsys, argv, message):
+    """`groups --draws 1000000000` ran until killed."""
+    root = _dataset(tmp_path / "d", [{"file_name": "a.png", "text": PROMPT}], {"a.png": Image.new("RGB", (8, 8))})
+    (tmp_path / "G.json").write_text("{}")
+    (tmp_path / "G.safetensors").write_bytes(b"")
+    (tmp_path / "A").mkdir()
+    monkeypatch.chdir(tmp_path)
+    code, err = _cli(monkeypatch, capsys, argv[0], "--model", tiny_model_dir, "--data", root, *argv[1:],
+                     *(["--out", tmp_path / "g"] if argv[0] == "groups" else []))
+    assert code == 2 and message in err, err
+    assert not (tmp_path / "g.json").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
     (["--height", "1048576", "--width", "64"], "--height/--width 1048576x64: larger than 8192 px a side"),
     (["--batch-size", "100000000000"], "--batch-size 100000000000: must be at most 4096"),
     (["--adapter-weight", "1e300"], "--adapter-weight 1e+300: must be at most 100"),
