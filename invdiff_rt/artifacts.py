@@ -133,6 +133,7 @@ def atomic_save_image(image, path: str | Path) -> Path:
 
 # The file that marks each kind of artifact folder (its manifest): a writer replaces only an empty folder or one
 # holding it (`atomic_dir`), and the CLI checks `--out` against the same name before any work (`validate.RULES`).
+GROUPS_FORMAT = "invdiff-rt/groups"  # the `format` of a groups prefix's JSON (`invdiff groups`)
 FOLDER_MARKERS = {"adapter": "adapter.json", "export": "manifest.json", "model": "model_index.json",
                   "dataset": "dataset.json", "classifiers": "attribute"}
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from .artifacts import FOLDER_MARKERS, check_replaceable, checkpoint_dir
+from .artifacts import FOLDER_MARKERS, GROUPS_FORMAT, check_replaceable, checkpoint_dir, read_json
 from .errors import InvdiffError
 
 INPUT_KINDS = ("dir", "file", "prefix", "model")  # must exist
@@ -495,12 +495,10 @@ def _check_not_an_artifacts_file(flag: str, path: Path) -> None:
 
 def _check_groups_json(flag: str, path: Path) -> None:
     """An existing PREFIX.json is a groups file (rerunning `groups` replaces it), not another artifact's."""
-    import json
-
     target = _prefix_files(path)[0]
     try:
-        ours = not target.exists() or json.loads(target.read_bytes()).get("format") == "invdiff-rt/groups"
-    except (OSError, ValueError, AttributeError):
+        ours = not target.exists() or read_json(target).get("format") == GROUPS_FORMAT
+    except InvdiffError:  # not JSON, not an object, unreadable
         ours = False
     if not ours:
         raise InvdiffError(f"{flag} {path}: {target} is not an invdiff-rt groups file and would be replaced; pass "

@@ -180,13 +180,16 @@ def check_record(record: dict) -> None:
     _check_second_split(record.get("second_split"))
 
 
+LISTED_ROWS = ("refined_rows", "joint_rows")  # adapter.json second_split's row lists (`splits.trained_splits`)
+
+
 def _check_second_split(test: Any) -> None:
     """The second split's fields that calibration and the fine-tune read back (`splits.trained_splits`)."""
     if test is None:
         return
     if not isinstance(test, dict):
         raise ValueError(f"second_split {test!r} is not a record")
-    for key in ("refined_rows", "joint_rows"):
+    for key in LISTED_ROWS:
         rows = test.get(key, [])
         if not (isinstance(rows, list) and all(_is_int(r) and r >= 0 for r in rows)):
             raise ValueError(f"second_split.{key} is not a list of row numbers")

@@ -439,7 +439,9 @@ def check_calibratable(manifest: dict, groups, adapter_dir, groups_prefix) -> No
 
 def _check_listed_rows(test: dict, rows: int, adapter_dir) -> None:
     """The second split's listed rows (`splits.trained_splits`) are rows of the groups' data."""
-    for key in ("refined_rows", "joint_rows"):
+    from .adapter import LISTED_ROWS
+
+    for key in LISTED_ROWS:
         past = [r for r in test.get(key, []) if r >= rows]
         if past:
             raise InvdiffError(f"--adapter {adapter_dir}: adapter.json's second_split.{key} lists row {past[0]}, "

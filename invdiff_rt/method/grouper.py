@@ -267,7 +267,6 @@ def group_erm(n: int) -> Grouping:
 # ---------------------------------------------------------------- the groups artifact and the `groups` stage
 
 RECIPES = ("invdiff-rt", "paper", "erm")
-GROUPS_FORMAT = "invdiff-rt/groups"
 
 
 def groups_paths(prefix: str | Path) -> tuple[Path, Path]:
@@ -297,9 +296,10 @@ def save_groups(result: GroupsResult, prefix: str | Path) -> tuple[Path, Path]:
                "inferred": g.inferred.to(torch.uint8)}
     if g.candidate is not None:
         tensors["candidate"] = g.candidate.to(torch.uint8)
-    artifacts.atomic_save_safetensors(tensors, weights_path, metadata={"format": GROUPS_FORMAT})
+    artifacts.atomic_save_safetensors(tensors, weights_path, metadata={"format": artifacts.GROUPS_FORMAT})
     sha = artifacts.sha256_file(weights_path)
-    meta = {**result.meta, "format": GROUPS_FORMAT, "tensors_sha256": sha, "versions": artifacts.package_versions()}
+    meta = {**result.meta, "format": artifacts.GROUPS_FORMAT, "tensors_sha256": sha,
+            "versions": artifacts.package_versions()}
     meta["fingerprint"] = artifacts.sha256_json({"tensors": sha, "recipe": meta.get("recipe"),
                                                  "data": meta.get("data_fingerprint")})
     artifacts.atomic_write_json(json_path, meta)
@@ -316,7 +316,7 @@ def load_groups(prefix: str | Path) -> GroupsResult:
 
     weights_path, json_path = groups_paths(prefix)
     meta = artifacts.read_json(json_path, "groups manifest")
-    if meta.get("format") != GROUPS_FORMAT:
+    if meta.get("format") != artifacts.GROUPS_FORMAT:
         raise InvdiffError(f"{json_path}: not an invdiff-rt groups file; make one with `invdiff groups`")
     bad = next((k for k, kind in META_TYPES.items() if k in meta and not isinstance(meta[k], kind)), None)
     if bad is not None:

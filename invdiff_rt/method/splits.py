@@ -49,6 +49,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .adapter import LISTED_ROWS
 from .grouper import prompt_median_mad, robust_z
 from .losses import Advance, ScoreInputs, _gen, mean_score
 
@@ -311,7 +312,7 @@ def recorded_rows(test: dict, n: int, key: str = "refined_rows") -> torch.Tensor
 def trained_splits(test: dict, n: int) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
     """`with_second_split`'s (second, joint, joint_fraction) as adapter.json's `second_split` record lists them
     (None where an adapter from before the refinement or the joint rows has none)."""
-    second, joint = (recorded_rows(test, n, key) for key in ("refined_rows", "joint_rows"))
+    second, joint = (recorded_rows(test, n, key) for key in LISTED_ROWS)
     return second, joint, test.get("joint_fraction", JOINT_FRACTION)
 
 
