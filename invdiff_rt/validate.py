@@ -187,7 +187,8 @@ RULES: dict[str, Rule] = {
     "--lr": Rule(above=0.0),
     "--ema-decay": Rule(min=0.0, below=1.0, note="the share of the average kept at each step; 1 would keep the "
                         "initial weights"),
-    "--lambda": Rule(min=0.0),
+    "--lambda": Rule(min=0.0, max=1000.0, note="the recipes use 0 (invdiff-rt) and 1 (paper); far above, the "
+                     "variance penalty swamps the denoising loss"),
     "--outlier-k": Rule(above=0.0),
     "--scheduler": Rule(choices=_schedulers),
     "--precision": Rule(choices=_fixed("fp32", "fp16", "bf16")),
@@ -240,6 +241,8 @@ RULES: dict[str, Rule] = {
     "--plot": Rule(path="out_file", suffixes=(".png",)),  # bench writes a PNG
     "--grid": Rule(path="out_file", suffixes=IMAGE_SUFFIXES),
     "--timing-cache": Rule(path="out_file"),
+    "--workspace-gb": Rule(min=0.1, max=1024.0, note="GiB of GPU memory the builder may use; the largest cards hold "
+                           "about 192"),
 }
 
 

@@ -69,7 +69,11 @@ def test_save_load_round_trip_and_fingerprint_mismatch(tmp_path):
         load_adapter(out, SimpleNamespace(fingerprint="a" * 64))
     (out / "adapter.json").write_text(json.dumps(manifest))
     (out / "adapter.safetensors").write_bytes(b"corrupt")
-    with pytest.raises(InvdiffError, match="adapter.safetensors"):
+    with pytest.raises(InvdiffError, match="adapter.safetensors: missing or does not match adapter.json; retrain"):
+        load_adapter(out, SimpleNamespace(fingerprint="a" * 64))
+    (out / "adapter.safetensors").unlink()
+    (out / "adapter.safetensors").mkdir()  # a folder in its place was an IsADirectoryError traceback
+    with pytest.raises(InvdiffError, match="adapter.safetensors: missing or does not match adapter.json; retrain"):
         load_adapter(out, SimpleNamespace(fingerprint="a" * 64))
 
 

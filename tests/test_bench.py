@@ -450,3 +450,27 @@ def test_a_peer_interpreter_that_is_not_one_is_one_line(tmp_path):
     with pytest.raises(InvdiffError, match=r"peer:x: its worker answered 'hi', not the benchmark's JSON; fix$"):
         worker.start()
     worker.proc.wait()
+
+
+def test_a_relative_peers_python_is_taken_from_the_callers_folder(tmp_path, monkeypatch):
+    """`--peers-python .venv-peers/bin/python` (as `make peers-venv` prints it) reached the worker relative: the
+    worker starts in another folder, where no such file is. The command passes it on absolute."""
+    from typer.testing import CliRunner
+
+    from invdiff_rt.cli import app
+
+    python = tmp_path / "venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text("#!/bin/sh\n")
+    monkeypatch.chdir(tmp_path)
+    seen = []
+
+    def stop(config, log):
+        seen.append(config.peers_python)
+        raise InvdiffError("stopped before timing")
+
+    monkeypatch.setattr(bench, "run_bench", stop)
+    r = CliRunner().invoke(app, ["bench", "--model", "colored-digits", "--backends", "eager", "--peers", "openvino",
+                                 "--peers-python", "venv/bin/python", "--json", "b.json"])
+    assert seen == [str(python)] and str(r.exception) == "stopped before timing", r.output
+    assert not (tmp_path / "b.json").exists()

@@ -428,6 +428,8 @@ def test_oracle_shares_from_a_base_report(setup, monkeypatch):
     r = _invoke(*base, "--oracle-groups-from", "color", "--target", "noise", "--out", str(tmp / "refused"),
                 "--oracle-shares-from", str(tmp / "base.json"))
     assert str(r.exception).startswith("--oracle-shares-from: target noise has no posterior to shift")
+    r = _invoke(*base, "--oracle-groups-from", "nope", "--out", str(tmp / "refused"))
+    assert str(r.exception).startswith('--oracle-groups-from nope: ') and 'missing column "nope"' in str(r.exception)
     assert not (tmp / "refused").exists()
 
 

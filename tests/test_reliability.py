@@ -120,7 +120,8 @@ def test_a_hand_edited_adapter_json_that_passes_the_field_check_is_one_line(tiny
 
 
 def test_a_model_missing_its_unet_weights_is_one_line(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    """diffusers logged "An error occurred while trying to fetch ..." and more before the one-line error."""
+    """diffusers logged "An error occurred while trying to fetch ..." and more before the one-line error, which
+    named the .bin file it looked for last; the folder without weights is named instead."""
     import shutil
 
     model = tmp_path / "model"
@@ -128,7 +129,8 @@ def test_a_model_missing_its_unet_weights_is_one_line(tiny_model_dir, tmp_path, 
     for weights in (model / "unet").glob("*.safetensors"):
         weights.unlink()
     code, err = _cli(monkeypatch, capsys, *_generate(model, tmp_path / "out"))
-    assert code == 2 and f"--model {model}: cannot load" in err
+    assert code == 2 and err.strip() == f"error: --model {model}: unet/ holds no weights file (*.safetensors); copy " \
+        "the folder whole from the checkpoint", err
     assert not (tmp_path / "out").exists()
 
 

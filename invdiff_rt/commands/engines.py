@@ -20,7 +20,7 @@ def build(
                                                 "GPU model and TensorRT version inside --out)."),
     builder_optimization_level: int = typer.Option(3, "--builder-optimization-level", min=0, max=5,
                                                    help="TensorRT builder optimisation level (0-5)."),
-    workspace_gb: Optional[float] = typer.Option(None, "--workspace-gb", min=0.1, help="Cap the build workspace."),
+    workspace_gb: Optional[float] = typer.Option(None, "--workspace-gb", help="Cap the build workspace (GiB)."),
     refit_mode: str = typer.Option("individual", "--refit", help="individual: adapter weights refittable; none."),
     component: Optional[List[str]] = typer.Option(None, "--component", help="Only these components (repeatable)."),
     plan: bool = typer.Option(False, "--plan", help="Print the profiles and engine cache keys; build nothing "

@@ -452,9 +452,9 @@ def infer_groups(model, data_dir: str | Path, recipe: str = "invdiff-rt", seed: 
         raise InvdiffError(f"--report-attribute {report_attribute}: give one column (run once per attribute)")
     start = time.perf_counter()
     inputs = base_inputs(model, data_dir)
-    reported = _flagged(data_dir, report_attribute, inputs.prompt_ids, "--report-attribute")  # before the profile
+    reported = flagged_column(data_dir, report_attribute, inputs.prompt_ids, "--report-attribute")  # before the profile
     if oracle_column:
-        grouping = group_from_flags(_flagged(data_dir, oracle_column, inputs.prompt_ids, "--oracle-groups-from"),
+        grouping = group_from_flags(flagged_column(data_dir, oracle_column, inputs.prompt_ids, "--oracle-groups-from"),
                                     inputs.prompt_ids, recipe)
         profile_info, n_groups = {"source": f"oracle:{oracle_column}"}, grouping.weights.shape[1]
     else:
@@ -474,7 +474,7 @@ def infer_groups(model, data_dir: str | Path, recipe: str = "invdiff-rt", seed: 
     return GroupsResult(grouping, meta)
 
 
-def _flagged(data_dir, column: str | None, prompt_ids: torch.Tensor, flag: str) -> torch.Tensor | None:
+def flagged_column(data_dir, column: str | None, prompt_ids: torch.Tensor, flag: str) -> torch.Tensor | None:
     """`hidden_minority` of a column a flag names (None without one); a missing column names the flag."""
     if not column:
         return None

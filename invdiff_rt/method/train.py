@@ -24,7 +24,7 @@ from ..parallel import map_ahead
 from .adapter import MANIFEST_NAME, GuidanceAdapter, config_for_unet, parameter_count, write_adapter
 from .defaults import ADAPTER_STEPS, CALIBRATION_MIN_SAMPLES, CALIBRATION_PER_PROMPT
 from .grouper import (Grouping, GroupsResult, check_groups_match, clamped_share, group_erm, group_from_flags,
-                      hidden_minority, sampler_prior)
+                      flagged_column, sampler_prior)
 from .losses import (NUM_TRAIN_TIMESTEPS, _gen, denoising_target, make_noise_scheduler, progress_bar,
                      target_from_eps)
 from . import splits
@@ -162,7 +162,7 @@ def _resolve_grouping(groups: GroupsResult | None, inputs, data_dir, config: Tra
     if config.recipe == "erm":
         return group_erm(n), {"groups_source": "none", "groups_fingerprint": None}
     if config.oracle_column:
-        minority = hidden_minority(data_dir, config.oracle_column, inputs.prompt_ids)
+        minority = flagged_column(data_dir, config.oracle_column, inputs.prompt_ids, "--oracle-groups-from")
         return group_from_flags(minority, inputs.prompt_ids, config.recipe), {
             "groups_source": f"oracle:{config.oracle_column}", "groups_fingerprint": None}
     if groups is None:

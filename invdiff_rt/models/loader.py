@@ -19,6 +19,7 @@ from ..errors import InvdiffError
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "models"
 BUILTIN_MODELS = ("colored-digits", "shapes-habitats", "styled-digits")
 _COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+_WEIGHTED = ("unet", "vae", "text_encoder")
 _HASHED = (".safetensors", ".json", ".txt", ".bin")  # weights, configs, vocabularies
 _EXTRA_CONDITIONING = ("addition_embed_type", "class_embed_type", "num_class_embeds")
 _PLAIN = re.compile(r"(diffusion_pytorch_model|pytorch_model|model)(-\d+-of-\d+)?\.(safetensors|bin)")
@@ -42,8 +43,18 @@ def resolve_model(name_or_path: str | Path, flag: str = "--model") -> Path:
     missing = [c for c in _COMPONENTS if not (path / c).is_dir()]
     if missing:
         raise InvdiffError(f"{flag} {path}: missing component folder(s) {', '.join(missing)}")
+    _check_weights(path, flag)
     _check_text_to_image(path, flag)
     return path
+
+
+def _check_weights(path: Path, flag: str) -> None:
+    """Every weighted component holds a weights file (plain, sharded or a variant), named before diffusers'
+    message about the one file it looked for last."""
+    for name in _WEIGHTED:
+        if not any(_PLAIN.fullmatch(p.name) or _VARIANT.fullmatch(p.name) for p in (path / name).iterdir()):
+            raise InvdiffError(f"{flag} {path}: {name}/ holds no weights file (*.safetensors); copy the folder "
+                               "whole from the checkpoint")
 
 
 def check_not_single_file(flag: str, path: Path) -> None:
