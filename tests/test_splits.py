@@ -162,16 +162,26 @@ def test_as_trained_adds_the_second_split_only_when_the_test_did_and_the_refined
     assert splits.trained_splits({}, 40) == (None, None, splits.JOINT_FRACTION)
 
 
-def test_fill_joint_moves_mass_inside_the_first_split_only():
+def test_fill_joint_weighs_up_the_joint_rows_and_gives_as_much_of_the_second_split_to_the_rest():
+    """The joint rows hold both minorities: the mass they get inside the first split counts as the second
+    attribute's minority, so the second split gives as much to the rows in neither (styled-digits' stroke minority
+    got 0.75 of each prompt's mass in the target with a refined split of precision 0.75, and the adapter drew
+    digits 4 and 7 at a stroke majority share of 0.05-0.19)."""
     pids = torch.arange(12) // 6
     first = torch.tensor([1, 1, 1, 0, 0, 0, 1, 1, 0, 0, 0, 0], dtype=torch.bool)
+    second = torch.tensor([0, 0, 0, 1, 1, 0, 0, 0, 1, 1, 0, 0], dtype=torch.bool)
     joint = torch.tensor([1, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0], dtype=torch.bool)  # prompt 1: every first row
     sampling = torch.tensor([0.1, 0.1, 0.3, 0.2, 0.2, 0.1, 0.25, 0.25, 0.1, 0.1, 0.2, 0.1])
-    filled = splits.fill_joint(sampling, pids, first, joint, 0.5)
-    # prompt 0: the first split's 0.5 -> 0.25 on row 0, 0.25 on rows 1-2 as 1 : 3; the rest and prompt 1 unchanged
-    expected = torch.tensor([0.25, 0.0625, 0.1875, 0.2, 0.2, 0.1, 0.25, 0.25, 0.1, 0.1, 0.2, 0.1])
+    filled = splits.fill_joint(sampling, pids, first, second, joint, 0.5)
+    # prompt 0: the first split's 0.5 -> 0.25 on row 0, 0.25 on rows 1-2 as 1 : 3; the second split's 0.4 gives
+    # 0.25 to row 5, the one row in neither; prompt 1 (no first-split row outside the joint ones) unchanged
+    expected = torch.tensor([0.25, 0.0625, 0.1875, 0.075, 0.075, 0.35, 0.25, 0.25, 0.1, 0.1, 0.2, 0.1])
     assert torch.allclose(filled, expected, atol=1e-7) and filled.dtype == sampling.dtype
-    assert torch.equal(splits.fill_joint(sampling, pids, first, torch.zeros(12, dtype=torch.bool)), sampling)
+    none = torch.zeros(12, dtype=torch.bool)
+    assert torch.equal(splits.fill_joint(sampling, pids, first, second, none), sampling)
+    raked = torch.tensor([0.25, 0.125, 0.125, 0.24, 0.26, 0.0, 0.25, 0.25, 0.1, 0.1, 0.2, 0.1])  # none in neither
+    assert torch.allclose(splits.fill_joint(raked, pids, first, second, joint, 0.5)[:6],
+                          torch.tensor([0.25, 0.125, 0.125, 0.24, 0.26, 0.0]))  # has nowhere to go: kept
 
 
 def _planted(seed: int = 0):
@@ -225,3 +235,35 @@ def test_refine_cleans_the_candidate_of_the_first_attribute_and_reranks_it_by_a_
     assert int((refined & truth).sum()) > int((candidate & truth).sum())  # and more of them than the candidate had
     empty = splits.refine(x, pids, first, candidate & (torch.arange(240) % 120 < 12), 2)
     assert not empty.any()  # a candidate of first-attribute rows only: nothing left to refine
+
+
+def _opposite_sides(prompts: int = 6, n: int = 120):
+    """One attribute, a bright bar (the top two rows), whose minority side differs between prompts: in prompts 0-2
+    rows 0-23 have the bar, in 3-5 they are the ones without it. The flags: 16 of each prompt's 24 minority rows and
+    8 of its majority rows (precision 2/3)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(prompts * n, 3, 8, 8, generator=g) * 0.3
+    pids, row = torch.arange(prompts * n) // n, torch.arange(prompts * n) % n
+    truth = row < 24
+    x[truth ^ (pids >= prompts // 2), :, :2] += 2.0
+    flags = (row < 16) | ((row >= 100) & (row < 108))
+    return x, pids, flags, truth
+
+
+def test_rerank_reads_an_attribute_whose_minority_side_differs_between_prompts(monkeypatch):
+    """styled-digits' stroke minority is thin for digits 0-4 and thick for 5-9: the reranking reader is one score
+    shared by the prompts with a scale and a bias of each prompt, whose scales start near 0 and learn fast, so that
+    each prompt's sign is learnt (bench/results/debiasing.md, *A shared reader for the refinement*)."""
+    from invdiff_rt.method import drawn
+
+    torch.set_num_threads(1)
+    x, pids, flags, truth = _opposite_sides()
+    allowed, counts = torch.ones_like(flags), [24] * 6
+    reranked = splits.rerank(x, pids, flags, allowed, counts, 6, seed=10)
+    assert torch.equal(reranked, truth)  # every prompt's 24 minority rows, from flags of precision 2/3
+    scales = drawn.fit_shared_reader(x, pids, flags, 6, seed=10).scale.detach()
+    assert (scales[:3] > 0.2).all() and (scales[3:] < -0.2).all()  # opposite signs (golden: 0.31-0.36, -0.25-0.29)
+    monkeypatch.setattr(drawn, "SHARED_SCALE", 1.0)  # scales started at 1 and learnt at the score's rate: no sign
+    monkeypatch.setattr(drawn, "SHARED_SCALE_LR", 1.0)  # flips, and prompts 3-5 get their majority rows
+    reranked = splits.rerank(x, pids, flags, allowed, counts, 6, seed=10)
+    assert not (reranked & truth & (pids >= 3)).any()

@@ -139,12 +139,16 @@ def random_shift(x: torch.Tensor, gen: torch.Generator, max_shift: int = MAX_SHI
     return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
 
 
-def fit(net: SmallCNN, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, epochs: int, seed: int,
-        batch_size: int = 64, lr: float = 2e-3) -> float:
-    """Weighted cross-entropy with Adam + cosine schedule and shift augmentation; returns the last epoch's loss."""
+LR = 2e-3  # Adam's learning rate in `fit`
+
+
+def fit(net: nn.Module, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, epochs: int, seed: int,
+        batch_size: int = 64, lr: float = LR, loss_fn=F.cross_entropy, params=None) -> float:
+    """Weighted `loss_fn` (per sample; default cross-entropy) with Adam + cosine schedule and shift augmentation;
+    returns the last epoch's loss. `params`: Adam's parameter groups (default: all of `net`'s at `lr`)."""
     gen = torch.Generator().manual_seed(seed)
     steps = epochs * -(-len(x) // batch_size)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    opt = torch.optim.Adam(net.parameters() if params is None else params, lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
     net.train()
     last = 0.0
@@ -153,7 +157,7 @@ def fit(net: SmallCNN, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, 
         for i in range(0, len(x), batch_size):
             idx = order[i:i + batch_size]
             w = weights[idx]
-            loss = (F.cross_entropy(net(random_shift(x[idx], gen)), y[idx], reduction="none") * w).sum() / w.sum()
+            loss = (loss_fn(net(random_shift(x[idx], gen)), y[idx], reduction="none") * w).sum() / w.sum()
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -20,6 +20,9 @@ training rows 0.052 against the data's 0.051; the groups' diffusion detector rea
 It needs a split that holds one attribute with fair recall: from shapes-habitats' 30 inferred rows it reads 0.027
 against 0.102, from styled-digits' mixed second split the stroke at correlation 0.36 (README: opt-in, not the
 default).
+
+The refinement of a second split (`splits.rerank`) reads with `SharedReader`: one score for every prompt, with a
+scale and a bias of each prompt, for an attribute whose minority side differs between the prompts.
 """
 
 from __future__ import annotations
@@ -61,11 +64,61 @@ def fit_reader(x: torch.Tensor, prompt_ids: torch.Tensor, flags: torch.Tensor, p
     return net.eval()
 
 
+SHARED_SCALE = 0.01  # the shared reader's per-prompt scales start near 0, so that each prompt's sign is learnt ...
+SHARED_SCALE_LR = 20.0  # ... at this multiple of the score's learning rate (from 1.0 at 1x, none flipped)
+
+
+class SharedReader(torch.nn.Module):
+    """One score s(x) for every prompt, read per prompt as scale_p * s(x) + bias_p: logits [N, prompts]. It reads an
+    attribute the prompts share whose minority side differs between them (styled-digits' stroke: thin for 0-4,
+    thick for 5-9), where a head per prompt learns each prompt's atypical rows, and one head the majority's side."""
+
+    def __init__(self, channels: int, prompts: int, seed: int):
+        from ..eval.classifiers import seeded_cnn
+
+        super().__init__()
+        self.score = seeded_cnn(channels, 1, seed)
+        self.scale = torch.nn.Parameter(torch.full((prompts,), SHARED_SCALE))
+        self.bias = torch.nn.Parameter(torch.zeros(prompts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.score(x) * self.scale + self.bias
+
+
+def cell_bce(logits: torch.Tensor, cells: torch.Tensor, reduction: str = "none") -> torch.Tensor:
+    """Binary cross-entropy of each row's own prompt's logit (`cells`: prompt * 2 + flag)."""
+    own = logits[torch.arange(len(cells)), cells // 2]
+    return torch.nn.functional.binary_cross_entropy_with_logits(own, (cells % 2).float(), reduction=reduction)
+
+
+def fit_shared_reader(x: torch.Tensor, prompt_ids: torch.Tensor, flags: torch.Tensor, prompts: int, seed: int):
+    """A `SharedReader` of the flags, every (prompt, flag) cell weighted alike."""
+    import numpy as np
+
+    from ..eval.classifiers import LR, cell_weights, fit
+
+    cells = prompt_ids * 2 + flags.long()
+    net = SharedReader(x.shape[1], prompts, seed)
+    groups = [{"params": net.score.parameters()}, {"params": [net.scale, net.bias], "lr": SHARED_SCALE_LR * LR}]
+    weights = cell_weights(cells.numpy(), np.zeros(len(cells), np.int64))
+    fit(net, x, cells, weights, EPOCHS, seed, loss_fn=cell_bce, params=groups)
+    return net.eval()
+
+
 def read(net, x: torch.Tensor, prompt_ids: torch.Tensor) -> torch.Tensor:
-    """P(flagged | image, its prompt): the softmax of the image's own prompt's two logits."""
+    """P(flagged | image, its prompt): the sigmoid of a `SharedReader`'s logit of the image's own prompt, or the
+    softmax of a `fit_reader` reader's two logits of it."""
     with torch.no_grad():
         logits = torch.cat([net(x[i:i + 512]) for i in range(0, len(x), 512)])
-    return logits.view(len(x), -1, 2)[torch.arange(len(x)), prompt_ids].softmax(1)[:, 1]
+    own = torch.arange(len(x)), prompt_ids
+    if isinstance(net, SharedReader):
+        return logits[own].sigmoid()
+    return logits.view(len(x), -1, 2)[own].softmax(1)[:, 1]
+
+
+def grey(x: torch.Tensor) -> torch.Tensor:
+    """Images with every channel their max over channels: a reader of the shape that a colour does not hide."""
+    return x.amax(1, keepdim=True).expand_as(x).contiguous()
 
 
 def folds(prompt_ids: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
@@ -80,10 +133,11 @@ def folds(prompt_ids: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
 
 
 def cross_fit_probability(x: torch.Tensor, prompt_ids: torch.Tensor, flags: torch.Tensor, prompts: int,
-                          seed: int) -> tuple[list, torch.Tensor]:
-    """Two fold readers (`folds`) and each training row's P(flagged) from the reader that did not see it."""
-    fold = folds(prompt_ids, flags)
-    nets = [fit_reader(x[rows], prompt_ids[rows], flags[rows], prompts, seed + i)
+                          seed: int, fitter=None) -> tuple[list, torch.Tensor]:
+    """Two fold readers (`folds`, each made by `fitter`, default `fit_reader`) and each training row's P(flagged)
+    from the reader that did not see it."""
+    fold, fitter = folds(prompt_ids, flags), fitter or fit_reader
+    nets = [fitter(x[rows], prompt_ids[rows], flags[rows], prompts, seed + i)
             for i, rows in enumerate((fold, ~fold))]
     held = torch.empty(len(x))
     held[fold], held[~fold] = read(nets[1], x[fold], prompt_ids[fold]), read(nets[0], x[~fold], prompt_ids[~fold])

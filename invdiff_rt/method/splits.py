@@ -24,19 +24,22 @@ and hardly the next one (stroke: AUROC 0.74). Label-free steps add the second at
    minorities the first split missed and rows atypical in other ways (stroke precision 0.38 on styled-digits). A
    reader of the first split's rows (`drawn.cross_fit`, on the training images) drops the candidate rows it flags;
    a reader of what is left then ranks every row outside both, held out, and each prompt keeps as many of the
-   top-ranked as the cleaned candidate had (`refine`). On styled-digits (5 training seeds) the fine-tune on the
-   refined split cuts colour −74.5 ± 3.2 % and stroke −57.4 ± 1.3 % (on the candidate: −64.9 / −52.5 %) and puts
-   every digit's colour in range (bench/results/debiasing.md, *One round of refinement in the defaults*). More
-   rounds raise the split's precision (0.47 -> 0.59 after 4) but narrow a digit's split to one kind of its
-   minority, which the adapter then does not draw (*Feedback on the refined split*).
+   top-ranked as the cleaned candidate had (`refine`). That reader is one score shared by the prompts, with a
+   scale and a bias of each prompt (`drawn.SharedReader`, on grey images): the second attribute is the one thing
+   the prompts' candidate rows have in common, whichever side of it is a prompt's minority. On styled-digits it
+   raises the split's stroke precision from 0.40 (cleaned) to 0.75 (a head per prompt, which learns each digit's
+   atypical rows: 0.47; digit 9: 17 of 23 rows against 9) (bench/results/debiasing.md, *A shared reader for the
+   refinement*).
 4. `invdiff train` (the *joint rows*): the two splits are disjoint, so the target's first-split mass holds almost
    only the second attribute's majority, and the adapter then draws the second minority only inside the first
    attribute's majority (styled-digits: 0.24 of its colour-minority samples are stroke minorities, its target's
    0.54; red fives 1 of 61 thick, so digit 5's stroke stays at 0.83-0.87). Readers of the refined split, trained on
    the rows outside the first split on grey images (the first attribute may be their colour), read the first
    split's rows; per prompt the rows they flag (`joint_rows`) get `JOINT_FRACTION` of the first split's mass in the
-   fine-tune's sampler (`fill_joint`). On styled-digits they find 29 of the first split's 135 rows, 22 of them
-   stroke minorities (bench/results/debiasing.md, *Where the stroke minority is drawn*, *Both minorities*).
+   fine-tune's sampler, and the second split gives as much to the rows in neither split (`fill_joint`: a quarter of
+   each prompt's mass in each of the four cells of the two attributes). On styled-digits they find 29-31 of the
+   first split's 135 rows, 22 of them stroke minorities (bench/results/debiasing.md, *Where the stroke minority is
+   drawn*, *Both minorities*, *A shared reader for the refinement*).
 """
 
 from __future__ import annotations
@@ -65,7 +68,8 @@ TEST_THRESHOLD = 0.1  # the candidate is a second attribute when the adapter rem
 # excess, relative to the first split's
 REFINE_ROUNDS = 1  # reader rounds of `refine`
 REFINE_SEED = 0  # the readers' seed: the refined split belongs to the groups, not to the adapter's training seed
-JOINT_FRACTION = 0.5  # of each prompt's first-split mass in the fine-tune, given to its `joint_rows` (0.3, 0.7: worse)
+JOINT_FRACTION = 0.5  # of each prompt's first-split mass in the fine-tune, given to its `joint_rows`: the four cells
+# of the two attributes alike (`fill_joint`; 0.3 and 0.7 were worse with the per-prompt reader and the old sampler)
 JOINT_SEED = 100  # the joint-row readers' seeds: JOINT_SEED, JOINT_SEED + 1
 
 
@@ -191,43 +195,57 @@ def with_second_split(grouping, prompt_ids: torch.Tensor, second: torch.Tensor |
                       joint: torch.Tensor | None = None, joint_fraction: float = JOINT_FRACTION):
     """The grouping with a second split, `second` (default: its candidate): one group per combination of the two
     flags, the raked sampler (each split's rows half of every prompt's mass: the splits are disjoint, so the rows in
-    neither keep almost none of it, ~0.3 %), with the first split's `joint` rows weighed up (`fill_joint`; None:
-    none); the first split's score is kept (the weight rule's detector)."""
+    neither keep almost none of it, ~0.3 %), with the first split's `joint` rows weighed up as the second
+    attribute's minority (`fill_joint`; None: none); the first split's score is kept (the weight rule's detector)."""
     from .grouper import Grouping, group_from_flags
 
     second = grouping.candidate if second is None else second
     two = group_from_flags(torch.stack([grouping.inferred, second], 1), prompt_ids, "invdiff-rt")
     sampling = (two.sampling if joint is None else
-                fill_joint(two.sampling, prompt_ids, grouping.inferred, joint, joint_fraction))
+                fill_joint(two.sampling, prompt_ids, grouping.inferred, second, joint, joint_fraction))
     return Grouping(two.weights, grouping.score, sampling, two.inferred, {**grouping.info, "second_split": True})
 
 
-def fill_joint(sampling: torch.Tensor, prompt_ids: torch.Tensor, first: torch.Tensor, joint: torch.Tensor,
-               fraction: float = JOINT_FRACTION) -> torch.Tensor:
+def fill_joint(sampling: torch.Tensor, prompt_ids: torch.Tensor, first: torch.Tensor, second: torch.Tensor,
+               joint: torch.Tensor, fraction: float = JOINT_FRACTION) -> torch.Tensor:
     """The sampler with, in every prompt that has both, `fraction` of the first split's mass on its `joint` rows
-    and the rest on its other rows, each set scaled as it was (every prompt's mass, and the first split's, kept)."""
+    and the rest on its other rows; the joint rows hold the second attribute's minority too, so as much of the
+    second split's mass goes to the rows in neither split (at 0.5, with the raked halves: a quarter of the prompt's
+    mass in each of the four cells of the two attributes). Each set is scaled as it was; every prompt's mass, and
+    the first split's, is kept."""
     s = sampling.clone().double()
     for p in range(int(prompt_ids.max()) + 1):
-        on, off = first & joint & (prompt_ids == p), first & ~joint & (prompt_ids == p)
+        in_p = prompt_ids == p
+        on, off = first & joint & in_p, first & ~joint & in_p
         if on.any() and off.any():
             mass = s[on].sum() + s[off].sum()
             s[on] *= fraction * mass / s[on].sum()
             s[off] *= (1 - fraction) * mass / s[off].sum()
+            _move(s, second & in_p, ~first & ~second & in_p, fraction * mass)
     return s.to(sampling.dtype)
+
+
+def _move(s: torch.Tensor, source: torch.Tensor, to: torch.Tensor, mass: torch.Tensor) -> None:
+    """Move up to `mass` of the sampler's mass from the `source` rows to the `to` rows, each scaled as it was
+    (nothing where either has none)."""
+    have, into = s[source].sum(), s[to].sum()
+    if have > 0 and into > 0:
+        moved = torch.minimum(mass, have)
+        s[source] *= (have - moved) / have
+        s[to] *= (into + moved) / into
 
 
 def joint_rows(x: torch.Tensor, prompt_ids: torch.Tensor, first: torch.Tensor, second: torch.Tensor, prompts: int,
                seed: int = JOINT_SEED) -> torch.Tensor:
     """bool [N]: the first split's rows that two readers of `second` (trained on the rows outside the first split,
     on grey images: max over channels) flag, by their mean P(flagged) over 0.5. `x`: `drawn.reader_images`."""
-    from .drawn import fit_reader, read
+    from .drawn import fit_reader, grey, read
 
     if not (first.any() and second.any()):
         return torch.zeros_like(first)  # nothing to read, or nothing to read it as
-    grey = x.amax(1, keepdim=True).expand_as(x).contiguous()
-    rest = ~first
-    nets = [fit_reader(grey[rest], prompt_ids[rest], second[rest], prompts, seed + i) for i in range(2)]
-    p = torch.stack([read(net, grey[first], prompt_ids[first]) for net in nets]).mean(0)
+    x, rest = grey(x), ~first
+    nets = [fit_reader(x[rest], prompt_ids[rest], second[rest], prompts, seed + i) for i in range(2)]
+    p = torch.stack([read(net, x[first], prompt_ids[first]) for net in nets]).mean(0)
     flags = torch.zeros_like(first)
     flags[first] = p > 0.5
     return flags
@@ -254,10 +272,12 @@ def clean(x: torch.Tensor, prompt_ids: torch.Tensor, first: torch.Tensor, candid
 
 def rerank(x: torch.Tensor, prompt_ids: torch.Tensor, flags: torch.Tensor, allowed: torch.Tensor, counts: list[int],
            prompts: int, seed: int) -> torch.Tensor:
-    """One reader round: per prompt, the `counts` allowed rows that a held-out reader of `flags` ranks highest."""
-    from .drawn import cross_fit_probability
+    """One reader round: per prompt, the `counts` allowed rows that a held-out `drawn.SharedReader` of `flags`, on
+    grey images, ranks highest."""
+    from .drawn import cross_fit_probability, fit_shared_reader, grey
 
-    return top_per_prompt(cross_fit_probability(x, prompt_ids, flags, prompts, seed)[1], prompt_ids, allowed, counts)
+    held = cross_fit_probability(grey(x), prompt_ids, flags, prompts, seed, fit_shared_reader)[1]
+    return top_per_prompt(held, prompt_ids, allowed, counts)
 
 
 def refinement(x: torch.Tensor, prompt_ids: torch.Tensor, first: torch.Tensor, candidate: torch.Tensor, prompts: int,
