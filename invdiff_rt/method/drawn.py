@@ -51,16 +51,28 @@ def reader_images(data_dir: str | Path) -> torch.Tensor:
     return load_images(records, None if MIN_SIZE <= width == height <= MAX_SIZE else MAX_SIZE)
 
 
+def cells_of(prompt_ids: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+    """long [N]: each row's (prompt, flag) cell, prompt * 2 + flag (the readers' targets)."""
+    return prompt_ids * 2 + flags.long()
+
+
+def _alike(cells: torch.Tensor) -> torch.Tensor:
+    """Per-row loss weights that give every cell the same total."""
+    import numpy as np
+
+    from ..eval.classifiers import cell_weights
+
+    return cell_weights(cells.numpy(), np.zeros(len(cells), np.int64))
+
+
 def fit_reader(x: torch.Tensor, prompt_ids: torch.Tensor, flags: torch.Tensor, prompts: int, seed: int):
     """A SmallCNN with 2 classes per prompt (its majority, its flagged rows), every (prompt, flag) cell weighted
     alike."""
-    import numpy as np
+    from ..eval.classifiers import fit, seeded_cnn
 
-    from ..eval.classifiers import cell_weights, fit, seeded_cnn
-
-    cells = (prompt_ids * 2 + flags.long()).numpy()
+    cells = cells_of(prompt_ids, flags)
     net = seeded_cnn(x.shape[1], 2 * prompts, seed)
-    fit(net, x, torch.as_tensor(cells), cell_weights(cells, np.zeros_like(cells)), EPOCHS, seed)
+    fit(net, x, cells, _alike(cells), EPOCHS, seed)
     return net.eval()
 
 
@@ -86,22 +98,19 @@ class SharedReader(torch.nn.Module):
 
 
 def cell_bce(logits: torch.Tensor, cells: torch.Tensor, reduction: str = "none") -> torch.Tensor:
-    """Binary cross-entropy of each row's own prompt's logit (`cells`: prompt * 2 + flag)."""
+    """Binary cross-entropy of each row's own prompt's logit (`cells`: `cells_of`)."""
     own = logits[torch.arange(len(cells)), cells // 2]
     return torch.nn.functional.binary_cross_entropy_with_logits(own, (cells % 2).float(), reduction=reduction)
 
 
 def fit_shared_reader(x: torch.Tensor, prompt_ids: torch.Tensor, flags: torch.Tensor, prompts: int, seed: int):
     """A `SharedReader` of the flags, every (prompt, flag) cell weighted alike."""
-    import numpy as np
+    from ..eval.classifiers import LR, fit
 
-    from ..eval.classifiers import LR, cell_weights, fit
-
-    cells = prompt_ids * 2 + flags.long()
+    cells = cells_of(prompt_ids, flags)
     net = SharedReader(x.shape[1], prompts, seed)
     groups = [{"params": net.score.parameters()}, {"params": [net.scale, net.bias], "lr": SHARED_SCALE_LR * LR}]
-    weights = cell_weights(cells.numpy(), np.zeros(len(cells), np.int64))
-    fit(net, x, cells, weights, EPOCHS, seed, loss_fn=cell_bce, params=groups)
+    fit(net, x, cells, _alike(cells), EPOCHS, seed, loss_fn=cell_bce, params=groups)
     return net.eval()
 
 
@@ -118,13 +127,15 @@ def read(net, x: torch.Tensor, prompt_ids: torch.Tensor) -> torch.Tensor:
 
 def grey(x: torch.Tensor) -> torch.Tensor:
     """Images with every channel their max over channels: a reader of the shape that a colour does not hide."""
-    return x.amax(1, keepdim=True).expand_as(x).contiguous()
+    from ..eval.classifiers import strip_colour
+
+    return strip_colour(x, "max").expand_as(x).contiguous()
 
 
 def folds(prompt_ids: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
     """bool [N]: the first fold, every other row of each (prompt, flag) cell in row order (each fold holds half of
     every cell, however the rows are ordered)."""
-    cells = prompt_ids * 2 + flags.long()
+    cells = cells_of(prompt_ids, flags)
     order = torch.argsort(cells, stable=True)
     first_of_cell = torch.searchsorted(cells[order], cells[order])
     rank = torch.empty_like(order)
