@@ -10,6 +10,25 @@ def test_cpu_runtime_is_eager(tiny_model):
     assert rt.name == "torch" and rt.cuda_graphs is False and rt.device.type == "cpu"
 
 
+def test_cpu_step_is_traced_and_bit_identical_to_the_eager_fused_step(tiny_model):
+    """On CPU the fused step runs as a trace per batch shape (runtime/traced.py); its output is the eager module's,
+    bit for bit, at every weight, guidance scale and timestep (the trace keeps them runtime inputs)."""
+    from invdiff_rt.method.adapter import GuidanceAdapter, config_for_unet
+
+    torch.manual_seed(0)
+    adapter = GuidanceAdapter(config_for_unet(tiny_model.unet, width=8, depth=1, time_dim=16))
+    torch.nn.init.normal_(adapter.conv_out.weight, std=0.1)
+    rt = TorchRuntime(tiny_model, adapter)
+    emb = tiny_model.encode_text(["a red circle", "a blue square", "", ""])
+    for seed, t, scale, weight in ((0, 900.0, 3.0, 1.0), (1, 100.0, 7.5, 0.5), (2, 500.0, 1.0, 2.0)):
+        x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+        ts = torch.full((2,), t)
+        with torch.inference_mode():
+            eager = rt.fused(x, ts, emb, torch.tensor(scale), torch.tensor(weight))
+        assert torch.equal(rt.denoise_step(x, ts, emb, scale, weight), eager)
+    assert len(rt._traced[0]._graphs) == 1
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_step_matches_eager_and_recaptures_per_shape(tiny_model_dir):

@@ -118,7 +118,9 @@ def denoising_losses(unet, scheduler, latents: torch.Tensor, text_embeddings: to
     from one UNet call at 2B on the same x_t. Batches are independent, so on CPU they run concurrently
     (`map_batches`); the result does not depend on the batch size or the number of workers.
     """
-    device = next(unet.parameters()).device
+    from ..runtime.traced import traced_eps
+
+    device, predict = next(unet.parameters()).device, traced_eps(unet)  # traced on CPU
 
     @torch.inference_mode()
     def one_batch(s: int) -> torch.Tensor:
@@ -127,7 +129,7 @@ def denoising_losses(unet, scheduler, latents: torch.Tensor, text_embeddings: to
         emb = text_embeddings[prompt_ids[s:s + batch_size]]
         if uncond_embedding is not None:
             x_t, t, emb = torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([emb, uncond_embedding.expand_as(emb)])
-        pred = unet(x_t.to(device), t.to(device), encoder_hidden_states=emb.to(device)).sample.cpu()
+        pred = predict(x_t.to(device), t.to(device), emb.to(device)).cpu()
         n, target = x0.shape[0], denoising_target(scheduler.config, x0, eps, t)
         loss = per_sample_loss(pred[:n], target)
         if uncond_embedding is not None:

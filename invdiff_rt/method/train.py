@@ -228,10 +228,12 @@ def assert_only_adapter_trains(unet: torch.nn.Module, adapter: torch.nn.Module) 
 
 
 def base_prediction(unet, batch: Batch, device) -> torch.Tensor:
-    """The frozen UNet's noise prediction on a batch (no graph: grad mode is per thread, so it is set here)."""
+    """The frozen UNet's noise prediction on a batch (no graph: grad mode is per thread, so it is set here; traced
+    on CPU, `runtime.traced`)."""
+    from ..runtime.traced import traced_eps
+
     with torch.no_grad():
-        return unet(batch.sample.to(device), batch.timestep.to(device),
-                    encoder_hidden_states=batch.text.to(device)).sample
+        return traced_eps(unet)(batch.sample.to(device), batch.timestep.to(device), batch.text.to(device))
 
 
 def _step_loss(adapter, batch: Batch, eps_base: torch.Tensor | None, lam: float, scale_aware: bool, device,

@@ -1,11 +1,12 @@
-"""The PyTorch backend: eager reference on CPU (the adapter skipped at weight 0); on CUDA, fp16 and one CUDA graph
-of the fused step per batch shape."""
+"""The PyTorch backend: on CPU the fused step traced once per batch shape (bit-identical to eager, `traced.py`; the
+adapter skipped at weight 0); on CUDA, fp16 and one CUDA graph of the fused step per batch shape."""
 
 from __future__ import annotations
 
 import torch
 
 from ..fused import FusedDenoiser
+from ..traced import Traced
 
 
 class TorchRuntime:
@@ -19,6 +20,7 @@ class TorchRuntime:
         self.cfg = cfg
         self.fused = FusedDenoiser(model.unet, adapter, cfg).to(self.device, dtype).eval()
         self.base_fused = FusedDenoiser(model.unet, None, cfg)  # same UNet: steps at weight 0 skip the adapter
+        self._traced = Traced(self.fused), Traced(self.base_fused)  # CPU; eager elsewhere
         self.adapter_from_t = getattr(adapter, "from_t", None)  # sampling.step_weight
         self.latent_shape = model.latent_shape
         self.scheduler_config = model.scheduler_config
@@ -40,7 +42,7 @@ class TorchRuntime:
         inputs = (sample.to(self.device, self.dtype), timestep.to(self.device, torch.float32),
                   text_embeddings.to(self.device, self.dtype), *self._scalars(guidance_scale, adapter_weight))
         if not self.cuda_graphs:  # eps + 0 * delta == eps: below from_t the adapter is not run (export/gate.py)
-            return (self.base_fused if adapter_weight == 0 else self.fused)(*inputs)
+            return self._traced[adapter_weight == 0](*inputs)
         from ..cuda_graphs import graphed_step, shape_key
 
         key = shape_key(inputs)
