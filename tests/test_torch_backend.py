@@ -10,11 +10,13 @@ def test_cpu_runtime_is_eager(tiny_model):
     assert rt.name == "torch" and rt.cuda_graphs is False and rt.device.type == "cpu"
 
 
-def test_cpu_step_is_traced_and_bit_identical_to_the_eager_fused_step(tiny_model):
+def test_cpu_step_is_traced_and_bit_identical_to_the_eager_fused_step(tiny_model, monkeypatch):
     """On CPU the fused step runs as a trace per batch shape (runtime/traced.py); its output is the eager module's,
     bit for bit, at every weight, guidance scale and timestep (the trace keeps them runtime inputs)."""
     from invdiff_rt.method.adapter import GuidanceAdapter, config_for_unet
+    from invdiff_rt.runtime import traced
 
+    monkeypatch.setattr(traced, "TRACE_AT", 1)  # traced at the first call of a shape
     torch.manual_seed(0)
     adapter = GuidanceAdapter(config_for_unet(tiny_model.unet, width=8, depth=1, time_dim=16))
     torch.nn.init.normal_(adapter.conv_out.weight, std=0.1)

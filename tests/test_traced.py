@@ -4,9 +4,28 @@ fall back to eager, and keep no model alive."""
 import gc
 import weakref
 
+import pytest
 import torch
 
+from invdiff_rt.runtime import traced
 from invdiff_rt.runtime.traced import Traced, traced_eps
+
+
+@pytest.fixture(autouse=True)
+def trace_at_once(monkeypatch):
+    """Every shape traced at its first call (by default at its `TRACE_AT`-th)."""
+    monkeypatch.setattr(traced, "TRACE_AT", 1)
+
+
+def test_a_shape_is_traced_at_its_trace_at_th_call(monkeypatch):
+    monkeypatch.setattr(traced, "TRACE_AT", 3)
+    lin = torch.nn.Linear(4, 2)
+    step, x = Traced(lin), torch.randn(3, 4)
+    with torch.no_grad():
+        for _ in range(2):
+            assert torch.equal(step(x), lin(x)) and step._graphs == {}
+        assert torch.equal(step(x), lin(x))
+    assert list(step._calls.values()) == [3] and isinstance(next(iter(step._graphs.values())), torch.jit.ScriptModule)
 
 
 def _inputs(model, batch: int, seed: int = 0):

@@ -2,9 +2,11 @@
 Python around them, so the outputs are bit-identical to eager, in less time where that Python is a visible part of
 a call. Styled-digits' UNet (8x8 latents, one thread, two calls side by side as the workers run them; median of 5
 interleaved rounds, `bench/traced_unet.py`, bench/results/traced_cpu_unet.json): traced/eager 0.57x at batch 8,
-0.83x at 32, 0.85x at 64, 0.95x at 128, 1.00x at 256; a trace takes 0.4-0.8 s to make. The adapter's training
-steps (batch 32) take 16-22 % less time (bench/results/traced_cpu_train.json). Calls above `MAX_ELEMENTS` run
-eagerly. The CUDA path keeps its CUDA graphs (cuda_graphs.py); a module that cannot be traced runs eagerly."""
+0.83x at 32, 0.85x at 64, 0.95x at 128, 1.00x at 256. A trace takes 0.4-0.8 s to make, what 75-85 calls at batch
+8-32 save, so a shape is traced at its `TRACE_AT`-th call: the adapter's 6,500 training steps (batch 32) take 16-22 %
+less time (bench/results/traced_cpu_train.json), and a short run (a few images, a test) pays nothing. Calls above
+`MAX_ELEMENTS` run eagerly. The CUDA path keeps its CUDA graphs (cuda_graphs.py); a module that cannot be traced
+runs eagerly."""
 
 from __future__ import annotations
 
@@ -23,17 +25,19 @@ log = logging.getLogger(__name__)
 
 MAX_ELEMENTS = 8192  # traced up to this many elements in the first input: 32 latents of 4x8x8, a UNet batch of 64
 # in the fused step (which doubles it for CFG); one SD latent at 512 px has 16,384
+TRACE_AT = 100  # a shape's calls before it is traced (eager until then)
 
 
 class Traced:
-    """`module(*tensors) -> tensor` (or `wrap(module)(*tensors)`), traced on its first call for each input shape and
-    grad mode, on CPU. It holds the module weakly, and a trace does not hold it: a cached `Traced` keeps no model
+    """`module(*tensors) -> tensor` (or `wrap(module)(*tensors)`), traced at its `TRACE_AT`-th call with an input shape
+    and grad mode, on CPU. It holds the module weakly, and a trace does not hold it: a cached `Traced` keeps no model
     alive."""
 
     def __init__(self, module: nn.Module, wrap: Callable[[nn.Module], Callable] | None = None):
         self._module = weakref.ref(module)
         self._wrap = wrap
-        self._graphs: dict = {}
+        self._graphs: dict = {}  # key -> trace (None: untraceable)
+        self._calls: dict = {}  # key -> eager calls so far
         self._lock = threading.Lock()  # workers share one trace of a shape
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
@@ -43,10 +47,14 @@ class Traced:
             return module(*inputs)
         key = (*shape_key(inputs), torch.is_inference_mode_enabled(), torch.is_grad_enabled())
         with self._lock:
-            if key not in self._graphs:
+            if key not in self._graphs and self._count(key) >= TRACE_AT:
                 self._graphs[key] = _trace(module, inputs)
-        graph = self._graphs[key]
+        graph = self._graphs.get(key)
         return (module if graph is None else graph)(*inputs)
+
+    def _count(self, key: tuple) -> int:
+        self._calls[key] = self._calls.get(key, 0) + 1
+        return self._calls[key]
 
 
 def _trace(module: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...]) -> Callable[..., torch.Tensor] | None:
