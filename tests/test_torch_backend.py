@@ -5,7 +5,7 @@ from invdiff_rt.runtime.backends.torch_backend import TorchRuntime
 from invdiff_rt.runtime.sampling import sample_images
 
 
-def test_cpu_runtime_is_eager(tiny_model):
+def test_cpu_runtime_uses_no_cuda_graphs(tiny_model):
     rt = TorchRuntime(tiny_model)
     assert rt.name == "torch" and rt.cuda_graphs is False and rt.device.type == "cpu"
 

@@ -92,7 +92,7 @@ def test_a_cached_trace_keeps_no_model_alive():
 
 
 def test_large_calls_run_eagerly():
-    """From `MAX_ELEMENTS` on a trace is no faster (bench/results/traced_cpu.json): such calls are not traced."""
+    """From `MAX_ELEMENTS` on a trace is no faster (bench/results/traced_cpu_unet.json): such calls are not traced."""
     from invdiff_rt.runtime.traced import MAX_ELEMENTS
 
     module = torch.nn.Identity()

@@ -41,20 +41,23 @@ class Traced:
         self._lock = threading.Lock()  # workers share one trace of a shape
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        small_cpu = inputs[0].device.type == "cpu" and inputs[0].numel() <= MAX_ELEMENTS
+        graph = self._graph(inputs) if small_cpu else None
+        return (self._eager() if graph is None else graph)(*inputs)
+
+    def _eager(self) -> Callable[..., torch.Tensor]:
         module = self._module()
-        module = self._wrap(module) if self._wrap else module
-        if inputs[0].device.type != "cpu" or inputs[0].numel() > MAX_ELEMENTS:
-            return module(*inputs)
+        return self._wrap(module) if self._wrap else module
+
+    def _graph(self, inputs: tuple[torch.Tensor, ...]) -> Callable[..., torch.Tensor] | None:
+        """This shape's trace: made at its `TRACE_AT`-th call; None before, or where the module cannot be traced."""
         key = (*shape_key(inputs), torch.is_inference_mode_enabled(), torch.is_grad_enabled())
         with self._lock:
-            if key not in self._graphs and self._count(key) >= TRACE_AT:
-                self._graphs[key] = _trace(module, inputs)
-        graph = self._graphs.get(key)
-        return (module if graph is None else graph)(*inputs)
-
-    def _count(self, key: tuple) -> int:
-        self._calls[key] = self._calls.get(key, 0) + 1
-        return self._calls[key]
+            if key not in self._graphs:
+                self._calls[key] = self._calls.get(key, 0) + 1
+                if self._calls[key] >= TRACE_AT:
+                    self._graphs[key] = _trace(self._eager(), inputs)
+            return self._graphs.get(key)
 
 
 def _trace(module: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...]) -> Callable[..., torch.Tensor] | None:
@@ -85,7 +88,7 @@ _EPS_LOCK = threading.Lock()
 
 def traced_eps(unet: nn.Module) -> Traced:
     """`eps(sample, timestep, text)`: the UNet's (or a `splits.ShiftedUNet`'s) prediction, traced per shape; one per
-    module, so its traces are shared by every caller (groups, the second-split test, calibration's reference)."""
+    module, so every caller (the training's base predictions, the loss code) shares its call counts and traces."""
     with _EPS_LOCK:
         if unet not in _EPS:
             _EPS[unet] = Traced(unet, _Eps)

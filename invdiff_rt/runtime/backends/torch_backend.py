@@ -1,5 +1,6 @@
-"""The PyTorch backend: on CPU the fused step traced once per batch shape (bit-identical to eager, `traced.py`; the
-adapter skipped at weight 0); on CUDA, fp16 and one CUDA graph of the fused step per batch shape."""
+"""The PyTorch backend: on CPU the fused step, traced per batch shape for small batches from a shape's `TRACE_AT`-th
+call (bit-identical to eager, `traced.py`; the adapter skipped at weight 0); on CUDA, fp16 and one CUDA graph of the
+fused step per batch shape."""
 
 from __future__ import annotations
 
